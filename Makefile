@@ -1,0 +1,30 @@
+# One obvious command per chore.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install serve test test-fast lint bench bench-dispatch clean
+
+$(BIN)/gpulane: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	@touch $@
+
+install: $(BIN)/gpulane  ## create .venv with gpulane and its dev tools
+
+serve: install  ## start a node: SQLite store, simulated GPUs when none, example presets
+	$(BIN)/gpulane serve $(ARGS)
+
+test: install  ## run the whole test suite
+	$(BIN)/pytest -q $(ARGS)
+
+lint: install  ## ruff and mypy --strict on src/
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/mypy
+
+bench: install  ## every benchmark, peers included; tables to stdout, JSON to bench/results/
+	$(BIN)/python bench/dispatch.py $(ARGS)
+
+clean:
+	rm -rf .gpulane .pytest_cache .mypy_cache .ruff_cache

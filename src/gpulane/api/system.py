@@ -1,0 +1,50 @@
+"""Node-wide endpoints: presets, GPUs, workers, health and readiness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from gpulane.api.responses import JSON
+
+from gpulane import __version__
+from gpulane.node import Node
+
+router = APIRouter(tags=["system"])
+
+
+def _node(request: Request) -> Node:
+    node: Node = request.app.state.node
+    return node
+
+
+@router.get("/v1/presets")
+async def presets(request: Request) -> JSON:
+    """Every preset this node can run."""
+    return JSON({"presets": [p.to_json() for p in _node(request).registry.values()]})
+
+
+@router.get("/v1/gpus")
+async def gpus(request: Request) -> JSON:
+    """Devices as this node sees them, what gpulane has placed on each, and the CPU pool."""
+    return JSON(_node(request).gpus_view())
+
+
+@router.get("/v1/workers")
+async def workers(request: Request) -> JSON:
+    """Live workers: preset, device, state, pid, tasks done, idle time."""
+    return JSON({"workers": _node(request).workers_view()})
+
+
+@router.get("/healthz")
+async def healthz() -> JSON:
+    """The process is up."""
+    return JSON({"status": "ok", "version": __version__})
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSON:
+    """The node is started and its store answers."""
+    node = _node(request)
+    if not node.started:
+        return JSON({"status": "starting"}, status_code=503)
+    queued = await node.store.queued_count()
+    return JSON({"status": "ready", "node": node.name, "queued": queued})

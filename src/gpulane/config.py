@@ -1,0 +1,116 @@
+"""Settings: a YAML file (``gpulane.yaml``) < environment variables ``GPULANE_*`` < flags.
+
+Every default lives here with a one-line doc. ``Settings.load(file, **flags)`` merges the three
+layers; a flag given as ``None`` means "not given" and does not override.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gpulane.errors import ConfigError
+
+DEFAULT_HOST = "127.0.0.1"
+"""Bind address: loopback, so a fresh install is not reachable from the network."""
+DEFAULT_PORT = 8765
+"""TCP port of the HTTP API."""
+DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
+"""Where client commands look for a node when neither --url nor GPULANE_URL is given."""
+DEFAULT_DATA_DIR = ".gpulane"
+"""Folder for the SQLite database, locks and worker scratch files."""
+DEFAULT_CONFIG_FILE = "gpulane.yaml"
+"""Config file read from the working directory when --config is not given."""
+DEFAULT_MAX_INPUT_BYTES = 10 * 1024 * 1024
+"""Largest request body accepted (413 above it)."""
+DEFAULT_RESULT_WAIT_MAX_S = 300.0
+"""Longest a ?wait= long-poll may hold a request."""
+DEFAULT_STDERR_TAIL_LINES = 20
+"""How many of a dead worker's last stderr lines a failed task's error carries."""
+DEFAULT_SHUTDOWN_GRACE_S = 5.0
+"""How long a worker has to exit after the shutdown op before it is killed."""
+DEFAULT_BULK_MAX = 10_000
+"""Most tasks one bulk submit may carry."""
+DEFAULT_SCHEDULER_SCAN = 256
+"""Most queued tasks the scheduler looks at per pass when picking what to place next."""
+TOKEN_ENV = "GPULANE_TOKEN"
+"""Environment variable holding the API bearer token (server and clients)."""
+URL_ENV = "GPULANE_URL"
+"""Environment variable holding the node URL for clients."""
+
+
+class Settings(BaseSettings):
+    """A node's settings. Environment variables are ``GPULANE_<FIELD>``, e.g. GPULANE_PORT."""
+
+    model_config = SettingsConfigDict(env_prefix="GPULANE_", extra="forbid")
+
+    host: str = DEFAULT_HOST
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    store: str | None = None  # sqlite:///path (default: <data_dir>/gpulane.db) or redis://...
+    presets: list[str] = Field(default_factory=list)  # files or folders, added to the examples
+    examples: bool = True  # load examples/presets too
+    simulate_gpus: str | None = None  # e.g. "2x24GiB"; None = NVML, else simulated default
+    cpu_concurrency: int | None = Field(None, ge=1)  # default: number of cores
+    node_name: str | None = None  # default: hostname
+    token: str | None = None  # bearer token required by the API when set
+    max_input_bytes: int = Field(DEFAULT_MAX_INPUT_BYTES, ge=1024)
+    sqlite_synchronous: str = "NORMAL"  # NORMAL: durable across process crashes; FULL: power loss
+    log_level: str = "info"
+
+    @field_validator("sqlite_synchronous")
+    @classmethod
+    def _sync_mode(cls, v: str) -> str:
+        if v.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError("use OFF, NORMAL, FULL or EXTRA")
+        return v.upper()
+
+    @field_validator("presets", mode="before")
+    @classmethod
+    def _split_presets(cls, v: Any) -> Any:
+        # GPULANE_PRESETS=a.yaml:b/ is friendlier in a shell than JSON.
+        if isinstance(v, str):
+            return [p for p in v.split(os.pathsep) if p]
+        return v
+
+    @property
+    def store_url(self) -> str:
+        return self.store or f"sqlite:///{(self.data_dir / 'gpulane.db').resolve()}"
+
+    @property
+    def node(self) -> str:
+        import socket
+
+        return self.node_name or socket.gethostname()
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **flags: Any) -> Settings:
+        """Merge file < env < flags; flags that are None are ignored."""
+        path = Path(config_file) if config_file else Path(DEFAULT_CONFIG_FILE)
+        file_values: dict[str, Any] = {}
+        if path.exists():
+            try:
+                loaded = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+            file_values = {k.replace("-", "_"): v for k, v in loaded.items()}
+        elif config_file:
+            raise ConfigError(f"--config {config_file}: no such file")
+        given = {k: v for k, v in flags.items() if v is not None and v != ()}
+        try:
+            # Env beats the file: build from env first, then lay the file under it.
+            env_only = cls()
+            env_set = {k for k in cls.model_fields if f"GPULANE_{k.upper()}" in os.environ}
+            merged = {**file_values, **{k: getattr(env_only, k) for k in env_set}, **given}
+            return cls.model_validate(merged) if merged else env_only
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"invalid settings: {problems}") from exc

@@ -1,0 +1,59 @@
+"""GPU and CPU device providers: real GPUs through NVML, or simulated ones."""
+
+from __future__ import annotations
+
+from gpulane.devices.base import (
+    CpuPool,
+    DeviceProvider,
+    DeviceSnapshot,
+    GpuProcess,
+    cpu_pool,
+    usable_cores,
+)
+from gpulane.devices.nvml import NvmlProvider
+from gpulane.devices.simulated import (
+    DEFAULT_SIMULATED_NAME,
+    SimulatedGpu,
+    SimulatedProvider,
+    parse_gpu_spec,
+)
+
+DEFAULT_SIMULATED_GPUS = "2x24GiB"
+
+__all__ = [
+    "DEFAULT_SIMULATED_GPUS",
+    "DEFAULT_SIMULATED_NAME",
+    "CpuPool",
+    "DeviceProvider",
+    "DeviceSnapshot",
+    "GpuProcess",
+    "NvmlProvider",
+    "SimulatedGpu",
+    "SimulatedProvider",
+    "cpu_pool",
+    "parse_gpu_spec",
+    "select_provider",
+    "usable_cores",
+]
+
+
+def select_provider(simulate: str | None, prefer_nvml: bool = True) -> tuple[DeviceProvider, str]:
+    """Pick the GPU source; return it with a human-readable reason for logs and /v1/gpus.
+
+    ``simulate`` (a spec like ``"2x24GiB"``) forces simulated GPUs; a blank string counts
+    as not given, since an empty environment variable usually means "unset". Otherwise
+    NVML is tried, falling back to ``DEFAULT_SIMULATED_GPUS``. A bad ``simulate`` spec
+    raises ``ValueError``.
+    """
+    if simulate is not None and simulate.strip():
+        sim = SimulatedProvider(parse_gpu_spec(simulate))
+        return sim, f"using {sim.describe()} ({simulate.strip()}) as requested"
+    if prefer_nvml:
+        nvml, why = NvmlProvider.probe()
+        if nvml is not None:
+            return nvml, f"using {nvml.describe()} via NVML"
+        prefix = f"NVML not available ({why})"
+    else:
+        prefix = "NVML disabled"
+    sim = SimulatedProvider(parse_gpu_spec(DEFAULT_SIMULATED_GPUS))
+    return sim, f"{prefix}; using {sim.describe()} ({DEFAULT_SIMULATED_GPUS})"

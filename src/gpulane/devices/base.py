@@ -1,0 +1,111 @@
+"""Device readings and the provider protocol every GPU source implements.
+
+A reading is a frozen :class:`DeviceSnapshot`; ``None`` in a field means the
+driver could not say (N/A), never zero, so callers can tell "idle" from "unknown".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    """A process holding memory on a GPU, as the driver reports it."""
+
+    pid: int
+    used_vram_mb: int | None
+    name: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "used_vram_mb": self.used_vram_mb, "name": self.name}
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSnapshot:
+    """Immutable reading of one GPU at one moment; ``None`` means N/A."""
+
+    index: int
+    uuid: str
+    name: str
+    total_vram_mb: int
+    used_vram_mb: int | None
+    free_vram_mb: int | None
+    utilization_pct: float | None
+    memory_utilization_pct: float | None
+    temperature_c: float | None
+    power_w: float | None
+    processes: tuple[GpuProcess, ...] = ()
+    simulated: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "uuid": self.uuid,
+            "name": self.name,
+            "total_vram_mb": self.total_vram_mb,
+            "used_vram_mb": self.used_vram_mb,
+            "free_vram_mb": self.free_vram_mb,
+            "utilization_pct": self.utilization_pct,
+            "memory_utilization_pct": self.memory_utilization_pct,
+            "temperature_c": self.temperature_c,
+            "power_w": self.power_w,
+            "processes": [p.to_json() for p in self.processes],
+            "simulated": self.simulated,
+        }
+
+
+@runtime_checkable
+class DeviceProvider(Protocol):
+    """A source of GPU readings: real (NVML) or simulated."""
+
+    name: str
+    simulated: bool
+
+    def count(self) -> int:
+        """Number of GPUs this provider exposes."""
+        ...
+
+    def snapshot(self) -> list[DeviceSnapshot]:
+        """Read every GPU now. Never raises; unreadable fields are ``None``."""
+        ...
+
+    def close(self) -> None:
+        """Release driver resources. Safe to call more than once."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class CpuPool:
+    """CPU capacity for tasks that do not need a GPU."""
+
+    cores: int
+    concurrency: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cores": self.cores, "concurrency": self.concurrency}
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity-aware, so containers pinned to CPUs count right)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        try:
+            n = len(affinity(0))
+        except OSError:
+            n = 0
+        if n > 0:
+            return n
+    return os.cpu_count() or 1
+
+
+def cpu_pool(concurrency: int | None = None) -> CpuPool:
+    """Describe the CPU pool; ``concurrency`` defaults to the usable core count."""
+    cores = usable_cores()
+    if concurrency is None:
+        concurrency = cores
+    if concurrency < 1:
+        raise ValueError(f"CPU concurrency must be at least 1, got {concurrency}")
+    return CpuPool(cores=cores, concurrency=concurrency)

@@ -1,0 +1,219 @@
+"""A node: one ``gpulane serve`` process wiring store, devices, scheduling and runtime.
+
+Lifecycle: ``start()`` takes the data-dir lock, opens the store, requeues what a previous run
+left running, and starts the scheduler; ``stop()`` stops workers (their tasks go back to the
+queue) and closes the store. The API layer talks to the node only through its methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any
+
+from gpulane.config import (
+    DEFAULT_SHUTDOWN_GRACE_S,
+    DEFAULT_STDERR_TAIL_LINES,
+    Settings,
+)
+from gpulane.devices import CpuPool, DeviceProvider, DeviceSnapshot, cpu_pool, select_provider
+from gpulane.errors import NotFoundError, ValidationError
+from gpulane.locks import FileLock
+from gpulane.model import DeviceWish, Priority, Task, TaskSpec
+from gpulane.presets import PresetRegistry, example_presets_dir, load_presets
+from gpulane.runtime.supervisor import Supervisor
+from gpulane.scheduling.ledger import Ledger
+from gpulane.scheduling.router import route
+from gpulane.scheduling.scheduler import Scheduler
+from gpulane.store import Store, open_store, wait_final
+from gpulane.store.base import body_hash
+
+log = logging.getLogger("gpulane.node")
+
+DEVICE_POLL_S = 2.0
+"""How often device readings (measured free VRAM, utilisation) are refreshed."""
+
+
+class Node:
+    """Everything one host runs, behind a small async API."""
+
+    def __init__(self, settings: Settings, registry: PresetRegistry | None = None,
+                 provider: DeviceProvider | None = None) -> None:
+        self.settings = settings
+        self.name = settings.node
+        self.registry = registry if registry is not None else self._load_registry(settings)
+        if provider is None:
+            provider, reason = select_provider(settings.simulate_gpus)
+        else:
+            reason = f"using provider {provider.name}"
+        self.provider = provider
+        self.provider_reason = reason
+        self.cpu: CpuPool = cpu_pool(settings.cpu_concurrency)
+        self.store: Store = open_store(settings.store_url, settings.sqlite_synchronous)
+        self.gpus: list[DeviceSnapshot] = provider.snapshot()
+        self.ledger = Ledger(self.gpus, self.cpu.concurrency)
+        self.supervisor = Supervisor(
+            self.store, self.ledger, self.name,
+            scratch_dir=str(settings.data_dir / "scratch"),
+            stderr_tail_lines=DEFAULT_STDERR_TAIL_LINES,
+            shutdown_grace_s=DEFAULT_SHUTDOWN_GRACE_S, on_capacity=self._on_capacity)
+        self.scheduler = Scheduler(self.store, self.registry, self.ledger, self.supervisor,
+                                   self.name)
+        self._lock = FileLock(settings.data_dir / "node.lock", f"data dir {settings.data_dir}")
+        self._poller: asyncio.Task[None] | None = None
+        self.started = False
+
+    @staticmethod
+    def _load_registry(settings: Settings) -> PresetRegistry:
+        paths: list[str] = []
+        if settings.examples or not settings.presets:
+            paths.append(str(example_presets_dir()))
+        paths.extend(settings.presets)
+        return load_presets(paths)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._lock.acquire()
+        try:
+            await self.store.open()
+            recovered = await self.store.recover(self.name)
+        except BaseException:
+            self._lock.release()
+            raise
+        if recovered:
+            log.info("requeued %d task(s) left running by a previous run of node %s",
+                     recovered, self.name)
+        log.info("devices: %s; CPU pool: %d slot(s)", self.provider_reason,
+                 self.cpu.concurrency)
+        log.info("presets: %s", ", ".join(self.registry.names()) or "(none)")
+        self.supervisor.start_reaper()
+        self.scheduler.start()
+        self._poller = asyncio.create_task(self._poll_devices(), name="gpulane-devices")
+        self.started = True
+        self.scheduler.wake()
+
+    async def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        if self._poller is not None:
+            self._poller.cancel()
+        await self.scheduler.stop()
+        await self.supervisor.stop_all()
+        await self.store.close()
+        self.provider.close()
+        self._lock.release()
+
+    def _on_capacity(self) -> None:
+        self.scheduler.wake()
+
+    async def _poll_devices(self) -> None:
+        while True:
+            await asyncio.sleep(DEVICE_POLL_S)
+            with contextlib.suppress(Exception):
+                snaps = await asyncio.to_thread(self.provider.snapshot)
+                self.gpus = snaps
+                self.ledger.observe(snaps)
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    def build_spec(self, body: dict[str, Any], idempotency_key: str | None,
+                   where: str = "") -> TaskSpec:
+        """Validate one submit body against the registry and the router."""
+        preset_name = body.get("preset")
+        if not isinstance(preset_name, str) or not preset_name:
+            raise ValidationError("missing_field", f"{where}preset is required: name one of "
+                                  f"{self.registry.names()}", field=f"{where}preset")
+        preset = self.registry.get(preset_name)
+        if preset is None:
+            raise NotFoundError(
+                "unknown_preset", f"{where}preset {preset_name!r} is not known here: use one "
+                f"of {self.registry.names()} (GET /v1/presets lists them)",
+                field=f"{where}preset")
+        wish_raw = body.get("device", "auto")
+        try:
+            wish = DeviceWish(wish_raw)
+        except ValueError:
+            raise ValidationError(
+                "invalid_device", f"{where}device={wish_raw!r} is not one of auto, gpu, cpu",
+                field=f"{where}device") from None
+        priority = Priority.parse(body.get("priority", "normal"), f"{where}priority")
+        timeout_s = body.get("timeout_s")
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(
+                timeout_s, int | float) or not 0 < timeout_s <= 7 * 86400):
+            raise ValidationError(
+                "invalid_timeout", f"{where}timeout_s={timeout_s!r} must be a number of "
+                "seconds between 0 and 604800", field=f"{where}timeout_s")
+        content_type = body.get("content_type")
+        if content_type is not None and content_type not in preset.accepts:
+            raise ValidationError(
+                "unsupported_content_type", f"{where}content_type={content_type!r} is not "
+                f"accepted by preset {preset.name!r}: use one of {list(preset.accepts)}",
+                field=f"{where}content_type")
+        r = route(preset, wish, self.ledger.gpu_totals_mb())
+        return TaskSpec(
+            preset=preset.name, input=body.get("input"), device_wish=wish, priority=priority,
+            timeout_s=float(timeout_s) if timeout_s is not None else None,
+            content_type=content_type, idempotency_key=idempotency_key,
+            body_hash=body_hash(body) if idempotency_key else None, lane=r.lane,
+            fallback_reason=r.fallback_reason)
+
+    async def submit(self, spec: TaskSpec) -> tuple[Task, bool]:
+        task, created = await self.store.submit(spec)
+        if created:
+            self.scheduler.wake()
+        return task, created
+
+    async def submit_many(self, specs: list[TaskSpec]) -> list[tuple[Task, bool]]:
+        out = await self.store.submit_many(specs)
+        self.scheduler.wake()
+        return out
+
+    async def get(self, task_id: str) -> Task:
+        task = await self.store.get(task_id)
+        if task is None:
+            raise NotFoundError("unknown_task", f"no task with id {task_id!r}", field="id")
+        return task
+
+    async def wait(self, task_id: str, wait_s: float) -> Task:
+        task = await wait_final(self.store, task_id, wait_s)
+        if task is None:
+            raise NotFoundError("unknown_task", f"no task with id {task_id!r}", field="id")
+        return task
+
+    async def cancel(self, task_id: str) -> Task:
+        task = await self.get(task_id)
+        if task.state.final:
+            return task
+        cancelled = await self.store.cancel_queued(task_id)
+        if cancelled is not None:
+            return cancelled
+        await self.supervisor.cancel(task_id)
+        return await self.get(task_id)
+
+    # -- views -------------------------------------------------------------------------------
+
+    def gpus_view(self) -> dict[str, Any]:
+        devices = []
+        for snap in self.gpus:
+            acct = self.ledger.gpus.get(snap.index)
+            d = snap.to_json()
+            if acct is not None:
+                d["declared_vram_mb"] = acct.declared_mb
+                d["schedulable_free_vram_mb"] = acct.free_mb
+                d["holders"] = [{"holder": h.holder, "vram_mb": h.vram_mb}
+                                for h in acct.holdings.values()]
+            devices.append(d)
+        return {"node": self.name, "provider": self.provider.name,
+                "simulated": self.provider.simulated, "reason": self.provider_reason,
+                "devices": devices,
+                "cpu": {**self.cpu.to_json(), "in_use": self.ledger.cpu_used}}
+
+    def workers_view(self) -> list[dict[str, Any]]:
+        return [w.to_json() for w in self.supervisor.workers.values()]
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,581 @@
+"""Presets: what a worker is (a process or a container), where it may run, how it batches.
+
+They come from YAML files, several entries per file, under ``models:`` (the common
+model_presets.yaml shape: name -> entry) or ``presets:`` (a list of entries with ``name:``, or
+name -> entry). Every problem is reported at once as
+``FILE:LINE: field 'x' of preset 'y': what is wrong; fix: how``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import json
+import logging
+import os
+import re
+import shlex
+from collections.abc import Iterable, Iterator, Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from gpulane.errors import PresetError
+
+log = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+class Runtime(str, enum.Enum):  # noqa: UP042 - str+Enum is the agreed interface
+    PROCESS = "process"
+    DOCKER = "docker"
+
+
+class Mode(str, enum.Enum):  # noqa: UP042
+    SESSION = "session"  # the worker stays loaded and serves many tasks
+    ONEOFF = "oneoff"  # a fresh worker per task
+
+
+class DeviceKind(str, enum.Enum):  # noqa: UP042
+    GPU = "gpu"
+    CPU = "cpu"
+
+
+def _bad(field: str, what: str, fix: str) -> PydanticCustomError:
+    # The message goes through ctx so braces in user text are never taken as placeholders.
+    return PydanticCustomError("preset", "{what}", {"what": what, "fix": fix, "field": field})
+
+
+def _scalar_str(v: object) -> object:
+    """YAML turns `3` and `true` into int/bool; env values and argv items want the text."""
+    return str(v).lower() if isinstance(v, bool) else str(v) if isinstance(v, int | float) else v
+
+
+def _lower(v: object) -> object:
+    return v.strip().lower() if isinstance(v, str) else v
+
+
+class BatchSettings(pydantic.BaseModel):
+    """How many tasks a worker may take in one call, and how long to wait to fill a batch."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_size: int = Field(default=1, ge=1, le=4096)
+    max_wait_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    adaptive: bool = True
+    target_latency_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+
+class Preset(pydantic.BaseModel):
+    """One kind of worker the service can start, and the rules for scheduling its tasks."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    runtime: Runtime = Runtime.PROCESS
+    argv: tuple[str, ...] = ()
+    image: str | None = None
+    command: tuple[str, ...] = Field(default=(), validate_default=True)
+    env: dict[str, str] = Field(default_factory=dict)
+    model_path: str | None = None
+    mode: Mode = Mode.SESSION
+    devices: tuple[DeviceKind, ...] = (DeviceKind.GPU, DeviceKind.CPU)
+    vram_mb: int = Field(default=0, ge=0)
+    batch: BatchSettings = BatchSettings()
+    idle_unload_s: float = Field(default=300.0, ge=0, allow_inf_nan=False)
+    start_timeout_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    timeout_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
+    max_attempts: int = Field(default=3, ge=1)
+    accepts: tuple[str, ...] = ("application/json",)
+    replicas: int = Field(default=1, ge=1)
+    preemptible: bool = True
+    description: str = ""
+    workdir: str | None = None
+    source: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalize(cls, data: object) -> object:
+        """Accept the spellings YAML and JSON produce: strings for lists, numbers for text."""
+        if not isinstance(data, dict):
+            return data
+        d = dict(data)
+        for key in ("runtime", "mode"):
+            if key in d:
+                d[key] = _lower(d[key])
+        for key in ("argv", "command"):
+            v = d.get(key)
+            if isinstance(v, str):
+                try:
+                    d[key] = shlex.split(v)
+                except ValueError as e:  # unbalanced quotes
+                    raise _bad(key, f"cannot be split into words: {e}",
+                               "balance the quotes, or give a list of words") from None
+            elif isinstance(v, list | tuple):
+                d[key] = [_scalar_str(x) for x in v]
+        if isinstance(d.get("env"), dict):
+            d["env"] = {k: "" if x is None else _scalar_str(x) for k, x in d["env"].items()}
+        v = d.get("devices")
+        if isinstance(v, str):  # "gpu" or "gpu,cpu"
+            v = re.split(r"[,\s]+", v.strip())
+        if isinstance(v, list | tuple):
+            d["devices"] = [_lower(x) for x in v]
+        if isinstance(d.get("accepts"), str):
+            d["accepts"] = [d["accepts"]]
+        if isinstance(d.get("batch"), int) and not isinstance(d["batch"], bool):
+            d["batch"] = {"max_size": d["batch"]}  # `batch: 8` is short for max_size 8
+        return d
+
+    @field_validator("name", "env", "devices", "accepts", "image")
+    @classmethod
+    def _check(cls, v: Any, info: pydantic.ValidationInfo) -> Any:
+        field = str(info.field_name)
+        if field == "name" and not _NAME_RE.fullmatch(v):
+            raise _bad(field, f"must be {_NAME_RULE}, got {_show(v)}",
+                       "rename the preset, e.g. 'whisper-small'")
+        if field == "env":
+            for k, x in v.items():
+                if not k or "=" in k or "\0" in k + x:
+                    raise _bad(field, f"variable {_show(k)} has a bad name or value",
+                               "use a non-empty name without '=', and no NUL characters")
+        if field == "devices" and (not v or len(set(v)) != len(v)):
+            raise _bad(field, "must list each device kind at most once, and at least one",
+                       "use [gpu], [cpu] or [gpu, cpu] (in order of preference)")
+        if field == "accepts" and (bad := [t for t in v if "/" not in t]):
+            raise _bad(field, f"{_show(bad[0])} is not a content type",
+                       "use types such as application/json or image/png")
+        if field == "image" and v is not None and not v.strip():
+            raise _bad(field, "is empty", "name an image, e.g. ghcr.io/org/worker:1.0")
+        return v
+
+    @field_validator("command")
+    @classmethod
+    def _check_runtime(cls, v: tuple[str, ...], info: pydantic.ValidationInfo) -> Any:
+        # A validator of the last of runtime/argv/image/command (validate_default), not a model
+        # validator, so that it runs, and reports, even when some other field is wrong too.
+        d = info.data
+        if "runtime" not in d or "argv" not in d or "image" not in d:
+            return v  # one of them failed already and has its own problem
+        if d["runtime"] is Runtime.PROCESS:
+            if not d["argv"]:
+                raise _bad("argv", "is required for runtime 'process' (the program to start)",
+                           "add e.g. `command: python worker.py`, or `image:` for docker")
+            if d["image"] is not None:
+                raise _bad("image", "is only used by runtime 'docker'",
+                           "set `runtime: docker`, or remove image")
+            if v:
+                raise _bad("command", "is the container command of a docker preset",
+                           "for runtime 'process' give the program as argv")
+        elif d["image"] is None:
+            raise _bad("image", "is required for runtime 'docker'",
+                       "add e.g. `image: ghcr.io/org/worker:1.0`")
+        elif d["argv"]:
+            raise _bad("argv", "is only used by runtime 'process'",
+                       "give the container's command as `command:`")
+        return v
+
+    def __hash__(self) -> int:  # env is a dict, so the generated field hash would fail
+        return hash((self.name, self.runtime, self.argv, self.image, self.source))
+
+    @property
+    def needs_gpu(self) -> bool:
+        return DeviceKind.GPU in self.devices and DeviceKind.CPU not in self.devices
+
+    @property
+    def allows_gpu(self) -> bool:
+        return DeviceKind.GPU in self.devices
+
+    @property
+    def allows_cpu(self) -> bool:
+        return DeviceKind.CPU in self.devices
+
+    def to_json(self) -> dict[str, Any]:
+        """All fields as JSON-able values; ``Preset.model_validate(p.to_json()) == p``."""
+        return self.model_dump(mode="json")
+
+
+# --- sizes -----------------------------------------------------------------------------------
+
+_UNITS = {"": 2**20, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+_SIZE_FORMS = "a whole number of MiB (e.g. 4096) or a size such as '512MiB', '4GiB', '1.5GB'"
+
+
+def _size_mb(value: object) -> int:
+    m = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        nbytes = Decimal(str(value)) * 2**20
+    elif m and m.group(2).lower() in _UNITS:
+        nbytes = Decimal(m.group(1)) * _UNITS[m.group(2).lower()]
+    else:
+        raise ValueError(f"{_show(value)} is not a memory size")
+    if not nbytes.is_finite() or nbytes < 0:
+        raise ValueError(f"must be >= 0, got {_show(value)}")
+    # Round down (a preset asks for "1.5GB", it gets 1430 MiB) but never turn a size into 0.
+    return max(int(nbytes // 2**20), 1) if nbytes else 0
+
+
+def parse_size_mb(value: object, field: str) -> int:
+    """A memory size in MiB: numbers are MiB; strings take B/KB/MB/GB/TB (powers of 1000),
+    KiB/MiB/GiB/TiB (powers of 1024, also Ki/Mi/Gi/Ti) or no unit (MiB)."""
+    try:
+        return _size_mb(value)
+    except ValueError as e:
+        raise ValueError(f"field '{field}': {e}; use {_SIZE_FORMS}") from None
+
+
+# --- registry --------------------------------------------------------------------------------
+
+class PresetRegistry(Mapping[str, Preset]):
+    """Presets by name, in the order first added; adding a known name replaces that preset."""
+
+    def __init__(self, presets: Iterable[Preset] = ()) -> None:
+        self._presets: dict[str, Preset] = {}
+        for p in presets:
+            self.add(p)
+
+    def add(self, preset: Preset) -> None:
+        old = self._presets.get(preset.name)
+        if old is not None:
+            log.info("preset %r from %s overrides the one from %s",
+                     preset.name, preset.source or "code", old.source or "code")
+        self._presets[preset.name] = preset
+
+    def names(self) -> list[str]:
+        return list(self._presets)
+
+    def __getitem__(self, name: str) -> Preset:
+        return self._presets[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._presets)
+
+    def __len__(self) -> int:
+        return len(self._presets)
+
+    def __repr__(self) -> str:
+        return f"PresetRegistry({self.names()!r})"
+
+
+# --- YAML with line numbers ------------------------------------------------------------------
+
+class _LineDict(dict[Any, Any]):
+    """A YAML mapping that knows its line, each key's line, and every pair as written
+    (PyYAML keeps only the last of two equal keys; ``pairs`` keeps both)."""
+
+    line: int = 0
+    key_lines: dict[Any, int]
+    pairs: list[tuple[Any, int, Any]]
+
+
+class _LineLoader(yaml.SafeLoader):
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.dups: list[tuple[int, Any, int, int]] = []  # id(mapping), key, line, first line
+
+
+def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterator[_LineDict]:
+    data = _LineDict()
+    data.line, data.key_lines, data.pairs = node.start_mark.line + 1, {}, []
+    yield data  # first, so that recursive anchors resolve, as in SafeLoader
+    own = [(k, v) for k, v in node.value if k.tag != "tag:yaml.org,2002:merge"]
+    data.update(loader.construct_mapping(node))  # also flattens `<<` merges into node.value
+    for key_node, _ in node.value:  # merged keys come first, so own keys' lines win
+        data.key_lines[loader.construct_object(key_node)] = key_node.start_mark.line + 1
+    seen: dict[Any, int] = {}
+    for key_node, value_node in own:
+        key, line = loader.construct_object(key_node), key_node.start_mark.line + 1
+        if key in seen:
+            loader.dups.append((id(data), key, line, seen[key]))
+        seen.setdefault(key, line)
+        data.pairs.append((key, line, loader.construct_object(value_node)))
+    data.pairs[:0] = [(k, data.key_lines[k], v) for k, v in data.items() if k not in seen]
+
+
+_LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
+
+# --- files -----------------------------------------------------------------------------------
+
+_TOP_KEYS = ["models", "presets"]
+_ENTRY_KEYS = [*(f for f in Preset.model_fields if f != "source"), "docker_image", "vram",
+               "resources"]
+_RESOURCE_KEYS = ["vram", "vram_mb", "gpu", "devices"]
+_TARGET = {"docker_image": "image", "vram": "vram_mb", "resources.vram": "vram_mb",
+           "resources.vram_mb": "vram_mb", "resources.gpu": "devices",
+           "resources.devices": "devices"}
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
+           "less_than": "<"}
+
+
+def _show(v: object) -> str:
+    """A value as the YAML author wrote it: 'text', 3, true, null."""
+    text = f"'{v}'" if isinstance(v, str) else json.dumps(v) if v is None or \
+        isinstance(v, bool) else repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _near(word: object, options: list[str], lead: str = "remove it; known") -> str:
+    close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else f"{lead}: " + ", ".join(options)
+
+
+class _Problems:
+    """The problems of one file, as ``FILE:LINE: field 'x' of preset 'y': what; fix: how``."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.found: list[tuple[int, str]] = []
+
+    def add(self, line: int | None, what: str, fix: str, preset: str | None = None,
+            field: str | None = None) -> None:
+        head = f"{self.file}:{line}: " if line else f"{self.file}: "
+        if preset:
+            head += f"field '{field}' of preset '{preset}': " if field else \
+                f"preset '{preset}': "
+        self.found.append((line or 0, f"{head}{what}; fix: {fix}"))
+
+    def items(self) -> list[str]:
+        return [text for _, text in sorted(self.found, key=lambda p: p[0])]
+
+
+def _explain(err: Mapping[str, Any]) -> tuple[str, str]:
+    """One pydantic error as (what is wrong, how to fix it)."""
+    kind, ctx, got = err["type"], err.get("ctx") or {}, _show(err.get("input"))
+    if kind == "preset":
+        return str(ctx["what"]), str(ctx["fix"])
+    if kind in _BOUNDS:
+        limit = next(iter(ctx.values()))
+        return f"must be {_BOUNDS[kind]} {limit}, got {got}", \
+            f"use a value {_BOUNDS[kind]} {limit}"
+    if kind == "enum":
+        names = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        return f"must be {ctx.get('expected')}, got {got}", \
+            _near(err.get("input"), names, "use one of")
+    num, seq, dct = ("a number", "write a number, e.g. 2.5"), \
+        ("a list", "write a list, e.g. [a, b]"), ("a mapping", "write KEY: value pairs")
+    simple = {"int": ("a whole number", "write a whole number, e.g. 3"), "float": num,
+              "finite": num, "bool": ("true or false", "write true or false"),
+              "string": ("text", "write it as a (quoted) string"), "tuple": seq, "list": seq,
+              "dict": dct, "model": dct}
+    if kind.endswith(("_type", "_parsing", "_from_float", "_number")) and \
+            (hit := simple.get(kind.split("_")[0])):
+        return f"must be {hit[0]}, got {got}", hit[1]
+    return f"{err.get('msg', 'is invalid')}, got {got}", "correct the value"
+
+
+def _line_of(raw: object, loc: tuple[Any, ...], line: int) -> int:
+    """The line of the deepest key along ``loc`` that the YAML recorded."""
+    for part in loc:
+        if isinstance(raw, _LineDict) and part in raw.key_lines:
+            line, raw = raw.key_lines[part], raw[part]
+        elif isinstance(raw, list) and isinstance(part, int) and part < len(raw):
+            raw = raw[part]
+        else:
+            break
+    return line
+
+
+def _entry(raw: _LineDict, name: str, line: int, path: Path, out: _Problems) -> Preset | None:
+    """Map one YAML entry (either shape) onto Preset fields and validate it."""
+    data: dict[str, Any] = {}
+    origin: dict[str, tuple[str, int]] = {}  # field -> (key as written, its line)
+    before = len(out.found)
+
+    def put(label: str, value: object, at: int) -> None:
+        field = _TARGET.get(label, label)
+        if field in origin:  # the same key twice is reported with the YAML's duplicates
+            if origin[field][0] != label:
+                out.add(at, f"sets {field} again (already set by '{origin[field][0]}' on line "
+                        f"{origin[field][1]})", "keep only one of them", name, label)
+            return
+        origin[field], data[field] = (label, at), value
+
+    for key, at, value in raw.pairs:
+        if key == "name":
+            if value != name:
+                out.add(at, f"{_show(value)} differs from the entry's key {_show(name)}",
+                        "remove name: or make it match", name, "name")
+        elif key == "resources" and isinstance(value, _LineDict):
+            for rkey, rat, rvalue in value.pairs:
+                if rkey in _RESOURCE_KEYS:
+                    put(f"resources.{rkey}", rvalue, rat)
+                else:
+                    out.add(rat, "is not a known resource", _near(rkey, _RESOURCE_KEYS),
+                            name, f"resources.{rkey}")
+        elif key == "resources":
+            out.add(at, f"must be a mapping, got {_show(value)}",
+                    "write e.g. {vram: 2GiB, gpu: true}", name, "resources")
+        elif key in _ENTRY_KEYS:
+            put(key, value, at)
+        else:
+            fix = "remove it; the loader sets it" if key == "source" else _near(key, _ENTRY_KEYS)
+            out.add(at, "is not a known field", fix, name, str(key))
+
+    label, at = origin.get("vram_mb", ("vram_mb", line))
+    if label != "vram_mb" or isinstance(data.get("vram_mb"), str):  # sizes: 4GiB, 512MiB
+        try:
+            data["vram_mb"] = _size_mb(data["vram_mb"])
+        except ValueError as e:
+            out.add(at, str(e), f"use {_SIZE_FORMS}", name, label)
+            del data["vram_mb"]
+    label, at = origin.get("devices", ("devices", line))
+    if label == "resources.gpu":
+        if isinstance(data["devices"], bool):
+            data["devices"] = ["gpu"] if data["devices"] else ["cpu"]
+        else:
+            out.add(at, f"must be true or false, got {_show(data.pop('devices'))}",
+                    "gpu: true needs a GPU, gpu: false runs on the CPU", name, label)
+    if "image" in data and "runtime" not in data:
+        data["runtime"] = Runtime.DOCKER
+    if "command" in data and _lower(data.get("runtime")) in (None, "process"):
+        if "argv" in data:  # for a process preset, command *is* its argv
+            out.add(origin["command"][1], "gives the program a second time (argv is set)",
+                    "keep only one of argv and command", name, "command")
+            del data["command"]
+        else:
+            origin["argv"], data["argv"] = origin["command"], data.pop("command")
+    workdir = data.get("workdir")  # relative to the YAML file, so presets travel with it
+    if workdir is None or isinstance(workdir, str):
+        data["workdir"] = str(path.parent / Path(workdir or ".").expanduser())
+    data["name"], data["source"] = name, f"{out.file}:{line}"
+
+    try:
+        preset = Preset.model_validate(data)
+    except pydantic.ValidationError as e:
+        for err in e.errors():
+            loc = tuple(err["loc"]) or ("name",)
+            if err["type"] == "preset":  # cross-field checks name their field in ctx
+                loc = (err["ctx"]["field"], *loc[1:])
+            label, at = origin.get(str(loc[0]), (str(loc[0]), line))
+            at = _line_of(data.get(str(loc[0])), loc[1:], at)
+            sub = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
+            what, fix = _explain(err)
+            if err["type"] == "extra_forbidden":
+                what, fix = "is not a known field", _near(loc[-1], [*BatchSettings.model_fields])
+            out.add(at, what, fix, name, label + sub)
+        return None
+    return preset if len(out.found) == before else None
+
+
+def _parse(path: Path, label: str) -> tuple[list[Preset], list[str]]:
+    """(the valid presets, every problem) of one file."""
+    out = _Problems(label)
+    top = "put the presets under a top-level 'models:' or 'presets:' key"
+    try:
+        loader = _LineLoader(path.read_text(encoding="utf-8"))
+        try:
+            doc = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = " ".join(str(x) for x in (e.context, e.problem) if x)
+        col = f" at column {mark.column + 1}" if mark else ""
+        out.add(mark.line + 1 if mark else None, f"YAML syntax error{col}: {what}",
+                "correct the YAML here; quote text that holds ': ' or ' #'")
+        return [], out.items()
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        out.add(None, f"cannot be read: {e}", "make it a readable UTF-8 YAML file")
+        return [], out.items()
+
+    if not isinstance(doc, _LineDict) or not doc:
+        out.add(1, "is empty" if doc is None else "is not a mapping", top)
+        return [], out.items()
+    if not any(k in doc for k in _TOP_KEYS):
+        out.add(doc.line, "has neither a 'models:' nor a 'presets:' key", top)
+    named: set[int] = set()  # the mappings whose keys are preset names
+    found: list[tuple[str, int, object]] = []
+    for key, at, value in doc.pairs:
+        if key not in _TOP_KEYS:
+            out.add(at, f"unknown top-level key {_show(key)} (only 'models' and 'presets')",
+                    _near(key, _TOP_KEYS))
+        elif isinstance(value, _LineDict) and value:
+            named.add(id(value))
+            found += [(str(n), nat, e) for n, nat, e in value.pairs]
+        elif key == "presets" and isinstance(value, list) and value:
+            for i, item in enumerate(value):
+                n = item.get("name") if isinstance(item, _LineDict) else None
+                iat = item.line if isinstance(item, _LineDict) else at
+                if isinstance(n, str):
+                    found.append((n, iat, item))
+                else:
+                    out.add(iat, f"entry #{i + 1} of 'presets' " + (
+                        "is not a mapping" if not isinstance(item, _LineDict) else
+                        "has no name" if n is None else f"has a non-text name {_show(n)}"),
+                        "give each entry fields including `name: my-preset`")
+        else:
+            kind = "a mapping of name: entry" + (" or a list" if key == "presets" else "")
+            out.add(at, f"'{key}' must be {kind} of presets, got {_show(value)}",
+                    "add at least one preset under it")
+
+    presets: list[Preset] = []
+    first: dict[str, int] = {}
+    for name, line, entry in found:
+        if name in first:
+            out.add(line, f"preset name {_show(name)} is used twice in this file (first on "
+                    f"line {first[name]})", "rename or remove one of them")
+        first.setdefault(name, line)
+        if not isinstance(entry, _LineDict):
+            out.add(line, f"must be a mapping of fields, got {_show(entry)}",
+                    "write e.g. `command: python worker.py` under it", name)
+        elif (p := _entry(entry, name, line, path, out)) and first[name] == line:
+            presets.append(p)
+    for mapping, key, line, prev in loader.dups:
+        if mapping not in named:  # duplicate preset names were reported above
+            out.add(line, f"key {_show(key)} appears twice in one mapping (first on line "
+                    f"{prev})", "keep only one of them")
+    return presets, out.items()
+
+
+def check_file(path: str | Path) -> list[str]:
+    """Every problem in one preset file, each as ``FILE:LINE: ...; fix: ...``; [] if fine."""
+    return _parse(Path(path).absolute(), str(path))[1]
+
+
+def load_file(path: str | Path) -> list[Preset]:
+    """The presets of one file; raises PresetError listing every problem."""
+    presets, problems = _parse(Path(path).absolute(), str(path))
+    if problems:
+        raise PresetError(problems)
+    return presets
+
+
+def load_presets(paths: Iterable[str | Path]) -> PresetRegistry:
+    """Load files and folders (their *.yaml/*.yml, sorted) in order; later files override
+    earlier presets of the same name. One PresetError lists every problem of every file."""
+    problems: list[str] = []
+    registry = PresetRegistry()
+    for p in map(Path, [paths] if isinstance(paths, str | Path) else paths):  # one path is fine
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.suffix in (".yaml", ".yml") and f.is_file())
+            if not files:
+                log.warning("preset folder %s holds no *.yaml or *.yml files", p)
+        elif p.exists():
+            files = [p]
+        else:
+            problems.append(f"{p}: no such file or folder; fix: correct the path, or create it "
+                            "(see examples/presets for the format)")
+            continue
+        for f in files:
+            presets, found = _parse(f.absolute(), str(f))
+            problems += found
+            for preset in presets:
+                registry.add(preset)
+    if problems:
+        raise PresetError(problems)
+    return registry
+
+
+def example_presets_dir() -> Path:
+    """The repo's examples/presets folder, or $GPULANE_EXAMPLES_DIR when set."""
+    env = os.environ.get("GPULANE_EXAMPLES_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "examples" / "presets"

@@ -1,0 +1,1 @@
+"""Workers: launching, supervising and feeding them."""

@@ -1,0 +1,107 @@
+"""How a worker process is started: a plain process or a docker container.
+
+Launchers differ only in how they turn (preset, device, env) into an argv; everything after
+the spawn (protocol, health, restarts) is the same, so each variant overrides one method.
+Workers are always started from an argv list, never through a shell.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+from gpulane.presets import Preset, Runtime
+
+CONTAINER_MODEL_PATH = "/models"
+"""Where a docker worker sees its preset's model_path."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAssignment:
+    """The device a worker runs on: a GPU index (and uuid) or the CPU."""
+
+    kind: str  # "gpu" or "cpu"
+    index: int | None = None
+    uuid: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"gpu:{self.index}" if self.kind == "gpu" else "cpu"
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str | None
+
+
+def worker_env(preset: Preset, device: DeviceAssignment, model_path: str | None,
+               extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables every worker gets, whatever launches it."""
+    env = dict(preset.env)
+    env.update({
+        "MODEL_NAME": preset.name,
+        "MODEL_PATH": model_path or "",
+        "GPU_DEVICE": "cuda:0" if device.kind == "gpu" else "cpu",
+        # Index order must match NVML's, which enumerates by PCI bus.
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": str(device.index) if device.kind == "gpu" else "",
+        "GPULANE_DEVICE": device.name,
+        "GPULANE_PRESET": preset.name,
+        "GPULANE_MODE": preset.mode.value,
+        "PYTHONUNBUFFERED": "1",
+    })
+    if extra:
+        env.update(extra)
+    return env
+
+
+class ProcessLauncher:
+    """Runs the preset's argv as a child process; ``python`` means this interpreter."""
+
+    def build(self, preset: Preset, device: DeviceAssignment, name: str,
+              extra_env: dict[str, str] | None = None) -> LaunchSpec:
+        argv = list(preset.argv)
+        if argv and argv[0] in ("python", "python3"):
+            argv[0] = sys.executable
+        env = {**os.environ, **worker_env(preset, device, preset.model_path, extra_env)}
+        return LaunchSpec(argv, env, preset.workdir)
+
+
+class DockerLauncher:
+    """Runs the preset's image with ``docker run``; the node talks to it over stdin/stdout."""
+
+    docker = "docker"
+
+    def build(self, preset: Preset, device: DeviceAssignment, name: str,
+              extra_env: dict[str, str] | None = None) -> LaunchSpec:
+        if preset.image is None:  # the preset schema already refuses this
+            raise ValueError(f"preset {preset.name!r} has runtime docker but no image")
+        inner_model = CONTAINER_MODEL_PATH if preset.model_path else None
+        env = worker_env(preset, device, inner_model, extra_env)
+        argv = [self.docker, "run", "--rm", "-i", "--name", container_name(name)]
+        if device.kind == "gpu":
+            argv += ["--gpus", f"device={device.index}"]
+            # Inside the container the one GPU it sees is device 0.
+            env["CUDA_VISIBLE_DEVICES"] = "0"
+        for key in sorted(env):
+            if key == "PYTHONUNBUFFERED" or key.startswith(("GPULANE_", "MODEL_", "GPU_",
+                                                            "CUDA_")) or key in preset.env:
+                argv += ["-e", f"{key}={env[key]}"]
+        if preset.model_path:
+            argv += ["-v", f"{preset.model_path}:{CONTAINER_MODEL_PATH}"]
+        argv.append(preset.image)
+        argv += list(preset.command)
+        return LaunchSpec(argv, dict(os.environ), preset.workdir)
+
+
+def container_name(worker_id: str) -> str:
+    """A docker-safe container name for a worker id."""
+    return "gpulane-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", worker_id)
+
+
+def launcher_for(preset: Preset) -> ProcessLauncher | DockerLauncher:
+    return DockerLauncher() if preset.runtime is Runtime.DOCKER else ProcessLauncher()

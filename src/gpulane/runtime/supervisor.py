@@ -1,0 +1,407 @@
+"""Starts, feeds, watches and stops the node's workers, and turns what they say into task state.
+
+The scheduler decides *what* runs *where*; the supervisor makes it happen: it boots workers,
+hands them batches, writes their events to the store, enforces timeouts, retries attempts whose
+worker died, and unloads idle workers. Capacity goes back to the ledger whenever a worker or a
+batch ends, and ``on_capacity`` tells the scheduler to look again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+from gpulane.errors import StaleTokenError
+from gpulane.model import ErrorKind, Task, TaskState, task_error
+from gpulane.presets import Mode, Preset
+from gpulane.protocol import (
+    ENV_INPUT,
+    ENV_INPUT_FILE,
+    ENV_TASK_ID,
+    EventType,
+    WorkerMessage,
+    cancel_op,
+    run_op,
+)
+from gpulane.runtime.launchers import DeviceAssignment, launcher_for
+from gpulane.runtime.taskrun import TaskRun
+from gpulane.runtime.worker_process import (
+    WorkerProcess,
+    WorkerStartError,
+    WorkerState,
+)
+from gpulane.scheduling.ledger import Ledger
+from gpulane.store import NewEvent, Store
+
+log = logging.getLogger("gpulane.supervisor")
+
+INLINE_INPUT_MAX_BYTES = 64 * 1024
+"""Larger one-off inputs go through a file (GPULANE_INPUT_FILE) instead of the environment."""
+REAPER_INTERVAL_S = 1.0
+"""How often idle workers are checked for unloading."""
+RETRYABLE_KINDS = frozenset({ErrorKind.WORKER_DIED.value, ErrorKind.START_TIMEOUT.value})
+"""Failures that are the worker's, not the input's: the task gets another attempt."""
+
+
+class Supervisor:
+    """The node's workers and the task attempts running on them."""
+
+    def __init__(self, store: Store, ledger: Ledger, node: str, *, scratch_dir: str,
+                 stderr_tail_lines: int, shutdown_grace_s: float,
+                 on_capacity: Callable[[], None]) -> None:
+        self.store = store
+        self.ledger = ledger
+        self.node = node
+        self.scratch_dir = scratch_dir
+        self.stderr_tail_lines = stderr_tail_lines
+        self.shutdown_grace_s = shutdown_grace_s
+        self.on_capacity = on_capacity
+        self.workers: dict[str, WorkerProcess] = {}
+        self.presets: dict[str, Preset] = {}  # worker id -> its preset
+        self.inflight: dict[str, dict[str, TaskRun]] = {}  # worker id -> task id -> run
+        self.runs: dict[str, TaskRun] = {}  # task id -> run
+        self._cpu_busy: set[str] = set()  # workers holding a CPU slot for their current work
+        self._ids = itertools.count(1)
+        self._background: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- queries the scheduler asks ------------------------------------------------------------
+
+    def session_workers(self, preset: str, lane: str) -> list[WorkerProcess]:
+        return [w for w in self.workers.values()
+                if w.session and w.preset_name == preset and w.device.kind == lane
+                and w.alive]
+
+    def idle_worker(self, preset: str, lane: str) -> WorkerProcess | None:
+        """A live session worker of the preset with nothing in flight (ready or booting)."""
+        for w in self.session_workers(preset, lane):
+            if not self.inflight.get(w.id):
+                return w
+        return None
+
+    def evict_idle(self, device: int | None, needed_mb: int) -> bool:
+        """Stop idle GPU session workers, least recently used first, until ``needed_mb`` would
+        be free on ``device`` (any device when None). True if something was stopped."""
+        idle = sorted((w for w in self.workers.values()
+                       if w.session and w.device.kind == "gpu" and w.state is WorkerState.READY
+                       and not self.inflight.get(w.id)
+                       and (device is None or w.device.index == device)),
+                      key=lambda w: w.last_used)
+        stopped = False
+        for w in idle:
+            acct = self.ledger.gpus[w.device.index or 0]
+            if acct.free_mb >= needed_mb:
+                break
+            log.info("unloading idle worker %s (%s) to make room for %d MB", w.id,
+                     w.preset_name, needed_mb)
+            self._spawn_bg(self._stop_worker(w))
+            stopped = True
+        return stopped
+
+    # -- starting work ---------------------------------------------------------------------------
+
+    def start_worker(self, preset: Preset, device: DeviceAssignment, wid: str) -> WorkerProcess:
+        """Create a session worker and boot it in the background. The caller has already
+        taken the device's capacity in the ledger under ``wid``."""
+        return self._create(wid, preset, device, session=True, extra_env=None)
+
+    def next_worker_id(self, preset: Preset, device: DeviceAssignment) -> str:
+        return f"{preset.name}-{device.name.replace(':', '')}-{next(self._ids)}"
+
+    def _create(self, wid: str, preset: Preset, device: DeviceAssignment, *, session: bool,
+                extra_env: dict[str, str] | None) -> WorkerProcess:
+        spec = launcher_for(preset).build(preset, device, wid, extra_env)
+        worker = WorkerProcess(wid, preset.name, device, spec, session=session,
+                               stderr_tail_lines=self.stderr_tail_lines,
+                               on_message=self._on_message, on_exit=self._on_exit)
+        self.workers[wid] = worker
+        self.presets[wid] = preset
+        self.inflight[wid] = {}
+        self._spawn_bg(self._boot(worker, preset))
+        return worker
+
+    async def _boot(self, worker: WorkerProcess, preset: Preset) -> None:
+        try:
+            await worker.spawn()
+        except OSError as exc:
+            worker.state = WorkerState.EXITED
+            worker.stderr_tail.append(f"cannot start {worker.spec.argv[0]!r}: {exc}")
+            await self._on_exit(worker)
+            return
+        try:
+            if worker.session:
+                await worker.wait_ready(preset.start_timeout_s)
+            else:
+                await worker.wait_connected(preset.start_timeout_s)
+        except WorkerStartError as exc:
+            log.warning("worker %s failed to start: %s", worker.id, exc)
+            for run in list(self.inflight.get(worker.id, {}).values()):
+                await self._attempt_failed(run, exc.kind, str(exc))
+            worker.kill()
+            return
+        if worker.session:
+            worker.state = WorkerState.READY
+            log.info("worker %s ready on %s (pid %s)", worker.id, worker.device.name,
+                     worker.pid)
+            if self.inflight[worker.id]:
+                self._send_batch(worker)
+            else:
+                self.on_capacity()
+
+    def dispatch(self, worker: WorkerProcess, tasks: list[Task]) -> None:
+        """Give a batch of claimed tasks to an idle session worker."""
+        preset = self.presets[worker.id]
+        for task in tasks:
+            run = TaskRun(task, preset, worker.id, task.token,
+                          task.timeout_s or preset.timeout_s)
+            self.inflight[worker.id][task.id] = run
+            self.runs[task.id] = run
+        if worker.state is WorkerState.READY:
+            self._send_batch(worker)
+
+    def _send_batch(self, worker: WorkerProcess) -> None:
+        runs = list(self.inflight[worker.id].values())
+        worker.state = WorkerState.BUSY
+        worker.last_used = time.monotonic()
+        if not worker.send(run_op([(r.id, r.task.input) for r in runs])):
+            worker.kill()  # its exit fails these attempts and retries them
+            return
+        for run in runs:
+            self._arm_timer(run, worker)
+
+    def run_oneoff(self, preset: Preset, device: DeviceAssignment, task: Task,
+                   worker_id: str) -> None:
+        """Start a one-off worker for one claimed task; it gets its input in the environment."""
+        import orjson
+
+        payload = orjson.dumps(task.input)
+        extra = {ENV_TASK_ID: task.id}
+        if len(payload) <= INLINE_INPUT_MAX_BYTES:
+            extra[ENV_INPUT] = payload.decode()
+        else:
+            import os
+
+            os.makedirs(self.scratch_dir, exist_ok=True)
+            path = os.path.join(self.scratch_dir, f"{task.id}.input.json")
+            with open(path, "wb") as fh:
+                fh.write(payload)
+            extra[ENV_INPUT_FILE] = path
+        run = TaskRun(task, preset, worker_id, task.token, task.timeout_s or preset.timeout_s)
+        self.runs[task.id] = run
+        self.inflight[worker_id] = {task.id: run}
+        worker = self._create(worker_id, preset, device, session=False, extra_env=extra)
+        worker.state = WorkerState.BUSY
+        self.inflight[worker.id] = {task.id: run}
+        self._arm_timer(run, worker)
+
+    def hold_cpu(self, worker_id: str) -> None:
+        self._cpu_busy.add(worker_id)
+
+    def _release_cpu(self, worker_id: str) -> None:
+        if worker_id in self._cpu_busy:
+            self._cpu_busy.discard(worker_id)
+            self.ledger.release_cpu()
+
+    # -- what workers say ------------------------------------------------------------------------
+
+    def _route(self, worker: WorkerProcess, msg: WorkerMessage) -> TaskRun | None:
+        runs = self.inflight.get(worker.id) or {}
+        if msg.task is not None:
+            return runs.get(msg.task)
+        if len(runs) == 1:
+            return next(iter(runs.values()))
+        return None
+
+    async def _on_message(self, worker: WorkerProcess, msg: WorkerMessage) -> None:
+        if worker.session and msg.type in (EventType.CONNECTION, EventType.WORKER):
+            return  # worker-level news; WorkerProcess tracks readiness itself
+        run = self._route(worker, msg)
+        if run is None or run.done:
+            if msg.type is not EventType.LOG:
+                log.debug("worker %s: %s event for no running task: %s", worker.id,
+                          msg.type.value, msg.raw or msg.data)
+            else:
+                log.info("[%s stdout] %s", worker.id, msg.data.get("line"))
+            return
+        if msg.type is EventType.UNKNOWN:
+            log.warning("worker %s emitted an unknown event %r; kept as 'unknown'",
+                        worker.id, msg.data.get("event"))
+        if msg.type is EventType.FINISH:
+            await self._on_finish(run, msg)
+            return
+        event, _held = run.take(msg)
+        if event is not None:
+            with contextlib.suppress(StaleTokenError):
+                await self.store.append_events(run.id, [event])
+
+    async def _on_finish(self, run: TaskRun, msg: WorkerMessage) -> None:
+        status = msg.data.get("status", "completed")
+        finish_event = NewEvent(EventType.FINISH.value, msg.data)
+        if status == "completed":
+            await self._end(run, TaskState.SUCCEEDED, output=run.final_output(),
+                            events=[*run.held, finish_event])
+            return
+        err = msg.data.get("error") if isinstance(msg.data.get("error"), dict) else {}
+        kind = str(err.get("kind") or ErrorKind.INTERNAL.value)
+        message = str(err.get("message") or f"worker reported status {status!r}")
+        await self._end(run, TaskState.FAILED, error=task_error(kind, message),
+                        events=[*run.held, finish_event])
+
+    async def _end(self, run: TaskRun, state: TaskState, *, output: object = None,
+                   error: dict[str, object] | None = None,
+                   events: list[NewEvent] | None = None) -> None:
+        """Write a run's final state once and give its worker back its capacity."""
+        if run.done:
+            return
+        run.done = True
+        run.stop_timer()
+        try:
+            await self.store.finish(run.id, run.token, state, output=output, error=error,
+                                    events=events or [])
+        except StaleTokenError as exc:
+            log.info("dropped the outcome of a stale attempt: %s", exc)
+        self._forget(run)
+
+    def _forget(self, run: TaskRun) -> None:
+        self.runs.pop(run.id, None)
+        runs = self.inflight.get(run.worker_id)
+        if runs is None:
+            return
+        runs.pop(run.id, None)
+        worker = self.workers.get(run.worker_id)
+        if worker is not None:
+            worker.tasks_done += 1
+            worker.last_used = time.monotonic()
+        if not runs:
+            self._release_cpu(run.worker_id)
+            if worker is not None and worker.session and worker.state is WorkerState.BUSY:
+                worker.state = WorkerState.READY
+            self.on_capacity()
+
+    async def _attempt_failed(self, run: TaskRun, kind: str, message: str) -> None:
+        """An attempt ended through no fault of its input: retry it while attempts remain."""
+        if run.done:
+            return
+        if kind in RETRYABLE_KINDS and run.token < run.preset.max_attempts:
+            run.done = True
+            run.stop_timer()
+            error = task_error(kind, message, attempt=run.token)
+            try:
+                await self.store.requeue(run.id, run.token, error, events=[
+                    NewEvent(EventType.ERROR.value, {"kind": kind, "message": message,
+                                                     "attempt": run.token, "retrying": True})])
+            except StaleTokenError as exc:
+                log.info("dropped a retry of a stale attempt: %s", exc)
+            self._forget(run)
+            return
+        await self._end(run, TaskState.FAILED, error=task_error(
+            kind, message, attempts=run.token))
+
+    async def _on_exit(self, worker: WorkerProcess) -> None:
+        rc = worker.returncode
+        runs = list(self.inflight.get(worker.id, {}).values())
+        if not worker.session and runs and rc == 0:
+            # A plain-protocol one-off that exits cleanly without a finish line succeeded.
+            run = runs[0]
+            await self._end(run, TaskState.SUCCEEDED, output=run.final_output(),
+                            events=run.held)
+        elif self._closing:
+            for run in runs:  # the node is stopping: the next start runs them again
+                if not run.done:
+                    run.done = True
+                    with contextlib.suppress(StaleTokenError):
+                        await self.store.requeue(run.id, run.token, None, events=[NewEvent(
+                            EventType.ERROR.value, {"kind": "node_stopping", "retrying": True})])
+        else:
+            tail = worker.stderr_text()
+            for run in runs:
+                await self._attempt_failed(
+                    run, ErrorKind.WORKER_DIED.value,
+                    f"worker {worker.id} exited with code {rc} while running the task; "
+                    f"last stderr lines:\n{tail or '(none)'}")
+        if worker.state is not WorkerState.STOPPING and worker.session and not self._closing:
+            log.warning("worker %s exited with code %s", worker.id, rc)
+        worker.state = WorkerState.EXITED
+        self._release_cpu(worker.id)
+        self.ledger.release(worker.id)
+        self.workers.pop(worker.id, None)
+        self.presets.pop(worker.id, None)
+        self.inflight.pop(worker.id, None)
+        self.on_capacity()
+
+    # -- timeouts, cancel, idle, shutdown ----------------------------------------------------
+
+    def _arm_timer(self, run: TaskRun, worker: WorkerProcess) -> None:
+        loop = asyncio.get_running_loop()
+        run.timer = loop.call_later(run.timeout_s, self._on_timeout, run, worker)
+
+    def _on_timeout(self, run: TaskRun, worker: WorkerProcess) -> None:
+        if run.done:
+            return
+        self._spawn_bg(self._timeout(run, worker))
+
+    async def _timeout(self, run: TaskRun, worker: WorkerProcess) -> None:
+        await self._end(run, TaskState.FAILED, error=task_error(
+            ErrorKind.TIMEOUT, f"the task ran past its timeout_s={run.timeout_s:g}; "
+            f"worker {worker.id} was killed (raise timeout_s in the request or the preset)"),
+            events=run.held)
+        # Killing is the only sure way to stop the work; the batch's other tasks are retried.
+        worker.kill()
+
+    async def cancel(self, task_id: str) -> bool:
+        """Cancel a running task: a session worker gets the cancel op, a one-off is stopped."""
+        run = self.runs.get(task_id)
+        if run is None or run.done:
+            return False
+        run.cancelled = True
+        worker = self.workers.get(run.worker_id)
+        await self._end(run, TaskState.CANCELLED, error=task_error(
+            ErrorKind.CANCELLED, "cancelled by request"))
+        if worker is not None:
+            if worker.session:
+                worker.send(cancel_op(task_id))
+            else:
+                worker.kill()
+        return True
+
+    def start_reaper(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_idle(), name="gpulane-reaper")
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(REAPER_INTERVAL_S)
+            now = time.monotonic()
+            for w in list(self.workers.values()):
+                preset = self.presets.get(w.id)
+                if (preset is None or not w.session or w.state is not WorkerState.READY
+                        or self.inflight.get(w.id) or preset.idle_unload_s <= 0):
+                    continue
+                if now - w.last_used >= preset.idle_unload_s:
+                    log.info("unloading worker %s: idle for %.0fs", w.id, now - w.last_used)
+                    self._spawn_bg(self._stop_worker(w))
+
+    async def _stop_worker(self, worker: WorkerProcess) -> None:
+        await worker.stop(self.shutdown_grace_s)
+
+    async def stop_all(self) -> None:
+        """Stop every worker; attempts still running go back to the queue for the next start."""
+        self._closing = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for run in list(self.runs.values()):
+            run.stop_timer()
+        await asyncio.gather(*(w.stop(self.shutdown_grace_s)
+                               for w in list(self.workers.values())),
+                             return_exceptions=True)
+        for task in list(self._background):
+            task.cancel()
+
+    def _spawn_bg(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

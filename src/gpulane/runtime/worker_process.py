@@ -1,0 +1,234 @@
+"""One worker process (or container) and the JSON-lines conversation with it.
+
+This class knows the protocol and the process, nothing of tasks or stores: every parsed line
+goes to ``on_message`` and the exit to ``on_exit``; the supervisor decides what they mean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from gpulane.protocol import EventType, WorkerMessage, WorkerStatus, parse_line, shutdown_op
+from gpulane.runtime.launchers import DeviceAssignment, LaunchSpec
+
+log = logging.getLogger("gpulane.worker")
+
+STDOUT_LINE_LIMIT = 64 * 1024 * 1024
+"""Longest stdout line a worker may write (a result carrying a big output), in bytes."""
+
+
+class WorkerState(str, enum.Enum):
+    STARTING = "starting"  # spawned, not yet ready
+    READY = "ready"  # idle, warm
+    BUSY = "busy"  # running a batch or a one-off task
+    STOPPING = "stopping"
+    EXITED = "exited"
+
+
+class WorkerStartError(Exception):
+    """The worker did not become ready: it timed out or exited first."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class WorkerProcess:
+    """A child process speaking the worker protocol."""
+
+    def __init__(self, worker_id: str, preset_name: str, device: DeviceAssignment,
+                 spec: LaunchSpec, *, session: bool, stderr_tail_lines: int,
+                 on_message: Callable[[WorkerProcess, WorkerMessage], Any],
+                 on_exit: Callable[[WorkerProcess], Any]) -> None:
+        self.id = worker_id
+        self.preset_name = preset_name
+        self.device = device
+        self.spec = spec
+        self.session = session
+        self.state = WorkerState.STARTING
+        self.status: str | None = None  # the worker's own status: loading, ready, ...
+        self.stderr_tail: deque[str] = deque(maxlen=stderr_tail_lines)
+        self.started_at = time.time()
+        self.last_used = time.monotonic()
+        self.returncode: int | None = None
+        self.tasks_done = 0
+        self._on_message = on_message
+        self._on_exit = on_exit
+        self._proc: asyncio.subprocess.Process | None = None
+        self._connected = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._exited = asyncio.Event()
+        self._readers: list[asyncio.Task[None]] = []
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self.state not in (WorkerState.EXITED, WorkerState.STOPPING)
+
+    async def spawn(self) -> None:
+        """Start the process; raises OSError when the executable cannot be run."""
+        self._proc = await asyncio.create_subprocess_exec(
+            *self.spec.argv, cwd=self.spec.cwd, env=self.spec.env,
+            stdin=asyncio.subprocess.PIPE if self.session else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            limit=STDOUT_LINE_LIMIT, start_new_session=True)
+        self._readers = [asyncio.create_task(self._read_stdout(), name=f"{self.id}-stdout"),
+                         asyncio.create_task(self._read_stderr(), name=f"{self.id}-stderr")]
+
+    async def wait_connected(self, timeout_s: float) -> None:
+        await self._wait_for(self._connected, timeout_s, "connected")
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        await self._wait_for(self._ready, timeout_s, "ready")
+
+    async def _wait_for(self, flag: asyncio.Event, timeout_s: float, what: str) -> None:
+        waiter = asyncio.create_task(flag.wait())
+        exited = asyncio.create_task(self._exited.wait())
+        try:
+            done, _ = await asyncio.wait({waiter, exited}, timeout=timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            exited.cancel()
+        if flag.is_set():
+            return
+        if self._exited.is_set():
+            raise WorkerStartError(
+                "worker_died", f"worker exited with code {self.returncode} before it was "
+                f"{what}; last stderr: {self.stderr_text() or '(none)'}")
+        raise WorkerStartError(
+            "start_timeout", f"worker did not say {what} within {timeout_s:g}s "
+            f"(start_timeout_s); last stderr: {self.stderr_text() or '(none)'}")
+
+    def stderr_text(self) -> str:
+        return "\n".join(self.stderr_tail)
+
+    def send(self, data: bytes) -> bool:
+        """Write one protocol line to the worker's stdin; False if it is gone."""
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.stdin.is_closing():
+            return False
+        try:
+            proc.stdin.write(data)
+        except (BrokenPipeError, ConnectionResetError, RuntimeError):
+            return False
+        return True
+
+    async def stop(self, grace_s: float) -> None:
+        """Ask a session worker to shut down, then terminate, then kill."""
+        if self._proc is None or self._exited.is_set():
+            return
+        self.state = WorkerState.STOPPING
+        if self.session:
+            self.send(shutdown_op())
+            with contextlib.suppress(Exception):
+                if self._proc.stdin is not None:
+                    self._proc.stdin.close()
+        else:
+            self._signal(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), grace_s)
+            return
+        self._signal(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), grace_s)
+            return
+        self.kill()
+        await self._exited.wait()
+
+    def kill(self) -> None:
+        """Kill the worker and everything it started (its own process group)."""
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self._proc is None or self._proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)
+
+    async def wait_exited(self) -> None:
+        await self._exited.wait()
+
+    async def _read_stdout(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        stdout = self._proc.stdout
+        try:
+            while True:
+                try:
+                    line = await stdout.readline()
+                except ValueError:  # a line over the limit: drop it, keep the worker
+                    log.warning("worker %s wrote a stdout line over %d bytes; dropped",
+                                self.id, STDOUT_LINE_LIMIT)
+                    continue
+                if not line:
+                    break
+                if not line.strip():
+                    continue
+                msg = parse_line(line)
+                self._track(msg)
+                try:
+                    result = self._on_message(self, msg)
+                    if asyncio.iscoroutine(result):
+                        await result
+                except Exception:  # a handler bug must not stop the conversation
+                    log.exception("handling a line from worker %s failed", self.id)
+        finally:
+            await self._finish()
+
+    def _track(self, msg: WorkerMessage) -> None:
+        if msg.type is EventType.CONNECTION:
+            self._connected.set()
+        elif msg.type is EventType.WORKER:
+            self.status = str(msg.data.get("status"))
+            if self.status == WorkerStatus.READY.value:
+                self._connected.set()
+                self._ready.set()
+
+    async def _read_stderr(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        while True:
+            try:
+                line = await self._proc.stderr.readline()
+            except ValueError:
+                continue
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip()
+            self.stderr_tail.append(text)
+            log.debug("[%s] %s", self.id, text)
+
+    async def _finish(self) -> None:
+        assert self._proc is not None
+        # stdout closed; the exit status follows soon after.
+        self.returncode = await self._proc.wait()
+        if len(self._readers) > 1:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._readers[1]), 1.0)
+        self.state = WorkerState.EXITED
+        self._exited.set()
+        try:
+            result = self._on_exit(self)
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:
+            log.exception("handling the exit of worker %s failed", self.id)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "preset": self.preset_name, "device": self.device.name,
+                "state": self.state.value, "status": self.status, "pid": self.pid,
+                "mode": "session" if self.session else "oneoff",
+                "started_at": self.started_at, "tasks_done": self.tasks_done,
+                "idle_s": round(time.monotonic() - self.last_used, 3),
+                "returncode": self.returncode}

@@ -1,0 +1,1 @@
+"""Deciding what runs where: lanes, VRAM accounting, the claim loop."""

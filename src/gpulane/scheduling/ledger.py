@@ -1,0 +1,89 @@
+"""Who holds how much VRAM on which GPU, and how many CPU slots are in use.
+
+The ledger is the node's single source of truth for capacity: placement asks it where a
+holder fits, and every start and stop of a worker goes through acquire/release, so a device is
+never over-committed even while workers are still loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gpulane.devices import DeviceSnapshot
+
+
+@dataclass(slots=True)
+class Holding:
+    holder: str  # worker id or lease id
+    device: int
+    vram_mb: int
+
+
+@dataclass(slots=True)
+class GpuAccount:
+    index: int
+    uuid: str
+    name: str
+    total_vram_mb: int
+    measured_free_mb: int | None = None  # NVML's view, which sees processes outside gpulane
+    holdings: dict[str, Holding] = field(default_factory=dict)
+
+    @property
+    def declared_mb(self) -> int:
+        return sum(h.vram_mb for h in self.holdings.values())
+
+    @property
+    def free_mb(self) -> int:
+        """Declared room, never more than what the driver says is free (it sees outside use)."""
+        free = self.total_vram_mb - self.declared_mb
+        if self.measured_free_mb is not None:
+            free = min(free, self.measured_free_mb)
+        return max(free, 0)
+
+
+class Ledger:
+    """VRAM per GPU and CPU slots for one node."""
+
+    def __init__(self, gpus: list[DeviceSnapshot], cpu_slots: int) -> None:
+        self.gpus = {g.index: GpuAccount(g.index, g.uuid, g.name, g.total_vram_mb,
+                                         g.free_vram_mb) for g in gpus}
+        self.cpu_slots = cpu_slots
+        self.cpu_used = 0
+
+    def gpu_totals_mb(self) -> list[int]:
+        return [g.total_vram_mb for g in self.gpus.values()]
+
+    def observe(self, snapshots: list[DeviceSnapshot]) -> None:
+        """Take in fresh device readings (measured free VRAM)."""
+        for snap in snapshots:
+            acct = self.gpus.get(snap.index)
+            if acct is not None:
+                acct.measured_free_mb = snap.free_vram_mb
+
+    def fits(self, vram_mb: int) -> list[int]:
+        """GPUs with room for ``vram_mb``, fullest first (binpack keeps big holes open)."""
+        room = [g for g in self.gpus.values() if g.free_mb >= vram_mb]
+        room.sort(key=lambda g: (g.free_mb, g.index))
+        return [g.index for g in room]
+
+    def acquire(self, holder: str, device: int, vram_mb: int) -> bool:
+        acct = self.gpus[device]
+        if holder in acct.holdings:
+            return True
+        if acct.free_mb < vram_mb:
+            return False
+        acct.holdings[holder] = Holding(holder, device, vram_mb)
+        return True
+
+    def release(self, holder: str) -> None:
+        for acct in self.gpus.values():
+            acct.holdings.pop(holder, None)
+
+    def acquire_cpu(self) -> bool:
+        if self.cpu_used >= self.cpu_slots:
+            return False
+        self.cpu_used += 1
+        return True
+
+    def release_cpu(self) -> None:
+        self.cpu_used = max(0, self.cpu_used - 1)

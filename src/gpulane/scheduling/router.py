@@ -1,0 +1,80 @@
+"""Which lane a task waits in, GPU or CPU, and why it left the GPU when it did.
+
+Decided once, at submit, so the answer (and any fallback reason) is recorded with the task and
+a caller learns at once when no device could ever run it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gpulane.errors import RequestError, ValidationError
+from gpulane.model import DeviceWish
+from gpulane.presets import Preset
+
+GPU_LANE = "gpu"
+CPU_LANE = "cpu"
+
+
+class FallbackReason:
+    """Why an ``auto`` task was sent to the CPU although its preset can use a GPU."""
+
+    NO_GPU = "no_gpu"  # this node has no GPU
+    VRAM_EXCEEDS_LARGEST_GPU = "vram_exceeds_largest_gpu"  # no GPU here is big enough
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    lane: str
+    fallback_reason: str | None = None
+
+
+def route(preset: Preset, wish: DeviceWish, gpu_totals_mb: Sequence[int]) -> Route:
+    """Pick the lane for a task of ``preset`` on a node whose GPUs have these VRAM totals."""
+    largest = max(gpu_totals_mb, default=0)
+    fits = bool(gpu_totals_mb) and preset.vram_mb <= largest
+    if wish is DeviceWish.CPU:
+        if not preset.allows_cpu:
+            raise ValidationError(
+                "device_not_allowed",
+                f"device='cpu' but preset {preset.name!r} runs only on "
+                f"{[d.value for d in preset.devices]}: use device='gpu' or 'auto'",
+                field="device")
+        return Route(CPU_LANE)
+    if wish is DeviceWish.GPU:
+        if not preset.allows_gpu:
+            raise ValidationError(
+                "device_not_allowed",
+                f"device='gpu' but preset {preset.name!r} runs only on the CPU: "
+                "use device='cpu' or 'auto'", field="device")
+        _require_fit(preset, gpu_totals_mb, fits, largest)
+        return Route(GPU_LANE)
+    # auto: the preset's order of preference, GPU only where one can hold it.
+    for kind in preset.devices:
+        if kind.value == GPU_LANE and fits:
+            return Route(GPU_LANE)
+        if kind.value == CPU_LANE:
+            reason = None
+            if preset.allows_gpu:
+                reason = (FallbackReason.NO_GPU if not gpu_totals_mb
+                          else FallbackReason.VRAM_EXCEEDS_LARGEST_GPU)
+            return Route(CPU_LANE, reason)
+    _require_fit(preset, gpu_totals_mb, fits, largest)
+    return Route(GPU_LANE)  # pragma: no cover - _require_fit raised
+
+
+def _require_fit(preset: Preset, gpu_totals_mb: Sequence[int], fits: bool,
+                 largest: int) -> None:
+    if fits:
+        return
+    if not gpu_totals_mb:
+        raise RequestError(
+            "no_gpu", f"preset {preset.name!r} needs a GPU and this node has none: "
+            "submit with device='cpu' if the preset allows it, or add a GPU node",
+            field="device")
+    raise RequestError(
+        "vram_exceeds_devices",
+        f"preset {preset.name!r} needs vram_mb={preset.vram_mb} but the largest GPU here "
+        f"has {largest} MB: lower the preset's vram_mb or run it where a bigger GPU is",
+        field="vram_mb", extra={"largest_device_mb": largest})

@@ -1,0 +1,176 @@
+"""The claim loop: picks the next queued work, finds it a device, hands it to the runtime.
+
+Queues are per (preset, lane). Each pass compares their heads, highest priority first and
+oldest first among equals, and places as many as capacity allows: a batch for an idle or new
+session worker, or one task for a new one-off worker. Work that cannot be placed now stays
+queued; the pass runs again whenever capacity changes (a batch ends, a worker exits or becomes
+ready) or something is submitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from gpulane.config import DEFAULT_SCHEDULER_SCAN
+from gpulane.model import Task
+from gpulane.presets import Mode, Preset, PresetRegistry
+from gpulane.runtime.launchers import DeviceAssignment
+from gpulane.runtime.supervisor import Supervisor
+from gpulane.scheduling.ledger import Ledger
+from gpulane.scheduling.router import CPU_LANE, GPU_LANE
+from gpulane.store import QueueHead, Store
+
+log = logging.getLogger("gpulane.scheduler")
+
+SAFETY_TICK_S = 1.0
+"""A pass runs at least this often even with no wake-up, so nothing can be forgotten."""
+
+
+class Scheduler:
+    """Places queued tasks on this node's devices."""
+
+    def __init__(self, store: Store, registry: PresetRegistry, ledger: Ledger,
+                 supervisor: Supervisor, node: str) -> None:
+        self.store = store
+        self.registry = registry
+        self.ledger = ledger
+        self.supervisor = supervisor
+        self.node = node
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.passes = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="gpulane-scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def lanes(self) -> list[tuple[str, str]]:
+        out = []
+        for p in self.registry.values():
+            if p.allows_gpu:
+                out.append((p.name, GPU_LANE))
+            if p.allows_cpu:
+                out.append((p.name, CPU_LANE))
+        return out
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), SAFETY_TICK_S)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.run_pass()
+            except Exception:  # a bad pass must not stop scheduling for good
+                log.exception("scheduler pass failed")
+
+    async def run_pass(self) -> int:
+        """Place everything that fits now; returns how many tasks were dispatched."""
+        self.passes += 1
+        placed = 0
+        for _ in range(DEFAULT_SCHEDULER_SCAN):
+            heads = await self.store.queue_heads(self.lanes())
+            if not heads:
+                break
+            heads.sort(key=lambda h: (-h.priority, h.seq))
+            progress = 0
+            for head in heads:
+                progress += await self._place(head)
+            placed += progress
+            if not progress:
+                break
+        return placed
+
+    async def _place(self, head: QueueHead) -> int:
+        preset = self.registry.get(head.preset)
+        if preset is None:
+            return 0
+        if preset.mode is Mode.SESSION:
+            return await self._place_session(preset, head.lane)
+        return await self._place_oneoff(preset, head.lane)
+
+    async def _place_session(self, preset: Preset, lane: str) -> int:
+        worker = self.supervisor.idle_worker(preset.name, lane)
+        if worker is None:
+            live = self.supervisor.session_workers(preset.name, lane)
+            if len(live) >= self._max_workers(preset, lane):
+                return 0
+            reserved = self._reserve(preset, lane)
+            if reserved is None:
+                return 0
+            device, wid = reserved
+            worker = self.supervisor.start_worker(preset, device, wid)
+        if lane == CPU_LANE and not self.ledger.acquire_cpu():
+            return 0
+        tasks = await self.store.claim(preset.name, lane, preset.batch.max_size, self.node,
+                                       worker.device.name)
+        if not tasks:
+            if lane == CPU_LANE:
+                self.ledger.release_cpu()
+            return 0
+        if lane == CPU_LANE:
+            self.supervisor.hold_cpu(worker.id)
+        self.supervisor.dispatch(worker, tasks)
+        return len(tasks)
+
+    async def _place_oneoff(self, preset: Preset, lane: str) -> int:
+        reserved = self._reserve(preset, lane)
+        if reserved is None:
+            return 0
+        device, wid = reserved
+        tasks: list[Task] = await self.store.claim(preset.name, lane, 1, self.node, device.name)
+        if not tasks:
+            if device.kind == GPU_LANE:
+                self.ledger.release(wid)
+            else:
+                self.ledger.release_cpu()
+            return 0
+        if device.kind == CPU_LANE:
+            self.supervisor.hold_cpu(wid)
+        self.supervisor.run_oneoff(preset, device, tasks[0], wid)
+        return 1
+
+    def _max_workers(self, preset: Preset, lane: str) -> int:
+        if lane == CPU_LANE:
+            return preset.replicas
+        return preset.replicas * max(len(self.ledger.gpus), 1)
+
+    def _reserve(self, preset: Preset, lane: str) -> tuple[DeviceAssignment, str] | None:
+        """Reserve room for one new worker of the preset, under the worker's id to be.
+
+        GPU: VRAM on the fullest device that fits (binpack), at most ``replicas`` session
+        workers of one preset per device. CPU: a one-off takes a CPU slot for its life; a
+        session worker takes one per batch instead (see _place_session).
+        """
+        if lane == CPU_LANE:
+            device = DeviceAssignment("cpu")
+            if preset.mode is Mode.ONEOFF and not self.ledger.acquire_cpu():
+                return None
+            return device, self.supervisor.next_worker_id(preset, device)
+        for index in self.ledger.fits(preset.vram_mb):
+            if preset.mode is Mode.SESSION and self._count_on(preset, index) >= preset.replicas:
+                continue
+            device = DeviceAssignment("gpu", index, self.ledger.gpus[index].uuid)
+            wid = self.supervisor.next_worker_id(preset, device)
+            if self.ledger.acquire(wid, index, preset.vram_mb):
+                return device, wid
+        # No room: unload idle workers of other presets (least recently used); their exit
+        # wakes the scheduler, and the next pass finds the room.
+        self.supervisor.evict_idle(None, preset.vram_mb)
+        return None
+
+    def _count_on(self, preset: Preset, index: int) -> int:
+        return sum(1 for w in self.supervisor.session_workers(preset.name, GPU_LANE)
+                   if w.device.index == index)
