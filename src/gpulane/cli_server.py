@@ -80,10 +80,7 @@ def presets_check(files: tuple[Path, ...]) -> None:
     problems: list[str] = []
     count = 0
     for f in files:
-        if f.is_dir():
-            targets = sorted([*f.glob("*.yaml"), *f.glob("*.yml")])
-        else:
-            targets = [f]
+        targets = sorted([*f.glob("*.yaml"), *f.glob("*.yml")]) if f.is_dir() else [f]
         for t in targets:
             found = check_file(t)
             problems.extend(found)

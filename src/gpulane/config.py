@@ -6,13 +6,14 @@ layers; a flag given as ``None`` means "not given" and does not override.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from gpulane.errors import ConfigError
 
@@ -53,7 +54,8 @@ class Settings(BaseSettings):
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     store: str | None = None  # sqlite:///path (default: <data_dir>/gpulane.db) or redis://...
-    presets: list[str] = Field(default_factory=list)  # files or folders, added to the examples
+    # files or folders, added to the examples; NoDecode: GPULANE_PRESETS is a path list, not JSON
+    presets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     examples: bool = True  # load examples/presets too
     simulate_gpus: str | None = None  # e.g. "2x24GiB"; None = NVML, else simulated default
     cpu_concurrency: int | None = Field(None, ge=1)  # default: number of cores
@@ -73,8 +75,13 @@ class Settings(BaseSettings):
     @field_validator("presets", mode="before")
     @classmethod
     def _split_presets(cls, v: Any) -> Any:
-        # GPULANE_PRESETS=a.yaml:b/ is friendlier in a shell than JSON.
+        # GPULANE_PRESETS=a.yaml:b/ is friendlier in a shell than JSON (a JSON list works too).
         if isinstance(v, str):
+            if v.lstrip().startswith("["):
+                try:
+                    return json.loads(v)
+                except ValueError:
+                    pass
             return [p for p in v.split(os.pathsep) if p]
         return v
 
@@ -106,7 +113,7 @@ class Settings(BaseSettings):
         given = {k: v for k, v in flags.items() if v is not None and v != ()}
         try:
             # Env beats the file: build from env first, then lay the file under it.
-            env_only = cls()
+            env_only = cls()  # type: ignore[call-arg]  # pydantic-settings fills it from env
             env_set = {k for k in cls.model_fields if f"GPULANE_{k.upper()}" in os.environ}
             merged = {**file_values, **{k: getattr(env_only, k) for k in env_set}, **given}
             return cls.model_validate(merged) if merged else env_only
@@ -114,3 +121,5 @@ class Settings(BaseSettings):
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
             raise ConfigError(f"invalid settings: {problems}") from exc
+        except SettingsError as exc:  # an environment variable pydantic-settings cannot read
+            raise ConfigError(f"invalid settings: {exc}") from exc

@@ -33,17 +33,17 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
-class Runtime(str, enum.Enum):  # noqa: UP042 - str+Enum is the agreed interface
+class Runtime(str, enum.Enum):
     PROCESS = "process"
     DOCKER = "docker"
 
 
-class Mode(str, enum.Enum):  # noqa: UP042
+class Mode(str, enum.Enum):
     SESSION = "session"  # the worker stays loaded and serves many tasks
     ONEOFF = "oneoff"  # a fresh worker per task
 
 
-class DeviceKind(str, enum.Enum):  # noqa: UP042
+class DeviceKind(str, enum.Enum):
     GPU = "gpu"
     CPU = "cpu"
 

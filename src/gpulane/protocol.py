@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+_loads: Callable[[str], Any]
 try:  # orjson parses several times faster; the worker SDK must also run without it.
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover
@@ -82,7 +84,10 @@ def parse_line(line: str | bytes) -> WorkerMessage:
     try:
         obj = _loads(text)
     except ValueError:
-        return WorkerMessage(EventType.LOG, {"line": text}, raw=text)
+        try:  # the stdlib also reads NaN and Infinity, which Python workers write by default
+            obj = json.loads(text)
+        except ValueError:
+            return WorkerMessage(EventType.LOG, {"line": text}, raw=text)
     if not isinstance(obj, dict):
         return WorkerMessage(EventType.LOG, {"line": text}, raw=text)
     name = obj.get("event")

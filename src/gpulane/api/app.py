@@ -7,11 +7,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from gpulane.api.responses import JSON
 
 from gpulane import __version__
 from gpulane.api import system, tasks
 from gpulane.api.auth import check_token
+from gpulane.api.responses import JSON
 from gpulane.errors import RequestError
 from gpulane.node import Node
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from gpulane.api.responses import JSON
 
 from gpulane import __version__
+from gpulane.api.responses import JSON
 from gpulane.node import Node
 
 router = APIRouter(tags=["system"])

@@ -294,7 +294,7 @@ class AsyncClient(_Base):
 
     # `timeout` mirrors Client.run and bounds server-side waiting, not this coroutine.
     async def run(self, preset: str, input: Any, *,
-                  timeout: float | None = None,  # noqa: ASYNC109
+                  timeout: float | None = None,
                   **submit_kwargs: Any) -> JSON:
         """Submit and wait for the outcome; raise TaskFailedError if it failed or was cancelled.
 

@@ -13,11 +13,11 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 from gpulane.errors import StaleTokenError
 from gpulane.model import ErrorKind, Task, TaskState, task_error
-from gpulane.presets import Mode, Preset
+from gpulane.presets import Preset
 from gpulane.protocol import (
     ENV_INPUT,
     ENV_INPUT_FILE,
@@ -140,9 +140,11 @@ class Supervisor:
                 await worker.wait_connected(preset.start_timeout_s)
         except WorkerStartError as exc:
             log.warning("worker %s failed to start: %s", worker.id, exc)
+            # Out of the pool first, so that a retry is not handed straight back to it.
+            worker.state = WorkerState.STOPPING
+            worker.kill()
             for run in list(self.inflight.get(worker.id, {}).values()):
                 await self._attempt_failed(run, exc.kind, str(exc))
-            worker.kill()
             return
         if worker.session:
             worker.state = WorkerState.READY
@@ -246,7 +248,8 @@ class Supervisor:
             await self._end(run, TaskState.SUCCEEDED, output=run.final_output(),
                             events=[*run.held, finish_event])
             return
-        err = msg.data.get("error") if isinstance(msg.data.get("error"), dict) else {}
+        raw_err = msg.data.get("error")
+        err: dict[str, object] = raw_err if isinstance(raw_err, dict) else {}
         kind = str(err.get("kind") or ErrorKind.INTERNAL.value)
         message = str(err.get("message") or f"worker reported status {status!r}")
         await self._end(run, TaskState.FAILED, error=task_error(kind, message),
@@ -346,11 +349,13 @@ class Supervisor:
         self._spawn_bg(self._timeout(run, worker))
 
     async def _timeout(self, run: TaskRun, worker: WorkerProcess) -> None:
+        # Killing is the only sure way to stop the work; the batch's other tasks are retried.
+        # Out of the pool first, so that nothing new is handed to a worker about to die.
+        worker.state = WorkerState.STOPPING
         await self._end(run, TaskState.FAILED, error=task_error(
             ErrorKind.TIMEOUT, f"the task ran past its timeout_s={run.timeout_s:g}; "
             f"worker {worker.id} was killed (raise timeout_s in the request or the preset)"),
             events=run.held)
-        # Killing is the only sure way to stop the work; the batch's other tasks are retried.
         worker.kill()
 
     async def cancel(self, task_id: str) -> bool:
@@ -401,7 +406,7 @@ class Supervisor:
         for task in list(self._background):
             task.cancel()
 
-    def _spawn_bg(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn_bg(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)

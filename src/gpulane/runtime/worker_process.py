@@ -97,7 +97,7 @@ class WorkerProcess:
         waiter = asyncio.create_task(flag.wait())
         exited = asyncio.create_task(self._exited.wait())
         try:
-            done, _ = await asyncio.wait({waiter, exited}, timeout=timeout_s,
+            await asyncio.wait({waiter, exited}, timeout=timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()

@@ -50,13 +50,17 @@ def route(preset: Preset, wish: DeviceWish, gpu_totals_mb: Sequence[int]) -> Rou
                 "use device='cpu' or 'auto'", field="device")
         _require_fit(preset, gpu_totals_mb, fits, largest)
         return Route(GPU_LANE)
-    # auto: the preset's order of preference, GPU only where one can hold it.
+    # auto: the preset's order of preference, GPU only where one can hold it. The CPU is a
+    # fallback (with a reason) only when a GPU came first in that order and was passed over.
+    passed_over_gpu = False
     for kind in preset.devices:
-        if kind.value == GPU_LANE and fits:
-            return Route(GPU_LANE)
-        if kind.value == CPU_LANE:
+        if kind.value == GPU_LANE:
+            if fits:
+                return Route(GPU_LANE)
+            passed_over_gpu = True
+        elif kind.value == CPU_LANE:
             reason = None
-            if preset.allows_gpu:
+            if passed_over_gpu:
                 reason = (FallbackReason.NO_GPU if not gpu_totals_mb
                           else FallbackReason.VRAM_EXCEEDS_LARGEST_GPU)
             return Route(CPU_LANE, reason)

@@ -191,7 +191,8 @@ class SqliteStore:
     async def list_tasks(self, state: TaskState | None = None, preset: str | None = None,
                          limit: int = 50, cursor: str | None = None
                          ) -> tuple[list[Task], str | None]:
-        where, args = [], []
+        where: list[str] = []
+        args: list[object] = []
         if state is not None:
             where.append("state=?")
             args.append(state.value)

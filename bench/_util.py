@@ -1,0 +1,245 @@
+"""Helpers the benchmarks share: ports, subprocess servers, readiness, statistics, output.
+
+Every server a benchmark starts runs in its own process group (``start_new_session``), so
+:meth:`Proc.stop` can end it together with whatever it spawned, and every start is paired with
+a stop in a ``finally`` (see :class:`Procs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parent.parent
+"""The repository root: benchmarks run their subprocesses from here."""
+
+
+# --- ports and readiness ---------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], T | None], *, timeout: float, what: str,
+               interval: float = 0.05, proc: Proc | None = None) -> T:
+    """Call ``check`` until it returns something other than None/False, or fail after
+    ``timeout`` seconds. Exceptions from ``check`` count as "not yet". When ``proc`` is given
+    and it exits first, fail at once with its output tail."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = check()
+            if value is not None and value is not False:
+                return value
+        except Exception as exc:  # not up yet
+            last_exc = exc
+        if proc is not None and proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with code {proc.popen.returncode} before "
+                               f"{what}; output tail:\n{proc.tail()}")
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_exc!r})" if last_exc else ""
+            tail = f"\n{proc.name} output tail:\n{proc.tail()}" if proc is not None else ""
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}{detail}{tail}")
+        time.sleep(interval)
+
+
+# --- subprocesses ----------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """A subprocess server in its own process group, its output going to a log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    extra_pids: list[tuple[int, str]] = field(default_factory=list)
+    """(pid, text its command line contains) of processes it started in process groups of
+    their own, which a group kill misses; killed on stop if still alive and still theirs."""
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no output)"
+        return "\n".join(text.splitlines()[-lines:]) or "(no output)"
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the group and wait up to ``grace`` s; then SIGKILL the group, and kill any
+        ``extra_pids`` still alive."""
+        if self.popen.poll() is None:
+            _killpg(self.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(grace)
+        # The leader may be gone with children of its group left behind: kill the group anyway.
+        _killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(5)
+        for pid, marker in self.extra_pids:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue  # gone
+            if marker.encode() in cmdline:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def start_proc(name: str, argv: Sequence[str], *, log_dir: Path, env: dict[str, str] | None = None,
+               cwd: Path = REPO) -> Proc:
+    """Start ``argv`` in a new session (its own process group), stdout+stderr to a log file."""
+    log_path = log_dir / f"{name}.log"
+    fh = open(log_path, "wb")  # noqa: SIM115 - the child owns it; closed below after fork
+    try:
+        popen = subprocess.Popen(list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        fh.close()
+    return Proc(name, popen, log_path)
+
+
+class Procs:
+    """Stops every registered process, last started first, however the block ends."""
+
+    def __init__(self) -> None:
+        self._procs: list[Proc] = []
+
+    def add(self, proc: Proc) -> Proc:
+        self._procs.append(proc)
+        return proc
+
+    def __enter__(self) -> Procs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def stop_all(self) -> None:
+        while self._procs:
+            proc = self._procs.pop()
+            try:
+                proc.stop()
+            except Exception as err:  # keep stopping the others
+                print(f"warning: stopping {proc.name} failed: {err!r}", file=sys.stderr)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment plus ``extra``, with the repository root importable."""
+    env = dict(os.environ)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{path}" if path else str(REPO)
+    env.update(extra)
+    return env
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """The ``p``-th percentile (0-100) by linear interpolation between closest ranks."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    k = (len(xs) - 1) * p / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
+    """p50/p90/p99/mean/min/max of round trips, in milliseconds."""
+    ms = [s * 1000.0 for s in seconds]
+    return {"n": len(ms), "p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90),
+            "p99_ms": percentile(ms, 99), "mean_ms": statistics.fmean(ms) if ms else math.nan,
+            "min_ms": min(ms) if ms else math.nan, "max_ms": max(ms) if ms else math.nan}
+
+
+def chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "python_implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+    }
+    with contextlib.suppress(OSError, AttributeError):
+        info["cpu_affinity"] = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    return info
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Print a plain aligned text table (first column left, the rest right); return it."""
+    cells = [[str(h) for h in headers], *[[_cell(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+
+    out = "\n".join([line(cells[0]), "  ".join("-" * w for w in widths),
+                     *(line(r) for r in cells[1:])])
+    print(out)
+    return out
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "| " + " | ".join(headers) + " |"
+    sep = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(headers))) + "|"
+    body = ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join([head, sep, *body])
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+    return str(value)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,81 @@
+"""A real node (SQLite store, 2 simulated GPUs, example + test presets) behind the ASGI app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from gpulane.api.app import create_app
+from gpulane.config import Settings
+from gpulane.node import Node
+from tests.conftest import free_port
+
+TEST_PRESETS = Path(__file__).parent / "presets"
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"data_dir": tmp_path / "data", "simulate_gpus": "2x24GiB",
+                              "presets": [str(TEST_PRESETS)], "cpu_concurrency": 2}
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    n = Node(make_settings(tmp_path))
+    await n.start()
+    try:
+        yield n
+    finally:
+        await n.stop()
+
+
+@pytest.fixture
+async def api(node: Node) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(node, manage_node=False)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gpulane.test") as c:
+        yield c
+
+
+@pytest.fixture
+async def live_url(node: Node) -> AsyncIterator[str]:
+    """The node served by a real uvicorn on a free loopback port (for SSE and the SDK)."""
+    port = free_port()
+    config = uvicorn.Config(create_app(node, manage_node=False), host="127.0.0.1", port=port,
+                            log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 5)
+
+
+async def submit(api: httpx.AsyncClient, preset: str, inp: Any = None,
+                 **fields: Any) -> dict[str, Any]:
+    r = await api.post("/v1/tasks", json={"preset": preset, "input": inp, **fields})
+    assert r.status_code in (200, 202), r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def wait_done(api: httpx.AsyncClient, task_id: str, wait: float = 20) -> dict[str, Any]:
+    r = await api.get(f"/v1/tasks/{task_id}/result", params={"wait": wait})
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    assert body["state"] in ("succeeded", "failed", "cancelled"), body
+    return body

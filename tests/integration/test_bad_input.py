@@ -1,0 +1,135 @@
+"""Bad input gets a clear JSON error naming the field and the fix; nothing crashes the node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gpulane.api.app import create_app
+from gpulane.node import Node
+from tests.integration.conftest import make_settings, submit, wait_done
+
+
+async def _err(r: httpx.Response, status: int, code: str, field: str | None) -> str:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code
+    assert err["field"] == field
+    assert err["message"]
+    return str(err["message"])
+
+
+async def test_unknown_preset_is_404_naming_the_known_ones(api: httpx.AsyncClient) -> None:
+    msg = await _err(await api.post("/v1/tasks", json={"preset": "nope"}), 404,
+                     "unknown_preset", "preset")
+    assert "sleep" in msg and "echo-stream" in msg
+
+
+async def test_missing_preset_is_422(api: httpx.AsyncClient) -> None:
+    await _err(await api.post("/v1/tasks", json={"input": {}}), 422, "missing_field", "preset")
+
+
+async def test_malformed_json_is_422(api: httpx.AsyncClient) -> None:
+    r = await api.post("/v1/tasks", content=b'{"preset": "sleep",',
+                       headers={"content-type": "application/json"})
+    await _err(r, 422, "invalid_json", "body")
+
+
+async def test_body_not_an_object_is_422(api: httpx.AsyncClient) -> None:
+    await _err(await api.post("/v1/tasks", json=[1, 2]), 422, "invalid_body", "body")
+
+
+@pytest.mark.parametrize("device", ["tpu", 3, ""])
+async def test_unknown_device_wish_is_422(api: httpx.AsyncClient, device: object) -> None:
+    msg = await _err(await api.post("/v1/tasks", json={"preset": "sleep", "device": device}),
+                     422, "invalid_device", "device")
+    assert "auto, gpu, cpu" in msg
+
+
+@pytest.mark.parametrize("priority", [101, -1, "urgent", 5.5, True])
+async def test_priority_out_of_range_is_422(api: httpx.AsyncClient, priority: object) -> None:
+    msg = await _err(await api.post("/v1/tasks", json={"preset": "sleep", "priority": priority}),
+                     422, "invalid_priority", "priority")
+    assert "0-100" in msg
+
+
+async def test_bad_timeout_is_422(api: httpx.AsyncClient) -> None:
+    await _err(await api.post("/v1/tasks", json={"preset": "sleep", "timeout_s": -1}), 422,
+               "invalid_timeout", "timeout_s")
+
+
+async def test_gpu_wish_on_a_cpu_only_preset_is_422(api: httpx.AsyncClient) -> None:
+    await _err(await api.post("/v1/tasks", json={"preset": "behave-cpu", "device": "gpu"}),
+               422, "device_not_allowed", "device")
+
+
+async def test_vram_larger_than_any_gpu_is_400_naming_the_largest(
+        api: httpx.AsyncClient) -> None:
+    r = await api.post("/v1/tasks", json={"preset": "big-or-cpu", "device": "gpu"})
+    msg = await _err(r, 400, "vram_exceeds_devices", "vram_mb")
+    assert "24576" in msg
+
+
+async def test_unsupported_content_type_is_422(api: httpx.AsyncClient) -> None:
+    r = await api.post("/v1/tasks", json={"preset": "sleep", "content_type": "image/png"})
+    await _err(r, 422, "unsupported_content_type", "content_type")
+
+
+async def test_bad_wait_is_422(api: httpx.AsyncClient) -> None:
+    tid = (await submit(api, "sleep", {"ms": 0}))["id"]
+    await _err(await api.get(f"/v1/tasks/{tid}/result", params={"wait": "soon"}), 422,
+               "invalid_wait", "wait")
+
+
+async def test_unknown_task_is_404(api: httpx.AsyncClient) -> None:
+    for path in ("/v1/tasks/zzz", "/v1/tasks/zzz/result", "/v1/tasks/zzz/events"):
+        await _err(await api.get(path), 404, "unknown_task", "id")
+    await _err(await api.post("/v1/tasks/zzz/cancel"), 404, "unknown_task", "id")
+
+
+async def test_bad_list_filters_are_422(api: httpx.AsyncClient) -> None:
+    await _err(await api.get("/v1/tasks", params={"state": "done"}), 422, "invalid_state",
+               "state")
+    await _err(await api.get("/v1/tasks", params={"limit": 0}), 422, "invalid_limit", "limit")
+    await _err(await api.get("/v1/tasks", params={"limit": "x"}), 422, "invalid_request",
+               "limit")
+
+
+async def test_input_over_the_limit_is_413(tmp_path: Path) -> None:
+    node = Node(make_settings(tmp_path, max_input_bytes=2048))
+    await node.start()
+    try:
+        app = create_app(node, manage_node=False)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as api:
+            r = await api.post("/v1/tasks", json={"preset": "sleep", "input": "x" * 5000})
+            await _err(r, 413, "payload_too_large", "input")
+            # The node is fine afterwards.
+            done = await wait_done(api, (await submit(api, "sleep", {"ms": 0}))["id"])
+            assert done["state"] == "succeeded"
+    finally:
+        await node.stop()
+
+
+async def test_bad_input_to_a_worker_fails_only_that_task(api: httpx.AsyncClient) -> None:
+    bad = await wait_done(api, (await submit(api, "sleep", {"ms": "lots"}))["id"])
+    assert bad["state"] == "failed" and bad["error"]["kind"] == "bad_input"
+    good = await wait_done(api, (await submit(api, "sleep", {"ms": 0}))["id"])
+    assert good["state"] == "succeeded"
+
+
+async def test_token_is_required_when_set(tmp_path: Path) -> None:
+    node = Node(make_settings(tmp_path, token="s3cret"))
+    await node.start()
+    try:
+        app = create_app(node, manage_node=False)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as api:
+            await _err(await api.get("/v1/presets"), 401, "unauthorized", "Authorization")
+            ok = await api.get("/v1/presets", headers={"Authorization": "Bearer s3cret"})
+            assert ok.status_code == 200
+            assert (await api.get("/healthz")).status_code == 200
+    finally:
+        await node.stop()
