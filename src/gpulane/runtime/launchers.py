@@ -36,6 +36,7 @@ class LaunchSpec:
     argv: list[str]
     env: dict[str, str]
     cwd: str | None
+    kill_argv: list[str] | None = None  # run as well when the worker is killed
 
 
 def worker_env(preset: Preset, device: DeviceAssignment, model_path: str | None,
@@ -95,7 +96,9 @@ class DockerLauncher:
             argv += ["-v", f"{preset.model_path}:{CONTAINER_MODEL_PATH}"]
         argv.append(preset.image)
         argv += list(preset.command)
-        return LaunchSpec(argv, dict(os.environ), preset.workdir)
+        # Killing the docker client does not stop its container; ``docker kill`` does.
+        kill = [self.docker, "kill", container_name(name)]
+        return LaunchSpec(argv, dict(os.environ), preset.workdir, kill_argv=kill)
 
 
 def container_name(worker_id: str) -> str:

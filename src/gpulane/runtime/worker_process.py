@@ -12,6 +12,8 @@ import enum
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -24,6 +26,20 @@ log = logging.getLogger("gpulane.worker")
 
 STDOUT_LINE_LIMIT = 64 * 1024 * 1024
 """Longest stdout line a worker may write (a result carrying a big output), in bytes."""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when the node dies, so a crashed
+    node never leaves workers holding GPU memory. A no-op where prctl is missing."""
+    if sys.platform != "linux":
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class WorkerState(str, enum.Enum):
@@ -83,7 +99,7 @@ class WorkerProcess:
             *self.spec.argv, cwd=self.spec.cwd, env=self.spec.env,
             stdin=asyncio.subprocess.PIPE if self.session else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            limit=STDOUT_LINE_LIMIT, start_new_session=True)
+            limit=STDOUT_LINE_LIMIT, start_new_session=True, preexec_fn=_die_with_parent)
         self._readers = [asyncio.create_task(self._read_stdout(), name=f"{self.id}-stdout"),
                          asyncio.create_task(self._read_stderr(), name=f"{self.id}-stderr")]
 
@@ -150,6 +166,11 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """Kill the worker and everything it started (its own process group)."""
+        if self.spec.kill_argv and self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(OSError):
+                subprocess.Popen(self.spec.kill_argv, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
         self._signal(signal.SIGKILL)
 
     def _signal(self, sig: signal.Signals) -> None:
