@@ -64,7 +64,7 @@ def test_docker_argv_shape() -> None:
     assert argv[:6] == ["docker", "run", "--rm", "-i", "--name", "gpulane-whisper-gpu1-7"]
     assert argv[argv.index("--gpus") + 1] == "device=1"
     assert argv[argv.index("-v") + 1] == "/srv/models/whisper:/models"
-    envs = dict(a.split("=", 1) for a, flag in zip(argv[1:], argv) if flag == "-e")
+    envs = dict(a.split("=", 1) for a, flag in zip(argv[1:], argv, strict=False) if flag == "-e")
     assert envs["MODEL_PATH"] == "/models" and envs["MODEL_NAME"] == "whisper"
     assert envs["CUDA_VISIBLE_DEVICES"] == "0" and envs["HF_HOME"] == "/cache"
     assert argv[-3:] == ["org/whisper:1", "python", "serve.py"]
