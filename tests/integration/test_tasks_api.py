@@ -231,3 +231,31 @@ async def test_priority_order_then_fifo(api: httpx.AsyncClient, node: Node) -> N
     done = [await wait_done(api, t) for t in (low, n1, n2, high)]
     order = sorted(done, key=lambda t: t["started_at"])
     assert [t["id"] for t in order] == [high, n1, n2, low]
+
+
+async def test_each_task_of_a_batch_gets_its_own_timeout_clock(api: httpx.AsyncClient,
+                                                               node: Node) -> None:
+    # Five 0.4 s tasks run one by one in one batch: 2 s in all, but none takes over 1 s.
+    await node.scheduler.stop()
+    r = await api.post("/v1/tasks/bulk", json={"tasks": [
+        {"preset": "behave-batch", "input": {"action": "slow", "s": 0.4}} for _ in range(5)]})
+    node.scheduler.start()
+    results = [await wait_done(api, t["id"]) for t in r.json()["tasks"]]
+    assert [t["state"] for t in results] == ["succeeded"] * 5
+    assert len({t["started_at"] for t in results}) == 1  # one batch
+
+
+async def test_cancelled_queued_and_running_tasks_look_alike(api: httpx.AsyncClient,
+                                                             node: Node) -> None:
+    await node.scheduler.stop()
+    queued = (await submit(api, "behave", {"action": "ok"}))["id"]
+    q = (await api.post(f"/v1/tasks/{queued}/cancel")).json()
+    node.scheduler.start()
+    running = (await submit(api, "behave", {"action": "slow", "s": 30}))["id"]
+
+    async def is_running() -> bool:
+        return bool((await api.get(f"/v1/tasks/{running}")).json()["state"] == "running")
+    await eventually(is_running)
+    r = (await api.post(f"/v1/tasks/{running}/cancel")).json()
+    assert q["state"] == r["state"] == "cancelled"
+    assert q["error"]["kind"] == r["error"]["kind"] == "cancelled"

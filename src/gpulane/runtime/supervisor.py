@@ -43,6 +43,8 @@ INLINE_INPUT_MAX_BYTES = 64 * 1024
 """Larger one-off inputs go through a file (GPULANE_INPUT_FILE) instead of the environment."""
 REAPER_INTERVAL_S = 1.0
 """How often idle workers are checked for unloading."""
+CANCELLED_MESSAGE = "cancelled by request"
+"""The error message of every cancelled task."""
 RETRYABLE_KINDS = frozenset({ErrorKind.WORKER_DIED.value, ErrorKind.START_TIMEOUT.value})
 """Failures that are the worker's, not the input's: the task gets another attempt."""
 
@@ -65,6 +67,7 @@ class Supervisor:
         self.inflight: dict[str, dict[str, TaskRun]] = {}  # worker id -> task id -> run
         self.runs: dict[str, TaskRun] = {}  # task id -> run
         self._cpu_busy: set[str] = set()  # workers holding a CPU slot for their current work
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # worker id -> its watchdog
         self._ids = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
@@ -173,8 +176,7 @@ class Supervisor:
         if not worker.send(run_op([(r.id, r.task.input) for r in runs])):
             worker.kill()  # its exit fails these attempts and retries them
             return
-        for run in runs:
-            self._arm_timer(run, worker)
+        self._arm_watchdog(worker)
 
     def run_oneoff(self, preset: Preset, device: DeviceAssignment, task: Task,
                    worker_id: str) -> None:
@@ -199,7 +201,7 @@ class Supervisor:
         worker = self._create(worker_id, preset, device, session=False, extra_env=extra)
         worker.state = WorkerState.BUSY
         self.inflight[worker.id] = {task.id: run}
-        self._arm_timer(run, worker)
+        self._arm_watchdog(worker)
 
     def hold_cpu(self, worker_id: str) -> None:
         self._cpu_busy.add(worker_id)
@@ -223,6 +225,10 @@ class Supervisor:
         if worker.session and msg.type in (EventType.CONNECTION, EventType.WORKER):
             return  # worker-level news; WorkerProcess tracks readiness itself
         run = self._route(worker, msg)
+        if run is not None and run.cancelled:
+            if msg.type is EventType.FINISH:
+                self._forget(run)  # the worker let go of the cancelled task
+            return
         if run is None or run.done:
             if msg.type is not EventType.LOG:
                 log.debug("worker %s: %s event for no running task: %s", worker.id,
@@ -262,7 +268,6 @@ class Supervisor:
         if run.done:
             return
         run.done = True
-        run.stop_timer()
         try:
             await self.store.finish(run.id, run.token, state, output=output, error=error,
                                     events=events or [])
@@ -280,11 +285,15 @@ class Supervisor:
         if worker is not None:
             worker.tasks_done += 1
             worker.last_used = time.monotonic()
-        if not runs:
-            self._release_cpu(run.worker_id)
-            if worker is not None and worker.session and worker.state is WorkerState.BUSY:
-                worker.state = WorkerState.READY
-            self.on_capacity()
+        if runs:
+            if worker is not None:
+                self._arm_watchdog(worker)  # the next task of the batch gets its own clock
+            return
+        self._disarm_watchdog(run.worker_id)
+        self._release_cpu(run.worker_id)
+        if worker is not None and worker.session and worker.state is WorkerState.BUSY:
+            worker.state = WorkerState.READY
+        self.on_capacity()
 
     async def _attempt_failed(self, run: TaskRun, kind: str, message: str) -> None:
         """An attempt ended through no fault of its input: retry it while attempts remain."""
@@ -292,7 +301,6 @@ class Supervisor:
             return
         if kind in RETRYABLE_KINDS and run.token < run.preset.max_attempts:
             run.done = True
-            run.stop_timer()
             error = task_error(kind, message, attempt=run.token)
             try:
                 await self.store.requeue(run.id, run.token, error, events=[
@@ -330,6 +338,9 @@ class Supervisor:
         if worker.state is not WorkerState.STOPPING and worker.session and not self._closing:
             log.warning("worker %s exited with code %s", worker.id, rc)
         worker.state = WorkerState.EXITED
+        self._disarm_watchdog(worker.id)
+        for run in runs:
+            self.runs.pop(run.id, None)
         self._release_cpu(worker.id)
         self.ledger.release(worker.id)
         self.workers.pop(worker.id, None)
@@ -339,12 +350,30 @@ class Supervisor:
 
     # -- timeouts, cancel, idle, shutdown ----------------------------------------------------
 
-    def _arm_timer(self, run: TaskRun, worker: WorkerProcess) -> None:
+    def _arm_watchdog(self, worker: WorkerProcess) -> None:
+        """(Re)start the worker's clock on the oldest task it still owes.
+
+        Workers may run a batch item by item, so each task's timeout_s counts from the moment
+        the worker could start it: when the batch was sent, or when the task before it ended.
+        A worker that makes no progress for that long is stuck and gets killed.
+        """
+        self._disarm_watchdog(worker.id)
+        runs = self.inflight.get(worker.id)
+        if not runs:
+            return
+        oldest = next(iter(runs.values()))
         loop = asyncio.get_running_loop()
-        run.timer = loop.call_later(run.timeout_s, self._on_timeout, run, worker)
+        self._timers[worker.id] = loop.call_later(oldest.timeout_s, self._on_timeout, oldest,
+                                                  worker)
+
+    def _disarm_watchdog(self, worker_id: str) -> None:
+        timer = self._timers.pop(worker_id, None)
+        if timer is not None:
+            timer.cancel()
 
     def _on_timeout(self, run: TaskRun, worker: WorkerProcess) -> None:
-        if run.done:
+        self._timers.pop(worker.id, None)
+        if run.done and not run.cancelled:
             return
         self._spawn_bg(self._timeout(run, worker))
 
@@ -352,6 +381,9 @@ class Supervisor:
         # Killing is the only sure way to stop the work; the batch's other tasks are retried.
         # Out of the pool first, so that nothing new is handed to a worker about to die.
         worker.state = WorkerState.STOPPING
+        if run.cancelled:  # it never let go of a cancelled task
+            worker.kill()
+            return
         await self._end(run, TaskState.FAILED, error=task_error(
             ErrorKind.TIMEOUT, f"the task ran past its timeout_s={run.timeout_s:g}; "
             f"worker {worker.id} was killed (raise timeout_s in the request or the preset)"),
@@ -359,19 +391,28 @@ class Supervisor:
         worker.kill()
 
     async def cancel(self, task_id: str) -> bool:
-        """Cancel a running task: a session worker gets the cancel op, a one-off is stopped."""
+        """Cancel a running task: a session worker gets the cancel op, a one-off is stopped.
+
+        The task is final at once; its worker counts as busy until it finishes the task (or
+        its watchdog kills it), so nothing new lands on a worker still working on it.
+        """
         run = self.runs.get(task_id)
         if run is None or run.done:
             return False
-        run.cancelled = True
+        run.done = run.cancelled = True
+        try:
+            await self.store.finish(run.id, run.token, TaskState.CANCELLED,
+                                    error=task_error(ErrorKind.CANCELLED, CANCELLED_MESSAGE),
+                                    events=run.held)
+        except StaleTokenError as exc:
+            log.info("cancel raced with the task's end: %s", exc)
         worker = self.workers.get(run.worker_id)
-        await self._end(run, TaskState.CANCELLED, error=task_error(
-            ErrorKind.CANCELLED, "cancelled by request"))
-        if worker is not None:
-            if worker.session:
-                worker.send(cancel_op(task_id))
-            else:
-                worker.kill()
+        if worker is None:
+            self._forget(run)
+        elif worker.session:
+            worker.send(cancel_op(task_id))
+        else:
+            worker.kill()
         return True
 
     def start_reaper(self) -> None:
@@ -398,8 +439,8 @@ class Supervisor:
         self._closing = True
         if self._reaper is not None:
             self._reaper.cancel()
-        for run in list(self.runs.values()):
-            run.stop_timer()
+        for wid in list(self._timers):
+            self._disarm_watchdog(wid)
         await asyncio.gather(*(w.stop(self.shutdown_grace_s)
                                for w in list(self.workers.values())),
                              return_exceptions=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +32,6 @@ class TaskRun:
     deltas: list[str] = field(default_factory=list)
     done: bool = False
     cancelled: bool = False
-    timer: asyncio.TimerHandle | None = None
 
     @property
     def id(self) -> str:
@@ -62,8 +60,3 @@ class TaskRun:
         if self.deltas:
             return {"text": "".join(self.deltas)}
         return None
-
-    def stop_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None

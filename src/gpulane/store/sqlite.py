@@ -7,15 +7,26 @@ The node's data-dir lock guarantees no other process writes this file.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from gpulane.errors import ConflictError, StaleTokenError, StoreError
-from gpulane.model import DeviceWish, Event, Placement, Task, TaskSpec, TaskState, now
+from gpulane.model import (
+    DeviceWish,
+    ErrorKind,
+    Event,
+    Placement,
+    Task,
+    TaskSpec,
+    TaskState,
+    now,
+    task_error,
+)
 from gpulane.store.base import NewEvent, Notifier, QueueHead, new_task_id
 
 SCHEMA = """
@@ -118,17 +129,27 @@ class SqliteStore:
             raise StoreError("the SQLite store is not open (call open() first)")
         return self._db
 
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; IMMEDIATE takes the write lock up front (no upgrade race)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
     # -- submit ----------------------------------------------------------------------------
 
     async def submit(self, spec: TaskSpec) -> tuple[Task, bool]:
         return (await self.submit_many([spec]))[0]
 
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[tuple[Task, bool]]:
-        db = self.db
         out: list[tuple[Task, bool]] = []
         created_ids: list[str] = []
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx() as db:
             for spec in specs:
                 if spec.idempotency_key is not None:
                     row = db.execute("SELECT body_hash, task_id FROM idempotency WHERE key=?",
@@ -148,10 +169,6 @@ class SqliteStore:
                 task = self._insert(spec)
                 created_ids.append(task.id)
                 out.append((task, True))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         for tid in created_ids:
             self.notifier.notify(tid)
         return out
@@ -230,10 +247,8 @@ class SqliteStore:
 
     async def claim(self, preset: str, lane: str, limit: int, node: str,
                     device: str) -> list[Task]:
-        db = self.db
         started = now()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx() as db:
             rows = db.execute(
                 f"SELECT {_COLUMNS} FROM tasks WHERE state='queued' AND preset=? AND lane=? "
                 "ORDER BY priority DESC, seq LIMIT ?", (preset, lane, limit)).fetchall()
@@ -251,10 +266,6 @@ class SqliteStore:
                                      "device": device, "fallback_reason": t.fallback_reason})
                 db.execute("INSERT INTO events (task_id, seq, type, data, ts) VALUES (?,?,?,?,?)",
                            (t.id, ev, "state", state_data, started))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         for t in tasks:
             self.notifier.notify(t.id)
         return tasks
@@ -276,14 +287,8 @@ class SqliteStore:
         return out
 
     async def append_events(self, task_id: str, events: Sequence[NewEvent]) -> list[Event]:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx():
             out = self._append(task_id, events)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         self.notifier.notify(task_id)
         return out
 
@@ -308,9 +313,7 @@ class SqliteStore:
                      events: Sequence[NewEvent] = ()) -> Task:
         if not state.final:
             raise StoreError(f"finish() needs a final state, not {state.value}")
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx() as db:
             self._check_token(task_id, token)
             finished = now()
             final = NewEvent("state", {"state": state.value, "error": error})
@@ -319,19 +322,13 @@ class SqliteStore:
                        (state.value, _dumps(output), _dumps(error) if error else None,
                         finished, task_id))
             task = self._get(task_id)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         assert task is not None
         self.notifier.notify(task_id)
         return task
 
     async def requeue(self, task_id: str, token: int, error: dict[str, Any] | None,
                       events: Sequence[NewEvent] = ()) -> Task:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx() as db:
             self._check_token(task_id, token)
             self._append(task_id, [*events, NewEvent("state", {"state": "queued",
                                                                 "retry_after_error": error})])
@@ -339,37 +336,25 @@ class SqliteStore:
                        "WHERE id=?",
                        (_dumps(error) if error else None, task_id))
             task = self._get(task_id)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         assert task is not None
         self.notifier.notify(task_id)
         return task
 
     async def cancel_queued(self, task_id: str) -> Task | None:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx() as db:
             row = db.execute("SELECT state FROM tasks WHERE id=?", (task_id,)).fetchone()
             if row is None or row[0] != TaskState.QUEUED.value:
-                db.execute("ROLLBACK")
                 return None
-            self._append(task_id, [NewEvent("state", {"state": "cancelled", "error": None})])
-            db.execute("UPDATE tasks SET state='cancelled', finished_at=? WHERE id=?",
-                       (now(), task_id))
+            error = task_error(ErrorKind.CANCELLED, "cancelled by request")
+            self._append(task_id, [NewEvent("state", {"state": "cancelled", "error": error})])
+            db.execute("UPDATE tasks SET state='cancelled', error=?, finished_at=? WHERE id=?",
+                       (_dumps(error), now(), task_id))
             task = self._get(task_id)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         self.notifier.notify(task_id)
         return task
 
     async def recover(self, node: str) -> int:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx() as db:
             ids = [r[0] for r in db.execute(
                 "SELECT id FROM tasks WHERE state='running' AND node=?", (node,))]
             for tid in ids:
@@ -377,8 +362,4 @@ class SqliteStore:
                                                       "reason": "node restarted"})])
             db.execute("UPDATE tasks SET state='queued', node=NULL, device=NULL "
                        "WHERE state='running' AND node=?", (node,))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return len(ids)
