@@ -24,7 +24,7 @@ from gpulane.errors import ConfigError, PresetError
 @click.option("--no-examples", is_flag=True, default=None,
               help="do not load examples/presets")
 @click.option("--simulate-gpus", default=None, metavar="SPEC",
-              help="declare simulated GPUs, e.g. 2x24GiB (default: NVML, else 2x24GiB)")
+              help="simulated GPUs, e.g. 2x24GiB; none = CPU only [NVML, else 2x24GiB]")
 @click.option("--cpu-concurrency", type=int, default=None, help="CPU slots [cores]")
 @click.option("--token", default=None, envvar="GPULANE_TOKEN",
               help="require this bearer token on /v1 (env GPULANE_TOKEN)")
@@ -47,6 +47,8 @@ def serve(config_file: str | None, host: str | None, port: int | None,
             simulate_gpus=simulate_gpus, cpu_concurrency=cpu_concurrency, token=token,
             log_level=log_level)
         node = Node(settings)
+        # Own the data dir before uvicorn starts, so a refusal is one clear line.
+        node.lock()
     except (ConfigError, PresetError) as exc:
         click.echo(f"gpulane serve: {exc}", err=True)
         sys.exit(2)
@@ -57,11 +59,7 @@ def serve(config_file: str | None, host: str | None, port: int | None,
                             log_level=settings.log_level.lower(), access_log=False,
                             lifespan="on")
     server = uvicorn.Server(config)
-    try:
-        server.run()
-    except ConfigError as exc:
-        click.echo(f"gpulane serve: {exc}", err=True)
-        sys.exit(2)
+    server.run()
     if not server.started:
         sys.exit(1)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from typing import Any
 
 from gpulane.config import (
@@ -19,7 +18,7 @@ from gpulane.config import (
     Settings,
 )
 from gpulane.devices import CpuPool, DeviceProvider, DeviceSnapshot, cpu_pool, select_provider
-from gpulane.errors import NotFoundError, ValidationError
+from gpulane.errors import ConfigError, NotFoundError, ValidationError
 from gpulane.locks import FileLock
 from gpulane.model import DeviceWish, Priority, Task, TaskSpec
 from gpulane.presets import PresetRegistry, example_presets_dir, load_presets
@@ -45,7 +44,10 @@ class Node:
         self.name = settings.node
         self.registry = registry if registry is not None else self._load_registry(settings)
         if provider is None:
-            provider, reason = select_provider(settings.simulate_gpus)
+            try:
+                provider, reason = select_provider(settings.simulate_gpus)
+            except ValueError as exc:
+                raise ConfigError(f"simulate_gpus: {exc}") from None
         else:
             reason = f"using provider {provider.name}"
         self.provider = provider
@@ -62,6 +64,7 @@ class Node:
         self.scheduler = Scheduler(self.store, self.registry, self.ledger, self.supervisor,
                                    self.name)
         self._lock = FileLock(settings.data_dir / "node.lock", f"data dir {settings.data_dir}")
+        self._locked = False
         self._poller: asyncio.Task[None] | None = None
         self.started = False
 
@@ -75,13 +78,19 @@ class Node:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def lock(self) -> None:
+        """Become the one owner of the data dir; ConfigError names the pid that owns it."""
+        if not self._locked:
+            self._lock.acquire()
+            self._locked = True
+
     async def start(self) -> None:
-        self._lock.acquire()
+        self.lock()
         try:
             await self.store.open()
             recovered = await self.store.recover(self.name)
         except BaseException:
-            self._lock.release()
+            self._unlock()
             raise
         if recovered:
             log.info("requeued %d task(s) left running by a previous run of node %s",
@@ -105,7 +114,12 @@ class Node:
         await self.supervisor.stop_all()
         await self.store.close()
         self.provider.close()
-        self._lock.release()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._locked:
+            self._lock.release()
+            self._locked = False
 
     def _on_capacity(self) -> None:
         self.scheduler.wake()
@@ -158,7 +172,10 @@ class Node:
             preset=preset.name, input=body.get("input"), device_wish=wish, priority=priority,
             timeout_s=float(timeout_s) if timeout_s is not None else None,
             content_type=content_type, idempotency_key=idempotency_key,
-            body_hash=body_hash(body) if idempotency_key else None, lane=r.lane,
+            body_hash=body_hash({"preset": preset.name, "input": body.get("input"),
+                                 "device": wish.value, "priority": priority,
+                                 "timeout_s": timeout_s, "content_type": content_type})
+            if idempotency_key else None, lane=r.lane,
             fallback_reason=r.fallback_reason)
 
     async def submit(self, spec: TaskSpec) -> tuple[Task, bool]:
@@ -214,6 +231,3 @@ class Node:
 
     def workers_view(self) -> list[dict[str, Any]]:
         return [w.to_json() for w in self.supervisor.workers.values()]
-
-    def pid(self) -> int:
-        return os.getpid()

@@ -64,3 +64,22 @@ async def test_idle_workers_are_unloaded_to_make_room(api: httpx.AsyncClient,
     finally:
         node.ledger.release("test-filler-a")
         node.ledger.release("test-filler-b")
+
+
+async def test_cpu_only_node_falls_back_with_no_gpu_reason(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from gpulane.api.app import create_app
+    from tests.integration.conftest import make_settings
+
+    node = Node(make_settings(tmp_path, simulate_gpus="none"))
+    await node.start()
+    try:
+        app = create_app(node, manage_node=False)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as api:
+            done = await wait_done(api, (await submit(api, "sleep", {"ms": 0}))["id"])
+            assert done["placement"]["device"] == "cpu"
+            assert done["placement"]["fallback_reason"] == "no_gpu"
+            r = await api.post("/v1/tasks", json={"preset": "big"})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "no_gpu"
+    finally:
+        await node.stop()

@@ -332,3 +332,11 @@ def test_select_provider_simulate_and_disabled(monkeypatch: pytest.MonkeyPatch) 
     assert mod.calls == []
     with pytest.raises(ValueError):
         select_provider("lots")
+
+
+def test_simulate_none_means_cpu_only() -> None:
+    from gpulane.devices import select_provider
+
+    provider, reason = select_provider("none")
+    assert provider.count() == 0 and provider.snapshot() == []
+    assert "CPU only" in reason

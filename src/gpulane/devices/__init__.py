@@ -37,6 +37,10 @@ __all__ = [
 ]
 
 
+NO_GPUS = frozenset({"none", "0"})
+"""simulate_gpus values that mean: this node has no GPU at all (CPU-only)."""
+
+
 def select_provider(simulate: str | None, prefer_nvml: bool = True) -> tuple[DeviceProvider, str]:
     """Pick the GPU source; return it with a human-readable reason for logs and /v1/gpus.
 
@@ -45,6 +49,8 @@ def select_provider(simulate: str | None, prefer_nvml: bool = True) -> tuple[Dev
     NVML is tried, falling back to ``DEFAULT_SIMULATED_GPUS``. A bad ``simulate`` spec
     raises ``ValueError``.
     """
+    if simulate is not None and simulate.strip().lower() in NO_GPUS:
+        return SimulatedProvider([]), "no GPUs, as requested (simulate_gpus=none): CPU only"
     if simulate is not None and simulate.strip():
         sim = SimulatedProvider(parse_gpu_spec(simulate))
         return sim, f"using {sim.describe()} ({simulate.strip()}) as requested"

@@ -16,6 +16,8 @@ from gpulane.presets import Preset, Runtime
 
 CONTAINER_MODEL_PATH = "/models"
 """Where a docker worker sees its preset's model_path."""
+CONTAINER_INPUT_FILE = "/gpulane/input.json"
+"""Where a docker one-off sees its input file, when its input is too large for the env."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,15 @@ def worker_env(preset: Preset, device: DeviceAssignment, model_path: str | None,
     return env
 
 
+NODE_ONLY_ENV = frozenset({"GPULANE_TOKEN"})
+"""The node's own secrets: never passed on to a worker."""
+
+
+def node_env() -> dict[str, str]:
+    """The node's environment minus its secrets: what a worker process inherits."""
+    return {k: v for k, v in os.environ.items() if k not in NODE_ONLY_ENV}
+
+
 class ProcessLauncher:
     """Runs the preset's argv as a child process; ``python`` means this interpreter."""
 
@@ -68,7 +79,7 @@ class ProcessLauncher:
         argv = list(preset.argv)
         if argv and argv[0] in ("python", "python3"):
             argv[0] = sys.executable
-        env = {**os.environ, **worker_env(preset, device, preset.model_path, extra_env)}
+        env = {**node_env(), **worker_env(preset, device, preset.model_path, extra_env)}
         return LaunchSpec(argv, env, preset.workdir)
 
 
@@ -94,11 +105,16 @@ class DockerLauncher:
                 argv += ["-e", f"{key}={env[key]}"]
         if preset.model_path:
             argv += ["-v", f"{preset.model_path}:{CONTAINER_MODEL_PATH}"]
+        input_file = env.get("GPULANE_INPUT_FILE")
+        if input_file:  # a large one-off input: the container sees the file read-only
+            argv += ["-v", f"{input_file}:{CONTAINER_INPUT_FILE}:ro"]
+            argv[argv.index(f"GPULANE_INPUT_FILE={input_file}")] = (
+                f"GPULANE_INPUT_FILE={CONTAINER_INPUT_FILE}")
         argv.append(preset.image)
         argv += list(preset.command)
         # Killing the docker client does not stop its container; ``docker kill`` does.
         kill = [self.docker, "kill", container_name(name)]
-        return LaunchSpec(argv, dict(os.environ), preset.workdir, kill_argv=kill)
+        return LaunchSpec(argv, node_env(), preset.workdir, kill_argv=kill)
 
 
 def container_name(worker_id: str) -> str:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 
@@ -68,6 +69,7 @@ class Supervisor:
         self.runs: dict[str, TaskRun] = {}  # task id -> run
         self._cpu_busy: set[str] = set()  # workers holding a CPU slot for their current work
         self._timers: dict[str, asyncio.TimerHandle] = {}  # worker id -> its watchdog
+        self._input_files: dict[str, str] = {}  # one-off worker id -> its input file
         self._ids = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
@@ -188,13 +190,12 @@ class Supervisor:
         if len(payload) <= INLINE_INPUT_MAX_BYTES:
             extra[ENV_INPUT] = payload.decode()
         else:
-            import os
-
             os.makedirs(self.scratch_dir, exist_ok=True)
             path = os.path.join(self.scratch_dir, f"{task.id}.input.json")
             with open(path, "wb") as fh:
                 fh.write(payload)
             extra[ENV_INPUT_FILE] = path
+            self._input_files[worker_id] = path
         run = TaskRun(task, preset, worker_id, task.token, task.timeout_s or preset.timeout_s)
         self.runs[task.id] = run
         self.inflight[worker_id] = {task.id: run}
@@ -346,6 +347,10 @@ class Supervisor:
         self.workers.pop(worker.id, None)
         self.presets.pop(worker.id, None)
         self.inflight.pop(worker.id, None)
+        input_file = self._input_files.pop(worker.id, None)
+        if input_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(input_file)
         self.on_capacity()
 
     # -- timeouts, cancel, idle, shutdown ----------------------------------------------------
