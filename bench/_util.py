@@ -8,6 +8,7 @@ a stop in a ``finally`` (see :class:`Procs`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -187,6 +188,77 @@ def chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
         yield items[i:i + size]
 
 
+# --- noise: CPU used by others ---------------------------------------------------------------
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine since boot, from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    v = [int(x) for x in fields] + [0] * 10
+    user, nice, system, steal = v[0], v[1], v[2], v[7]
+    return (user + nice + system) / _TICK, steal / _TICK
+
+
+def _tree_cpu(root: int) -> float:
+    """CPU seconds used so far by ``root`` and its live descendants (children reaped by
+    them included)."""
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            rest = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        ppid = int(rest[1])
+        cpu = sum(int(x) for x in rest[11:15]) / _TICK  # utime stime cutime cstime
+        stats[int(entry.name)] = (ppid, cpu)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][1]
+        todo.extend(children.get(pid, ()))
+    return total
+
+
+class CpuMeter:
+    """How much CPU the rest of the machine used while a measurement ran.
+
+    Benchmarks here share a small machine; CPU burnt by processes outside this benchmark's
+    process tree (or stolen by the hypervisor) during a measurement makes it noisy. Linux
+    only; elsewhere every figure is None.
+    """
+
+    def __init__(self) -> None:
+        self.start = self._snap()
+
+    @staticmethod
+    def _snap() -> tuple[float, float, float, float] | None:
+        try:
+            busy, steal = _machine_cpu()
+            return time.monotonic(), busy, steal, _tree_cpu(os.getpid())
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def stop(self) -> dict[str, float | None]:
+        end = self._snap()
+        if end is None or self.start is None:
+            return {"other_cpu_s": None, "steal_s": None, "bench_cpu_s": None,
+                    "other_cores": None}
+        wall = max(end[0] - self.start[0], 1e-9)
+        ours = end[3] - self.start[3]
+        other = max(0.0, (end[1] - self.start[1]) - ours)
+        return {"other_cpu_s": round(other, 3), "steal_s": round(end[2] - self.start[2], 3),
+                "bench_cpu_s": round(ours, 3), "other_cores": round(other / wall, 3)}
+
+
 # --- output ----------------------------------------------------------------------------------
 
 
@@ -206,6 +278,26 @@ def machine_info() -> dict[str, Any]:
                 info["cpu_model"] = line.split(":", 1)[1].strip()
                 break
     return info
+
+
+def git_info(paths: Sequence[str] = ("src",)) -> dict[str, Any]:
+    """The commit measured, and which files under ``paths`` differ from it (a dirty tree)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.rstrip("\n")
+
+    try:
+        changed = [line[3:] for line in git("status", "--porcelain", "--", *paths).splitlines()]
+        # Tells two runs of the same dirty tree apart from runs of different edits.
+        digest = hashlib.sha256(git("diff", "HEAD", "--", *paths).encode())
+        for name in sorted(changed):
+            with contextlib.suppress(OSError):
+                if (REPO / name).is_file():
+                    digest.update(name.encode() + (REPO / name).read_bytes())
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed),
+                "changed": changed, "tree_sha256": digest.hexdigest()[:16]}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None, "changed": [], "tree_sha256": None}
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -37,11 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._util import (
     REPO,
+    CpuMeter,
     Proc,
     Procs,
     child_env,
     chunks,
     free_port,
+    git_info,
     latency_summary,
     machine_info,
     markdown_table,
@@ -53,6 +59,10 @@ from bench._util import (
 
 READY_TIMEOUT_S = 60.0
 RESULT_WAIT_S = 30.0
+DEFAULT_POOL = 100
+"""httpx's default max_connections, which the SDK keeps."""
+NOISY_CORES = 0.1
+"""CPU used by processes outside the benchmark, in cores, above which a figure is flagged."""
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
 EXPECTED_OUTPUT = {"slept_ms": 0}
 
@@ -68,7 +78,8 @@ METHODS = {
             "AsyncClient: one coroutine submits chunks of {chunk} with submit_many while "
             "{concurrency} coroutines await result(id, wait=30) for each id in submission "
             "order (one GET /v1/tasks/{{id}}/result?wait=30 per task, pipelined with the "
-            "submits; httpx pool sized to fit)."),
+            "submits). More long-polls in flight is slower here: httpx's async pool costs "
+            "client CPU per open connection."),
         "round_trip": (
             "Client.run('sleep', {{'ms': 0}}): one POST /v1/tasks?wait=30 answered when the task "
             "is final (long-poll follow-up only if it is not)."),
@@ -181,13 +192,13 @@ def gpulane_bulk_longpoll(url: str, n: int, chunk: int, concurrency: int) -> dic
         bodies = [{"preset": "sleep", "input": {"ms": 0}} for _ in range(n)]
         results: list[dict[str, Any]] = []
         queue: asyncio.Queue[str | None] = asyncio.Queue()
-        async with AsyncClient(url) as client:
-            # The default pool (100 connections, 5 s pool timeout) must fit every long-poll.
-            await client._http.aclose()
-            client._http = httpx.AsyncClient(
-                base_url=client.url, headers=client._http.headers, timeout=client._timeout,
-                limits=httpx.Limits(max_connections=concurrency + 4,
-                                    max_keepalive_connections=concurrency + 4))
+        kwargs: dict[str, Any] = {}
+        if concurrency + 4 > DEFAULT_POOL:  # more long-polls than the default pool holds
+            if "limits" not in inspect.signature(AsyncClient).parameters:
+                raise SystemExit(f"--concurrency above {DEFAULT_POOL - 4} needs an "
+                                 "AsyncClient that takes limits=")
+            kwargs["limits"] = httpx.Limits(max_connections=concurrency + 4)
+        async with AsyncClient(url, **kwargs) as client:
 
             async def submitter() -> None:
                 for part in chunks(bodies, chunk):
@@ -259,8 +270,11 @@ def start_celery(procs: Procs, log_dir: Path) -> tuple[Any, str]:
         "redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
                   "--save", "", "--appendonly", "no"], log_dir=log_dir))
     redis_url = f"redis://127.0.0.1:{port}/0"
-    wait_until(lambda: redis.Redis.from_url(redis_url, socket_timeout=1).ping(),
-               timeout=READY_TIMEOUT_S, what="redis-server PING", proc=redis_proc)
+    def pong() -> bool:
+        with redis.Redis.from_url(redis_url, socket_timeout=1) as r:
+            return bool(r.ping())
+
+    wait_until(pong, timeout=READY_TIMEOUT_S, what="redis-server PING", proc=redis_proc)
     os.environ["BENCH_REDIS_URL"] = redis_url  # before bench.celery_app is imported
     worker = procs.add(start_proc(
         "celery-worker",
@@ -344,7 +358,9 @@ def bench_celery(args: argparse.Namespace, procs: Procs, log_dir: Path) -> dict[
 
 def _timed(label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     print(f"  {label} ...", end=" ", flush=True)
+    meter = CpuMeter()
     result = fn()
+    result["noise"] = noise = meter.stop()
     if "tasks_per_s" in result:
         print(f"{result['tasks_per_s']:,.0f} tasks/s ({result['elapsed_s']:.2f} s)", flush=True)
         if not result["check"]["ok"]:
@@ -353,6 +369,9 @@ def _timed(label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         print(f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms", flush=True)
         if result["bad_output"]:
             raise RuntimeError(f"{label}: {result['bad_output']} wrong outputs")
+    if (noise["other_cores"] or 0) > NOISY_CORES:
+        print(f"    note: other processes used {noise['other_cores']:.2f} cores meanwhile; "
+              "this figure is noisy", flush=True)
     return result
 
 
@@ -411,11 +430,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rtt", type=int, default=500, help="measured round trips")
     p.add_argument("--warmup", type=int, default=50, help="unmeasured round trips first")
     p.add_argument("--chunk", type=int, default=500, help="gpulane tasks per bulk submit")
-    p.add_argument("--concurrency", type=int, default=64,
+    p.add_argument("--concurrency", type=int, default=8,
                    help="gpulane long-polls in flight (bulk+longpoll method)")
     p.add_argument("--skip-slow", action="store_true",
                    help="skip gpulane's per-task long-poll method (slowest here)")
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "dispatch.json")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "dispatch.json",
+                   help="where to write the JSON")
     p.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
     p.add_argument("--check-goals", action="store_true",
                    help="exit with status 1 when a goal is missed")
@@ -425,39 +445,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 1
+    return 130 if isinstance(exc, KeyboardInterrupt) else 1
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop servers
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background
+        signal.signal(signal.SIGINT, _terminated)
     tmp = Path(tempfile.mkdtemp(prefix="gpulane-bench-"))
     log_dir = tmp / "logs"
     log_dir.mkdir()
     started = time.time()
+    load_start = list(os.getloadavg())
     results: dict[str, Any] = {}
     try:
-        with Procs() as procs:
+        with Procs() as procs:  # every server is stopped here, however the block ends
             results["gpulane"] = bench_gpulane(args, procs, tmp, log_dir)
             procs.stop_all()  # one system at a time on the machine
             results["celery"] = bench_celery(args, procs, log_dir)
-    except BaseException:
-        print(f"\nthe run failed; server logs are in {log_dir}", file=sys.stderr)
-        args.keep_logs = True
-        raise
-    finally:
-        if not args.keep_logs:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"logs: {log_dir}", file=sys.stderr)
+    except BaseException as exc:
+        traceback.print_exc()
+        print(f"\nthe run failed; the servers' logs are in {log_dir}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Not a normal exit: Celery AsyncResult finalizers still referenced from the traceback
+        # would retry the (now stopped) Redis forever at interpreter shutdown.
+        os._exit(_exit_code(exc))
+    if args.keep_logs:
+        print(f"logs: {log_dir}", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     summary = report(results["gpulane"], results["celery"])
     methods = {system: {k: v.format(chunk=args.chunk, concurrency=args.concurrency)
                         for k, v in m.items()} for system, m in METHODS.items()}
     data = {
         "benchmark": "dispatch",
-        "command": "python bench/dispatch.py " + " ".join(sys.argv[1:] if argv is None
-                                                          else argv),
+        "command": " ".join(["python", "bench/dispatch.py",
+                             *(sys.argv[1:] if argv is None else argv)]),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "duration_s": round(time.time() - started, 1),
-        "machine": machine_info(),
+        "code": git_info(),
+        "machine": {**machine_info(), "load_avg_1_5_15_at_start": load_start,
+                    "load_avg_1_5_15_at_end": list(os.getloadavg())},
         "parameters": {"tasks": args.tasks, "rtt": args.rtt, "warmup": args.warmup,
                        "chunk": args.chunk, "concurrency": args.concurrency,
                        "task": "sleep(ms=0): a no-op returning {'slept_ms': 0}",

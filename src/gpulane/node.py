@@ -23,6 +23,7 @@ from gpulane.locks import FileLock
 from gpulane.model import DeviceWish, Priority, Task, TaskSpec
 from gpulane.presets import PresetRegistry, example_presets_dir, load_presets
 from gpulane.runtime.supervisor import Supervisor
+from gpulane.scheduling.leases import LeaseManager
 from gpulane.scheduling.ledger import Ledger
 from gpulane.scheduling.router import route
 from gpulane.scheduling.scheduler import Scheduler
@@ -63,6 +64,9 @@ class Node:
             shutdown_grace_s=DEFAULT_SHUTDOWN_GRACE_S, on_capacity=self._on_capacity)
         self.scheduler = Scheduler(self.store, self.registry, self.ledger, self.supervisor,
                                    self.name)
+        self.leases = LeaseManager(self.ledger, on_change=self.scheduler.wake,
+                                   preempt_worker=self.supervisor.preempt)
+        self.scheduler.reserved = self.leases.reserved_devices
         self._lock = FileLock(settings.data_dir / "node.lock", f"data dir {settings.data_dir}")
         self._locked = False
         self._poller: asyncio.Task[None] | None = None
@@ -100,6 +104,7 @@ class Node:
         log.info("presets: %s", ", ".join(self.registry.names()) or "(none)")
         self.supervisor.start_reaper()
         self.scheduler.start()
+        self.leases.start()
         self._poller = asyncio.create_task(self._poll_devices(), name="gpulane-devices")
         self.started = True
         self.scheduler.wake()
@@ -111,6 +116,7 @@ class Node:
         if self._poller is not None:
             self._poller.cancel()
         await self.scheduler.stop()
+        await self.leases.stop()
         await self.supervisor.stop_all()
         await self.store.close()
         self.provider.close()
@@ -123,6 +129,7 @@ class Node:
 
     def _on_capacity(self) -> None:
         self.scheduler.wake()
+        self.leases.grant()
 
     async def _poll_devices(self) -> None:
         while True:

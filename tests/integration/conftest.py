@@ -34,7 +34,21 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     try:
         yield n
     finally:
-        await n.stop()
+        await stop_node(n)
+
+
+async def stop_node(n: Node) -> None:
+    """Stop a node; if it hangs, show every task's stack instead of hanging the suite."""
+    stopping = asyncio.create_task(n.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=20)
+    if not done:
+        import io
+
+        out = io.StringIO()
+        for task in asyncio.all_tasks():
+            task.print_stack(limit=5, file=out)
+        raise AssertionError(f"node.stop() hung:\n{out.getvalue()}")
+    stopping.result()
 
 
 @pytest.fixture

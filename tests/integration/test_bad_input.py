@@ -9,7 +9,7 @@ import pytest
 
 from gpulane.api.app import create_app
 from gpulane.node import Node
-from tests.integration.conftest import make_settings, submit, wait_done
+from tests.integration.conftest import make_settings, stop_node, submit, wait_done
 
 
 async def _err(r: httpx.Response, status: int, code: str, field: str | None) -> str:
@@ -110,7 +110,7 @@ async def test_input_over_the_limit_is_413(tmp_path: Path) -> None:
             done = await wait_done(api, (await submit(api, "sleep", {"ms": 0}))["id"])
             assert done["state"] == "succeeded"
     finally:
-        await node.stop()
+        await stop_node(node)
 
 
 async def test_bad_input_to_a_worker_fails_only_that_task(api: httpx.AsyncClient) -> None:
@@ -132,4 +132,4 @@ async def test_token_is_required_when_set(tmp_path: Path) -> None:
             assert ok.status_code == 200
             assert (await api.get("/healthz")).status_code == 200
     finally:
-        await node.stop()
+        await stop_node(node)

@@ -68,7 +68,7 @@ async def test_idle_workers_are_unloaded_to_make_room(api: httpx.AsyncClient,
 
 async def test_cpu_only_node_falls_back_with_no_gpu_reason(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from gpulane.api.app import create_app
-    from tests.integration.conftest import make_settings
+    from tests.integration.conftest import make_settings, stop_node
 
     node = Node(make_settings(tmp_path, simulate_gpus="none"))
     await node.start()
@@ -82,4 +82,4 @@ async def test_cpu_only_node_falls_back_with_no_gpu_reason(tmp_path) -> None:  #
             r = await api.post("/v1/tasks", json={"preset": "big"})
             assert r.status_code == 400 and r.json()["error"]["code"] == "no_gpu"
     finally:
-        await node.stop()
+        await stop_node(node)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 
 from gpulane import __version__
-from gpulane.api import system, tasks
-from gpulane.api.auth import check_token
+from gpulane.api import leases, system, tasks
+from gpulane.api.auth import require_token
 from gpulane.api.responses import JSON
 from gpulane.errors import RequestError
 from gpulane.node import Node
@@ -33,8 +33,12 @@ def create_app(node: Node, *, manage_node: bool = True) -> FastAPI:
                   default_response_class=JSON,
                   description="A safe, fast lane to the GPUs: tasks, events, devices.")
     app.state.node = node
-    app.include_router(tasks.router)
-    app.include_router(system.router)
+    # A router dependency, not an HTTP middleware: middleware wraps every response body
+    # (SSE streams included) and costs a task switch per request.
+    guard = [Depends(require_token)]
+    app.include_router(tasks.router, dependencies=guard)
+    app.include_router(system.router, dependencies=guard)
+    app.include_router(leases.router, dependencies=guard)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSON:
@@ -47,17 +51,5 @@ def create_app(node: Node, *, manage_node: bool = True) -> FastAPI:
         return JSON({"error": {
             "code": "invalid_request", "field": field or None,
             "message": f"{field or 'request'}: {first['msg']}"}}, status_code=422)
-
-    token = node.settings.token
-
-    @app.middleware("http")
-    async def _auth(request: Request,
-                    call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if token is not None and request.url.path.startswith("/v1/"):
-            try:
-                check_token(request, token)
-            except RequestError as exc:
-                return JSON(exc.to_json(), status_code=exc.status)
-        return await call_next(request)
 
     return app

@@ -23,3 +23,9 @@ def check_token(request: Request, token: str | None) -> None:
         raise Unauthorized(
             "unauthorized", "this node needs a bearer token: send 'Authorization: Bearer "
             "<token>' (the SDK and CLI read GPULANE_TOKEN or --token)", field="Authorization")
+
+
+async def require_token(request: Request) -> None:
+    """FastAPI dependency guarding /v1 routes (health checks stay open)."""
+    if request.url.path.startswith("/v1/"):
+        check_token(request, request.app.state.node.settings.token)

@@ -70,6 +70,7 @@ class Supervisor:
         self._cpu_busy: set[str] = set()  # workers holding a CPU slot for their current work
         self._timers: dict[str, asyncio.TimerHandle] = {}  # worker id -> its watchdog
         self._input_files: dict[str, str] = {}  # one-off worker id -> its input file
+        self._preempted: set[str] = set()  # workers being drained for an urgent lease
         self._ids = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
@@ -294,6 +295,8 @@ class Supervisor:
         self._release_cpu(run.worker_id)
         if worker is not None and worker.session and worker.state is WorkerState.BUSY:
             worker.state = WorkerState.READY
+        if worker is not None and run.worker_id in self._preempted:
+            self._spawn_bg(self._stop_worker(worker))  # drained: its batch is done
         self.on_capacity()
 
     async def _attempt_failed(self, run: TaskRun, kind: str, message: str) -> None:
@@ -322,13 +325,14 @@ class Supervisor:
             run = runs[0]
             await self._end(run, TaskState.SUCCEEDED, output=run.final_output(),
                             events=run.held)
-        elif self._closing:
-            for run in runs:  # the node is stopping: the next start runs them again
+        elif self._closing or worker.id in self._preempted:
+            for run in runs:  # not the task's fault: it runs again (node restart, preemption)
                 if not run.done:
                     run.done = True
                     with contextlib.suppress(StaleTokenError):
                         await self.store.requeue(run.id, run.token, None, events=[NewEvent(
-                            EventType.ERROR.value, {"kind": "node_stopping", "retrying": True})])
+                            EventType.ERROR.value, {"kind": "preempted" if not self._closing
+                                                    else "node_stopping", "retrying": True})])
         else:
             tail = worker.stderr_text()
             for run in runs:
@@ -344,6 +348,7 @@ class Supervisor:
             self.runs.pop(run.id, None)
         self._release_cpu(worker.id)
         self.ledger.release(worker.id)
+        self._preempted.discard(worker.id)
         self.workers.pop(worker.id, None)
         self.presets.pop(worker.id, None)
         self.inflight.pop(worker.id, None)
@@ -352,6 +357,20 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 os.unlink(input_file)
         self.on_capacity()
+
+    # -- preemption --------------------------------------------------------------------------
+
+    def preempt(self, worker_id: str, grace_s: float) -> None:
+        """Drain a worker to free its VRAM: no new work, stop after its batch, kill after
+        grace_s. Its unfinished tasks go back to the queue without using up an attempt."""
+        worker = self.workers.get(worker_id)
+        if worker is None or not worker.alive:
+            return
+        worker.state = WorkerState.STOPPING
+        self._preempted.add(worker_id)
+        if not self.inflight.get(worker_id):
+            self._spawn_bg(self._stop_worker(worker))
+        asyncio.get_running_loop().call_later(grace_s, worker.kill)
 
     # -- timeouts, cancel, idle, shutdown ----------------------------------------------------
 

@@ -17,6 +17,9 @@ class Holding:
     holder: str  # worker id or lease id
     device: int
     vram_mb: int
+    priority: int = 50
+    preemptible: bool = True
+    kind: str = "worker"  # "worker" (gpulane's own) or "lease" (an outside service)
 
 
 @dataclass(slots=True)
@@ -66,14 +69,24 @@ class Ledger:
         room.sort(key=lambda g: (g.free_mb, g.index))
         return [g.index for g in room]
 
-    def acquire(self, holder: str, device: int, vram_mb: int) -> bool:
+    def acquire(self, holder: str, device: int, vram_mb: int, *, priority: int = 50,
+                preemptible: bool = True, kind: str = "worker") -> bool:
         acct = self.gpus[device]
         if holder in acct.holdings:
             return True
         if acct.free_mb < vram_mb:
             return False
-        acct.holdings[holder] = Holding(holder, device, vram_mb)
+        acct.holdings[holder] = Holding(holder, device, vram_mb, priority, preemptible, kind)
         return True
+
+    def empty_devices(self) -> list[int]:
+        """GPUs nobody holds any of: candidates for a whole-device request."""
+        return [g.index for g in self.gpus.values()
+                if not g.holdings and g.free_mb >= g.total_vram_mb]
+
+    def holders(self, device: int | None = None) -> list[Holding]:
+        return [h for g in self.gpus.values() if device is None or g.index == device
+                for h in g.holdings.values()]
 
     def release(self, holder: str) -> None:
         for acct in self.gpus.values():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from gpulane.config import DEFAULT_SCHEDULER_SCAN
 from gpulane.model import Task
@@ -40,14 +41,19 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.passes = 0
+        self._stopping = False
+        self.reserved: Callable[[], set[int]] = set  # devices kept clear for urgent leases
 
     def wake(self) -> None:
         self._wake.set()
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._loop(), name="gpulane-scheduler")
 
     async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -65,9 +71,12 @@ class Scheduler:
         return out
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+            # lands as the wake-up does, and the loop would never stop.
             try:
-                await asyncio.wait_for(self._wake.wait(), SAFETY_TICK_S)
+                async with asyncio.timeout(SAFETY_TICK_S):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
@@ -160,6 +169,8 @@ class Scheduler:
                 return None
             return device, self.supervisor.next_worker_id(preset, device)
         for index in self.ledger.fits(preset.vram_mb):
+            if index in self.reserved():
+                continue  # being cleared for an urgent lease
             if preset.mode is Mode.SESSION and self._count_on(preset, index) >= preset.replicas:
                 continue
             device = DeviceAssignment("gpu", index, self.ledger.gpus[index].uuid)

@@ -8,7 +8,9 @@ The node's data-dir lock guarantees no other process writes this file.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,11 @@ from gpulane.model import (
     task_error,
 )
 from gpulane.store.base import NewEvent, Notifier, QueueHead, new_task_id
+
+log = logging.getLogger("gpulane.store")
+
+CHECKPOINT_INTERVAL_S = 1.0
+"""How often the background thread folds the WAL back into the database file."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -104,6 +111,11 @@ class SqliteStore:
         self.synchronous = synchronous
         self.notifier = Notifier()
         self._db: sqlite3.Connection | None = None
+        # (preset, lane) queues that may hold queued tasks: this node owns the file, so it
+        # knows every insert; queue_heads skips the rest instead of querying each one.
+        self._maybe_queued: set[tuple[str, str]] = set()
+        self._closing = threading.Event()
+        self._checkpointer: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -117,9 +129,36 @@ class SqliteStore:
         db.execute("PRAGMA temp_store=MEMORY")
         db.executescript(SCHEMA)
         self._db = db
+        self._maybe_queued = {(r[0], r[1]) for r in db.execute(
+            "SELECT DISTINCT preset, lane FROM tasks WHERE state='queued'")}
+        if self.path != ":memory:":
+            # A checkpoint syncs the database file to disk: 15-20 ms that must not stall the
+            # event loop. Commits stop checkpointing; a thread with its own connection does it.
+            db.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpointer = threading.Thread(target=self._checkpoint_loop,
+                                                  name="gpulane-sqlite-checkpoint", daemon=True)
+            self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=5000")
+        try:
+            while not self._closing.wait(CHECKPOINT_INTERVAL_S):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:  # busy now; the next round catches up
+                    log.debug("WAL checkpoint skipped: %s", exc)
+        finally:
+            conn.close()
 
     async def close(self) -> None:
+        self._closing.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout=5)
+            self._checkpointer = None
         if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
             self._db = None
 
@@ -176,6 +215,7 @@ class SqliteStore:
     def _insert(self, spec: TaskSpec) -> Task:
         tid = new_task_id()
         created = now()
+        self._maybe_queued.add((spec.preset, spec.lane))
         cur = self.db.execute(
             "INSERT INTO tasks (id, preset, state, input, priority, device_wish, lane, "
             "fallback_reason, timeout_s, content_type, idempotency_key, created_at, event_seq) "
@@ -232,11 +272,15 @@ class SqliteStore:
     async def queue_heads(self, lanes: Iterable[tuple[str, str]]) -> list[QueueHead]:
         heads = []
         for preset, lane in lanes:
+            if (preset, lane) not in self._maybe_queued:
+                continue
             row = self.db.execute(
                 "SELECT priority, seq, id FROM tasks WHERE state='queued' AND preset=? "
                 "AND lane=? ORDER BY priority DESC, seq LIMIT 1", (preset, lane)).fetchone()
             if row:
                 heads.append(QueueHead(preset, lane, row[0], row[1], row[2]))
+            else:
+                self._maybe_queued.discard((preset, lane))
         return heads
 
     async def queued_count(self) -> int:
@@ -337,6 +381,7 @@ class SqliteStore:
                        (_dumps(error) if error else None, task_id))
             task = self._get(task_id)
         assert task is not None
+        self._maybe_queued.add((task.preset, task.lane))
         self.notifier.notify(task_id)
         return task
 
@@ -362,4 +407,6 @@ class SqliteStore:
                                                       "reason": "node restarted"})])
             db.execute("UPDATE tasks SET state='queued', node=NULL, device=NULL "
                        "WHERE state='running' AND node=?", (node,))
+            self._maybe_queued |= {(r[0], r[1]) for r in db.execute(
+                "SELECT DISTINCT preset, lane FROM tasks WHERE state='queued'")}
         return len(ids)

@@ -1,0 +1,392 @@
+"""Leases: GPU capacity handed to outside services that drive the GPU themselves.
+
+A lease is a claim on VRAM (or whole devices) with a priority, a TTL kept alive by renewals
+and a fencing token that is never valid twice. Waiting requests are granted highest priority
+first (oldest first among equals) as soon as they fit; an ``immediate`` request that cannot fit
+asks lower-priority preemptible holders to step aside: a lease gets a ``preempt`` event and
+grace_s to release, a task worker is drained and stopped, and whoever has not let go when the
+grace ends is revoked. When the urgent lease ends, the holders it paused get ``resume``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpulane.errors import ConflictError, NotFoundError, RequestError, ValidationError
+from gpulane.model import Priority
+from gpulane.presets import parse_size_mb
+from gpulane.scheduling.ledger import Holding, Ledger
+from gpulane.store.base import Notifier
+
+log = logging.getLogger("gpulane.leases")
+
+TTL_MIN_S = 1.0
+"""Shortest TTL a lease may ask for."""
+TTL_MAX_S = 3600.0
+"""Longest TTL a lease may ask for; renew to hold longer."""
+WAIT_MAX_S = 3600.0
+"""Longest a request may wait to be granted."""
+DEFAULT_TTL_S = 30.0
+"""TTL when a request gives none."""
+DEFAULT_GRACE_S = 10.0
+"""How long a preempted holder has to release before it is revoked."""
+EXPIRY_TICK_S = 0.1
+"""How often TTLs and grace deadlines are checked."""
+
+
+class LeaseState(str, enum.Enum):
+    WAITING = "waiting"
+    GRANTED = "granted"
+    PREEMPTING = "preempting"  # asked to release; revoked at the end of its grace
+    RELEASED = "released"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    TIMED_OUT = "timed_out"  # never granted within wait_s
+
+    @property
+    def final(self) -> bool:
+        return self in (LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.REVOKED,
+                        LeaseState.TIMED_OUT)
+
+    @property
+    def holds(self) -> bool:
+        return self in (LeaseState.GRANTED, LeaseState.PREEMPTING)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRequest:
+    holder: str
+    vram_mb: int = 0
+    gpus: int = 0  # whole devices; 0 means a slice of vram_mb on one device
+    device: int | None = None
+    priority: int = Priority.NORMAL
+    ttl_s: float = DEFAULT_TTL_S
+    preemptible: bool = True
+    grace_s: float = DEFAULT_GRACE_S
+
+
+@dataclass(eq=False, slots=True)
+class Lease:
+    id: str
+    request: LeaseRequest
+    seq: int
+    state: LeaseState = LeaseState.WAITING
+    token: int = 0
+    devices: list[int] = field(default_factory=list)
+    uuids: list[str] = field(default_factory=list)
+    created_at: float = field(default_factory=time.time)
+    granted_at: float | None = None
+    expires_at: float | None = None  # wall clock
+    revoke_at: float | None = None  # wall clock, while PREEMPTING
+    preempted_by: str | None = None
+    paused: set[str] = field(default_factory=set)  # holders this lease preempted
+    awaiting_resume: bool = False  # preempted, and its preemptor has not ended yet
+    events: list[dict[str, Any]] = field(default_factory=list)
+    granted: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.request
+        return {"id": self.id, "holder": r.holder, "state": self.state.value,
+                "vram_mb": r.vram_mb, "gpus": r.gpus, "priority": r.priority,
+                "preemptible": r.preemptible, "ttl_s": r.ttl_s, "grace_s": r.grace_s,
+                "devices": self.devices, "uuids": self.uuids,
+                "device": self.devices[0] if self.devices else None,
+                "uuid": self.uuids[0] if self.uuids else None,
+                "cuda_visible_devices": ",".join(str(d) for d in self.devices),
+                "token": self.token if self.state.holds else None,
+                "created_at": self.created_at, "granted_at": self.granted_at,
+                "expires_at": self.expires_at, "revoke_at": self.revoke_at,
+                "preempted_by": self.preempted_by}
+
+
+class LeaseTimeout(RequestError):
+    status = 408
+
+
+class LeaseManager:
+    """Grants, renews, expires and preempts leases on one node's ledger."""
+
+    def __init__(self, ledger: Ledger, *, on_change: Callable[[], None],
+                 preempt_worker: Callable[[str, float], None]) -> None:
+        self.ledger = ledger
+        self.on_change = on_change
+        self.preempt_worker = preempt_worker
+        self.leases: dict[str, Lease] = {}
+        self.notifier = Notifier()
+        self._tokens = itertools.count(int(time.time() * 1000) << 16)
+        self._seq = itertools.count(1)
+        self._reserved: dict[int, str] = {}  # device -> the urgent lease it is cleared for
+        self._ticker: asyncio.Task[None] | None = None
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def validate(self, body: dict[str, Any]) -> tuple[LeaseRequest, float]:
+        """A lease request from a JSON body, or a RequestError naming the field."""
+        holder = body.get("holder")
+        if not isinstance(holder, str) or not holder.strip():
+            raise ValidationError("missing_field", "holder is required: name the service "
+                                  "asking, e.g. \"ml-service\"", field="holder")
+        gpus = _int(body.get("gpus", 0), "gpus", 0, max(len(self.ledger.gpus), 1))
+        raw_vram = body.get("vram_mb", body.get("vram", 0))
+        if isinstance(raw_vram, str):  # "4GiB", "512MiB": what people write
+            try:
+                raw_vram = parse_size_mb(raw_vram, "vram_mb")
+            except ValueError as exc:
+                raise ValidationError("invalid_vram_mb", str(exc), field="vram_mb") from None
+        vram_mb = _int(raw_vram, "vram_mb", 0, 1 << 30)
+        if gpus == 0 and vram_mb == 0:
+            raise ValidationError("missing_field", "ask for vram_mb (a slice of one GPU) or "
+                                  "gpus (whole devices)", field="vram_mb")
+        device = body.get("device")
+        if device is not None:
+            device = _int(device, "device", 0, 1 << 16)
+            if device not in self.ledger.gpus:
+                raise NotFoundError("unknown_device", f"device={device} is not a GPU of this "
+                                    f"node: use one of {sorted(self.ledger.gpus)}",
+                                    field="device")
+        largest = max((g.total_vram_mb for g in self.ledger.gpus.values()), default=0)
+        if vram_mb > largest:
+            raise RequestError("vram_exceeds_devices", f"vram_mb={vram_mb} is more than the "
+                               f"largest GPU here ({largest} MB): ask for at most {largest}",
+                               field="vram_mb", extra={"largest_device_mb": largest})
+        if gpus > len(self.ledger.gpus):
+            raise RequestError("not_enough_gpus", f"gpus={gpus} but this node has "
+                               f"{len(self.ledger.gpus)}", field="gpus")
+        priority = Priority.parse(body.get("priority", "normal"))
+        ttl_s = _num(body.get("ttl_s", DEFAULT_TTL_S), "ttl_s", TTL_MIN_S, TTL_MAX_S)
+        wait_s = _num(body.get("wait_s", 0), "wait_s", 0, WAIT_MAX_S)
+        grace_s = _num(body.get("grace_s", DEFAULT_GRACE_S), "grace_s", 0, 600)
+        preemptible = body.get("preemptible", True)
+        if not isinstance(preemptible, bool):
+            raise ValidationError("invalid_preemptible", "preemptible must be true or false",
+                                  field="preemptible")
+        return LeaseRequest(holder.strip(), vram_mb, gpus, device, priority, ttl_s,
+                            preemptible, grace_s), wait_s
+
+    async def acquire(self, req: LeaseRequest, wait_s: float) -> Lease:
+        """Grant now, or wait up to wait_s (preempting for an immediate request)."""
+        lease = Lease(f"lease-{os.urandom(6).hex()}", req, next(self._seq))
+        self.leases[lease.id] = lease
+        self._event(lease, "waiting", {})
+        self.grant()
+        if not lease.state.holds and req.priority >= Priority.IMMEDIATE:
+            self._preempt_for(lease)
+            self.grant()
+        if not lease.state.holds:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lease.granted.wait(), wait_s)
+        if not lease.state.holds:
+            self._set_final(lease, LeaseState.TIMED_OUT)
+            self._unreserve(lease.id)
+            self._resume_paused(lease)
+            raise LeaseTimeout(
+                "lease_wait_timeout", f"no room for {_describe(req)} within wait_s={wait_s:g}: "
+                "wait longer, ask for less, or raise the priority",
+                field="wait_s", extra={"holders": self.holders_summary()})
+        return lease
+
+    def renew(self, lease_id: str, token: object) -> Lease:
+        lease = self._holding(lease_id, token)
+        lease.expires_at = time.time() + lease.request.ttl_s
+        return lease
+
+    def release(self, lease_id: str, token: object) -> Lease:
+        lease = self._holding(lease_id, token)
+        self._end(lease, LeaseState.RELEASED)
+        return lease
+
+    def get(self, lease_id: str) -> Lease:
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            raise NotFoundError("unknown_lease", f"no lease with id {lease_id!r}", field="id")
+        return lease
+
+    def _holding(self, lease_id: str, token: object) -> Lease:
+        lease = self.get(lease_id)
+        if not lease.state.holds or token != lease.token:
+            raise ConflictError(
+                "stale_token", f"token {token!r} does not hold lease {lease_id} (it is "
+                f"{lease.state.value}): acquire a new lease", field="token")
+        return lease
+
+    # -- granting ----------------------------------------------------------------------------
+
+    def grant(self) -> None:
+        """Grant every waiting request that fits, highest priority first, oldest first."""
+        waiting = sorted((lz for lz in self.leases.values() if lz.state is LeaseState.WAITING),
+                         key=lambda lz: (-lz.request.priority, lz.seq))
+        for lease in waiting:
+            devices = self._place(lease)
+            if devices is None:
+                continue
+            req = lease.request
+            for d in devices:
+                mb = self.ledger.gpus[d].total_vram_mb if req.gpus else req.vram_mb
+                self.ledger.acquire(lease.id, d, mb, priority=req.priority,
+                                    preemptible=req.preemptible, kind="lease")
+            lease.devices = devices
+            lease.uuids = [self.ledger.gpus[d].uuid for d in devices]
+            lease.token = next(self._tokens)
+            lease.state = LeaseState.GRANTED
+            lease.granted_at = time.time()
+            lease.expires_at = lease.granted_at + req.ttl_s
+            self._unreserve(lease.id)
+            self._event(lease, "granted", {"devices": devices, "uuids": lease.uuids})
+            lease.granted.set()
+            log.info("lease %s granted to %s on %s", lease.id, req.holder, devices)
+
+    def _place(self, lease: Lease) -> list[int] | None:
+        req = lease.request
+        usable = [d for d in self.ledger.gpus
+                  if self._reserved.get(d, lease.id) == lease.id
+                  and (req.device is None or d == req.device)]
+        if req.gpus:
+            empty = [d for d in self.ledger.empty_devices() if d in usable]
+            return empty[:req.gpus] if len(empty) >= req.gpus else None
+        for d in self.ledger.fits(req.vram_mb):
+            if d in usable:
+                return [d]
+        return None
+
+    def reserved_devices(self) -> set[int]:
+        """Devices being cleared for an urgent lease: task placement keeps off them."""
+        return set(self._reserved)
+
+    def _unreserve(self, lease_id: str) -> None:
+        for d in [d for d, owner in self._reserved.items() if owner == lease_id]:
+            del self._reserved[d]
+
+    # -- preemption --------------------------------------------------------------------------
+
+    def _preempt_for(self, lease: Lease) -> None:
+        """Ask the cheapest set of lower-priority preemptible holders to make room."""
+        req = lease.request
+        best: tuple[tuple[int, int], int, list[Holding]] | None = None
+        for d, acct in self.ledger.gpus.items():
+            if req.device is not None and d != req.device:
+                continue
+            need = acct.total_vram_mb if req.gpus else req.vram_mb
+            victims = sorted((h for h in acct.holdings.values()
+                              if h.preemptible and h.priority < req.priority),
+                             key=lambda h: (h.priority, h.kind == "lease"))
+            free, chosen = acct.free_mb, []
+            for h in victims:
+                if free >= need:
+                    break
+                chosen.append(h)
+                free += h.vram_mb
+            if free < need or (req.gpus and len(chosen) < len(acct.holdings)):
+                continue
+            cost = (sum(h.priority for h in chosen), len(chosen))
+            if best is None or cost < best[0]:
+                best = (cost, d, chosen)
+        if best is None:
+            return
+        _, device, chosen = best
+        self._reserved[device] = lease.id
+        for h in chosen:
+            lease.paused.add(h.holder)
+            if h.kind == "lease":
+                victim = self.leases[h.holder]
+                victim.state = LeaseState.PREEMPTING
+                victim.preempted_by = lease.id
+                victim.awaiting_resume = True
+                victim.revoke_at = time.time() + victim.request.grace_s
+                self._event(victim, "preempt", {"by": lease.id, "grace_s":
+                                                victim.request.grace_s})
+                log.info("lease %s preempted by %s (grace %.1fs)", victim.id, lease.id,
+                         victim.request.grace_s)
+            else:
+                log.info("worker %s preempted by lease %s", h.holder, lease.id)
+                self.preempt_worker(h.holder, req.grace_s)
+
+    # -- endings -----------------------------------------------------------------------------
+
+    def _end(self, lease: Lease, state: LeaseState) -> None:
+        self.ledger.release(lease.id)
+        self._set_final(lease, state)
+        self._unreserve(lease.id)
+        self._resume_paused(lease)
+        self.on_change()
+        self.grant()
+
+    def _resume_paused(self, lease: Lease) -> None:
+        """The urgent lease is over: tell the leases it paused that they may come back."""
+        for holder in lease.paused:
+            paused = self.leases.get(holder)
+            if paused is not None:
+                paused.awaiting_resume = False
+                self._event(paused, "resume", {"after": lease.id})
+        lease.paused.clear()
+
+    def _set_final(self, lease: Lease, state: LeaseState) -> None:
+        lease.state = state
+        self._event(lease, state.value, {})
+
+    def expire_now(self) -> None:
+        """End every lease whose TTL or grace has run out (also run by the ticker)."""
+        now = time.time()
+        for lease in list(self.leases.values()):
+            if lease.state is LeaseState.PREEMPTING and lease.revoke_at and now >= lease.revoke_at:
+                log.warning("lease %s revoked: it did not release within its grace", lease.id)
+                self._end(lease, LeaseState.REVOKED)
+            elif lease.state.holds and lease.expires_at and now >= lease.expires_at:
+                log.info("lease %s expired: not renewed within ttl_s", lease.id)
+                self._end(lease, LeaseState.EXPIRED)
+
+    def start(self) -> None:
+        self._ticker = asyncio.create_task(self._tick(), name="gpulane-leases")
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_TICK_S)
+            self.expire_now()
+
+    # -- views -------------------------------------------------------------------------------
+
+    def _event(self, lease: Lease, kind: str, data: dict[str, Any]) -> None:
+        lease.events.append({"id": len(lease.events) + 1, "event": kind,
+                             "data": {"lease": lease.id, "state": lease.state.value, **data},
+                             "ts": time.time()})
+        self.notifier.notify(lease.id)
+
+    def holders_summary(self) -> list[dict[str, Any]]:
+        return [{"device": h.device, "holder": h.holder, "kind": h.kind, "vram_mb": h.vram_mb,
+                 "priority": h.priority, "preemptible": h.preemptible}
+                for h in self.ledger.holders()]
+
+    def active(self) -> list[Lease]:
+        return [lz for lz in self.leases.values() if not lz.state.final]
+
+
+def _describe(req: LeaseRequest) -> str:
+    return f"{req.gpus} whole GPU(s)" if req.gpus else f"{req.vram_mb} MB of VRAM"
+
+
+def _int(value: object, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValidationError(f"invalid_{name}", f"{name}={value!r} must be an integer "
+                              f"{lo}-{hi}", field=name)
+    return value
+
+
+def _num(value: object, name: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise ValidationError(f"invalid_{name}", f"{name}={value!r} must be a number of "
+                              f"seconds between {lo:g} and {hi:g}", field=name)
+    return float(value)
