@@ -39,6 +39,8 @@ DEFAULT_BULK_MAX = 10_000
 """Most tasks one bulk submit may carry."""
 DEFAULT_SCHEDULER_SCAN = 256
 """Most queued tasks the scheduler looks at per pass when picking what to place next."""
+DEFAULT_GPU_LOCK_DIR = "/tmp/gpulane-gpu-locks"
+"""Host-wide folder of per-GPU lock files: two nodes never own the same GPU."""
 TOKEN_ENV = "GPULANE_TOKEN"
 """Environment variable holding the API bearer token (server and clients)."""
 URL_ENV = "GPULANE_URL"
@@ -64,6 +66,7 @@ class Settings(BaseSettings):
     max_input_bytes: int = Field(DEFAULT_MAX_INPUT_BYTES, ge=1024)
     sqlite_synchronous: str = "NORMAL"  # NORMAL: durable across process crashes; FULL: power loss
     log_level: str = "info"
+    gpu_lock_dir: str = DEFAULT_GPU_LOCK_DIR  # one lock file per real GPU uuid, host-wide
 
     @field_validator("sqlite_synchronous")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from typing import Any
 
 from gpulane.config import (
@@ -69,6 +70,7 @@ class Node:
         self.scheduler.reserved = self.leases.reserved_devices
         self._lock = FileLock(settings.data_dir / "node.lock", f"data dir {settings.data_dir}")
         self._locked = False
+        self._gpu_locks: list[FileLock] = []
         self._poller: asyncio.Task[None] | None = None
         self.started = False
 
@@ -83,10 +85,25 @@ class Node:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def lock(self) -> None:
-        """Become the one owner of the data dir; ConfigError names the pid that owns it."""
-        if not self._locked:
-            self._lock.acquire()
-            self._locked = True
+        """Become the one owner of the data dir and of every real GPU; ConfigError names the
+        pid that owns it. Simulated GPUs are private to their node and take no lock."""
+        if self._locked:
+            return
+        self._lock.acquire()
+        self._gpu_locks = []
+        try:
+            if not self.provider.simulated:
+                for snap in self.gpus:
+                    lock = FileLock(Path(self.settings.gpu_lock_dir) / f"{snap.uuid}.lock",
+                                    f"GPU {snap.index} ({snap.uuid})")
+                    lock.acquire()
+                    self._gpu_locks.append(lock)
+        except BaseException:
+            for lock in self._gpu_locks:
+                lock.release()
+            self._lock.release()
+            raise
+        self._locked = True
 
     async def start(self) -> None:
         self.lock()
@@ -124,6 +141,8 @@ class Node:
 
     def _unlock(self) -> None:
         if self._locked:
+            for lock in self._gpu_locks:
+                lock.release()
             self._lock.release()
             self._locked = False
 
