@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from gpulane import cli_client, cli_server
+from gpulane import cli_client, cli_exec, cli_server
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,6 +19,7 @@ def main() -> None:
 
 cli_client.register(main)
 cli_server.register(main)
+main.add_command(cli_exec.exec_cmd)
 
 if __name__ == "__main__":
     main()

@@ -150,3 +150,36 @@ def test_presets_check_reports_file_and_line(tmp_path: Path) -> None:
     assert "mode" in r.stderr  # the did-you-mean for 'moed'
     ok = _gpulane("presets", "check", str(REPO / "examples" / "presets"))
     assert ok.returncode == 0 and "3 preset(s)" in ok.stdout
+
+
+def test_exec_runs_the_command_under_a_lease(server: Server) -> None:
+    code = "import os, sys; print('cvd=' + os.environ['CUDA_VISIBLE_DEVICES']); sys.exit(7)"
+    r = _gpulane("exec", "--vram", "1GiB", "--url", server.url, "--", sys.executable, "-c",
+                 code)
+    assert r.returncode == 7, r.stderr
+    assert "cvd=0" in r.stdout or "cvd=1" in r.stdout
+    leases = httpx.get(f"{server.url}/v1/leases").json()["leases"]
+    assert leases == []  # released on exit
+
+
+def test_exec_stops_the_command_when_preempted(server: Server) -> None:
+    code = "import time\nwhile True: time.sleep(0.05)"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpulane", "exec", "--gpus", "2", "--priority", "background",
+         "--grace-s", "0.5", "--url", server.url, "--", sys.executable, "-c", code],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not httpx.get(f"{server.url}/v1/leases").json()["leases"]:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    urgent = httpx.post(f"{server.url}/v1/leases", timeout=30, json={
+        "holder": "urgent", "vram_mb": 1024, "priority": "immediate", "wait_s": 20})
+    assert urgent.status_code == 201, urgent.text
+    proc.wait(20)
+    assert proc.returncode != 0  # the command was terminated
+    assert "preempted" in proc.stderr.read()  # type: ignore[union-attr]
+
+
+def test_exec_without_a_size_is_a_usage_error() -> None:
+    r = _gpulane("exec", "--", "true")
+    assert r.returncode == 2 and "--vram" in r.stderr
