@@ -9,6 +9,7 @@ from __future__ import annotations
 from gpulane.client import AsyncClient, Client
 from gpulane.errors import (
     APIError,
+    CircuitOpenError,
     ClientError,
     GpulaneError,
     TaskFailedError,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "APIError",
     "AsyncClient",
+    "CircuitOpenError",
     "Client",
     "ClientError",
     "GpulaneError",

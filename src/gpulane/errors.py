@@ -12,10 +12,20 @@
     │   ├── ConflictError             409: idempotency key reused with another body, stale token
     │   ├── PayloadTooLargeError      413: input over the size limit
     │   └── ValidationError           422: a field is malformed or out of range
-    └── ClientError                   raised by the SDK (gpulane.client)
-        ├── TransportError            the request never got an HTTP answer (refused, reset, timeout)
-        ├── APIError                  the server answered with an error; carries status, code, field
+    └── ClientError                   raised by the SDK (gpulane.client); ``attempts`` made
+        ├── TransportError            no HTTP answer: refused, reset, DNS failure, timeout
+        │   └── CircuitOpenError      not sent: the breaker of that base URL is open; ``retry_in``
+        ├── APIError                  the server answered with an error; status, code, field,
+        │                             ``retry_after``; ``transient`` for 408, 429, 502, 503, 504
         └── TaskFailedError           Client.run(): the task ended failed or cancelled
+
+How the SDK treats its errors (``gpulane.client.resilience``): *transient* ones (every
+``TransportError`` but a local one, and an ``APIError`` with a status in ``TRANSIENT_STATUSES``)
+are retried with backoff and count against the circuit breaker; *permanent* ones (an
+``APIError`` with another 4xx status, e.g. ``PERMANENT_STATUSES``) are never retried and never
+count against the circuit; any other 5xx counts against the circuit but is not retried. A
+``ClientError`` reaches the caller only once retrying is over; ``Client.run(fallback=...)``
+calls the fallback instead for a ``CircuitOpenError`` or a transient error.
 
 Each ``RequestError`` renders to the wire as
 ``{"error": {"code": ..., "message": ..., "field": ...}}`` with its ``status``.
@@ -85,25 +95,70 @@ class ValidationError(RequestError):
     status = 422
 
 
+TRANSIENT_STATUSES = frozenset({408, 429, 502, 503, 504})
+"""HTTP statuses the SDK retries (honouring Retry-After) and counts against the circuit."""
+PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 409, 413, 422})
+"""HTTP statuses that mean the request itself is wrong: never retried, never held against the
+circuit (so is any other 4xx)."""
+
+
 class ClientError(GpulaneError):
     """Base of the errors the SDK raises."""
+
+    attempts: int = 1
+    """HTTP requests made for the call that raised this, retries included (0: none was sent)."""
+
+    @property
+    def transient(self) -> bool:
+        """True when the same request may well succeed later (a network or overload error)."""
+        return False
 
 
 class TransportError(ClientError):
     """The request got no HTTP answer: connection refused or reset, DNS failure, timeout."""
 
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self._transient = transient
+
+    @property
+    def transient(self) -> bool:
+        return self._transient
+
+
+class CircuitOpenError(TransportError):
+    """Not sent: the circuit breaker of ``url`` is open after recent failures there.
+
+    ``retry_in`` says how many seconds until it lets a probe through.
+    """
+
+    def __init__(self, url: str, retry_in: float, what: str = "") -> None:
+        where = f"{what}: " if what else ""
+        super().__init__(f"{where}circuit breaker for {url} is open (server failing; "
+                         f"next probe in {retry_in:.1f}s)")
+        self.url = url
+        self.retry_in = retry_in
+
 
 class APIError(ClientError):
-    """The server answered with an error status."""
+    """The server answered with an error status.
+
+    ``retry_after`` holds the seconds of a Retry-After header, if the answer had one.
+    """
 
     def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 body: dict[str, Any] | None = None) -> None:
+                 body: dict[str, Any] | None = None, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.field = field
         self.body = body or {}
+        self.retry_after = retry_after
+
+    @property
+    def transient(self) -> bool:
+        return self.status in TRANSIENT_STATUSES
 
 
 class TaskFailedError(ClientError):

@@ -1,5 +1,19 @@
-"""The gpulane SDK: ``Client`` (blocking) and ``AsyncClient`` (asyncio)."""
+"""The gpulane SDK: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
+
+Both retry transient errors under a retry budget, guard each base URL with a circuit breaker
+shared across the process, and can serve ``run`` from a local fallback when the server cannot
+be reached; see :mod:`gpulane.client.resilience` and ``stats()``.
+"""
 
 from gpulane.client.client import AsyncClient, Client
+from gpulane.client.resilience import (
+    BreakerConfig,
+    BudgetConfig,
+    CircuitBreaker,
+    RetryBudget,
+    RetryPolicy,
+    shared_breaker,
+)
 
-__all__ = ["AsyncClient", "Client"]
+__all__ = ["AsyncClient", "BreakerConfig", "BudgetConfig", "CircuitBreaker", "Client",
+           "RetryBudget", "RetryPolicy", "shared_breaker"]

@@ -7,6 +7,7 @@ into an HTTP exchange in their single ``_send`` method, so retries and circuit b
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import uuid
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpulane.errors import APIError, TaskFailedError
+from gpulane.errors import APIError, CircuitOpenError, ClientError, TaskFailedError
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 URL_ENV = "GPULANE_URL"
@@ -47,6 +48,18 @@ class Request:
     hold_s: float | None = None
     # Safe to repeat: a GET, a cancel, or a submit carrying an Idempotency-Key.
     idempotent: bool = True
+    # On the caller's monotonic clock: no retry is started that would end after it.
+    deadline: float | None = None
+
+    @property
+    def slow_by_design(self) -> bool:
+        """Held by the server (``?wait=``) or an event stream: never a "slow call"."""
+        return self.stream or self.hold_s is not None
+
+    @property
+    def long_poll(self) -> bool:
+        """``GET .../result?wait=``: repeated only after a pause, never in a tight loop."""
+        return self.method == "GET" and self.hold_s is not None
 
 
 def resolve_url(url: str | None) -> str:
@@ -156,7 +169,8 @@ def is_error_status(status: int) -> bool:
     return status >= 400
 
 
-def api_error(status: int, body: bytes, reason: str = "") -> APIError:
+def api_error(status: int, body: bytes, reason: str = "",
+              retry_after: float | None = None) -> APIError:
     """An APIError from an error answer, useful even when the body is not our JSON shape."""
     parsed: Any = None
     try:
@@ -168,14 +182,16 @@ def api_error(status: int, body: bytes, reason: str = "") -> APIError:
         return APIError(status, str(err.get("code") or f"http_{status}"),
                         str(err.get("message") or reason or f"HTTP {status}"),
                         err.get("field") if isinstance(err.get("field"), str) else None,
-                        body=parsed)
+                        body=parsed, retry_after=retry_after)
     if isinstance(parsed, dict) and isinstance(parsed.get("detail"), str):
         # A framework's own error answer (e.g. a 404 for an unknown route).
-        return APIError(status, f"http_{status}", parsed["detail"], body=parsed)
+        return APIError(status, f"http_{status}", parsed["detail"], body=parsed,
+                        retry_after=retry_after)
     text = body.decode("utf-8", "replace").strip()
     message = text[:500] if text else (reason or f"HTTP {status}")
     return APIError(status, f"http_{status}", message,
-                    body=parsed if isinstance(parsed, dict) else {"raw": text[:2000]})
+                    body=parsed if isinstance(parsed, dict) else {"raw": text[:2000]},
+                    retry_after=retry_after)
 
 
 def parse_json(status: int, body: bytes) -> dict[str, Any]:
@@ -217,7 +233,9 @@ class LongPoll:
 
     def request(self, now: float) -> Request:
         left = self.remaining(now)
-        return result(self.task_id, MAX_POLL_WAIT if left is None else min(left, MAX_POLL_WAIT))
+        req = result(self.task_id, MAX_POLL_WAIT if left is None else min(left, MAX_POLL_WAIT))
+        req.deadline = self.deadline
+        return req
 
     def after(self, task: dict[str, Any], asked: float, elapsed: float, now: float) -> float | None:
         """``None`` when done (final or out of time), else seconds to pause before polling again.
@@ -353,6 +371,34 @@ class EventStream:
         if self.decoder.retry_ms is not None and self._failures == 1:
             delay = max(delay, self.decoder.retry_ms / 1000.0)  # the server's `retry:` field
         return delay
+
+
+def fallback_reason(exc: ClientError) -> str | None:
+    """Why ``run(fallback=...)`` serves ``exc``'s call locally, or None to raise it.
+
+    Only for a server that cannot be relied on now: an open circuit, or a transient error that
+    outlasted its retries (or the retry budget). A wrong request, a failed task or a plain 500
+    is raised, since the local path would hide a bug rather than an outage.
+    """
+    if isinstance(exc, CircuitOpenError):
+        return "circuit_open"
+    if exc.transient:
+        return "retries_exhausted"
+    return None
+
+
+def fallback_task(preset: str, input: Any, output: Any, reason: str,
+                  error: ClientError) -> dict[str, Any]:
+    """``run``'s answer when the fallback served the call: shaped like a succeeded task, with
+    ``id`` None and ``fallback`` saying why."""
+    return {"id": None, "preset": preset, "state": "succeeded", "input": input,
+            "output": output, "error": None, "attempts": 0, "placement": None,
+            "fallback": {"reason": reason, "error": str(error)}}
+
+
+def h2_available() -> bool:
+    """Whether the ``h2`` package is importable (httpx's HTTP/2 support needs it)."""
+    return importlib.util.find_spec("h2") is not None
 
 
 def run_outcome(task: dict[str, Any]) -> dict[str, Any]:
