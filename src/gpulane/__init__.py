@@ -12,6 +12,7 @@ from gpulane.errors import (
     CircuitOpenError,
     ClientError,
     GpulaneError,
+    LeasePreempted,
     TaskFailedError,
     TransportError,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "Client",
     "ClientError",
     "GpulaneError",
+    "LeasePreempted",
     "TaskFailedError",
     "TransportError",
     "__version__",

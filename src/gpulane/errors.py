@@ -17,7 +17,8 @@
         │   └── CircuitOpenError      not sent: the breaker of that base URL is open; ``retry_in``
         ├── APIError                  the server answered with an error; status, code, field,
         │                             ``retry_after``; ``transient`` for 408, 429, 502, 503, 504
-        └── TaskFailedError           Client.run(): the task ended failed or cancelled
+        ├── TaskFailedError           Client.run(): the task ended failed or cancelled
+        └── LeasePreempted            Client.gpu(): the lease was preempted or lost
 
 How the SDK treats its errors (``gpulane.client.resilience``): *transient* ones (every
 ``TransportError`` but a local one, and an ``APIError`` with a status in ``TRANSIENT_STATUSES``)
@@ -170,3 +171,13 @@ class TaskFailedError(ClientError):
             f"task {task.get('id')} {task.get('state')}: "
             f"{err.get('kind', '?')}: {err.get('message', '')}")
         self.task = task
+
+
+class LeasePreempted(ClientError):
+    """A lease held through ``Client.gpu()`` was preempted (or expired, or revoked)."""
+
+    def __init__(self, lease: dict[str, Any]) -> None:
+        by = f" by {lease['preempted_by']}" if lease.get("preempted_by") else ""
+        super().__init__(f"lease {lease.get('id')} was {lease.get('state')}{by}: "
+                         "release the GPU and try again later")
+        self.lease = lease

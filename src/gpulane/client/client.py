@@ -30,6 +30,12 @@ from typing import Any, Self
 import httpx
 
 from gpulane.client import _core as core
+from gpulane.client.leases import (
+    AsyncGpuLease,
+    GpuLease,
+    PreemptCallback,
+    acquire_request,
+)
 from gpulane.client.resilience import (
     REGISTRY,
     BreakerConfig,
@@ -337,6 +343,14 @@ class Client(_Base):
                 raise error
             time.sleep(delay)
 
+    def gpu(self, vram: str | int | None = None, *, gpus: int = 0,
+            priority: str | int = "normal", holder: str = "gpulane-sdk", ttl_s: float = 30.0,
+            wait_s: float = 600.0, grace_s: float = 10.0, preemptible: bool = True,
+            device: int | None = None, on_preempt: PreemptCallback | None = None) -> GpuLease:
+        """Hold a GPU lease for a ``with`` block: ``with client.gpu(vram="4GiB") as lease:``."""
+        return GpuLease(self, acquire_request(vram, gpus, priority, holder, ttl_s, wait_s,
+                                              grace_s, preemptible, device), on_preempt)
+
     def presets(self) -> JSON:
         return self._call(core.simple_get("/v1/presets"))
 
@@ -524,6 +538,16 @@ class AsyncClient(_Base):
             if delay is None:
                 raise error
             await asyncio.sleep(delay)
+
+    def gpu(self, vram: str | int | None = None, *, gpus: int = 0,
+            priority: str | int = "normal", holder: str = "gpulane-sdk", ttl_s: float = 30.0,
+            wait_s: float = 600.0, grace_s: float = 10.0, preemptible: bool = True,
+            device: int | None = None,
+            on_preempt: PreemptCallback | None = None) -> AsyncGpuLease:
+        """``async with client.gpu(vram="4GiB", priority="background") as lease:``; renews in
+        the background, releases on exit, calls on_preempt or raises LeasePreempted."""
+        return AsyncGpuLease(self, acquire_request(vram, gpus, priority, holder, ttl_s, wait_s,
+                                                   grace_s, preemptible, device), on_preempt)
 
     async def presets(self) -> JSON:
         return await self._call(core.simple_get("/v1/presets"))
