@@ -26,6 +26,7 @@ lint: install  ## ruff and mypy --strict on src/
 bench: install  ## every benchmark, peers included; tables to stdout, JSON to bench/results/
 	$(BIN)/python bench/dispatch.py $(ARGS)
 	$(BIN)/python bench/client.py
+	$(BIN)/python bench/leases.py
 
 clean:
 	rm -rf .gpulane .pytest_cache .mypy_cache .ruff_cache

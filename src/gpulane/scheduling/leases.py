@@ -182,8 +182,17 @@ class LeaseManager:
             self._preempt_for(lease)
             self.grant()
         if not lease.state.holds:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lease.granted.wait(), wait_s)
+            try:
+                async with asyncio.timeout(wait_s):
+                    await lease.granted.wait()
+            except TimeoutError:
+                pass
+            except asyncio.CancelledError:  # the caller left: grant this to nobody
+                if not lease.state.holds:
+                    self._set_final(lease, LeaseState.TIMED_OUT)
+                    self._unreserve(lease.id)
+                    self._resume_paused(lease)
+                raise
         if not lease.state.holds:
             self._set_final(lease, LeaseState.TIMED_OUT)
             self._unreserve(lease.id)
@@ -325,6 +334,10 @@ class LeaseManager:
             paused = self.leases.get(holder)
             if paused is not None:
                 paused.awaiting_resume = False
+                if paused.state is LeaseState.PREEMPTING:  # it never had to let go
+                    paused.state = LeaseState.GRANTED
+                    paused.revoke_at = None
+                    paused.preempted_by = None
                 self._event(paused, "resume", {"after": lease.id})
         lease.paused.clear()
 
