@@ -39,6 +39,9 @@ DEFAULT_BULK_MAX = 10_000
 """Most tasks one bulk submit may carry."""
 DEFAULT_SCHEDULER_SCAN = 256
 """Most queued tasks the scheduler looks at per pass when picking what to place next."""
+DEFAULT_AGEING_S = 30.0
+"""A queued task gains one priority point per this many seconds of waiting (0 turns it off):
+background work (10) overtakes fresh normal work (50) after 20 minutes."""
 DEFAULT_GPU_LOCK_DIR = "/tmp/gpulane-gpu-locks"
 """Host-wide folder of per-GPU lock files: two nodes never own the same GPU."""
 TOKEN_ENV = "GPULANE_TOKEN"
@@ -66,6 +69,7 @@ class Settings(BaseSettings):
     max_input_bytes: int = Field(DEFAULT_MAX_INPUT_BYTES, ge=1024)
     sqlite_synchronous: str = "NORMAL"  # NORMAL: durable across process crashes; FULL: power loss
     log_level: str = "info"
+    ageing_s: float = Field(DEFAULT_AGEING_S, ge=0)  # +1 priority per this many s queued; 0: off
     gpu_lock_dir: str = DEFAULT_GPU_LOCK_DIR  # one lock file per real GPU uuid, host-wide
 
     @field_validator("sqlite_synchronous")

@@ -68,6 +68,7 @@ class Node:
         self.leases = LeaseManager(self.ledger, on_change=self.scheduler.wake,
                                    preempt_worker=self.supervisor.preempt)
         self.scheduler.reserved = self.leases.reserved_devices
+        self.scheduler.ageing_s = settings.ageing_s
         self._lock = FileLock(settings.data_dir / "node.lock", f"data dir {settings.data_dir}")
         self._locked = False
         self._gpu_locks: list[FileLock] = []

@@ -673,3 +673,28 @@ async def test_wait_final_returns_the_unfinished_task_after_the_timeout(store: S
 def test_redis_fixture_serves_an_empty_database(redis_url: str) -> None:
     """The fixture the redis backend runs on starts a server and empties it (FLUSHALL)."""
     assert redis_url.startswith("redis://127.0.0.1:")
+
+
+async def test_ageing_lifts_long_waiting_work_above_fresh_work(store: Store) -> None:
+    old, _ = await store.submit(spec(priority=10))
+    # 45 s later at one point per second, the background task stands at 10 + 45 = 55 ...
+    assert await store.age_queued(1.0, at=old.created_at + 45) == 1
+    new, _ = await store.submit(spec(priority=50))
+    # ... ahead of normal work submitted just now.
+    heads = await store.queue_heads([("p", "gpu")])
+    assert (heads[0].task_id, heads[0].priority) == (old.id, 55)
+    claimed = await store.claim("p", "gpu", 2, "n", "gpu:0")
+    assert [t.id for t in claimed] == [old.id, new.id]
+    assert [t.priority for t in claimed] == [10, 50]  # the asked priorities are kept
+
+
+async def test_ageing_is_capped_and_keeps_the_asked_priority(store: Store) -> None:
+    bg, _ = await store.submit(spec(priority=10))
+    fresh, _ = await store.submit(spec(priority=90))
+    await store.age_queued(1.0, at=bg.created_at + 10_000)
+    heads = await store.queue_heads([("p", "gpu")])
+    assert heads[0].priority == 100
+    assert heads[0].task_id == bg.id  # equal effective priority: the older one first
+    got = await store.get(bg.id)
+    assert got is not None and got.priority == 10
+    del fresh

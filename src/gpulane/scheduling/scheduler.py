@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from gpulane.config import DEFAULT_SCHEDULER_SCAN
@@ -24,6 +25,8 @@ from gpulane.store import QueueHead, Store
 
 log = logging.getLogger("gpulane.scheduler")
 
+AGEING_CHECK_S = 5.0
+"""Ageing is applied at most this often (and at least twice per ageing step)."""
 SAFETY_TICK_S = 1.0
 """A pass runs at least this often even with no wake-up, so nothing can be forgotten."""
 
@@ -42,6 +45,8 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self.passes = 0
         self._stopping = False
+        self.ageing_s = 0.0  # set by the node from its settings
+        self._aged_at = 0.0
         self.reserved: Callable[[], set[int]] = set  # devices kept clear for urgent leases
 
     def wake(self) -> None:
@@ -81,9 +86,19 @@ class Scheduler:
                 pass
             self._wake.clear()
             try:
+                await self._age()
                 await self.run_pass()
             except Exception:  # a bad pass must not stop scheduling for good
                 log.exception("scheduler pass failed")
+
+    async def _age(self) -> None:
+        """Apply priority ageing at most a few times per ageing step."""
+        if self.ageing_s <= 0:
+            return
+        now = time.monotonic()
+        if now - self._aged_at >= min(self.ageing_s / 2, AGEING_CHECK_S):
+            self._aged_at = now
+            await self.store.age_queued(self.ageing_s)
 
     async def run_pass(self) -> int:
         """Place everything that fits now; returns how many tasks were dispatched."""

@@ -75,6 +75,9 @@ class Store(Protocol):
 
     async def queued_count(self) -> int: ...
 
+    async def age_queued(self, step_s: float, at: float | None = None) -> int:
+        """Raise queued tasks' effective priority by 1 per ``step_s`` waited (ageing)."""
+
     async def claim(self, preset: str, lane: str, limit: int, node: str,
                     device: str) -> list[Task]:
         """Move up to ``limit`` queued tasks of (preset, lane) to running, highest priority

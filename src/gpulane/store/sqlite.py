@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     input BLOB,
     output BLOB,
     error BLOB,
-    priority INTEGER NOT NULL,
+    priority INTEGER NOT NULL,  -- effective: base_priority lifted by waiting (ageing)
+    base_priority INTEGER NOT NULL,  -- what the submitter asked for
     device_wish TEXT NOT NULL,
     lane TEXT NOT NULL,
     timeout_s REAL,
@@ -77,7 +78,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
 ) WITHOUT ROWID;
 """
 
-_COLUMNS = ("seq, id, preset, state, input, output, error, priority, device_wish, lane, "
+_COLUMNS = ("seq, id, preset, state, input, output, error, base_priority, device_wish, lane, "
             "timeout_s, "
             "content_type, attempts, node, device, fallback_reason, idempotency_key, "
             "created_at, started_at, finished_at")
@@ -217,11 +218,11 @@ class SqliteStore:
         created = now()
         self._maybe_queued.add((spec.preset, spec.lane))
         cur = self.db.execute(
-            "INSERT INTO tasks (id, preset, state, input, priority, device_wish, lane, "
-            "fallback_reason, timeout_s, content_type, idempotency_key, created_at, event_seq) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,1)",
+            "INSERT INTO tasks (id, preset, state, input, priority, base_priority, device_wish, "
+            "lane, fallback_reason, timeout_s, content_type, idempotency_key, created_at, "
+            "event_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
             (tid, spec.preset, TaskState.QUEUED.value, _dumps(spec.input), spec.priority,
-             spec.device_wish.value, spec.lane, spec.fallback_reason, spec.timeout_s,
+             spec.priority, spec.device_wish.value, spec.lane, spec.fallback_reason, spec.timeout_s,
              spec.content_type, spec.idempotency_key, created))
         self.db.execute("INSERT INTO events (task_id, seq, type, data, ts) VALUES (?,?,?,?,?)",
                         (tid, 1, "state", _dumps({"state": "queued", "lane": spec.lane,
@@ -282,6 +283,18 @@ class SqliteStore:
             else:
                 self._maybe_queued.discard((preset, lane))
         return heads
+
+    async def age_queued(self, step_s: float, at: float | None = None) -> int:
+        """Lift each queued task's effective priority by 1 per ``step_s`` it has waited (up
+        to 100), so background work is never starved for ever; returns rows changed."""
+        at = now() if at is None else at
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE tasks SET priority = MIN(100, base_priority + "
+                "CAST((? - created_at) / ? AS INTEGER)) WHERE state='queued' AND priority < "
+                "MIN(100, base_priority + CAST((? - created_at) / ? AS INTEGER))",
+                (at, step_s, at, step_s))
+        return cur.rowcount
 
     async def queued_count(self) -> int:
         return int(self.db.execute(
