@@ -6,6 +6,7 @@ layers; a flag given as ``None`` means "not given" and does not override.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -85,10 +86,9 @@ class Settings(BaseSettings):
         # GPULANE_PRESETS=a.yaml:b/ is friendlier in a shell than JSON (a JSON list works too).
         if isinstance(v, str):
             if v.lstrip().startswith("["):
-                try:
+                # Not JSON after all: fall through and split it like a PATH.
+                with contextlib.suppress(ValueError):
                     return json.loads(v)
-                except ValueError:
-                    pass
             return [p for p in v.split(os.pathsep) if p]
         return v
 

@@ -56,6 +56,18 @@ def _interval(lease: JSON) -> float:
     return max(0.05, min(float(lease["ttl_s"]) / 3, float(lease["grace_s"]) / 2, POLL_MAX_S))
 
 
+def _after_renew(lease: JSON, fresh: JSON) -> JSON | None:
+    """The lease as a renewal left it: None while it is still held, else its new view."""
+    if fresh.get("state") == "granted":
+        return None
+    return {**lease, **fresh, "token": lease["token"]}
+
+
+def _lost(lease: JSON) -> JSON:
+    """A renewal refused with 409: the lease expired or was revoked."""
+    return {**lease, "state": "lost"}
+
+
 class AsyncGpuLease:
     """``async with client.gpu(vram="4GiB") as lease:`` — see the module docstring."""
 
@@ -89,14 +101,14 @@ class AsyncGpuLease:
             await asyncio.sleep(_interval(self.lease))
             try:
                 fresh = await self._client._call(renew_request(self.lease))
-            except APIError:  # 409: expired or revoked
-                fresh = {**self.lease, "state": "lost"}
+            except APIError:
+                fresh = _lost(self.lease)
             except ClientError:
                 continue  # a blip: the TTL leaves room for the next try
-            if fresh.get("state") == "granted":
+            ended = _after_renew(self.lease, fresh)
+            if ended is None:
                 continue
-            self.lease = {**self.lease, **fresh, "token": self.lease["token"]}
-            self.preempted = True
+            self.lease, self.preempted = ended, True
             if self._on_preempt is not None:
                 result = self._on_preempt(self.lease)
                 if inspect.isawaitable(result):
@@ -153,13 +165,13 @@ class GpuLease:
             try:
                 fresh = self._client._call(renew_request(self.lease))
             except APIError:
-                fresh = {**self.lease, "state": "lost"}
+                fresh = _lost(self.lease)
             except ClientError:
                 continue
-            if fresh.get("state") == "granted":
+            ended = _after_renew(self.lease, fresh)
+            if ended is None:
                 continue
-            self.lease = {**self.lease, **fresh, "token": self.lease["token"]}
-            self.preempted = True
+            self.lease, self.preempted = ended, True
             if self._on_preempt is not None:
                 self._on_preempt(self.lease)
             return

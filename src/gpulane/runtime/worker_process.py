@@ -33,13 +33,12 @@ def _die_with_parent() -> None:
     node never leaves workers holding GPU memory. A no-op where prctl is missing."""
     if sys.platform != "linux":
         return
-    try:
-        import ctypes
+    import ctypes
 
+    # No libc or no prctl: the worker still exits when its stdin closes.
+    with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 class WorkerState(str, enum.Enum):

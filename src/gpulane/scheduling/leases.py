@@ -183,10 +183,9 @@ class LeaseManager:
             self.grant()
         if not lease.state.holds:
             try:
-                async with asyncio.timeout(wait_s):
-                    await lease.granted.wait()
-            except TimeoutError:
-                pass
+                with contextlib.suppress(TimeoutError):  # not granted in time: 408 below
+                    async with asyncio.timeout(wait_s):
+                        await lease.granted.wait()
             except asyncio.CancelledError:  # the caller left: grant this to nobody
                 if not lease.state.holds:
                     self._set_final(lease, LeaseState.TIMED_OUT)

@@ -10,6 +10,7 @@ ready) or something is submitted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -61,10 +62,8 @@ class Scheduler:
         self._wake.set()
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):  # the cancel we just asked for
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
     def lanes(self) -> list[tuple[str, str]]:
         out = []
@@ -79,11 +78,9 @@ class Scheduler:
         while not self._stopping:
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
             # lands as the wake-up does, and the loop would never stop.
-            try:
+            with contextlib.suppress(TimeoutError):  # no wake-up: the safety tick's pass
                 async with asyncio.timeout(SAFETY_TICK_S):
                     await self._wake.wait()
-            except TimeoutError:
-                pass
             self._wake.clear()
             try:
                 await self._age()
