@@ -47,13 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._util import (
     REPO,
     Procs,
-    child_env,
     free_port,
     machine_info,
     markdown_table,
     print_table,
-    start_proc,
-    wait_until,
+    start_gpulane,
     write_json,
 )
 
@@ -61,7 +59,6 @@ from gpulane.client import AsyncClient, Client
 from gpulane.client.client import DEFAULT_LIMITS
 from gpulane.client.resilience import REGISTRY
 
-READY_TIMEOUT_S = 60.0
 GOAL_OVERHEAD = 0.05
 GOAL_OUTAGE_RATIO = 1.2
 
@@ -70,16 +67,7 @@ GOAL_OUTAGE_RATIO = 1.2
 
 
 def start_server(procs: Procs, tmp: Path) -> str:
-    port = free_port()
-    exe = Path(sys.executable).with_name("gpulane")
-    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "gpulane"]
-    argv += ["serve", "--data-dir", str(tmp / "data"), "--port", str(port),
-             "--simulate-gpus", "2x24GiB", "--log-level", "warning"]
-    proc = procs.add(start_proc("gpulane", argv, log_dir=tmp, env=child_env()))
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200,
-               timeout=READY_TIMEOUT_S, what="gpulane /readyz", proc=proc)
-    return url
+    return start_gpulane(procs, tmp / "data", tmp)[1]
 
 
 def bare_client(url: str) -> tuple[Callable[[str], Any], Callable[[], None]]:

@@ -52,6 +52,7 @@ from bench._util import (
     machine_info,
     markdown_table,
     print_table,
+    start_gpulane,
     start_proc,
     wait_until,
     write_json,
@@ -95,22 +96,6 @@ METHODS = {
 
 
 # --- gpulane -------------------------------------------------------------------------------
-
-
-def start_gpulane(procs: Procs, tmp: Path, log_dir: Path) -> tuple[Proc, str]:
-    port = free_port()
-    exe = Path(sys.executable).with_name("gpulane")
-    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "gpulane"]
-    argv += ["serve", "--data-dir", str(tmp / "gpulane-data"), "--port", str(port),
-             "--simulate-gpus", "2x24GiB", "--log-level", "warning"]
-    proc = procs.add(start_proc("gpulane", argv, log_dir=log_dir, env=child_env()))
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        return httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200
-
-    wait_until(ready, timeout=READY_TIMEOUT_S, what="gpulane /readyz", proc=proc)
-    return proc, url
 
 
 def sleep_workers(client: Any) -> list[dict[str, Any]]:
@@ -238,7 +223,7 @@ def bench_gpulane(args: argparse.Namespace, procs: Procs, tmp: Path,
                   log_dir: Path) -> dict[str, Any]:
     from gpulane.client import Client
 
-    proc, url = start_gpulane(procs, tmp, log_dir)
+    proc, url = start_gpulane(procs, tmp / "gpulane-data", log_dir)
     print(f"gpulane: serving at {url} (pid {proc.pid}); warming up", flush=True)
     workers = warm_gpulane(url, proc, args.warmup)
     print(f"gpulane: {len(workers)} sleep workers up: "

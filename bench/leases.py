@@ -30,32 +30,19 @@ from bench._util import (
     REPO,
     CpuMeter,
     Procs,
-    child_env,
-    free_port,
     git_info,
     latency_summary,
     machine_info,
     print_table,
-    start_proc,
-    wait_until,
+    start_gpulane,
     write_json,
 )
 
 GOAL_P50_MS = 2.0
-READY_TIMEOUT_S = 60
 
 
 def start_server(procs: Procs, tmp: Path) -> str:
-    port = free_port()
-    exe = Path(sys.executable).with_name("gpulane")
-    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "gpulane"]
-    argv += ["serve", "--data-dir", str(tmp / "data"), "--port", str(port),
-             "--simulate-gpus", "2x24GiB", "--log-level", "warning"]
-    proc = procs.add(start_proc("gpulane", argv, log_dir=tmp, env=child_env()))
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200,
-               timeout=READY_TIMEOUT_S, what="gpulane /readyz", proc=proc)
-    return url
+    return start_gpulane(procs, tmp / "data", tmp)[1]
 
 
 def acquire(http: httpx.Client, holder: str, vram_mb: int, wait_s: float) -> dict[str, Any]:
