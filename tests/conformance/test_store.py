@@ -13,7 +13,7 @@ import pytest
 from gpulane.errors import ConflictError, StaleTokenError, StoreError
 from gpulane.model import DeviceWish, Task, TaskSpec, TaskState
 from gpulane.store import NewEvent, Notifier, QueueHead, Store, wait_final
-from gpulane.store.base import body_hash
+from gpulane.store.base import Finish, body_hash
 
 if TYPE_CHECKING:
     from tests.conformance.conftest import Backend
@@ -560,7 +560,55 @@ async def test_reopened_store_keeps_tasks_events_and_keys(durable_backend: Backe
         await second.close()
 
 
+async def test_finish_many_ends_a_batch_in_one_call_and_reports_stale_items(
+        store: Store) -> None:
+    tasks = [await submit(store, input={"i": i}) for i in range(3)]
+    claimed = await store.claim("p", "gpu", 10, "n1", "gpu:0")
+    assert [t.id for t in claimed] == [t.id for t in tasks]  # queue order kept
+    await store.finish(tasks[1].id, 1, TaskState.CANCELLED)  # ended elsewhere meanwhile
+    got = await store.finish_many([
+        Finish(tasks[0].id, 1, TaskState.SUCCEEDED, output={"ok": 0},
+               events=[NewEvent("result", {"output": {"ok": 0}})]),
+        Finish(tasks[1].id, 1, TaskState.SUCCEEDED, output={"ok": 1}),
+        Finish(tasks[2].id, 1, TaskState.FAILED, error={"kind": "bad_input", "message": "x"}),
+        Finish("0" * 24, 1, TaskState.SUCCEEDED),
+    ])
+    assert isinstance(got[0], Task) and got[0].state is TaskState.SUCCEEDED
+    assert got[0].output == {"ok": 0} and got[0].finished_at is not None
+    assert isinstance(got[1], StaleTokenError) and isinstance(got[3], StaleTokenError)
+    assert isinstance(got[2], Task) and got[2].error == {"kind": "bad_input", "message": "x"}
+    assert await states(store, tasks[0].id) == ["queued", "running", "succeeded"]
+    assert [e.type for e in await store.events(tasks[0].id)] == [
+        "state", "state", "result", "state"]
+    assert (await store.get(tasks[1].id)).state is TaskState.CANCELLED  # type: ignore[union-attr]
+    with pytest.raises(StoreError):
+        await store.finish_many([Finish(tasks[0].id, 1, TaskState.RUNNING)])
+
+
 # -- notifier and wait_final ------------------------------------------------------------------
+
+
+async def test_until_final_sleeps_through_changes_and_hands_over_the_final_task() -> None:
+    n = Notifier()
+    running = Task(id="t", preset="p", state=TaskState.RUNNING, input=None, priority=50,
+                   device_wish=DeviceWish.AUTO, created_at=0.0)
+    done = Task(id="t", preset="p", state=TaskState.SUCCEEDED, input=None, priority=50,
+                device_wish=DeviceWish.AUTO, created_at=0.0, output=1)
+    waiter = asyncio.create_task(n.until_final("t", n.version("t"), timeout=5))
+    await asyncio.sleep(0)
+    n.notify("t", running)  # claimed: not what a result waiter waits for
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    n.notify("t", done)
+    assert await asyncio.wait_for(waiter, 2) is done
+    # A notify that carries no task wakes result waiters to re-read; a timeout says False.
+    waiter = asyncio.create_task(n.until_final("t", n.version("t"), timeout=5))
+    await asyncio.sleep(0)
+    n.notify("t")
+    assert await asyncio.wait_for(waiter, 2) is True
+    assert await n.until_final("t", n.version("t"), timeout=0.01) is False
+    assert await n.until_final("t", n.version("t") - 1, timeout=5) is True  # changed already
+
 
 
 async def test_notifier_wait_returns_true_when_notified() -> None:

@@ -36,7 +36,7 @@ from gpulane.runtime.worker_process import (
     WorkerState,
 )
 from gpulane.scheduling.ledger import Ledger
-from gpulane.store import NewEvent, Store
+from gpulane.store import Finish, NewEvent, Store
 
 log = logging.getLogger("gpulane.supervisor")
 
@@ -124,7 +124,7 @@ class Supervisor:
         spec = launcher_for(preset).build(preset, device, wid, extra_env)
         worker = WorkerProcess(wid, preset.name, device, spec, session=session,
                                stderr_tail_lines=self.stderr_tail_lines,
-                               on_message=self._on_message, on_exit=self._on_exit)
+                               on_messages=self._on_messages, on_exit=self._on_exit)
         self.workers[wid] = worker
         self.presets[wid] = preset
         self.inflight[wid] = {}
@@ -223,45 +223,64 @@ class Supervisor:
             return next(iter(runs.values()))
         return None
 
-    async def _on_message(self, worker: WorkerProcess, msg: WorkerMessage) -> None:
-        if worker.session and msg.type in (EventType.CONNECTION, EventType.WORKER):
-            return  # worker-level news; WorkerProcess tracks readiness itself
-        run = self._route(worker, msg)
-        if run is not None and run.cancelled:
+    async def _on_messages(self, worker: WorkerProcess, msgs: list[WorkerMessage]) -> None:
+        """Lines the worker wrote together. Streamed events are stored as they come; the
+        finishes among them (a whole batch, usually) are stored in one transaction."""
+        ends: list[tuple[TaskRun, Finish]] = []
+        for msg in msgs:
+            if worker.session and msg.type in (EventType.CONNECTION, EventType.WORKER):
+                continue  # worker-level news; WorkerProcess tracks readiness itself
+            run = self._route(worker, msg)
+            if run is not None and run.cancelled:
+                if msg.type is EventType.FINISH:
+                    self._forget(run)  # the worker let go of the cancelled task
+                continue
+            if run is None or run.done:
+                if msg.type is not EventType.LOG:
+                    log.debug("worker %s: %s event for no running task: %s", worker.id,
+                              msg.type.value, msg.raw or msg.data)
+                else:
+                    log.info("[%s stdout] %s", worker.id, msg.data.get("line"))
+                continue
+            if msg.type is EventType.UNKNOWN:
+                log.warning("worker %s emitted an unknown event %r; kept as 'unknown'",
+                            worker.id, msg.data.get("event"))
             if msg.type is EventType.FINISH:
-                self._forget(run)  # the worker let go of the cancelled task
-            return
-        if run is None or run.done:
-            if msg.type is not EventType.LOG:
-                log.debug("worker %s: %s event for no running task: %s", worker.id,
-                          msg.type.value, msg.raw or msg.data)
-            else:
-                log.info("[%s stdout] %s", worker.id, msg.data.get("line"))
-            return
-        if msg.type is EventType.UNKNOWN:
-            log.warning("worker %s emitted an unknown event %r; kept as 'unknown'",
-                        worker.id, msg.data.get("event"))
-        if msg.type is EventType.FINISH:
-            await self._on_finish(run, msg)
-            return
-        event, _held = run.take(msg)
-        if event is not None:
-            with contextlib.suppress(StaleTokenError):
-                await self.store.append_events(run.id, [event])
+                run.done = True
+                ends.append((run, self._finish_of(run, msg)))
+                continue
+            event, _held = run.take(msg)
+            if event is not None:
+                with contextlib.suppress(StaleTokenError):  # the attempt was ended elsewhere
+                    await self.store.append_events(run.id, [event])
+        if ends:
+            await self._store_ends(ends)
 
-    async def _on_finish(self, run: TaskRun, msg: WorkerMessage) -> None:
+    def _finish_of(self, run: TaskRun, msg: WorkerMessage) -> Finish:
         status = msg.data.get("status", "completed")
-        finish_event = NewEvent(EventType.FINISH.value, msg.data)
+        events = [*run.held, NewEvent(EventType.FINISH.value, msg.data)]
         if status == "completed":
-            await self._end(run, TaskState.SUCCEEDED, output=run.final_output(),
-                            events=[*run.held, finish_event])
-            return
+            return Finish(run.id, run.token, TaskState.SUCCEEDED, output=run.final_output(),
+                          events=events)
         raw_err = msg.data.get("error")
         err: dict[str, object] = raw_err if isinstance(raw_err, dict) else {}
         kind = str(err.get("kind") or ErrorKind.INTERNAL.value)
         message = str(err.get("message") or f"worker reported status {status!r}")
-        await self._end(run, TaskState.FAILED, error=task_error(kind, message),
-                        events=[*run.held, finish_event])
+        return Finish(run.id, run.token, TaskState.FAILED, error=task_error(kind, message),
+                      events=events)
+
+    async def _store_ends(self, ends: list[tuple[TaskRun, Finish]]) -> None:
+        """Write final states (the runs are already marked done), then free their capacity."""
+        try:
+            results = await self.store.finish_many([f for _, f in ends])
+        except Exception:
+            log.exception("storing %d task outcomes failed", len(ends))
+            results = []
+        for got in results:
+            if isinstance(got, StaleTokenError):
+                log.info("dropped the outcome of a stale attempt: %s", got)
+        for run, _ in ends:
+            self._forget(run)
 
     async def _end(self, run: TaskRun, state: TaskState, *, output: object = None,
                    error: dict[str, object] | None = None,
@@ -270,12 +289,8 @@ class Supervisor:
         if run.done:
             return
         run.done = True
-        try:
-            await self.store.finish(run.id, run.token, state, output=output, error=error,
-                                    events=events or [])
-        except StaleTokenError as exc:
-            log.info("dropped the outcome of a stale attempt: %s", exc)
-        self._forget(run)
+        await self._store_ends([(run, Finish(run.id, run.token, state, output=output,
+                                             error=error, events=events or []))])
 
     def _forget(self, run: TaskRun) -> None:
         self.runs.pop(run.id, None)

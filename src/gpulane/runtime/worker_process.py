@@ -1,7 +1,8 @@
 """One worker process (or container) and the JSON-lines conversation with it.
 
-This class knows the protocol and the process, nothing of tasks or stores: every parsed line
-goes to ``on_message`` and the exit to ``on_exit``; the supervisor decides what they mean.
+This class knows the protocol and the process, nothing of tasks or stores: the parsed lines go
+to ``on_messages`` (all complete lines of one read together, so a batch's results arrive as
+one) and the exit to ``on_exit``; the supervisor decides what they mean.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gpulane.runtime.launchers import DeviceAssignment, LaunchSpec
 log = logging.getLogger("gpulane.worker")
 
 STDOUT_LINE_LIMIT = 64 * 1024 * 1024
+READ_CHUNK_BYTES = 256 * 1024
 """Longest stdout line a worker may write (a result carrying a big output), in bytes."""
 
 
@@ -62,7 +64,7 @@ class WorkerProcess:
 
     def __init__(self, worker_id: str, preset_name: str, device: DeviceAssignment,
                  spec: LaunchSpec, *, session: bool, stderr_tail_lines: int,
-                 on_message: Callable[[WorkerProcess, WorkerMessage], Any],
+                 on_messages: Callable[[WorkerProcess, list[WorkerMessage]], Any],
                  on_exit: Callable[[WorkerProcess], Any]) -> None:
         self.id = worker_id
         self.preset_name = preset_name
@@ -76,7 +78,7 @@ class WorkerProcess:
         self.last_used = time.monotonic()
         self.returncode: int | None = None
         self.tasks_done = 0
-        self._on_message = on_message
+        self._on_messages = on_messages
         self._on_exit = on_exit
         self._proc: asyncio.subprocess.Process | None = None
         self._connected = asyncio.Event()
@@ -182,30 +184,54 @@ class WorkerProcess:
         await self._exited.wait()
 
     async def _read_stdout(self) -> None:
+        """Read stdout in chunks and hand over every complete line of a chunk at once: a batch
+        a worker writes in one go is then handled (and stored) as one."""
         assert self._proc is not None and self._proc.stdout is not None
         stdout = self._proc.stdout
+        pending = bytearray()  # the start of a line whose newline has not come yet
+        dropping = False  # the current line went over the limit: skip to its newline
         try:
             while True:
-                try:
-                    line = await stdout.readline()
-                except ValueError:  # a line over the limit: drop it, keep the worker
-                    log.warning("worker %s wrote a stdout line over %d bytes; dropped",
-                                self.id, STDOUT_LINE_LIMIT)
-                    continue
-                if not line:
+                chunk = await stdout.read(READ_CHUNK_BYTES)
+                if not chunk:
                     break
-                if not line.strip():
+                end = chunk.rfind(b"\n")
+                if end < 0:
+                    if not dropping:
+                        pending += chunk
+                        if len(pending) > STDOUT_LINE_LIMIT:
+                            log.warning("worker %s wrote a stdout line over %d bytes; dropped",
+                                        self.id, STDOUT_LINE_LIMIT)
+                            pending.clear()
+                            dropping = True
                     continue
-                msg = parse_line(line)
-                self._track(msg)
-                try:
-                    result = self._on_message(self, msg)
-                    if asyncio.iscoroutine(result):
-                        await result
-                except Exception:  # a handler bug must not stop the conversation
-                    log.exception("handling a line from worker %s failed", self.id)
+                lines = (bytes(pending) + chunk[:end]).split(b"\n")
+                if dropping:
+                    lines = lines[1:]
+                    dropping = False
+                pending = bytearray(chunk[end + 1:])
+                await self._deliver(lines)
+            if pending and not dropping:
+                await self._deliver([bytes(pending)])
         finally:
             await self._finish()
+
+    async def _deliver(self, lines: list[bytes]) -> None:
+        msgs = []
+        for line in lines:
+            if not line.strip():
+                continue
+            msg = parse_line(line)
+            self._track(msg)
+            msgs.append(msg)
+        if not msgs:
+            return
+        try:
+            result = self._on_messages(self, msgs)
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:  # a handler bug must not stop the conversation
+            log.exception("handling lines from worker %s failed", self.id)
 
     def _track(self, msg: WorkerMessage) -> None:
         if msg.type is EventType.CONNECTION:

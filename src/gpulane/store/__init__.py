@@ -1,5 +1,5 @@
 """Where tasks, events and idempotency keys live: SQLite embedded, Redis for fleets."""
 
-from gpulane.store.base import NewEvent, Notifier, QueueHead, Store, open_store, wait_final
+from gpulane.store.base import Finish, NewEvent, Notifier, QueueHead, Store, open_store, wait_final
 
-__all__ = ["NewEvent", "Notifier", "QueueHead", "Store", "open_store", "wait_final"]
+__all__ = ["Finish", "NewEvent", "Notifier", "QueueHead", "Store", "open_store", "wait_final"]

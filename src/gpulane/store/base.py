@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from gpulane.errors import StaleTokenError
 from gpulane.model import Event, Task, TaskSpec, TaskState
 
 
@@ -48,6 +49,18 @@ class NewEvent:
 
     type: str
     data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """One attempt's end, for :meth:`Store.finish_many`: a batch's tasks end together."""
+
+    task_id: str
+    token: int
+    state: TaskState
+    output: Any = None
+    error: dict[str, Any] | None = None
+    events: Sequence[NewEvent] = ()
 
 
 class Store(Protocol):
@@ -92,6 +105,11 @@ class Store(Protocol):
         """End the attempt holding ``token`` in a final state. StaleTokenError if it is not
         the task's current running attempt."""
 
+    async def finish_many(self, items: Sequence[Finish]) -> list[Task | StaleTokenError]:
+        """End many attempts in one transaction (a batch that finished together). Each
+        item's answer is its final task, or the StaleTokenError that ``finish`` would raise;
+        a stale item does not stop the others."""
+
     async def requeue(self, task_id: str, token: int, error: dict[str, Any] | None,
                       events: Sequence[NewEvent] = ()) -> Task:
         """Put a running attempt back in the queue (a retry, or a preempted task)."""
@@ -107,27 +125,39 @@ class Notifier:
     """In-process wake-ups for waiters on a task (SSE streams, result long-polls).
 
     A waiter takes ``version(task_id)`` before reading the store, then ``wait`` for a version
-    past it; that closes the race between reading and waiting.
+    past it; that closes the race between reading and waiting. Result long-polls use
+    ``until_final`` instead: they sleep through a task's intermediate changes (claimed,
+    progress events) and get the final task handed to them, so they need no read of their own.
     """
 
     def __init__(self) -> None:
         self._versions: dict[str, int] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._final_waiters: dict[str, list[asyncio.Future[Task | None]]] = {}
 
     def version(self, task_id: str) -> int:
         return self._versions.get(task_id, 0)
 
-    def notify(self, task_id: str) -> None:
+    def notify(self, task_id: str, task: Task | None = None) -> None:
+        """The task changed. ``task`` is how it stands now, when the caller has it: a
+        non-final one does not wake result waiters; without one, everyone wakes and re-reads."""
         self._versions[task_id] = self._versions.get(task_id, 0) + 1
         waiters = self._waiters.pop(task_id, None)
         if waiters:
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
+        if task is not None and not task.state.final:
+            return
+        final_waiters = self._final_waiters.pop(task_id, None)
+        if final_waiters:
+            for ffut in final_waiters:
+                if not ffut.done():
+                    ffut.set_result(task)
 
     def forget(self, task_id: str) -> None:
         """Drop a final task's version counter unless someone still waits on it."""
-        if task_id not in self._waiters:
+        if task_id not in self._waiters and task_id not in self._final_waiters:
             self._versions.pop(task_id, None)
 
     async def wait(self, task_id: str, seen_version: int, timeout: float) -> bool:
@@ -143,11 +173,33 @@ class Notifier:
         except TimeoutError:
             return False
         finally:
-            lst = self._waiters.get(task_id)
-            if lst and fut in lst:
-                lst.remove(fut)
-                if not lst:
-                    del self._waiters[task_id]
+            _discard(self._waiters, task_id, fut)
+
+    async def until_final(self, task_id: str, seen_version: int,
+                          timeout: float) -> Task | bool:
+        """Wait for the task's final state: the final task when a notify carried it, True
+        when the caller must re-read (it changed before the wait, or a notify carried no
+        task), False when ``timeout`` passed."""
+        if self._versions.get(task_id, 0) != seen_version:
+            return True
+        fut: asyncio.Future[Task | None] = asyncio.get_running_loop().create_future()
+        self._final_waiters.setdefault(task_id, []).append(fut)
+        try:
+            async with asyncio.timeout(timeout):
+                task = await fut
+            return True if task is None else task
+        except TimeoutError:
+            return False
+        finally:
+            _discard(self._final_waiters, task_id, fut)
+
+
+def _discard(table: dict[str, list[Any]], task_id: str, fut: asyncio.Future[Any]) -> None:
+    lst = table.get(task_id)
+    if lst and fut in lst:
+        lst.remove(fut)
+        if not lst:
+            del table[task_id]
 
 
 async def wait_final(store: Store, task_id: str, timeout: float) -> Task | None:
@@ -161,7 +213,11 @@ async def wait_final(store: Store, task_id: str, timeout: float) -> Task | None:
         left = deadline - time.monotonic()
         if left <= 0:
             return task
-        await store.notifier.wait(task_id, seen, left)
+        got = await store.notifier.until_final(task_id, seen, left)
+        if isinstance(got, Task):
+            return got
+        if got is False:
+            return await store.get(task_id)
 
 
 def open_store(url: str, synchronous: str = "NORMAL") -> Store:

@@ -29,7 +29,7 @@ from gpulane.model import (
     now,
     task_error,
 )
-from gpulane.store.base import NewEvent, Notifier, QueueHead, new_task_id
+from gpulane.store.base import Finish, NewEvent, Notifier, QueueHead, new_task_id
 
 log = logging.getLogger("gpulane.store")
 
@@ -38,7 +38,7 @@ CHECKPOINT_INTERVAL_S = 1.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,  -- rowid: tasks are never deleted, so it only grows
     id TEXT NOT NULL UNIQUE,
     preset TEXT NOT NULL,
     state TEXT NOT NULL,
@@ -61,8 +61,13 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_at REAL,
     event_seq INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS tasks_queue ON tasks (state, preset, lane, priority DESC, seq);
-CREATE INDEX IF NOT EXISTS tasks_running ON tasks (state, node);
+-- Partial indexes: a task is in the queue index only while queued and in the running index
+-- only while running, so the writes that end a task touch one index, not two.
+DROP INDEX IF EXISTS tasks_queue;
+DROP INDEX IF EXISTS tasks_running;
+CREATE INDEX IF NOT EXISTS tasks_queued ON tasks (preset, lane, priority DESC, seq)
+    WHERE state='queued';
+CREATE INDEX IF NOT EXISTS tasks_running_on ON tasks (node) WHERE state='running';
 CREATE TABLE IF NOT EXISTS events (
     task_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -188,7 +193,6 @@ class SqliteStore:
 
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[tuple[Task, bool]]:
         out: list[tuple[Task, bool]] = []
-        created_ids: list[str] = []
         with self._tx() as db:
             for spec in specs:
                 if spec.idempotency_key is not None:
@@ -207,10 +211,10 @@ class SqliteStore:
                             out.append((task, False))
                             continue
                 task = self._insert(spec)
-                created_ids.append(task.id)
                 out.append((task, True))
-        for tid in created_ids:
-            self.notifier.notify(tid)
+        for task, created in out:
+            if created:
+                self.notifier.notify(task.id, task)
         return out
 
     def _insert(self, spec: TaskSpec) -> Task:
@@ -252,8 +256,8 @@ class SqliteStore:
         where: list[str] = []
         args: list[object] = []
         if state is not None:
-            where.append("state=?")
-            args.append(state.value)
+            # Inlined (an enum value, never user text) so the partial indexes can serve it.
+            where.append(f"state='{state.value}'")
         if preset is not None:
             where.append("preset=?")
             args.append(preset)
@@ -306,25 +310,24 @@ class SqliteStore:
                     device: str) -> list[Task]:
         started = now()
         with self._tx() as db:
+            # One statement moves the whole batch; RETURNING hands back the rows as updated.
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM tasks WHERE state='queued' AND preset=? AND lane=? "
-                "ORDER BY priority DESC, seq LIMIT ?", (preset, lane, limit)).fetchall()
-            tasks = [_row_to_task(r) for r in rows]
-            for t in tasks:
-                t.state = TaskState.RUNNING
-                t.attempts += 1
-                t.started_at = started
-                t.placement = Placement(node, device, t.fallback_reason)
-                ev = db.execute(
-                    "UPDATE tasks SET state='running', attempts=?, started_at=?, node=?, "
-                    "device=?, event_seq=event_seq+1 WHERE id=? RETURNING event_seq",
-                    (t.attempts, started, node, device, t.id)).fetchone()[0]
-                state_data = _dumps({"state": "running", "attempt": t.attempts, "node": node,
-                                     "device": device, "fallback_reason": t.fallback_reason})
-                db.execute("INSERT INTO events (task_id, seq, type, data, ts) VALUES (?,?,?,?,?)",
-                           (t.id, ev, "state", state_data, started))
+                f"UPDATE tasks SET state='running', attempts=attempts+1, started_at=?, node=?, "
+                f"device=?, event_seq=event_seq+1 WHERE id IN (SELECT id FROM tasks WHERE "
+                f"state='queued' AND preset=? AND lane=? ORDER BY priority DESC, seq LIMIT ?) "
+                f"RETURNING {_COLUMNS}, event_seq, priority",
+                (started, node, device, preset, lane, limit)).fetchall()
+            # RETURNING follows no order: put the batch back in queue order.
+            rows.sort(key=lambda r: (-r[-1], r[0]))
+            tasks = [_row_to_task(r[:-2]) for r in rows]
+            db.executemany(
+                "INSERT INTO events (task_id, seq, type, data, ts) VALUES (?,?,?,?,?)",
+                [(t.id, r[-2], "state", _dumps({
+                    "state": "running", "attempt": t.attempts, "node": node, "device": device,
+                    "fallback_reason": t.fallback_reason}), started)
+                 for t, r in zip(tasks, rows, strict=True)])
         for t in tasks:
-            self.notifier.notify(t.id)
+            self.notifier.notify(t.id, t)
         return tasks
 
     def _append(self, task_id: str, events: Sequence[NewEvent]) -> list[Event]:
@@ -368,20 +371,53 @@ class SqliteStore:
     async def finish(self, task_id: str, token: int, state: TaskState, output: Any = None,
                      error: dict[str, Any] | None = None,
                      events: Sequence[NewEvent] = ()) -> Task:
-        if not state.final:
-            raise StoreError(f"finish() needs a final state, not {state.value}")
+        (got,) = await self.finish_many([Finish(task_id, token, state, output, error, events)])
+        if isinstance(got, StaleTokenError):
+            raise got
+        return got
+
+    async def finish_many(self, items: Sequence[Finish]) -> list[Task | StaleTokenError]:
+        for item in items:
+            if not item.state.final:
+                raise StoreError(f"finish() needs a final state, not {item.state.value}")
+        out: list[Task | StaleTokenError] = []
+        finished = now()
+        rows: list[tuple[Any, ...]] = []
         with self._tx() as db:
+            for item in items:
+                events = [*item.events, NewEvent("state", {"state": item.state.value,
+                                                            "error": item.error})]
+                # The fencing check is the UPDATE's own WHERE: a stale attempt changes nothing.
+                row = db.execute(
+                    f"UPDATE tasks SET state=?, output=?, error=?, finished_at=?, "
+                    f"event_seq=event_seq+? WHERE id=? AND state='running' AND attempts=? "
+                    f"RETURNING {_COLUMNS}, event_seq",
+                    (item.state.value, _dumps(item.output),
+                     _dumps(item.error) if item.error else None, finished, len(events),
+                     item.task_id, item.token)).fetchone()
+                if row is None:
+                    out.append(self._stale(item.task_id, item.token))
+                    continue
+                first = row[-1] - len(events) + 1
+                rows.extend((item.task_id, first + i, e.type, _dumps(e.data), finished)
+                            for i, e in enumerate(events))
+                out.append(_row_to_task(row[:-1]))
+            db.executemany(
+                "INSERT INTO events (task_id, seq, type, data, ts) VALUES (?,?,?,?,?)", rows)
+        for got in out:
+            if isinstance(got, Task):
+                self.notifier.notify(got.id, got)
+        return out
+
+    def _stale(self, task_id: str, token: int) -> StaleTokenError:
+        """Why a finish changed nothing: the task moved on, or there is no such task."""
+        try:
             self._check_token(task_id, token)
-            finished = now()
-            final = NewEvent("state", {"state": state.value, "error": error})
-            self._append(task_id, [*events, final])
-            db.execute("UPDATE tasks SET state=?, output=?, error=?, finished_at=? WHERE id=?",
-                       (state.value, _dumps(output), _dumps(error) if error else None,
-                        finished, task_id))
-            task = self._get(task_id)
-        assert task is not None
-        self.notifier.notify(task_id)
-        return task
+        except StaleTokenError as exc:
+            return exc
+        except StoreError as exc:  # no such task: no attempt of it can be current
+            return StaleTokenError(str(exc))
+        return StaleTokenError(f"task {task_id} attempt {token} is stale")
 
     async def requeue(self, task_id: str, token: int, error: dict[str, Any] | None,
                       events: Sequence[NewEvent] = ()) -> Task:
@@ -395,7 +431,7 @@ class SqliteStore:
             task = self._get(task_id)
         assert task is not None
         self._maybe_queued.add((task.preset, task.lane))
-        self.notifier.notify(task_id)
+        self.notifier.notify(task_id, task)
         return task
 
     async def cancel_queued(self, task_id: str) -> Task | None:
@@ -408,7 +444,7 @@ class SqliteStore:
             db.execute("UPDATE tasks SET state='cancelled', error=?, finished_at=? WHERE id=?",
                        (_dumps(error), now(), task_id))
             task = self._get(task_id)
-        self.notifier.notify(task_id)
+        self.notifier.notify(task_id, task)
         return task
 
     async def recover(self, node: str) -> int:
