@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from gpulane import __version__
 from gpulane.api import leases, system, tasks
 from gpulane.api.auth import require_token
+from gpulane.api.hotpath import HotPath
 from gpulane.api.responses import JSON
 from gpulane.errors import RequestError
 from gpulane.node import Node
@@ -39,6 +40,7 @@ def create_app(node: Node, *, manage_node: bool = True) -> FastAPI:
     app.include_router(tasks.router, dependencies=guard)
     app.include_router(system.router, dependencies=guard)
     app.include_router(leases.router, dependencies=guard)
+    app.add_middleware(HotPath)  # the task calls every client makes, minus FastAPI's routing
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSON:
