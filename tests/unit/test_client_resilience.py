@@ -196,11 +196,22 @@ def test_timeouts_are_per_phase_and_long_polls_read_longer() -> None:
     assert held["read"] == 20 + core.WAIT_SLACK and held["connect"] == DEFAULT_TIMEOUT.connect
 
 
-def test_http2_is_on_when_h2_is_installed() -> None:
+def test_sync_client_takes_the_lean_pool_unless_http2_or_a_transport_is_asked_for() -> None:
     assert core.h2_available()
     with Client("http://gl.test") as c:
+        assert c._fast is not None
+    with Client("http://gl.test", http2=True) as c:
+        assert c._fast is None
         assert c._http._transport._pool._http2 is True  # type: ignore[attr-defined]
-    with Client("http://gl.test", http2=False) as c:
+    with Client("http://gl.test", transport=httpx.MockTransport(lambda r: httpx.Response(200))
+                ) as c:
+        assert c._fast is None
+
+
+async def test_async_client_speaks_http2_when_h2_is_installed() -> None:
+    async with AsyncClient("http://gl.test") as c:
+        assert c._http._transport._pool._http2 is True  # type: ignore[attr-defined]
+    async with AsyncClient("http://gl.test", http2=False) as c:
         assert c._http._transport._pool._http2 is False  # type: ignore[attr-defined]
 
 

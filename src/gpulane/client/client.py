@@ -28,8 +28,10 @@ from types import TracebackType
 from typing import Any, Self
 
 import httpx
+import orjson
 
 from gpulane.client import _core as core
+from gpulane.client._http11 import Http11Pool, Reply
 from gpulane.client.leases import (
     AsyncGpuLease,
     GpuLease,
@@ -138,7 +140,7 @@ class _Base:
                               f"{type(exc).__name__}: {detail}",
                               transient=classify_exception(exc).kind == "transient")
 
-    def _api_error(self, response: httpx.Response, body: bytes) -> APIError:
+    def _api_error(self, response: httpx.Response | Reply, body: bytes) -> APIError:
         retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
         return core.api_error(response.status_code, body, response.reason_phrase, retry_after)
 
@@ -184,7 +186,13 @@ class Client(_Base):
         super().__init__(url, token, timeout, transport is not None, retry, breaker, budget)
         self._http = httpx.Client(base_url=self.url, headers=core.base_headers(self._token),
                                   timeout=self._timeout, transport=transport, limits=limits,
-                                  http2=core.h2_available() if http2 is None else http2)
+                                  http2=bool(http2) and core.h2_available())
+        # Plain calls take the lean HTTP/1.1 pool unless the caller chose the transport or
+        # HTTP/2; event streams always go through httpx.
+        self._fast = (Http11Pool(self.url, core.base_headers(self._token), self._timeout,
+                                 max_idle=limits.max_keepalive_connections or 32,
+                                 keepalive_expiry=limits.keepalive_expiry)
+                      if transport is None and not http2 else None)
 
     def __enter__(self) -> Self:
         return self
@@ -194,9 +202,11 @@ class Client(_Base):
         self.close()
 
     def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
         self._http.close()
 
-    def _send(self, request: core.Request) -> httpx.Response:
+    def _send(self, request: core.Request) -> httpx.Response | Reply:
         """Do one HTTP exchange, retried and guarded by the breaker. Raises TransportError (no
         answer; CircuitOpenError when not even tried) or APIError (error status).
 
@@ -221,7 +231,9 @@ class Client(_Base):
             call.abandon()  # cancelled or interrupted: hand back a half-open probe's place
             raise
 
-    def _send_once(self, request: core.Request) -> httpx.Response:
+    def _send_once(self, request: core.Request) -> httpx.Response | Reply:
+        if self._fast is not None and not request.stream:
+            return self._send_fast(self._fast, request)
         http_request = self._http.build_request(request.method, request.path,
                                                 **self._build_kwargs(request))
         try:
@@ -237,6 +249,18 @@ class Client(_Base):
                 response.close()
             raise self._api_error(response, body)
         return response
+
+    def _send_fast(self, pool: Http11Pool, request: core.Request) -> Reply:
+        body = None if request.json is None else orjson.dumps(
+            request.json, option=orjson.OPT_NON_STR_KEYS)
+        try:
+            reply = pool.request(request.method, request.path, request.params, body,
+                                 request.headers, self._timeout_for(request).read)
+        except httpx.RequestError as exc:
+            raise self._transport_error(request, exc) from exc
+        if core.is_error_status(reply.status_code):
+            raise self._api_error(reply, reply.content)
+        return reply
 
     def _call(self, request: core.Request) -> JSON:
         response = self._send(request)
@@ -322,6 +346,7 @@ class Client(_Base):
             request = stream.request()
             try:
                 response = self._send(request)
+                assert isinstance(response, httpx.Response)  # streams always go through httpx
                 stream.connected = True
                 try:
                     for line in response.iter_lines():
