@@ -257,4 +257,10 @@ class Node:
                 "cpu": {**self.cpu.to_json(), "in_use": self.ledger.cpu_used}}
 
     def workers_view(self) -> list[dict[str, Any]]:
-        return [w.to_json() for w in self.supervisor.workers.values()]
+        out = []
+        for w in self.supervisor.workers.values():
+            view = w.to_json()
+            batcher = self.supervisor.batchers.get(w.id)
+            view["batch"] = batcher.to_json() if batcher is not None else None
+            out.append(view)
+        return out

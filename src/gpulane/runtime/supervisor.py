@@ -28,6 +28,7 @@ from gpulane.protocol import (
     cancel_op,
     run_op,
 )
+from gpulane.runtime.batcher import Batcher
 from gpulane.runtime.launchers import DeviceAssignment, launcher_for
 from gpulane.runtime.taskrun import TaskRun
 from gpulane.runtime.worker_process import (
@@ -71,6 +72,9 @@ class Supervisor:
         self._timers: dict[str, asyncio.TimerHandle] = {}  # worker id -> its watchdog
         self._input_files: dict[str, str] = {}  # one-off worker id -> its input file
         self._preempted: set[str] = set()  # workers being drained for an urgent lease
+        self.batchers: dict[str, Batcher] = {}  # session worker id -> its batch policy
+        self._forming: dict[str, asyncio.TimerHandle] = {}  # worker id -> its batch's flush
+        self._batch: dict[str, tuple[int, float, bool]] = {}  # worker id -> (n, sent, full)
         self._ids = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
@@ -89,6 +93,21 @@ class Supervisor:
             if not self.inflight.get(w.id):
                 return w
         return None
+
+    def forming_worker(self, preset: str, lane: str) -> tuple[WorkerProcess, int] | None:
+        """A worker whose batch waits to fill (max_wait_ms), and how many more it takes."""
+        for wid in self._forming:
+            w = self.workers.get(wid)
+            if w is not None and w.preset_name == preset and w.device.kind == lane:
+                room = self.batchers[wid].size - len(self.inflight.get(wid) or ())
+                if room > 0:
+                    return w, room
+        return None
+
+    def batch_size(self, worker: WorkerProcess) -> int:
+        """How many tasks the worker's next batch may take."""
+        batcher = self.batchers.get(worker.id)
+        return batcher.size if batcher is not None else 1
 
     def evict_idle(self, device: int | None, needed_mb: int) -> bool:
         """Stop idle GPU session workers, least recently used first, until ``needed_mb`` would
@@ -128,6 +147,8 @@ class Supervisor:
         self.workers[wid] = worker
         self.presets[wid] = preset
         self.inflight[wid] = {}
+        if session:
+            self.batchers[wid] = Batcher(preset.batch)
         self._spawn_bg(self._boot(worker, preset))
         return worker
 
@@ -162,20 +183,52 @@ class Supervisor:
                 self.on_capacity()
 
     def dispatch(self, worker: WorkerProcess, tasks: list[Task]) -> None:
-        """Give a batch of claimed tasks to an idle session worker."""
+        """Give claimed tasks to a session worker: a new batch, or more for a forming one.
+
+        A batch that is not full waits up to the preset's max_wait_ms for more tasks (the
+        scheduler tops it up through ``forming_worker``) when the worker's batcher says so."""
         preset = self.presets[worker.id]
         for task in tasks:
             run = TaskRun(task, preset, worker.id, task.token,
                           task.timeout_s or preset.timeout_s)
             self.inflight[worker.id][task.id] = run
             self.runs[task.id] = run
-        if worker.state is WorkerState.READY:
-            self._send_batch(worker)
+        if worker.state is not WorkerState.READY:
+            return  # still booting: the batch goes out once it is ready
+        batcher = self.batchers[worker.id]
+        held = len(self.inflight[worker.id])
+        if held < batcher.size and batcher.waits:
+            if worker.id not in self._forming:
+                self._forming[worker.id] = asyncio.get_running_loop().call_later(
+                    batcher.max_wait_s, self._flush, worker.id)
+            return
+        self._send_batch(worker)
+
+    def _flush(self, worker_id: str) -> None:
+        """A forming batch's wait is over: send what it holds."""
+        self._forming.pop(worker_id, None)
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.state is not WorkerState.READY:
+            return
+        if len(self.inflight.get(worker_id) or ()) == 1:
+            self.batchers[worker_id].waited_in_vain()
+        self._send_batch(worker)
 
     def _send_batch(self, worker: WorkerProcess) -> None:
+        timer = self._forming.pop(worker.id, None)
+        if timer is not None:
+            timer.cancel()
+        for run in [r for r in self.inflight[worker.id].values() if r.cancelled]:
+            self._forget(run, count=False)  # cancelled while its batch formed: never sent
         runs = list(self.inflight[worker.id].values())
+        if not runs:
+            self.on_capacity()
+            return
         worker.state = WorkerState.BUSY
         worker.last_used = time.monotonic()
+        batcher = self.batchers.get(worker.id)
+        self._batch[worker.id] = (len(runs), time.monotonic(),
+                                  batcher is not None and len(runs) >= batcher.size)
         if not worker.send(run_op([(r.id, r.task.input) for r in runs])):
             worker.kill()  # its exit fails these attempts and retries them
             return
@@ -227,6 +280,7 @@ class Supervisor:
         """Lines the worker wrote together. Streamed events are stored as they come; the
         finishes among them (a whole batch, usually) are stored in one transaction."""
         ends: list[tuple[TaskRun, Finish]] = []
+        ooms: list[TaskRun] = []
         for msg in msgs:
             if worker.session and msg.type in (EventType.CONNECTION, EventType.WORKER):
                 continue  # worker-level news; WorkerProcess tracks readiness itself
@@ -247,7 +301,11 @@ class Supervisor:
                             worker.id, msg.data.get("event"))
             if msg.type is EventType.FINISH:
                 run.done = True
-                ends.append((run, self._finish_of(run, msg)))
+                end = self._finish_of(run, msg)
+                if self._shrinks_on_oom(worker, end):
+                    ooms.append(run)
+                else:
+                    ends.append((run, end))
                 continue
             event, _held = run.take(msg)
             if event is not None:
@@ -255,6 +313,34 @@ class Supervisor:
                     await self.store.append_events(run.id, [event])
         if ends:
             await self._store_ends(ends)
+        if ooms:
+            await self._rerun_smaller(worker, ooms)
+
+    def _shrinks_on_oom(self, worker: WorkerProcess, end: Finish) -> bool:
+        """An ``oom`` failure in a batch of several: the batch shrinks and its tasks run
+        again, instead of failing (a batch of one has nothing left to shrink)."""
+        if end.error is None or end.error.get("kind") != ErrorKind.OOM.value:
+            return False
+        batch = self._batch.get(worker.id)
+        return batch is not None and batch[0] > 1 and worker.id in self.batchers
+
+    async def _rerun_smaller(self, worker: WorkerProcess, runs: list[TaskRun]) -> None:
+        batcher = self.batchers[worker.id]
+        n = self._batch[worker.id][0]
+        if batcher.ceiling > n // 2:
+            batcher.oom(n)
+            log.warning("worker %s ran out of memory on a batch of %d; its batches are now "
+                        "at most %d", worker.id, n, batcher.ceiling)
+        for run in runs:
+            # Not the input's fault, and bounded (the ceiling halves each time): the attempt
+            # is not held against max_attempts.
+            with contextlib.suppress(StaleTokenError):
+                await self.store.requeue(run.id, run.token, None, events=[NewEvent(
+                    EventType.ERROR.value, {
+                        "kind": ErrorKind.OOM.value, "retrying": True, "batch_size": n,
+                        "message": f"out of device memory in a batch of {n}: runs again in "
+                                   f"a batch of at most {batcher.ceiling}"})])
+            self._forget(run)
 
     def _finish_of(self, run: TaskRun, msg: WorkerMessage) -> Finish:
         status = msg.data.get("status", "completed")
@@ -292,20 +378,25 @@ class Supervisor:
         await self._store_ends([(run, Finish(run.id, run.token, state, output=output,
                                              error=error, events=events or []))])
 
-    def _forget(self, run: TaskRun) -> None:
+    def _forget(self, run: TaskRun, *, count: bool = True) -> None:
         self.runs.pop(run.id, None)
         runs = self.inflight.get(run.worker_id)
         if runs is None:
             return
         runs.pop(run.id, None)
         worker = self.workers.get(run.worker_id)
-        if worker is not None:
+        if worker is not None and count:
             worker.tasks_done += 1
             worker.last_used = time.monotonic()
-        if runs:
-            if worker is not None:
+        if runs or not count:
+            if worker is not None and count:
                 self._arm_watchdog(worker)  # the next task of the batch gets its own clock
             return
+        batch = self._batch.pop(run.worker_id, None)
+        batcher = self.batchers.get(run.worker_id)
+        if batch is not None and batcher is not None:
+            n, sent, full = batch
+            batcher.observe(n, time.monotonic() - sent, full=full)
         self._disarm_watchdog(run.worker_id)
         self._release_cpu(run.worker_id)
         if worker is not None and worker.session and worker.state is WorkerState.BUSY:
@@ -367,6 +458,11 @@ class Supervisor:
         self.workers.pop(worker.id, None)
         self.presets.pop(worker.id, None)
         self.inflight.pop(worker.id, None)
+        self.batchers.pop(worker.id, None)
+        self._batch.pop(worker.id, None)
+        timer = self._forming.pop(worker.id, None)
+        if timer is not None:
+            timer.cancel()
         input_file = self._input_files.pop(worker.id, None)
         if input_file is not None:
             with contextlib.suppress(OSError):

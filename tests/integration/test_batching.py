@@ -1,0 +1,90 @@
+"""The batcher through a running node: adaptive growth, max_wait_ms filling, OOM shrinking."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from gpulane.node import Node
+
+
+async def _bulk(api: httpx.AsyncClient, preset: str, n: int,
+                input: dict[str, Any] | None = None) -> list[str]:
+    r = await api.post("/v1/tasks/bulk", json={"tasks": [
+        {"preset": preset, "input": input or {}} for _ in range(n)]})
+    assert r.status_code == 202, r.text
+    return [t["id"] for t in r.json()["tasks"]]
+
+
+async def _results(api: httpx.AsyncClient, ids: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for tid in ids:
+        r = await api.get(f"/v1/tasks/{tid}/result", params={"wait": 30})
+        out.append(r.json())
+    return out
+
+
+async def _batch_view(api: httpx.AsyncClient, preset: str) -> dict[str, Any]:
+    [worker] = [w for w in (await api.get("/v1/workers")).json()["workers"]
+                if w["preset"] == preset]
+    batch: dict[str, Any] = worker["batch"]
+    return batch
+
+
+async def test_adaptive_batches_start_at_one_and_grow_to_max_size_under_a_backlog(
+        api: httpx.AsyncClient, node: Node) -> None:
+    await node.scheduler.stop()
+    ids = await _bulk(api, "batchy", 300, {"ms": 2})
+    node.scheduler.start()
+    done = await _results(api, ids)
+    assert all(t["state"] == "succeeded" for t in done)
+    sizes = [t["output"]["batch_size"] for t in done]
+    assert sizes[0] == 1 and max(sizes) == 32
+    firsts = sizes[:1 + 2 + 4 + 8 + 16]  # FIFO: the first batches were 1, 2, 4, 8, 16
+    assert firsts == [1] + [2] * 2 + [4] * 4 + [8] * 8 + [16] * 16
+    view = await _batch_view(api, "batchy")
+    assert view["mode"] == "adaptive" and view["size"] == 32 and view["tasks"] == 300
+
+
+async def test_an_oom_batch_is_halved_rerun_and_its_ceiling_remembered(
+        api: httpx.AsyncClient, node: Node) -> None:
+    await node.scheduler.stop()
+    ids = await _bulk(api, "batchy-fixed-oom", 16)
+    node.scheduler.start()
+    done = await _results(api, ids)
+    assert [t["state"] for t in done] == ["succeeded"] * 16
+    assert {t["output"]["batch_size"] for t in done} == {4}  # 16 -> 8 -> 4, then it fits
+    view = await _batch_view(api, "batchy-fixed-oom")
+    assert view["ceiling"] == 4 and view["ooms"] == 2
+    events = (await api.get(f"/v1/tasks/{ids[0]}/events")).text
+    assert '"kind":"oom"' in events and "runs again in a batch of at most 8" in events
+    # The ceiling holds for the next tasks: no more OOMs.
+    more = await _results(api, await _bulk(api, "batchy-fixed-oom", 8))
+    assert {t["output"]["batch_size"] for t in more} == {4}
+    assert (await _batch_view(api, "batchy-fixed-oom"))["ooms"] == 2
+
+
+async def test_a_batch_of_one_that_runs_out_of_memory_fails_with_kind_oom(
+        api: httpx.AsyncClient, node: Node) -> None:
+    await node.scheduler.stop()
+    ids = await _bulk(api, "batchy-oom-always", 4)
+    node.scheduler.start()
+    done = await _results(api, ids)
+    assert [t["state"] for t in done] == ["failed"] * 4  # 4 -> 2 -> 1, then nothing is left
+    assert {t["error"]["kind"] for t in done} == {"oom"}
+    assert (await _batch_view(api, "batchy-oom-always"))["ceiling"] == 1
+
+
+async def test_a_batch_waits_max_wait_ms_to_fill(api: httpx.AsyncClient) -> None:
+    warm = await api.post("/v1/tasks", params={"wait": 30},
+                          json={"preset": "batchy-wait", "input": {}})
+    assert warm.json()["state"] == "succeeded"  # the worker is up: no start-up in the way
+    ids = []
+    for _ in range(3):
+        ids.append((await api.post("/v1/tasks", json={"preset": "batchy-wait",
+                                                       "input": {}})).json()["id"])
+        await asyncio.sleep(0.03)
+    done = await _results(api, ids)
+    assert [t["output"]["batch_size"] for t in done] == [3, 3, 3]

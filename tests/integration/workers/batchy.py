@@ -1,0 +1,43 @@
+"""A batching test worker: answers each task with the size of the batch it came in.
+
+BATCHY_OOM_ABOVE=N fails every task of a batch larger than N (0: every batch) with kind
+``oom``, as a model that ran out of device memory would. input.ms sleeps that long once per batch.
+"""
+
+import json
+import os
+import sys
+import time
+
+OOM_ABOVE = int(os.environ.get("BATCHY_OOM_ABOVE") or -1)
+
+
+def main():
+    out = sys.stdout
+    out.write(json.dumps({"event": "worker", "status": "ready"}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        op = json.loads(line)
+        if op["op"] == "shutdown":
+            return
+        if op["op"] != "run":
+            continue
+        tasks = op["tasks"]
+        n = len(tasks)
+        lines = []
+        if OOM_ABOVE >= 0 and n > OOM_ABOVE:
+            for t in tasks:
+                lines.append({"event": "finish", "task": t["task"], "status": "failed",
+                              "error": {"kind": "oom", "message": "CUDA out of memory"}})
+        else:
+            time.sleep(max((t["input"] or {}).get("ms", 0) for t in tasks) / 1000)
+            for t in tasks:
+                lines.append({"event": "result", "task": t["task"],
+                              "output": {"batch_size": n}})
+                lines.append({"event": "finish", "task": t["task"], "status": "completed"})
+        out.write("".join(json.dumps(x) + "\n" for x in lines))
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()
