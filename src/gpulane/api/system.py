@@ -19,7 +19,12 @@ def _node(request: Request) -> Node:
 @router.get("/v1/presets")
 async def presets(request: Request) -> JSON:
     """Every preset this node can run."""
-    return JSON({"presets": [p.to_json() for p in _node(request).registry.values()]})
+    node = _node(request)
+    circuits = node.supervisor.circuits
+    return JSON({"presets": [
+        {**p.to_json(), "circuit": circuits[p.name].to_json() if p.name in circuits
+         else {"state": "closed", "start_failures": 0, "retry_in_s": None, "last_error": None}}
+        for p in node.registry.values()]})
 
 
 @router.get("/v1/gpus")

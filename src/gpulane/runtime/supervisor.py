@@ -29,6 +29,7 @@ from gpulane.protocol import (
     run_op,
 )
 from gpulane.runtime.batcher import Batcher
+from gpulane.runtime.circuit import PresetCircuit
 from gpulane.runtime.launchers import DeviceAssignment, launcher_for
 from gpulane.runtime.taskrun import TaskRun
 from gpulane.runtime.worker_process import (
@@ -73,6 +74,7 @@ class Supervisor:
         self._input_files: dict[str, str] = {}  # one-off worker id -> its input file
         self._preempted: set[str] = set()  # workers being drained for an urgent lease
         self.batchers: dict[str, Batcher] = {}  # session worker id -> its batch policy
+        self.circuits: dict[str, PresetCircuit] = {}  # preset -> its start-failure circuit
         self._forming: dict[str, asyncio.TimerHandle] = {}  # worker id -> its batch's flush
         self._batch: dict[str, tuple[int, float, bool]] = {}  # worker id -> (n, sent, full)
         self._ids = itertools.count(1)
@@ -103,6 +105,31 @@ class Supervisor:
                 if room > 0:
                     return w, room
         return None
+
+    def circuit(self, preset: str) -> PresetCircuit:
+        """The preset's start-failure circuit (see runtime/circuit.py)."""
+        circ = self.circuits.get(preset)
+        if circ is None:
+            circ = self.circuits[preset] = PresetCircuit()
+        return circ
+
+    def may_start(self, preset: str) -> bool:
+        """Whether a new worker of the preset may start (its circuit is not open)."""
+        circ = self.circuits.get(preset)
+        return circ is None or circ.allows_start()
+
+    def _start_failed(self, worker: WorkerProcess, message: str) -> None:
+        """Count a worker that never started against its preset's circuit (once per worker:
+        its exit and its start timeout may both report it)."""
+        if worker.start_failure_counted:
+            return
+        worker.start_failure_counted = True
+        preset = worker.preset_name
+        if self.circuit(preset).failed(message):
+            circ = self.circuits[preset]
+            log.error("preset %s: %d workers in a row failed to start; no new one starts for "
+                      "%.0f s. Last error: %s", preset, circ.failures,
+                      circ.open_until - time.monotonic(), message)
 
     def batch_size(self, worker: WorkerProcess) -> int:
         """How many tasks the worker's next batch may take."""
@@ -149,6 +176,7 @@ class Supervisor:
         self.inflight[wid] = {}
         if session:
             self.batchers[wid] = Batcher(preset.batch)
+        self.circuit(preset.name).starting()
         self._spawn_bg(self._boot(worker, preset))
         return worker
 
@@ -158,6 +186,7 @@ class Supervisor:
         except OSError as exc:
             worker.state = WorkerState.EXITED
             worker.stderr_tail.append(f"cannot start {worker.spec.argv[0]!r}: {exc}")
+            self._start_failed(worker, worker.stderr_tail[-1])
             await self._on_exit(worker)
             return
         try:
@@ -167,12 +196,14 @@ class Supervisor:
                 await worker.wait_connected(preset.start_timeout_s)
         except WorkerStartError as exc:
             log.warning("worker %s failed to start: %s", worker.id, exc)
+            self._start_failed(worker, str(exc))
             # Out of the pool first, so that a retry is not handed straight back to it.
             worker.state = WorkerState.STOPPING
             worker.kill()
             for run in list(self.inflight.get(worker.id, {}).values()):
                 await self._attempt_failed(run, exc.kind, str(exc))
             return
+        self.circuit(preset.name).started()
         if worker.session:
             worker.state = WorkerState.READY
             log.info("worker %s ready on %s (pid %s)", worker.id, worker.device.name,
@@ -425,6 +456,10 @@ class Supervisor:
 
     async def _on_exit(self, worker: WorkerProcess) -> None:
         rc = worker.returncode
+        if not worker.started and not self._closing:
+            # Counted before its tasks are retried, so the retry already sees the circuit.
+            self._start_failed(worker, f"worker exited with code {rc} before it was ready; "
+                                       f"last stderr: {worker.stderr_text() or '(none)'}")
         runs = list(self.inflight.get(worker.id, {}).values())
         if not worker.session and runs and rc == 0:
             # A plain-protocol one-off that exits cleanly without a finish line succeeded.

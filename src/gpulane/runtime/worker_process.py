@@ -78,6 +78,7 @@ class WorkerProcess:
         self.last_used = time.monotonic()
         self.returncode: int | None = None
         self.tasks_done = 0
+        self.start_failure_counted = False  # the supervisor's circuit bookkeeping
         self._on_messages = on_messages
         self._on_exit = on_exit
         self._proc: asyncio.subprocess.Process | None = None
@@ -89,6 +90,11 @@ class WorkerProcess:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    @property
+    def started(self) -> bool:
+        """It said ready (a session worker) or connected (a one-off)."""
+        return (self._ready if self.session else self._connected).is_set()
 
     @property
     def alive(self) -> bool:
