@@ -97,6 +97,10 @@ class ValidationError(RequestError):
 
 
 TRANSIENT_STATUSES = frozenset({408, 429, 502, 503, 504})
+ANSWER_CODES = frozenset({"lease_wait_timeout"})
+"""Error codes that are the server's considered answer, whatever their status: a 408 after a
+lease's ``wait_s`` ran out says "not granted in time", and asking again at once would only
+wait again (a proxy's own 408 carries no such code and stays transient)."""
 """HTTP statuses the SDK retries (honouring Retry-After) and counts against the circuit."""
 PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 409, 413, 422})
 """HTTP statuses that mean the request itself is wrong: never retried, never held against the
@@ -159,7 +163,7 @@ class APIError(ClientError):
 
     @property
     def transient(self) -> bool:
-        return self.status in TRANSIENT_STATUSES
+        return self.status in TRANSIENT_STATUSES and self.code not in ANSWER_CODES
 
 
 class TaskFailedError(ClientError):

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+MAX_GPUS = 64
+"""The most whole GPUs one worker (``gpus: N``) may ask for."""
 
 
 class Runtime(str, enum.Enum):
@@ -88,6 +90,7 @@ class Preset(pydantic.BaseModel):
     mode: Mode = Mode.SESSION
     devices: tuple[DeviceKind, ...] = (DeviceKind.GPU, DeviceKind.CPU)
     vram_mb: int = Field(default=0, ge=0)
+    gpus: int = 1  # 1: a vram_mb share of one GPU; N >= 2: N whole GPUs per worker
     batch: BatchSettings = BatchSettings()
     idle_unload_s: float = Field(default=300.0, ge=0, allow_inf_nan=False)
     start_timeout_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
@@ -154,6 +157,22 @@ class Preset(pydantic.BaseModel):
         if field == "image" and v is not None and not v.strip():
             raise _bad(field, "is empty", "name an image, e.g. ghcr.io/org/worker:1.0")
         return v
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _check_gpus(cls, v: object) -> object:
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_GPUS:
+            raise _bad("gpus", f"must be a whole number of GPUs from 1 to {MAX_GPUS}, got "
+                       f"{_show(v)}", "use 1 (a vram_mb share of one GPU, the default) or "
+                       "N >= 2 for N whole GPUs per worker, e.g. `gpus: 2`")
+        return v
+
+    @model_validator(mode="after")
+    def _check_gpus_devices(self) -> Preset:
+        if self.gpus > 1 and not self.allows_gpu:
+            raise _bad("gpus", f"asks for {self.gpus} GPUs but devices is [cpu]",
+                       "add gpu to devices, or remove gpus")
+        return self
 
     @field_validator("command")
     @classmethod

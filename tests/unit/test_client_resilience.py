@@ -441,3 +441,12 @@ async def test_async_budget_limits_retries_against_a_dead_server() -> None:
     assert stats["calls"] == 200
     assert stats["attempts"] <= 1.2 * 200 + 1
     assert stats["retries_denied"] > 0
+
+
+def test_a_lease_wait_timeout_is_an_answer_not_a_transient_failure() -> None:
+    from gpulane.client.resilience import classify
+
+    answered = APIError(408, "lease_wait_timeout", "not granted within wait_s=1")
+    proxy = APIError(408, "http_408", "Request Timeout")
+    assert not answered.transient and proxy.transient
+    assert classify(answered).kind == "permanent" and classify(proxy).kind == "transient"

@@ -1,11 +1,12 @@
 """LeaseManager under random operation sequences (hypothesis state machine).
 
 Drives a LeaseManager directly over a Ledger of simulated GPUs: acquire (now or waiting),
-release and renew with right or stale tokens, TTL expiry, and immediate requests that preempt
-(holders either step aside or are revoked). After every step: no device is over-committed, the
-ledger holds exactly the leases in a holding state, no token was ever handed out twice, every
-ended lease's token is refused, and every grant() granted in greedy priority order (a waiting
-lease was passed over only if it did not fit at its turn).
+release and renew with right or stale tokens, TTL expiry, and immediate requests for a slice
+or for N whole devices that preempt (holders either step aside or are revoked). After every
+step: no device is over-committed, the ledger holds exactly the leases in a holding state, no
+token was ever handed out twice, every ended lease's token is refused, every grant() granted
+in greedy priority order (a waiting lease was passed over only if it did not fit at its turn),
+and devices are only kept clear for a lease that is still waiting.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -110,7 +111,8 @@ class LeaseMachine(RuleBasedStateMachine):
     # -- rules -----------------------------------------------------------------------------
 
     @rule(vram=VRAM, gpus=st.sampled_from([0, 0, 0, 1, 2]),
-          priority=st.sampled_from([10, 50, 70]), preemptible=st.booleans(),
+          priority=st.sampled_from([10, 50, 70]),
+          preemptible=st.sampled_from([True, True, True, False]),
           wait=st.booleans())
     def acquire(self, vram: int, gpus: int, priority: int, preemptible: bool,
                 wait: bool) -> None:
@@ -164,10 +166,12 @@ class LeaseMachine(RuleBasedStateMachine):
         assert lease.state is LeaseState.EXPIRED
         self._settle()
 
-    @rule(vram=VRAM, whole=st.booleans(), priority=st.sampled_from([90, 100]),
-          cooperate=st.booleans())
-    def preempt(self, vram: int, whole: bool, priority: int, cooperate: bool) -> None:
-        req = LeaseRequest("urgent", 0 if whole else vram, 1 if whole else 0, None, priority,
+    @rule(vram=VRAM, gpus=st.integers(0, 3), priority=st.sampled_from([90, 100]),
+          cooperate=st.booleans(), keep=st.booleans())
+    def preempt(self, vram: int, gpus: int, priority: int, cooperate: bool,
+                keep: bool) -> None:
+        gpus = min(gpus, len(self.mgr.ledger.gpus))  # 0: a slice; N: N whole devices
+        req = LeaseRequest("urgent", 0 if gpus else vram, gpus, None, priority,
                            30.0, False, 5.0)
         task = self.loop.create_task(self.mgr.acquire(req, 3600))
         self._run(asyncio.sleep(0))
@@ -187,6 +191,10 @@ class LeaseMachine(RuleBasedStateMachine):
         self._run(asyncio.sleep(0))
         if victims:
             assert urgent.state is LeaseState.GRANTED, "victims let go but urgent not granted"
+        if urgent.state.holds:
+            assert len(set(urgent.devices)) == max(gpus, 1)
+        event(f"urgent gpus={gpus}: {len(victims)} victim(s), "
+              f"{'granted' if urgent.state.holds else 'not granted'}")
         if not urgent.state.holds:
             # Nothing to preempt: end the wait now, as if wait_s had run out.
             urgent.granted.set()
@@ -194,6 +202,10 @@ class LeaseMachine(RuleBasedStateMachine):
                 self._run(task)
         else:
             assert self._run(task) is urgent
+            if not keep:  # the urgent work is done: whoever it paused may come back
+                self.mgr.release(urgent.id, urgent.token)
+                assert not [lz for lz in self.mgr.leases.values()
+                            if lz.preempted_by == urgent.id and lz.state.holds]
         self._settle()
 
     # -- invariants ------------------------------------------------------------------------
@@ -208,6 +220,11 @@ class LeaseMachine(RuleBasedStateMachine):
         in_ledger = {h.holder for h in self.mgr.ledger.holders()}
         holding = {lz.id for lz in self.mgr.leases.values() if lz.state.holds}
         assert in_ledger == holding
+
+    @invariant()
+    def reservations_belong_to_waiting_leases(self) -> None:
+        for d, owner in self.mgr._reserved.items():
+            assert self.mgr.leases[owner].state is LeaseState.WAITING, (d, owner)
 
     @invariant()
     def grants_in_priority_order(self) -> None:

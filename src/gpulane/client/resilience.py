@@ -59,6 +59,7 @@ from typing import Any
 import httpx
 
 from gpulane.errors import (
+    ANSWER_CODES,
     TRANSIENT_STATUSES,
     APIError,
     CircuitOpenError,
@@ -129,6 +130,8 @@ def classify_exception(exc: BaseException, idempotent: bool = True) -> Verdict:
 def classify(error: ClientError, idempotent: bool = True) -> Verdict:
     """The verdict for an error one attempt raised."""
     if isinstance(error, APIError):
+        if error.code in ANSWER_CODES:
+            return _PERMANENT
         return classify_status(error.status)
     if isinstance(error, TransportError) and error.__cause__ is not None:
         return classify_exception(error.__cause__, idempotent)

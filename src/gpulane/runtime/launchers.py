@@ -22,15 +22,42 @@ CONTAINER_INPUT_FILE = "/gpulane/input.json"
 
 @dataclass(frozen=True, slots=True)
 class DeviceAssignment:
-    """The device a worker runs on: a GPU index (and uuid) or the CPU."""
+    """The device a worker runs on: one GPU (index and uuid), several whole GPUs, or the CPU.
+
+    ``index`` and ``uuid`` are the first (or only) GPU's; ``indexes`` and ``uuids`` list all of
+    them when a preset asks for ``gpus: N`` (empty for a single GPU).
+    """
 
     kind: str  # "gpu" or "cpu"
     index: int | None = None
     uuid: str | None = None
+    simulated: bool = False  # a simulated GPU: the worker really computes on the CPU
+    indexes: tuple[int, ...] = ()
+    uuids: tuple[str, ...] = ()
+
+    @classmethod
+    def gpus(cls, indexes: list[int], uuids: list[str],
+             simulated: bool = False) -> DeviceAssignment:
+        """Several whole GPUs for one worker (one GPU gives the plain single-GPU form)."""
+        if len(indexes) == 1:
+            return cls("gpu", indexes[0], uuids[0], simulated)
+        return cls("gpu", indexes[0], uuids[0], simulated, tuple(indexes), tuple(uuids))
+
+    @property
+    def gpu_indexes(self) -> tuple[int, ...]:
+        """Every GPU index of the assignment; () for the CPU."""
+        if self.indexes:
+            return self.indexes
+        return (self.index,) if self.kind == "gpu" and self.index is not None else ()
+
+    @property
+    def visible_devices(self) -> str:
+        """CUDA_VISIBLE_DEVICES for the assignment: "1", "0,1", or "" for the CPU."""
+        return ",".join(str(i) for i in self.gpu_indexes)
 
     @property
     def name(self) -> str:
-        return f"gpu:{self.index}" if self.kind == "gpu" else "cpu"
+        return f"gpu:{self.visible_devices}" if self.kind == "gpu" else "cpu"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,15 +75,21 @@ def worker_env(preset: Preset, device: DeviceAssignment, model_path: str | None,
     env.update({
         "MODEL_NAME": preset.name,
         "MODEL_PATH": model_path or "",
+        # With several GPUs the worker sees them as cuda:0, cuda:1, ...; cuda:0 is the first.
         "GPU_DEVICE": "cuda:0" if device.kind == "gpu" else "cpu",
         # Index order must match NVML's, which enumerates by PCI bus.
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-        "CUDA_VISIBLE_DEVICES": str(device.index) if device.kind == "gpu" else "",
+        "CUDA_VISIBLE_DEVICES": device.visible_devices,
         "GPULANE_DEVICE": device.name,
         "GPULANE_PRESET": preset.name,
         "GPULANE_MODE": preset.mode.value,
         "PYTHONUNBUFFERED": "1",
     })
+    if device.simulated:
+        # No CUDA device stands behind a simulated GPU. The variables above stay what a real
+        # one would give (so placement can be tested end to end); this one tells a worker to
+        # compute on the CPU instead (gpulane.worker does so by itself).
+        env["GPULANE_SIMULATED"] = "1"
     if extra:
         env.update(extra)
     return env
@@ -96,9 +129,12 @@ class DockerLauncher:
         env = worker_env(preset, device, inner_model, extra_env)
         argv = [self.docker, "run", "--rm", "-i", "--name", container_name(name)]
         if device.kind == "gpu":
-            argv += ["--gpus", f"device={device.index}"]
-            # Inside the container the one GPU it sees is device 0.
-            env["CUDA_VISIBLE_DEVICES"] = "0"
+            # docker splits --gpus on commas, so a list of devices goes in double quotes.
+            count = len(device.gpu_indexes)
+            wanted = f"device={device.visible_devices}"
+            argv += ["--gpus", wanted if count == 1 else f'"{wanted}"']
+            # Inside the container the GPUs it sees are numbered from 0.
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(count))
         for key in sorted(env):
             if key == "PYTHONUNBUFFERED" or key.startswith(("GPULANE_", "MODEL_", "GPU_",
                                                             "CUDA_")) or key in preset.env:

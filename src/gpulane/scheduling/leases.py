@@ -15,16 +15,17 @@ import contextlib
 import enum
 import itertools
 import logging
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from gpulane.errors import ConflictError, NotFoundError, RequestError, ValidationError
 from gpulane.model import Priority
-from gpulane.presets import parse_size_mb
-from gpulane.scheduling.ledger import Holding, Ledger
+from gpulane.presets import MAX_GPUS, parse_size_mb
+from gpulane.scheduling.ledger import GpuAccount, Holding, Ledger
 from gpulane.store.base import Notifier
 
 log = logging.getLogger("gpulane.leases")
@@ -83,6 +84,7 @@ class Lease:
     token: int = 0
     devices: list[int] = field(default_factory=list)
     uuids: list[str] = field(default_factory=list)
+    simulated: bool = False  # granted on simulated GPUs: no CUDA device stands behind them
     created_at: float = field(default_factory=time.time)
     granted_at: float | None = None
     expires_at: float | None = None  # wall clock
@@ -102,6 +104,7 @@ class Lease:
                 "device": self.devices[0] if self.devices else None,
                 "uuid": self.uuids[0] if self.uuids else None,
                 "cuda_visible_devices": ",".join(str(d) for d in self.devices),
+                "simulated": self.simulated,
                 "token": self.token if self.state.holds else None,
                 "created_at": self.created_at, "granted_at": self.granted_at,
                 "expires_at": self.expires_at, "revoke_at": self.revoke_at,
@@ -135,7 +138,7 @@ class LeaseManager:
         if not isinstance(holder, str) or not holder.strip():
             raise ValidationError("missing_field", "holder is required: name the service "
                                   "asking, e.g. \"ml-service\"", field="holder")
-        gpus = _int(body.get("gpus", 0), "gpus", 0, max(len(self.ledger.gpus), 1))
+        gpus = _int(body.get("gpus", 0), "gpus", 0, MAX_GPUS)
         raw_vram = body.get("vram_mb", body.get("vram", 0))
         if isinstance(raw_vram, str):  # "4GiB", "512MiB": what people write
             try:
@@ -153,6 +156,10 @@ class LeaseManager:
                 raise NotFoundError("unknown_device", f"device={device} is not a GPU of this "
                                     f"node: use one of {sorted(self.ledger.gpus)}",
                                     field="device")
+            if gpus > 1:
+                raise ValidationError("invalid_device", f"device={device} names one GPU but "
+                                      f"gpus={gpus} asks for {gpus}: give only one of them",
+                                      field="device")
         largest = max((g.total_vram_mb for g in self.ledger.gpus.values()), default=0)
         if vram_mb > largest:
             raise RequestError("vram_exceeds_devices", f"vram_mb={vram_mb} is more than the "
@@ -160,7 +167,9 @@ class LeaseManager:
                                field="vram_mb", extra={"largest_device_mb": largest})
         if gpus > len(self.ledger.gpus):
             raise RequestError("not_enough_gpus", f"gpus={gpus} but this node has "
-                               f"{len(self.ledger.gpus)}", field="gpus")
+                               f"{len(self.ledger.gpus)}: ask for at most "
+                               f"{len(self.ledger.gpus)}", field="gpus",
+                               extra={"gpus_here": len(self.ledger.gpus)})
         priority = Priority.parse(body.get("priority", "normal"))
         ttl_s = _num(body.get("ttl_s", DEFAULT_TTL_S), "ttl_s", TTL_MIN_S, TTL_MAX_S)
         wait_s = _num(body.get("wait_s", 0), "wait_s", 0, WAIT_MAX_S)
@@ -237,12 +246,18 @@ class LeaseManager:
             if devices is None:
                 continue
             req = lease.request
-            for d in devices:
-                mb = self.ledger.gpus[d].total_vram_mb if req.gpus else req.vram_mb
-                self.ledger.acquire(lease.id, d, mb, priority=req.priority,
-                                    preemptible=req.preemptible, kind="lease")
+            if req.gpus:
+                ok = self.ledger.acquire_whole(lease.id, devices, priority=req.priority,
+                                               preemptible=req.preemptible, kind="lease")
+            else:
+                ok = self.ledger.acquire(lease.id, devices[0], req.vram_mb,
+                                         priority=req.priority, preemptible=req.preemptible,
+                                         kind="lease")
+            if not ok:  # pragma: no cover - _place only offers devices with room
+                continue
             lease.devices = devices
             lease.uuids = [self.ledger.gpus[d].uuid for d in devices]
+            lease.simulated = any(self.ledger.gpus[d].simulated for d in devices)
             lease.token = next(self._tokens)
             lease.state = LeaseState.GRANTED
             lease.granted_at = time.time()
@@ -276,35 +291,40 @@ class LeaseManager:
     # -- preemption --------------------------------------------------------------------------
 
     def _preempt_for(self, lease: Lease) -> None:
-        """Ask the cheapest set of lower-priority preemptible holders to make room."""
+        """Ask the cheapest set of lower-priority preemptible holders to make room.
+
+        A slice request (vram_mb) needs room on one device; ``gpus: N`` needs N devices
+        cleared whole. Each device that could be made ready has a plan (the holders to pause
+        on it; none for a device that is already empty), and the chosen set of devices is the
+        one whose plans together pause the cheapest set of holders: lowest sum of their
+        priorities, then fewest holders, then lowest device indexes. A holder that spans
+        several devices (a whole-GPU lease or a multi-GPU worker) counts once, so clearing
+        every device it holds costs no more than clearing one of them. Devices being cleared
+        for another urgent lease are left alone. If no set is possible, nothing is paused and
+        the request just waits.
+        """
         req = lease.request
-        best: tuple[tuple[int, int], int, list[Holding]] | None = None
+        plans: dict[int, list[Holding]] = {}
         for d, acct in self.ledger.gpus.items():
             if req.device is not None and d != req.device:
                 continue
-            need = acct.total_vram_mb if req.gpus else req.vram_mb
-            victims = sorted((h for h in acct.holdings.values()
-                              if h.preemptible and h.priority < req.priority),
-                             key=lambda h: (h.priority, h.kind == "lease"))
-            free, chosen = acct.free_mb, []
-            for h in victims:
-                if free >= need:
-                    break
-                chosen.append(h)
-                free += h.vram_mb
-            if free < need or (req.gpus and len(chosen) < len(acct.holdings)):
-                continue
-            cost = (sum(h.priority for h in chosen), len(chosen))
-            if best is None or cost < best[0]:
-                best = (cost, d, chosen)
-        if best is None:
+            if self._reserved.get(d, lease.id) != lease.id:
+                continue  # being cleared for another urgent lease
+            plan = _plan_device(acct, req)
+            if plan is not None:
+                plans[d] = plan
+        picked = _cheapest(plans, max(req.gpus, 1))
+        if picked is None:
             return
-        _, device, chosen = best
-        self._reserved[device] = lease.id
+        devices, chosen = picked
+        for d in devices:
+            self._reserved[d] = lease.id
         for h in chosen:
             lease.paused.add(h.holder)
             if h.kind == "lease":
                 victim = self.leases[h.holder]
+                if victim.state is LeaseState.PREEMPTING:
+                    continue  # already asked by another urgent lease: its grace stands
                 victim.state = LeaseState.PREEMPTING
                 victim.preempted_by = lease.id
                 victim.awaiting_resume = True
@@ -331,7 +351,10 @@ class LeaseManager:
         """The urgent lease is over: tell the leases it paused that they may come back."""
         for holder in lease.paused:
             paused = self.leases.get(holder)
-            if paused is not None:
+            if paused is not None and not any(
+                    holder in other.paused for other in self.leases.values()
+                    if other is not lease and not other.state.final):
+                # (A lease that another live urgent lease also paused waits for that one.)
                 paused.awaiting_resume = False
                 if paused.state is LeaseState.PREEMPTING:  # it never had to let go
                     paused.state = LeaseState.GRANTED
@@ -384,6 +407,58 @@ class LeaseManager:
 
     def active(self) -> list[Lease]:
         return [lz for lz in self.leases.values() if not lz.state.final]
+
+
+def _plan_device(acct: GpuAccount, req: LeaseRequest) -> list[Holding] | None:
+    """The holders to pause so that one device can take ``req``; None if it cannot.
+
+    A slice needs vram_mb free: the lowest-priority preemptible holders below the request's
+    priority go first (workers before leases among equals) until it fits. A whole device
+    needs every holder gone, so each must be preemptible and of lower priority.
+    """
+    held = list(acct.holdings.values())
+    victims = sorted((h for h in held if h.preemptible and h.priority < req.priority),
+                     key=lambda h: (h.priority, h.kind == "lease"))
+    if req.gpus:
+        if len(victims) < len(held) or acct.total_vram_mb <= 0:
+            return None
+        if acct.free_mb + sum(h.vram_mb for h in held) < acct.total_vram_mb - acct.slack_mb:
+            return None  # used outside gpulane too: pausing its holders would not clear it
+        return victims
+    free, chosen = acct.free_mb, []
+    for h in victims:
+        if free >= req.vram_mb:
+            break
+        chosen.append(h)
+        free += h.vram_mb
+    return chosen if free >= req.vram_mb else None
+
+
+CHEAPEST_EXACT_MAX = 20_000
+"""Most device sets _cheapest compares one by one; beyond it, it chooses greedily."""
+
+
+def _cheapest(plans: dict[int, list[Holding]],
+              count: int) -> tuple[list[int], list[Holding]] | None:
+    """The ``count`` devices whose plans together pause the cheapest set of holders."""
+    if len(plans) < count:
+        return None
+
+    def cost(devices: Iterable[int]) -> tuple[tuple[int, int], dict[str, Holding]]:
+        union = {h.holder: h for d in devices for h in plans[d]}
+        return (sum(h.priority for h in union.values()), len(union)), union
+
+    candidates = sorted(plans)
+    if math.comb(len(candidates), count) <= CHEAPEST_EXACT_MAX:
+        combos = itertools.combinations(candidates, count)  # in lowest-index-first order
+        best = min(combos, key=lambda ds: cost(ds)[0])
+    else:  # a very large node: add the device that adds the least cost, one at a time
+        best_list: list[int] = []
+        for _ in range(count):
+            rest = [d for d in candidates if d not in best_list]
+            best_list.append(min(rest, key=lambda d: cost([*best_list, d])[0]))
+        best = tuple(sorted(best_list))
+    return list(best), list(cost(best)[1].values())
 
 
 def _describe(req: LeaseRequest) -> str:

@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 
 from gpulane.devices import DeviceSnapshot
 
+WHOLE_DEVICE_SLACK_MB = 1024
+"""Driver-reported use a GPU may show and still count as empty for a whole-device holder:
+NVML's memory info counts the driver's own reservation (hundreds of MiB on an idle
+data-centre GPU) as used. Capped at 1/16 of a small GPU's memory."""
+
 
 @dataclass(slots=True)
 class Holding:
@@ -20,6 +25,7 @@ class Holding:
     priority: int = 50
     preemptible: bool = True
     kind: str = "worker"  # "worker" (gpulane's own) or "lease" (an outside service)
+    whole: bool = False  # holds the whole device: nothing else is placed beside it
 
 
 @dataclass(slots=True)
@@ -29,6 +35,7 @@ class GpuAccount:
     name: str
     total_vram_mb: int
     measured_free_mb: int | None = None  # NVML's view, which sees processes outside gpulane
+    simulated: bool = False
     holdings: dict[str, Holding] = field(default_factory=dict)
 
     @property
@@ -43,13 +50,30 @@ class GpuAccount:
             free = min(free, self.measured_free_mb)
         return max(free, 0)
 
+    @property
+    def held_whole(self) -> bool:
+        return any(h.whole for h in self.holdings.values())
+
+    @property
+    def slack_mb(self) -> int:
+        """Driver-reported use that still leaves the device empty (WHOLE_DEVICE_SLACK_MB)."""
+        return min(WHOLE_DEVICE_SLACK_MB, self.total_vram_mb // 16)
+
+    @property
+    def empty(self) -> bool:
+        """Nobody holds any of it: no holding here, and the driver sees (almost) no use."""
+        if self.holdings or self.total_vram_mb <= 0:
+            return False
+        return self.measured_free_mb is None or \
+            self.measured_free_mb >= self.total_vram_mb - self.slack_mb
+
 
 class Ledger:
     """VRAM per GPU and CPU slots for one node."""
 
     def __init__(self, gpus: list[DeviceSnapshot], cpu_slots: int) -> None:
         self.gpus = {g.index: GpuAccount(g.index, g.uuid, g.name, g.total_vram_mb,
-                                         g.free_vram_mb) for g in gpus}
+                                         g.free_vram_mb, g.simulated) for g in gpus}
         self.cpu_slots = cpu_slots
         self.cpu_used = 0
 
@@ -65,7 +89,7 @@ class Ledger:
 
     def fits(self, vram_mb: int) -> list[int]:
         """GPUs with room for ``vram_mb``, fullest first (binpack keeps big holes open)."""
-        room = [g for g in self.gpus.values() if g.free_mb >= vram_mb]
+        room = [g for g in self.gpus.values() if g.free_mb >= vram_mb and not g.held_whole]
         room.sort(key=lambda g: (g.free_mb, g.index))
         return [g.index for g in room]
 
@@ -74,15 +98,32 @@ class Ledger:
         acct = self.gpus[device]
         if holder in acct.holdings:
             return True
-        if acct.free_mb < vram_mb:
+        if acct.free_mb < vram_mb or acct.held_whole:
             return False
         acct.holdings[holder] = Holding(holder, device, vram_mb, priority, preemptible, kind)
         return True
 
-    def empty_devices(self) -> list[int]:
-        """GPUs nobody holds any of: candidates for a whole-device request."""
+    def acquire_whole(self, holder: str, devices: list[int], *, priority: int = 50,
+                      preemptible: bool = True, kind: str = "worker") -> bool:
+        """Hold every one of ``devices`` whole (all or none); each must be empty.
+
+        A whole holding declares the device's total VRAM, so slices see no room there, and
+        ``fits`` skips the device even for a holder that asks for 0 MB.
+        """
+        accts = [self.gpus[d] for d in devices]
+        if len(set(devices)) != len(devices) or not all(
+                a.empty or (holder in a.holdings and a.holdings[holder].whole) for a in accts):
+            return False
+        for a in accts:
+            a.holdings[holder] = Holding(holder, a.index, a.total_vram_mb, priority,
+                                         preemptible, kind, whole=True)
+        return True
+
+    def empty_devices(self, min_total_mb: int = 0) -> list[int]:
+        """GPUs nobody holds any of (with at least ``min_total_mb`` of memory), by index:
+        candidates for a whole-device request."""
         return [g.index for g in self.gpus.values()
-                if not g.holdings and g.free_mb >= g.total_vram_mb]
+                if g.empty and g.total_vram_mb >= min_total_mb]
 
     def holders(self, device: int | None = None) -> list[Holding]:
         return [h for g in self.gpus.values() if device is None or g.index == device

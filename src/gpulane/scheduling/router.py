@@ -22,6 +22,7 @@ class FallbackReason:
 
     NO_GPU = "no_gpu"  # this node has no GPU
     VRAM_EXCEEDS_LARGEST_GPU = "vram_exceeds_largest_gpu"  # no GPU here is big enough
+    NOT_ENOUGH_GPUS = "not_enough_gpus"  # gpus: N, and fewer than N GPUs here can hold it
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +34,8 @@ class Route:
 def route(preset: Preset, wish: DeviceWish, gpu_totals_mb: Sequence[int]) -> Route:
     """Pick the lane for a task of ``preset`` on a node whose GPUs have these VRAM totals."""
     largest = max(gpu_totals_mb, default=0)
-    fits = bool(gpu_totals_mb) and preset.vram_mb <= largest
+    # gpus: N wants N devices that can each hold vram_mb (whole ones when N >= 2).
+    fits = bool(gpu_totals_mb) and _big_enough(preset, gpu_totals_mb) >= preset.gpus
     if wish is DeviceWish.CPU:
         if not preset.allows_cpu:
             raise ValidationError(
@@ -62,7 +64,8 @@ def route(preset: Preset, wish: DeviceWish, gpu_totals_mb: Sequence[int]) -> Rou
             reason = None
             if passed_over_gpu:
                 reason = (FallbackReason.NO_GPU if not gpu_totals_mb
-                          else FallbackReason.VRAM_EXCEEDS_LARGEST_GPU)
+                          else FallbackReason.VRAM_EXCEEDS_LARGEST_GPU
+                          if preset.vram_mb > largest else FallbackReason.NOT_ENOUGH_GPUS)
             return Route(CPU_LANE, reason)
     _require_fit(preset, gpu_totals_mb, fits, largest)
     return Route(GPU_LANE)  # pragma: no cover - _require_fit raised
@@ -77,8 +80,21 @@ def _require_fit(preset: Preset, gpu_totals_mb: Sequence[int], fits: bool,
             "no_gpu", f"preset {preset.name!r} needs a GPU and this node has none: "
             "submit with device='cpu' if the preset allows it, or add a GPU node",
             field="device")
+    if preset.vram_mb <= largest:  # big enough GPUs exist, but fewer than gpus: N
+        count = _big_enough(preset, gpu_totals_mb)
+        raise RequestError(
+            "not_enough_gpus",
+            f"preset {preset.name!r} needs gpus={preset.gpus} but this node has {count} GPU(s)"
+            + (f" with vram_mb={preset.vram_mb} or more" if preset.vram_mb else "")
+            + ": lower the preset's gpus or run it where more GPUs are",
+            field="gpus", extra={"gpus_here": count})
     raise RequestError(
         "vram_exceeds_devices",
         f"preset {preset.name!r} needs vram_mb={preset.vram_mb} but the largest GPU here "
         f"has {largest} MB: lower the preset's vram_mb or run it where a bigger GPU is",
         field="vram_mb", extra={"largest_device_mb": largest})
+
+
+def _big_enough(preset: Preset, gpu_totals_mb: Sequence[int]) -> int:
+    """How many GPUs here could each hold the preset's vram_mb."""
+    return sum(1 for total in gpu_totals_mb if total >= preset.vram_mb)

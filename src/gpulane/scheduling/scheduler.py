@@ -20,6 +20,7 @@ from gpulane.model import Task
 from gpulane.presets import Mode, Preset, PresetRegistry
 from gpulane.runtime.launchers import DeviceAssignment
 from gpulane.runtime.supervisor import Supervisor
+from gpulane.runtime.worker_process import WorkerState
 from gpulane.scheduling.ledger import Ledger
 from gpulane.scheduling.router import CPU_LANE, GPU_LANE
 from gpulane.store import QueueHead, Store
@@ -123,11 +124,22 @@ class Scheduler:
         return await self._place_oneoff(preset, head.lane)
 
     async def _place_session(self, preset: Preset, lane: str) -> int:
+        forming = self.supervisor.forming_worker(preset.name, lane)
+        if forming is not None:
+            # A batch waiting to fill (max_wait_ms) takes what has come in since.
+            waiting, room = forming
+            tasks = await self.store.claim(preset.name, lane, room, self.node,
+                                           waiting.device.name)
+            if tasks:
+                self.supervisor.dispatch(waiting, tasks)
+            return len(tasks)
         worker = self.supervisor.idle_worker(preset.name, lane)
         if worker is None:
             live = self.supervisor.session_workers(preset.name, lane)
             if len(live) >= self._max_workers(preset, lane):
                 return 0
+            if not self.supervisor.may_start(preset.name):
+                return 0  # its workers keep failing to start: the tasks wait out the cooldown
             reserved = self._reserve(preset, lane)
             if reserved is None:
                 return 0
@@ -135,8 +147,8 @@ class Scheduler:
             worker = self.supervisor.start_worker(preset, device, wid)
         if lane == CPU_LANE and not self.ledger.acquire_cpu():
             return 0
-        tasks = await self.store.claim(preset.name, lane, preset.batch.max_size, self.node,
-                                       worker.device.name)
+        tasks = await self.store.claim(preset.name, lane, self.supervisor.batch_size(worker),
+                                       self.node, worker.device.name)
         if not tasks:
             if lane == CPU_LANE:
                 self.ledger.release_cpu()
@@ -147,6 +159,8 @@ class Scheduler:
         return len(tasks)
 
     async def _place_oneoff(self, preset: Preset, lane: str) -> int:
+        if not self.supervisor.may_start(preset.name):
+            return 0
         reserved = self._reserve(preset, lane)
         if reserved is None:
             return 0
@@ -166,13 +180,16 @@ class Scheduler:
     def _max_workers(self, preset: Preset, lane: str) -> int:
         if lane == CPU_LANE:
             return preset.replicas
+        if preset.gpus > 1:  # each worker holds gpus whole devices: replicas cannot share
+            return len(self.ledger.gpus) // preset.gpus
         return preset.replicas * max(len(self.ledger.gpus), 1)
 
     def _reserve(self, preset: Preset, lane: str) -> tuple[DeviceAssignment, str] | None:
         """Reserve room for one new worker of the preset, under the worker's id to be.
 
         GPU: VRAM on the fullest device that fits (binpack), at most ``replicas`` session
-        workers of one preset per device. CPU: a one-off takes a CPU slot for its life; a
+        workers of one preset per device; ``gpus: N`` (N >= 2) takes N whole empty devices
+        instead (see _reserve_whole). CPU: a one-off takes a CPU slot for its life; a
         session worker takes one per batch instead (see _place_session).
         """
         if lane == CPU_LANE:
@@ -180,12 +197,15 @@ class Scheduler:
             if preset.mode is Mode.ONEOFF and not self.ledger.acquire_cpu():
                 return None
             return device, self.supervisor.next_worker_id(preset, device)
+        if preset.gpus > 1:
+            return self._reserve_whole(preset)
         for index in self.ledger.fits(preset.vram_mb):
             if index in self.reserved():
                 continue  # being cleared for an urgent lease
             if preset.mode is Mode.SESSION and self._count_on(preset, index) >= preset.replicas:
                 continue
-            device = DeviceAssignment("gpu", index, self.ledger.gpus[index].uuid)
+            gpu = self.ledger.gpus[index]
+            device = DeviceAssignment("gpu", index, gpu.uuid, gpu.simulated)
             wid = self.supervisor.next_worker_id(preset, device)
             if self.ledger.acquire(wid, index, preset.vram_mb):
                 return device, wid
@@ -194,6 +214,44 @@ class Scheduler:
         self.supervisor.evict_idle(None, preset.vram_mb)
         return None
 
+    def _reserve_whole(self, preset: Preset) -> tuple[DeviceAssignment, str] | None:
+        """Hold ``preset.gpus`` whole GPUs for one worker: empty devices (each with at least
+        the preset's vram_mb), lowest index first, none being cleared for an urgent lease.
+
+        If too few are empty, the devices that only idle session workers hold are cleared
+        (fewest declared MB first) when that would be enough; their exits wake the scheduler.
+        """
+        reserved = self.reserved()
+        empty = [d for d in self.ledger.empty_devices(preset.vram_mb) if d not in reserved]
+        if len(empty) >= preset.gpus:
+            picked = empty[:preset.gpus]
+            gpus = [self.ledger.gpus[d] for d in picked]
+            device = DeviceAssignment.gpus(picked, [g.uuid for g in gpus],
+                                           any(g.simulated for g in gpus))
+            wid = self.supervisor.next_worker_id(preset, device)
+            if self.ledger.acquire_whole(wid, picked):
+                return device, wid
+            return None
+        clearable = sorted((g for d, g in self.ledger.gpus.items()
+                            if d not in reserved and d not in empty and g.holdings
+                            and g.total_vram_mb >= preset.vram_mb and self._idle_only(d)),
+                           key=lambda g: (g.declared_mb, g.index))
+        missing = preset.gpus - len(empty)
+        if len(clearable) >= missing:
+            for g in clearable[:missing]:
+                self.supervisor.evict_idle(g.index, g.total_vram_mb)
+        return None
+
+    def _idle_only(self, index: int) -> bool:
+        """Whether every holder of the GPU is an idle session worker that evict_idle(index)
+        would stop (no lease, no work in flight)."""
+        for h in self.ledger.holders(index):
+            w = self.supervisor.workers.get(h.holder)
+            if (w is None or not w.session or w.state is not WorkerState.READY
+                    or w.device.index != index or self.supervisor.inflight.get(w.id)):
+                return False
+        return True
+
     def _count_on(self, preset: Preset, index: int) -> int:
         return sum(1 for w in self.supervisor.session_workers(preset.name, GPU_LANE)
-                   if w.device.index == index)
+                   if index in w.device.gpu_indexes)
