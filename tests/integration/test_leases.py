@@ -133,6 +133,23 @@ async def test_preempting_a_task_worker_requeues_its_work(api: httpx.AsyncClient
     assert done["state"] == "succeeded"
 
 
+async def test_a_non_preemptible_preset_keeps_its_worker(api: httpx.AsyncClient) -> None:
+    tid = (await submit(api, "behave-keep", {"action": "slow", "s": 1.0}))["id"]
+
+    async def running() -> bool:
+        return bool((await api.get(f"/v1/tasks/{tid}")).json()["state"] == "running")
+    await eventually(running)
+    busy = int((await api.get(f"/v1/tasks/{tid}")).json()["placement"]["device"][4:])
+    other = (await _lease(api, device=1 - busy, vram_mb=24576, preemptible=False)).json()
+    filler = (await _lease(api, device=busy, vram_mb=24576 - 1024,
+                            preemptible=False)).json()
+    r = await _lease(api, device=busy, vram_mb=1024, priority="immediate", wait_s=0.3)
+    assert r.status_code == 408  # the worker's preset says it may not be preempted
+    for lz in (other, filler):
+        await api.delete(f"/v1/leases/{lz['id']}", params={"token": lz["token"]})
+    assert (await wait_done(api, tid))["attempts"] == 1
+
+
 async def test_bad_lease_requests(api: httpx.AsyncClient) -> None:
     r = await api.post("/v1/leases", json={"vram_mb": 10})
     assert r.status_code == 422 and r.json()["error"]["field"] == "holder"

@@ -207,7 +207,7 @@ class Scheduler:
             gpu = self.ledger.gpus[index]
             device = DeviceAssignment("gpu", index, gpu.uuid, gpu.simulated)
             wid = self.supervisor.next_worker_id(preset, device)
-            if self.ledger.acquire(wid, index, preset.vram_mb):
+            if self.ledger.acquire(wid, index, preset.vram_mb, preemptible=preset.preemptible):
                 return device, wid
         # No room: unload idle workers of other presets (least recently used); their exit
         # wakes the scheduler, and the next pass finds the room.
@@ -229,7 +229,7 @@ class Scheduler:
             device = DeviceAssignment.gpus(picked, [g.uuid for g in gpus],
                                            any(g.simulated for g in gpus))
             wid = self.supervisor.next_worker_id(preset, device)
-            if self.ledger.acquire_whole(wid, picked):
+            if self.ledger.acquire_whole(wid, picked, preemptible=preset.preemptible):
                 return device, wid
             return None
         clearable = sorted((g for d, g in self.ledger.gpus.items()
