@@ -313,7 +313,7 @@ class SqliteStore:
             # One statement moves the whole batch; RETURNING hands back the rows as updated.
             rows = db.execute(
                 f"UPDATE tasks SET state='running', attempts=attempts+1, started_at=?, node=?, "
-                f"device=?, event_seq=event_seq+1 WHERE id IN (SELECT id FROM tasks WHERE "
+                f"device=?, event_seq=event_seq+1 WHERE seq IN (SELECT seq FROM tasks WHERE "
                 f"state='queued' AND preset=? AND lane=? ORDER BY priority DESC, seq LIMIT ?) "
                 f"RETURNING {_COLUMNS}, event_seq, priority",
                 (started, node, device, preset, lane, limit)).fetchall()
