@@ -103,7 +103,12 @@ class Scheduler:
         self.passes += 1
         placed = 0
         for _ in range(DEFAULT_SCHEDULER_SCAN):
-            heads = await self.store.queue_heads(self.lanes())
+            # Only queues that could take work now are looked at: with every worker busy (the
+            # usual case under load, when each submit wakes a pass) a pass costs no query.
+            lanes = [(p, lane) for p, lane in self.lanes() if self._could_place(p, lane)]
+            if not lanes:
+                break
+            heads = await self.store.queue_heads(lanes)
             if not heads:
                 break
             heads.sort(key=lambda h: (-h.priority, h.seq))
@@ -114,6 +119,23 @@ class Scheduler:
             if not progress:
                 break
         return placed
+
+    def _could_place(self, preset_name: str, lane: str) -> bool:
+        """A cheap, in-memory "maybe": False only when placing is sure to fail now."""
+        preset = self.registry.get(preset_name)
+        if preset is None:
+            return False
+        if preset.mode is Mode.SESSION:
+            if self.supervisor.forming_worker(preset_name, lane) is not None:
+                return True  # a top-up: the batch holds its CPU slot already
+            if self.supervisor.idle_worker(preset_name, lane) is not None:
+                return lane != CPU_LANE or self.ledger.cpu_used < self.ledger.cpu_slots
+            live = self.supervisor.session_workers(preset_name, lane)
+            if len(live) >= self._max_workers(preset, lane):
+                return False
+        if not self.supervisor.may_start(preset_name):
+            return False
+        return lane != CPU_LANE or self.ledger.cpu_used < self.ledger.cpu_slots
 
     async def _place(self, head: QueueHead) -> int:
         preset = self.registry.get(head.preset)
