@@ -34,6 +34,7 @@ bench: install-bench  ## every benchmark, peers included; tables to stdout, JSON
 	$(BIN)/python bench/client.py
 	$(BIN)/python bench/leases.py
 	$(BIN)/python bench/batching.py
+	$(BIN)/python bench/gpu.py || [ $$? -eq 3 ]  # 3: no GPU here, skipped
 
 clean:
 	rm -rf .gpulane .pytest_cache .mypy_cache .ruff_cache
