@@ -355,3 +355,15 @@ def start_gpulane(procs: Procs, data_dir: Path, log_dir: Path) -> tuple[Proc, st
     wait_until(lambda: httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200,
                timeout=GPULANE_READY_TIMEOUT_S, what="gpulane /readyz", proc=proc)
     return proc, url
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop servers
+
+
+def stop_on_signals() -> None:
+    """Turn SIGTERM (and SIGINT, which a shell ignores for background jobs) into SystemExit,
+    so a benchmark that is stopped still runs the code that stops its servers."""
+    signal.signal(signal.SIGTERM, _terminated)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _terminated)

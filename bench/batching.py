@@ -64,6 +64,7 @@ from bench._util import (
     markdown_table,
     print_table,
     start_proc,
+    stop_on_signals,
     wait_until,
     write_json,
 )
@@ -751,15 +752,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop servers
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background
-        signal.signal(signal.SIGINT, _terminated)
+    stop_on_signals()
     if args.internal:
         result = ideal_main(args) if args.internal == "ideal" else ray_main(args)
         write_json(args.internal_out, result)

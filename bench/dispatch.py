@@ -25,7 +25,6 @@ import asyncio
 import inspect
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -54,6 +53,7 @@ from bench._util import (
     print_table,
     start_gpulane,
     start_proc,
+    stop_on_signals,
     wait_until,
     write_json,
 )
@@ -436,15 +436,9 @@ def _exit_code(exc: BaseException) -> int:
     return 130 if isinstance(exc, KeyboardInterrupt) else 1
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop servers
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background
-        signal.signal(signal.SIGINT, _terminated)
+    stop_on_signals()
     tmp = Path(tempfile.mkdtemp(prefix="gpulane-bench-"))
     log_dir = tmp / "logs"
     log_dir.mkdir()

@@ -49,7 +49,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -75,6 +74,7 @@ from bench._util import (
     percentile,
     print_table,
     start_proc,
+    stop_on_signals,
     wait_until,
     write_json,
 )
@@ -571,9 +571,7 @@ def _terminated(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background
-        signal.signal(signal.SIGINT, _terminated)
+    stop_on_signals()
     provider, torch_info, why = probe_gpu()
     if provider is None and not args.allow_cpu_only:
         print(f"bench/gpu.py: skipped (exit {SKIPPED}, nothing written): no usable NVIDIA GPU "
