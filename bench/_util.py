@@ -367,3 +367,20 @@ def stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, _terminated)
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, _terminated)
+
+
+def run_record(benchmark: str, script: str, argv: list[str] | None, started: float,
+               load_start: list[float], *, code_paths: tuple[str, ...] | None = None,
+               machine_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What every result JSON opens with: the command, when and how long, the code, the
+    machine (with its load before and after)."""
+    return {
+        "benchmark": benchmark,
+        "command": " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "code": git_info(code_paths) if code_paths else git_info(),
+        "machine": {**machine_info(), **(machine_extra or {}),
+                    "load_avg_1_5_15_at_start": load_start,
+                    "load_avg_1_5_15_at_end": list(os.getloadavg())},
+    }

@@ -58,11 +58,10 @@ from bench._util import (
     _tree_cpu,
     child_env,
     free_port,
-    git_info,
     latency_summary,
-    machine_info,
     markdown_table,
     print_table,
+    run_record,
     start_proc,
     stop_on_signals,
     wait_until,
@@ -802,14 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     summary = report(args, results["ideal"], results["gpulane"], results.get("ray"))
     data = {
-        "benchmark": "batching",
-        "command": " ".join(["python", "bench/batching.py",
-                             *(sys.argv[1:] if argv is None else argv)]),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "duration_s": round(time.time() - started, 1),
-        "code": git_info(),
-        "machine": {**machine_info(), "load_avg_1_5_15_at_start": load_start,
-                    "load_avg_1_5_15_at_end": list(os.getloadavg())},
+        **run_record("batching", "bench/batching.py", argv, started, load_start),
         "parameters": {
             "requests": args.requests, "concurrency": args.concurrency, "warmup": args.warmup,
             "models": args.models,

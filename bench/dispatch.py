@@ -46,11 +46,10 @@ from bench._util import (
     child_env,
     chunks,
     free_port,
-    git_info,
     latency_summary,
-    machine_info,
     markdown_table,
     print_table,
+    run_record,
     start_gpulane,
     start_proc,
     stop_on_signals,
@@ -466,14 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = {system: {k: v.format(chunk=args.chunk, concurrency=args.concurrency)
                         for k, v in m.items()} for system, m in METHODS.items()}
     data = {
-        "benchmark": "dispatch",
-        "command": " ".join(["python", "bench/dispatch.py",
-                             *(sys.argv[1:] if argv is None else argv)]),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "duration_s": round(time.time() - started, 1),
-        "code": git_info(),
-        "machine": {**machine_info(), "load_avg_1_5_15_at_start": load_start,
-                    "load_avg_1_5_15_at_end": list(os.getloadavg())},
+        **run_record("dispatch", "bench/dispatch.py", argv, started, load_start),
         "parameters": {"tasks": args.tasks, "rtt": args.rtt, "warmup": args.warmup,
                        "chunk": args.chunk, "concurrency": args.concurrency,
                        "task": "sleep(ms=0): a no-op returning {'slept_ms': 0}",
