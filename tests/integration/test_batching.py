@@ -88,3 +88,19 @@ async def test_a_batch_waits_max_wait_ms_to_fill(api: httpx.AsyncClient) -> None
         await asyncio.sleep(0.03)
     done = await _results(api, ids)
     assert [t["output"]["batch_size"] for t in done] == [3, 3, 3]
+
+
+async def test_a_task_cancelled_while_its_batch_forms_is_never_sent_and_frees_the_worker(
+        api: httpx.AsyncClient, node: Node) -> None:
+    warm = await api.post("/v1/tasks", params={"wait": 30},
+                          json={"preset": "batchy-wait", "input": {}})
+    assert warm.json()["state"] == "succeeded"
+    tid = (await api.post("/v1/tasks", json={"preset": "batchy-wait", "input": {}})).json()["id"]
+    await asyncio.sleep(0.05)  # claimed into the forming batch (max_wait_ms 400)
+    assert (await api.post(f"/v1/tasks/{tid}/cancel")).json()["state"] == "cancelled"
+    await asyncio.sleep(0.6)  # the wait ends with nothing left to send
+    assert node.ledger.cpu_used == 0  # its CPU slot came back
+    after = await api.post("/v1/tasks", params={"wait": 30},
+                           json={"preset": "batchy-wait", "input": {}})
+    assert after.json()["state"] == "succeeded"
+    assert (await _batch_view(api, "batchy-wait"))["tasks"] == 2  # the cancelled one never ran

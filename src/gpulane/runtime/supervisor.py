@@ -250,11 +250,10 @@ class Supervisor:
         if timer is not None:
             timer.cancel()
         for run in [r for r in self.inflight[worker.id].values() if r.cancelled]:
-            self._forget(run, count=False)  # cancelled while its batch formed: never sent
+            self._forget(run)  # cancelled while its batch formed: never sent
         runs = list(self.inflight[worker.id].values())
         if not runs:
-            self.on_capacity()
-            return
+            return  # the last _forget gave the worker (and its CPU slot) back
         worker.state = WorkerState.BUSY
         worker.last_used = time.monotonic()
         batcher = self.batchers.get(worker.id)
@@ -353,7 +352,7 @@ class Supervisor:
         if end.error is None or end.error.get("kind") != ErrorKind.OOM.value:
             return False
         batch = self._batch.get(worker.id)
-        return batch is not None and batch[0] > 1 and worker.id in self.batchers
+        return batch is not None and batch[0] > 1
 
     async def _rerun_smaller(self, worker: WorkerProcess, runs: list[TaskRun]) -> None:
         batcher = self.batchers[worker.id]
@@ -409,18 +408,18 @@ class Supervisor:
         await self._store_ends([(run, Finish(run.id, run.token, state, output=output,
                                              error=error, events=events or []))])
 
-    def _forget(self, run: TaskRun, *, count: bool = True) -> None:
+    def _forget(self, run: TaskRun) -> None:
         self.runs.pop(run.id, None)
         runs = self.inflight.get(run.worker_id)
         if runs is None:
             return
         runs.pop(run.id, None)
         worker = self.workers.get(run.worker_id)
-        if worker is not None and count:
+        if worker is not None:
             worker.tasks_done += 1
             worker.last_used = time.monotonic()
-        if runs or not count:
-            if worker is not None and count:
+        if runs:
+            if worker is not None:
                 self._arm_watchdog(worker)  # the next task of the batch gets its own clock
             return
         batch = self._batch.pop(run.worker_id, None)
