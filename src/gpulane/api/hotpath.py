@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -61,12 +60,8 @@ class HotPath:
         return _result if match.group(2) else _get
 
 
-def _query(request: Request, name: str) -> Any:
-    return request.query_params.get(name)
-
-
 async def _submit(request: Request) -> JSON:
-    return await tasks.submit_task(request, wait=_query(request, "wait"))
+    return await tasks.submit_task(request, wait=request.query_params.get("wait"))
 
 
 async def _get(request: Request) -> JSON:
@@ -75,4 +70,4 @@ async def _get(request: Request) -> JSON:
 
 async def _result(request: Request) -> JSON:
     return await tasks.task_result(request, request.path_params["task_id"],
-                                   wait=_query(request, "wait"))
+                                   wait=request.query_params.get("wait"))

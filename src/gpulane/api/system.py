@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 from gpulane import __version__
 from gpulane.api.responses import JSON
 from gpulane.node import Node
+from gpulane.runtime.circuit import PresetCircuit
 
 router = APIRouter(tags=["system"])
 
@@ -22,8 +23,7 @@ async def presets(request: Request) -> JSON:
     node = _node(request)
     circuits = node.supervisor.circuits
     return JSON({"presets": [
-        {**p.to_json(), "circuit": circuits[p.name].to_json() if p.name in circuits
-         else {"state": "closed", "start_failures": 0, "retry_in_s": None, "last_error": None}}
+        {**p.to_json(), "circuit": (circuits.get(p.name) or PresetCircuit()).to_json()}
         for p in node.registry.values()]})
 
 

@@ -89,6 +89,9 @@ _COLUMNS = ("seq, id, preset, state, input, output, error, base_priority, device
             "created_at, started_at, finished_at")
 
 
+_INSERT_EVENT = "INSERT INTO events (task_id, seq, type, data, ts) VALUES (?,?,?,?,?)"
+
+
 def _dumps(value: Any) -> bytes:
     return orjson.dumps(value)
 
@@ -228,7 +231,7 @@ class SqliteStore:
             (tid, spec.preset, TaskState.QUEUED.value, _dumps(spec.input), spec.priority,
              spec.priority, spec.device_wish.value, spec.lane, spec.fallback_reason, spec.timeout_s,
              spec.content_type, spec.idempotency_key, created))
-        self.db.execute("INSERT INTO events (task_id, seq, type, data, ts) VALUES (?,?,?,?,?)",
+        self.db.execute(_INSERT_EVENT,
                         (tid, 1, "state", _dumps({"state": "queued", "lane": spec.lane,
                                                   "fallback_reason": spec.fallback_reason}),
                          created))
@@ -321,7 +324,7 @@ class SqliteStore:
             rows.sort(key=lambda r: (-r[-1], r[0]))
             tasks = [_row_to_task(r[:-2]) for r in rows]
             db.executemany(
-                "INSERT INTO events (task_id, seq, type, data, ts) VALUES (?,?,?,?,?)",
+                _INSERT_EVENT,
                 [(t.id, r[-2], "state", _dumps({
                     "state": "running", "attempt": t.attempts, "node": node, "device": device,
                     "fallback_reason": t.fallback_reason}), started)
@@ -342,7 +345,7 @@ class SqliteStore:
         ts = now()
         out = [Event(task_id, first + i, e.type, e.data, ts) for i, e in enumerate(events)]
         self.db.executemany(
-            "INSERT INTO events (task_id, seq, type, data, ts) VALUES (?,?,?,?,?)",
+            _INSERT_EVENT,
             [(e.task_id, e.seq, e.type, _dumps(e.data), e.ts) for e in out])
         return out
 
@@ -403,7 +406,7 @@ class SqliteStore:
                             for i, e in enumerate(events))
                 out.append(_row_to_task(row[:-1]))
             db.executemany(
-                "INSERT INTO events (task_id, seq, type, data, ts) VALUES (?,?,?,?,?)", rows)
+                _INSERT_EVENT, rows)
         for got in out:
             if isinstance(got, Task):
                 self.notifier.notify(got.id, got)
