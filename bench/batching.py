@@ -588,6 +588,16 @@ def _echo(path: Path, pos: int) -> int:
     return pos + end
 
 
+def run_failed(run_id: str, log_dir: Path) -> int:
+    """Report a run that raised, kill what it left behind; the exit status to return. Call it
+    from an ``except`` block."""
+    traceback.print_exc()
+    killed = reap_marked(run_id)
+    print(f"\nthe run failed ({len(killed)} leftover processes killed); logs are in "
+          f"{log_dir}", file=sys.stderr)
+    return 130 if sys.exc_info()[0] is KeyboardInterrupt else 1
+
+
 def reap_marked(run_id: str) -> list[int]:
     """Kill every process still carrying ``MARKER=run_id`` (none but this one's children
     can); returns their pids."""
@@ -788,11 +798,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--ray-temp-dir", str(tmp / "ray")])
             results["ray"]["leftover_processes_killed"] = len(reap_marked(run_id))
     except BaseException:
-        traceback.print_exc()
-        killed = reap_marked(run_id)
-        print(f"\nthe run failed ({len(killed)} leftover processes killed); logs are in "
-              f"{log_dir}", file=sys.stderr)
-        return 130 if sys.exc_info()[0] is KeyboardInterrupt else 1
+        return run_failed(run_id, log_dir)
     finally:
         reap_marked(run_id)
     if args.keep_logs:

@@ -55,7 +55,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 import uuid
 from pathlib import Path
 from typing import Any
@@ -90,6 +89,7 @@ from bench.batching import (
     output_ok,
     proc_cpu_s,
     reap_marked,
+    run_failed,
     workers_of,
 )
 
@@ -594,11 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         with Procs() as procs:  # the server is stopped here, however the block ends
             g = bench_gpulane(args, procs, tmp, log_dir, env, provider)
     except BaseException:
-        traceback.print_exc()
-        killed = reap_marked(run_id)
-        print(f"\nthe run failed ({len(killed)} leftover processes killed); logs are in "
-              f"{log_dir}", file=sys.stderr)
-        return 130 if sys.exc_info()[0] is KeyboardInterrupt else 1
+        return run_failed(run_id, log_dir)
     finally:
         reap_marked(run_id)
         if provider is not None:
