@@ -42,8 +42,18 @@ async def test_adaptive_batches_start_at_one_and_grow_to_max_size_under_a_backlo
     assert all(t["state"] == "succeeded" for t in done)
     sizes = [t["output"]["batch_size"] for t in done]
     assert sizes[0] == 1 and max(sizes) == 32
-    firsts = sizes[:1 + 2 + 4 + 8 + 16]  # FIFO: the first batches were 1, 2, 4, 8, 16
-    assert firsts == [1] + [2] * 2 + [4] * 4 + [8] * 8 + [16] * 16
+    batches = []  # FIFO: the tasks in order, cut into the batches they ran in
+    i = 0
+    while i < len(sizes):
+        batches.append(sizes[i])
+        i += sizes[i]
+    # Growth at most doubles per batch. The next batch is claimed while one runs, so it
+    # may take the size from before that batch's outcome: a size can repeat once.
+    assert batches[:2] in ([1, 1], [1, 2])
+    full = batches[:-1]  # the last one takes what is left
+    assert all(a <= b <= 2 * a for a, b in zip(full, full[1:], strict=False)), batches
+    for size in (2, 4, 8, 16):
+        assert 1 <= batches.count(size) <= 2, batches
     view = await _batch_view(api, "batchy")
     assert view["mode"] == "adaptive" and view["size"] == 32 and view["tasks"] == 300
 

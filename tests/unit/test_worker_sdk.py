@@ -105,7 +105,7 @@ def test_announces_itself_then_serves_batches(tmp_path: Path) -> None:
     assert code == 0, stderr
     assert events[0] == {"event": "connection", "status": "connected", "protocol": 1}
     assert events[1]["event"] == "worker" and events[1]["status"] == "loading"
-    assert events[2] == {"event": "worker", "status": "ready"}
+    assert events[2] == {"event": "worker", "status": "ready", "pipeline": True}
     assert results(events) == {"a": {"y": 10, "batch": 2, "tasks": ["a", "b"]},
                                "b": {"y": 20, "batch": 2, "tasks": ["a", "b"]},
                                "c": {"y": 30, "batch": 1, "tasks": ["c"]}}

@@ -34,6 +34,7 @@ class BatchStats:
     last_size: int = 0
     last_latency_ms: float | None = None
     ooms: int = 0
+    busy_s: float = 0.0  # summed batch latencies: how long the worker had work
     sizes: dict[int, int] = field(default_factory=dict)  # batch size -> how many batches
 
 
@@ -68,6 +69,7 @@ class Batcher:
         s.tasks += n
         s.last_size = n
         s.last_latency_ms = round(seconds * 1000, 3)
+        s.busy_s += seconds
         s.sizes[n] = s.sizes.get(n, 0) + 1
         if not self.adaptive:
             return
@@ -100,4 +102,4 @@ class Batcher:
                 "max_wait_ms": self.max_wait_s * 1000, "batches": s.batches, "tasks": s.tasks,
                 "mean_size": round(s.tasks / s.batches, 2) if s.batches else None,
                 "last_size": s.last_size, "last_latency_ms": s.last_latency_ms,
-                "ooms": s.ooms}
+                "busy_s": round(s.busy_s, 6), "ooms": s.ooms}

@@ -14,7 +14,9 @@ import itertools
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 
 from gpulane.errors import StaleTokenError
 from gpulane.model import ErrorKind, Task, TaskState, task_error
@@ -48,8 +50,24 @@ REAPER_INTERVAL_S = 1.0
 """How often idle workers are checked for unloading."""
 CANCELLED_MESSAGE = "cancelled by request"
 """The error message of every cancelled task."""
+PIPELINE_DEPTH = 2
+"""Batches a pipelining worker may hold: the one it runs and the one it starts next."""
+NEXT_BATCH_AT = 0.75
+"""A running batch's next one starts forming when this share of the last batch's latency
+has passed: late enough that the tasks arrived meanwhile are claimed together, early enough
+that the batch is ready (and, when full, already sent) as the running one ends."""
 RETRYABLE_KINDS = frozenset({ErrorKind.WORKER_DIED.value, ErrorKind.START_TIMEOUT.value})
 """Failures that are the worker's, not the input's: the task gets another attempt."""
+
+
+@dataclass(slots=True)
+class SentBatch:
+    """A batch given to a session worker, and the tasks of it the worker still owes."""
+
+    owed: set[str]
+    size: int
+    full: bool  # it took as many tasks as the batcher allowed: more were probably waiting
+    started: float | None  # when the worker could start it; None while one runs before it
 
 
 class Supervisor:
@@ -76,7 +94,9 @@ class Supervisor:
         self.batchers: dict[str, Batcher] = {}  # session worker id -> its batch policy
         self.circuits: dict[str, PresetCircuit] = {}  # preset -> its start-failure circuit
         self._forming: dict[str, asyncio.TimerHandle] = {}  # worker id -> its batch's flush
-        self._batch: dict[str, tuple[int, float, bool]] = {}  # worker id -> (n, sent, full)
+        self._sent: dict[str, deque[SentBatch]] = {}  # worker id -> its batches, running first
+        self._next: dict[str, dict[str, TaskRun]] = {}  # worker id -> the batch after those
+        self._next_open: dict[str, asyncio.TimerHandle | None] = {}  # None: forming now
         self._ids = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
@@ -102,6 +122,17 @@ class Supervisor:
             w = self.workers.get(wid)
             if w is not None and w.preset_name == preset and w.device.kind == lane:
                 room = self.batchers[wid].size - len(self.inflight.get(wid) or ())
+                if room > 0:
+                    return w, room
+        return None
+
+    def next_batch_worker(self, preset: str, lane: str) -> tuple[WorkerProcess, int] | None:
+        """A busy worker whose next batch has room, and how much (see ``dispatch``). The
+        scheduler asks last: an idle or new worker starts the tasks sooner."""
+        for w in self.session_workers(preset, lane):
+            if (w.state is WorkerState.BUSY and w.id not in self._preempted
+                    and w.id in self._next_open and self._next_open[w.id] is None):
+                room = self.batchers[w.id].size - len(self._next.get(w.id) or ())
                 if room > 0:
                     return w, room
         return None
@@ -209,7 +240,7 @@ class Supervisor:
             log.info("worker %s ready on %s (pid %s)", worker.id, worker.device.name,
                      worker.pid)
             if self.inflight[worker.id]:
-                self._send_batch(worker)
+                self._send_batch(worker, list(self.inflight[worker.id].values()))
             else:
                 self.on_capacity()
 
@@ -224,6 +255,12 @@ class Supervisor:
                           task.timeout_s or preset.timeout_s)
             self.inflight[worker.id][task.id] = run
             self.runs[task.id] = run
+        if worker.state is WorkerState.BUSY:
+            # The next batch forms on the node while the worker runs one, so it goes out
+            # the moment that one ends (or, to a pipelining worker, as soon as it is full).
+            self._next.setdefault(worker.id, {}).update((t.id, self.runs[t.id]) for t in tasks)
+            self._feed(worker)
+            return
         if worker.state is not WorkerState.READY:
             return  # still booting: the batch goes out once it is ready
         batcher = self.batchers[worker.id]
@@ -233,7 +270,7 @@ class Supervisor:
                 self._forming[worker.id] = asyncio.get_running_loop().call_later(
                     batcher.max_wait_s, self._flush, worker.id)
             return
-        self._send_batch(worker)
+        self._send_batch(worker, list(self.inflight[worker.id].values()))
 
     def _flush(self, worker_id: str) -> None:
         """A forming batch's wait is over: send what it holds."""
@@ -243,22 +280,37 @@ class Supervisor:
             return
         if len(self.inflight.get(worker_id) or ()) == 1:
             self.batchers[worker_id].waited_in_vain()
-        self._send_batch(worker)
+        self._send_batch(worker, list(self.inflight[worker_id].values()))
 
-    def _send_batch(self, worker: WorkerProcess) -> None:
+    def _feed(self, worker: WorkerProcess) -> None:
+        """Send the worker its next batch when it may take it: at once when nothing runs, or
+        ahead of time, once full, to a worker that pipelines."""
+        held = self._next.get(worker.id)
+        if not held or worker.id in self._preempted or not worker.alive:
+            return
+        sent = self._sent.get(worker.id) or ()
+        depth = PIPELINE_DEPTH if worker.pipelines else 1
+        if not sent or (len(sent) < depth and len(held) >= self.batch_size(worker)):
+            self._next[worker.id] = {}
+            self._send_batch(worker, list(held.values()))
+
+    def _send_batch(self, worker: WorkerProcess, runs: list[TaskRun]) -> None:
         timer = self._forming.pop(worker.id, None)
         if timer is not None:
             timer.cancel()
-        for run in [r for r in self.inflight[worker.id].values() if r.cancelled]:
+        for run in [r for r in runs if r.cancelled]:
+            runs.remove(run)
             self._forget(run)  # cancelled while its batch formed: never sent
-        runs = list(self.inflight[worker.id].values())
         if not runs:
             return  # the last _forget gave the worker (and its CPU slot) back
         worker.state = WorkerState.BUSY
         worker.last_used = time.monotonic()
-        batcher = self.batchers.get(worker.id)
-        self._batch[worker.id] = (len(runs), time.monotonic(),
-                                  batcher is not None and len(runs) >= batcher.size)
+        sent = self._sent.setdefault(worker.id, deque())
+        sent.append(SentBatch({r.id for r in runs}, len(runs),
+                              len(runs) >= self.batch_size(worker),
+                              None if sent else time.monotonic()))
+        if len(sent) == 1:
+            self._time_next_batch(worker.id)
         if not worker.send(run_op([(r.id, r.task.input) for r in runs])):
             worker.kill()  # its exit fails these attempts and retries them
             return
@@ -346,17 +398,28 @@ class Supervisor:
         if ooms:
             await self._rerun_smaller(worker, ooms)
 
+    async def _requeue(self, runs: list[TaskRun], kind: str) -> None:
+        """Put runs the worker never started back in the queue (no attempt used up)."""
+        for run in runs:
+            if run.done:
+                continue
+            run.done = True
+            with contextlib.suppress(StaleTokenError):
+                await self.store.requeue(run.id, run.token, None, events=[NewEvent(
+                    EventType.ERROR.value, {"kind": kind, "retrying": True})])
+            self._forget(run)
+
     def _shrinks_on_oom(self, worker: WorkerProcess, end: Finish) -> bool:
         """An ``oom`` failure in a batch of several: the batch shrinks and its tasks run
         again, instead of failing (a batch of one has nothing left to shrink)."""
         if end.error is None or end.error.get("kind") != ErrorKind.OOM.value:
             return False
-        batch = self._batch.get(worker.id)
-        return batch is not None and batch[0] > 1
+        sent = self._sent.get(worker.id)
+        return sent is not None and len(sent) > 0 and sent[0].size > 1
 
     async def _rerun_smaller(self, worker: WorkerProcess, runs: list[TaskRun]) -> None:
         batcher = self.batchers[worker.id]
-        n = self._batch[worker.id][0]
+        n = self._sent[worker.id][0].size
         if batcher.ceiling > n // 2:
             batcher.oom(n)
             log.warning("worker %s ran out of memory on a batch of %d; its batches are now "
@@ -386,7 +449,14 @@ class Supervisor:
                       events=events)
 
     async def _store_ends(self, ends: list[tuple[TaskRun, Finish]]) -> None:
-        """Write final states (the runs are already marked done), then free their capacity."""
+        """Free the runs' capacity, then write their final states (the runs are already
+        marked done).
+
+        Freeing first matters under load: the scheduler pass it wakes is queued ahead of the
+        callers the store write wakes, so the worker gets its next batch before the node
+        spends its time answering this one's callers, instead of idling through it."""
+        for run, _ in ends:
+            self._forget(run)
         try:
             results = await self.store.finish_many([f for _, f in ends])
         except Exception:
@@ -395,8 +465,6 @@ class Supervisor:
         for got in results:
             if isinstance(got, StaleTokenError):
                 log.info("dropped the outcome of a stale attempt: %s", got)
-        for run, _ in ends:
-            self._forget(run)
 
     async def _end(self, run: TaskRun, state: TaskState, *, output: object = None,
                    error: dict[str, object] | None = None,
@@ -410,30 +478,75 @@ class Supervisor:
 
     def _forget(self, run: TaskRun) -> None:
         self.runs.pop(run.id, None)
-        runs = self.inflight.get(run.worker_id)
+        wid = run.worker_id
+        runs = self.inflight.get(wid)
         if runs is None:
             return
         runs.pop(run.id, None)
-        worker = self.workers.get(run.worker_id)
+        held = self._next.get(wid)
+        if held:
+            held.pop(run.id, None)
+        worker = self.workers.get(wid)
         if worker is not None:
             worker.tasks_done += 1
             worker.last_used = time.monotonic()
+        sent = self._sent.get(wid)
+        if worker is not None and (not sent or self._owed_less(wid, sent, run.id)):
+            self._feed(worker)  # a batch ended (or none runs): the next one may go out now
         if runs:
             if worker is not None:
-                self._arm_watchdog(worker)  # the next task of the batch gets its own clock
+                self._arm_watchdog(worker)  # the next task it owes gets its own clock
             return
-        batch = self._batch.pop(run.worker_id, None)
-        batcher = self.batchers.get(run.worker_id)
-        if batch is not None and batcher is not None:
-            n, sent, full = batch
-            batcher.observe(n, time.monotonic() - sent, full=full)
-        self._disarm_watchdog(run.worker_id)
-        self._release_cpu(run.worker_id)
+        self._disarm_watchdog(wid)
+        self._close_next(wid)
+        self._release_cpu(wid)
         if worker is not None and worker.session and worker.state is WorkerState.BUSY:
             worker.state = WorkerState.READY
-        if worker is not None and run.worker_id in self._preempted:
+        if worker is not None and wid in self._preempted:
             self._spawn_bg(self._stop_worker(worker))  # drained: its batch is done
         self.on_capacity()
+
+    def _owed_less(self, wid: str, sent: deque[SentBatch], task_id: str) -> bool:
+        """A task of a sent batch ended; batches with nothing left owed are done (True when
+        one was), and the batcher learns how long each took from when the worker could start
+        it."""
+        for batch in sent:
+            if task_id in batch.owed:
+                batch.owed.discard(task_id)
+                break
+        now = time.monotonic()
+        ended = False
+        while sent and not sent[0].owed:
+            ended = True
+            done = sent.popleft()
+            batcher = self.batchers.get(wid)
+            if batcher is not None and done.started is not None:
+                batcher.observe(done.size, now - done.started, full=done.full)
+            if sent:
+                sent[0].started = now
+                self._time_next_batch(wid)
+        return ended
+
+    def _time_next_batch(self, wid: str) -> None:
+        """A batch started running: its successor may start forming (see ``dispatch``) once
+        NEXT_BATCH_AT of the last batch's latency has passed; until then, tasks wait in the
+        queue, where one claim takes them all, not one claim per arrival."""
+        self._close_next(wid)
+        batcher = self.batchers.get(wid)
+        last = batcher.stats.last_latency_ms if batcher is not None else None
+        if last is None:
+            return  # nothing measured yet: the next batch is claimed when this one ends
+        self._next_open[wid] = asyncio.get_running_loop().call_later(
+            last / 1000 * NEXT_BATCH_AT, self._open_next, wid)
+
+    def _open_next(self, wid: str) -> None:
+        self._next_open[wid] = None
+        self.on_capacity()
+
+    def _close_next(self, wid: str) -> None:
+        timer = self._next_open.pop(wid, None)
+        if timer is not None:
+            timer.cancel()
 
     async def _attempt_failed(self, run: TaskRun, kind: str, message: str) -> None:
         """An attempt ended through no fault of its input: retry it while attempts remain."""
@@ -493,7 +606,9 @@ class Supervisor:
         self.presets.pop(worker.id, None)
         self.inflight.pop(worker.id, None)
         self.batchers.pop(worker.id, None)
-        self._batch.pop(worker.id, None)
+        self._sent.pop(worker.id, None)
+        self._next.pop(worker.id, None)
+        self._close_next(worker.id)
         timer = self._forming.pop(worker.id, None)
         if timer is not None:
             timer.cancel()
@@ -513,6 +628,9 @@ class Supervisor:
             return
         worker.state = WorkerState.STOPPING
         self._preempted.add(worker_id)
+        held = self._next.pop(worker_id, None)
+        if held:  # its next batch never started: back to the queue now
+            self._spawn_bg(self._requeue(list(held.values()), "preempted"))
         if not self.inflight.get(worker_id):
             self._spawn_bg(self._stop_worker(worker))
         asyncio.get_running_loop().call_later(grace_s, worker.kill)

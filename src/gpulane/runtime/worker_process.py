@@ -79,6 +79,9 @@ class WorkerProcess:
         self.returncode: int | None = None
         self.tasks_done = 0
         self.start_failure_counted = False  # the supervisor's circuit bookkeeping
+        # It said (in its ready event) that it reads ops while a run is going and runs them
+        # in order, so the node may send the next run before this one ends.
+        self.pipelines = False
         self._on_messages = on_messages
         self._on_exit = on_exit
         self._proc: asyncio.subprocess.Process | None = None
@@ -245,6 +248,7 @@ class WorkerProcess:
         elif msg.type is EventType.WORKER:
             self.status = str(msg.data.get("status"))
             if self.status == WorkerStatus.READY.value:
+                self.pipelines = msg.data.get("pipeline") is True
                 self._connected.set()
                 self._ready.set()
 

@@ -130,6 +130,8 @@ class Scheduler:
                 return True  # a top-up: the batch holds its CPU slot already
             if self.supervisor.idle_worker(preset_name, lane) is not None:
                 return lane != CPU_LANE or self.ledger.cpu_used < self.ledger.cpu_slots
+            if self.supervisor.next_batch_worker(preset_name, lane) is not None:
+                return True  # a busy worker's next batch has room (its CPU slot is held)
             live = self.supervisor.session_workers(preset_name, lane)
             if len(live) >= self._max_workers(preset, lane):
                 return False
@@ -158,13 +160,13 @@ class Scheduler:
         worker = self.supervisor.idle_worker(preset.name, lane)
         if worker is None:
             live = self.supervisor.session_workers(preset.name, lane)
-            if len(live) >= self._max_workers(preset, lane):
-                return 0
-            if not self.supervisor.may_start(preset.name):
-                return 0  # its workers keep failing to start: the tasks wait out the cooldown
-            reserved = self._reserve(preset, lane)
+            reserved = None
+            # A preset whose workers keep failing to start gets no new one (its circuit).
+            if (len(live) < self._max_workers(preset, lane)
+                    and self.supervisor.may_start(preset.name)):
+                reserved = self._reserve(preset, lane)
             if reserved is None:
-                return 0
+                return await self._top_up_next(preset, lane)
             device, wid = reserved
             worker = self.supervisor.start_worker(preset, device, wid)
         if lane == CPU_LANE and not self.ledger.acquire_cpu():
@@ -178,6 +180,18 @@ class Scheduler:
         if lane == CPU_LANE:
             self.supervisor.hold_cpu(worker.id)
         self.supervisor.dispatch(worker, tasks)
+        return len(tasks)
+
+    async def _top_up_next(self, preset: Preset, lane: str) -> int:
+        """No worker is free: claim tasks for a busy worker's next batch, so it starts them
+        the moment its batch ends instead of waiting on a claim then."""
+        nxt = self.supervisor.next_batch_worker(preset.name, lane)
+        if nxt is None:
+            return 0
+        worker, room = nxt
+        tasks = await self.store.claim(preset.name, lane, room, self.node, worker.device.name)
+        if tasks:
+            self.supervisor.dispatch(worker, tasks)
         return len(tasks)
 
     async def _place_oneoff(self, preset: Preset, lane: str) -> int:

@@ -185,7 +185,9 @@ class Server:
             self.write(dumps({"event": "worker", "status": "failed",
                                "message": f"load() failed: {error_message(exc)}"}))
             return 1
-        self.write(dumps({"event": "worker", "status": "ready"}))
+        # pipeline: ops are read on a thread and run in order, so the node may send the
+        # next run while this one computes (the worker never waits on the node in between).
+        self.write(dumps({"event": "worker", "status": "ready", "pipeline": True}))
         if self.oneoff:
             self._oneoff(ctx)
             return 0
