@@ -261,6 +261,7 @@ class Node:
         for w in self.supervisor.workers.values():
             view = w.to_json()
             batcher = self.supervisor.batchers.get(w.id)
-            view["batch"] = batcher.to_json() if batcher is not None else None
+            view["batch"] = (None if batcher is None
+                             else batcher.to_json() | self.supervisor.batches_held(w.id))
             out.append(view)
         return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import httpx
@@ -51,7 +52,7 @@ async def test_adaptive_batches_start_at_one_and_grow_to_max_size_under_a_backlo
     # may take the size from before that batch's outcome: a size can repeat once.
     assert batches[:2] in ([1, 1], [1, 2])
     full = batches[:-1]  # the last one takes what is left
-    assert all(a <= b <= 2 * a for a, b in zip(full, full[1:], strict=False)), batches
+    assert all(a <= b <= 2 * a for a, b in itertools.pairwise(full)), batches
     for size in (2, 4, 8, 16):
         assert 1 <= batches.count(size) <= 2, batches
     view = await _batch_view(api, "batchy")
@@ -114,3 +115,53 @@ async def test_a_task_cancelled_while_its_batch_forms_is_never_sent_and_frees_th
                            json={"preset": "batchy-wait", "input": {}})
     assert after.json()["state"] == "succeeded"
     assert (await _batch_view(api, "batchy-wait"))["tasks"] == 2  # the cancelled one never ran
+
+
+async def _watch_held(api: httpx.AsyncClient, preset: str, ids: list[str]
+                      ) -> tuple[int, int]:
+    """Poll the worker's view until the tasks are done: the most batches it held sent at
+    once, and the most tasks its next batch held on the node."""
+    most_sent = most_next = 0
+    for _ in range(400):
+        workers = [w for w in (await api.get("/v1/workers")).json()["workers"]
+                   if w["preset"] == preset]
+        for w in workers:
+            most_sent = max(most_sent, w["batch"]["sent_batches"])
+            most_next = max(most_next, w["batch"]["next_batch_tasks"])
+        states = [(await api.get(f"/v1/tasks/{tid}")).json()["state"] for tid in ids[-1:]]
+        if states == ["succeeded"]:
+            break
+        await asyncio.sleep(0.02)
+    return most_sent, most_next
+
+
+async def test_a_pipelining_worker_gets_its_next_full_batch_before_the_running_one_ends(
+        api: httpx.AsyncClient, node: Node) -> None:
+    # The first batch measures the latency; from the second on, the next batch forms
+    # while one runs and, once full, is sent ahead: the SDK worker queues it.
+    await node.scheduler.stop()
+    ids = await _bulk(api, "sdk-batchy", 16, {"ms": 400})
+    node.scheduler.start()
+    most_sent, _ = await _watch_held(api, "sdk-batchy", ids)
+    done = await _results(api, ids)
+    assert [t["output"]["batch_size"] for t in done] == [4] * 16
+    assert most_sent == 2
+    [worker] = [w for w in (await api.get("/v1/workers")).json()["workers"]
+                if w["preset"] == "sdk-batchy"]
+    assert worker["pipelines"] is True
+    assert worker["batch"]["sent_batches"] == 0 and worker["batch"]["next_batch_tasks"] == 0
+    # Each batch's latency counts from when the worker could start it, not from when it
+    # was sent: queued behind another, it still took about its own 400 ms.
+    assert 0.35 < worker["batch"]["last_latency_ms"] / 1000 < 0.8
+
+
+async def test_a_worker_that_does_not_pipeline_gets_its_next_batch_only_as_one_ends(
+        api: httpx.AsyncClient, node: Node) -> None:
+    await node.scheduler.stop()
+    ids = await _bulk(api, "batchy-fixed4", 16, {"ms": 400})
+    node.scheduler.start()
+    most_sent, most_next = await _watch_held(api, "batchy-fixed4", ids)
+    done = await _results(api, ids)
+    assert [t["output"]["batch_size"] for t in done] == [4] * 16
+    assert most_sent == 1  # never a second run op before the first one's tasks ended
+    assert most_next == 4  # the next batch formed on the node meanwhile

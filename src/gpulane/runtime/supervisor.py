@@ -137,6 +137,12 @@ class Supervisor:
                     return w, room
         return None
 
+    def batches_held(self, worker_id: str) -> dict[str, int]:
+        """What the worker holds now: batches sent (the running one first, then at most one
+        queued behind it) and tasks forming its next batch on the node."""
+        return {"sent_batches": len(self._sent.get(worker_id) or ()),
+                "next_batch_tasks": len(self._next.get(worker_id) or ())}
+
     def circuit(self, preset: str) -> PresetCircuit:
         """The preset's start-failure circuit (see runtime/circuit.py)."""
         circ = self.circuits.get(preset)

@@ -284,6 +284,7 @@ class WorkerProcess:
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "preset": self.preset_name, "device": self.device.name,
                 "state": self.state.value, "status": self.status, "pid": self.pid,
+                "pipelines": self.pipelines,
                 "mode": "session" if self.session else "oneoff",
                 "started_at": self.started_at, "tasks_done": self.tasks_done,
                 "idle_s": round(time.monotonic() - self.last_used, 3),
