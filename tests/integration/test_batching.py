@@ -27,18 +27,33 @@ async def _results(api: httpx.AsyncClient, ids: list[str]) -> list[dict[str, Any
     return out
 
 
+async def _backlog(api: httpx.AsyncClient, node: Node, preset: str, n: int,
+                   input: Any = None) -> list[str]:
+    """Queue n tasks with the scheduler stopped, then start it: the worker sees a backlog."""
+    await node.scheduler.stop()
+    ids = await _bulk(api, preset, n, input)
+    node.scheduler.start()
+    return ids
+
+
+async def _workers(api: httpx.AsyncClient, preset: str) -> list[dict[str, Any]]:
+    return [w for w in (await api.get("/v1/workers")).json()["workers"]
+            if w["preset"] == preset]
+
+
+async def _worker_view(api: httpx.AsyncClient, preset: str) -> dict[str, Any]:
+    [worker] = await _workers(api, preset)
+    return worker
+
+
 async def _batch_view(api: httpx.AsyncClient, preset: str) -> dict[str, Any]:
-    [worker] = [w for w in (await api.get("/v1/workers")).json()["workers"]
-                if w["preset"] == preset]
-    batch: dict[str, Any] = worker["batch"]
+    batch: dict[str, Any] = (await _worker_view(api, preset))["batch"]
     return batch
 
 
 async def test_adaptive_batches_start_at_one_and_grow_to_max_size_under_a_backlog(
         api: httpx.AsyncClient, node: Node) -> None:
-    await node.scheduler.stop()
-    ids = await _bulk(api, "batchy", 300, {"ms": 2})
-    node.scheduler.start()
+    ids = await _backlog(api, node, "batchy", 300, {"ms": 2})
     done = await _results(api, ids)
     assert all(t["state"] == "succeeded" for t in done)
     sizes = [t["output"]["batch_size"] for t in done]
@@ -61,9 +76,7 @@ async def test_adaptive_batches_start_at_one_and_grow_to_max_size_under_a_backlo
 
 async def test_an_oom_batch_is_halved_rerun_and_its_ceiling_remembered(
         api: httpx.AsyncClient, node: Node) -> None:
-    await node.scheduler.stop()
-    ids = await _bulk(api, "batchy-fixed-oom", 16)
-    node.scheduler.start()
+    ids = await _backlog(api, node, "batchy-fixed-oom", 16)
     done = await _results(api, ids)
     assert [t["state"] for t in done] == ["succeeded"] * 16
     assert {t["output"]["batch_size"] for t in done} == {4}  # 16 -> 8 -> 4, then it fits
@@ -79,9 +92,7 @@ async def test_an_oom_batch_is_halved_rerun_and_its_ceiling_remembered(
 
 async def test_a_batch_of_one_that_runs_out_of_memory_fails_with_kind_oom(
         api: httpx.AsyncClient, node: Node) -> None:
-    await node.scheduler.stop()
-    ids = await _bulk(api, "batchy-oom-always", 4)
-    node.scheduler.start()
+    ids = await _backlog(api, node, "batchy-oom-always", 4)
     done = await _results(api, ids)
     assert [t["state"] for t in done] == ["failed"] * 4  # 4 -> 2 -> 1, then nothing is left
     assert {t["error"]["kind"] for t in done} == {"oom"}
@@ -117,19 +128,15 @@ async def test_a_task_cancelled_while_its_batch_forms_is_never_sent_and_frees_th
     assert (await _batch_view(api, "batchy-wait"))["tasks"] == 2  # the cancelled one never ran
 
 
-async def _watch_held(api: httpx.AsyncClient, preset: str, ids: list[str]
-                      ) -> tuple[int, int]:
-    """Poll the worker's view until the tasks are done: the most batches it held sent at
+async def _watch_held(api: httpx.AsyncClient, preset: str, last_id: str) -> tuple[int, int]:
+    """Poll the worker's view until the last task is done: the most batches it held sent at
     once, and the most tasks its next batch held on the node."""
     most_sent = most_next = 0
     for _ in range(400):
-        workers = [w for w in (await api.get("/v1/workers")).json()["workers"]
-                   if w["preset"] == preset]
-        for w in workers:
-            most_sent = max(most_sent, w["batch"]["sent_batches"])
-            most_next = max(most_next, w["batch"]["next_batch_tasks"])
-        states = [(await api.get(f"/v1/tasks/{tid}")).json()["state"] for tid in ids[-1:]]
-        if states == ["succeeded"]:
+        for worker in await _workers(api, preset):  # none until the first one starts
+            most_sent = max(most_sent, worker["batch"]["sent_batches"])
+            most_next = max(most_next, worker["batch"]["next_batch_tasks"])
+        if (await api.get(f"/v1/tasks/{last_id}")).json()["state"] == "succeeded":
             break
         await asyncio.sleep(0.02)
     return most_sent, most_next
@@ -139,15 +146,12 @@ async def test_a_pipelining_worker_gets_its_next_full_batch_before_the_running_o
         api: httpx.AsyncClient, node: Node) -> None:
     # The first batch measures the latency; from the second on, the next batch forms
     # while one runs and, once full, is sent ahead: the SDK worker queues it.
-    await node.scheduler.stop()
-    ids = await _bulk(api, "sdk-batchy", 16, {"ms": 400})
-    node.scheduler.start()
-    most_sent, _ = await _watch_held(api, "sdk-batchy", ids)
+    ids = await _backlog(api, node, "sdk-batchy", 16, {"ms": 400})
+    most_sent, _ = await _watch_held(api, "sdk-batchy", ids[-1])
     done = await _results(api, ids)
     assert [t["output"]["batch_size"] for t in done] == [4] * 16
     assert most_sent == 2
-    [worker] = [w for w in (await api.get("/v1/workers")).json()["workers"]
-                if w["preset"] == "sdk-batchy"]
+    worker = await _worker_view(api, "sdk-batchy")
     assert worker["pipelines"] is True
     assert worker["batch"]["sent_batches"] == 0 and worker["batch"]["next_batch_tasks"] == 0
     # Each batch's latency counts from when the worker could start it, not from when it
@@ -157,10 +161,8 @@ async def test_a_pipelining_worker_gets_its_next_full_batch_before_the_running_o
 
 async def test_a_worker_that_does_not_pipeline_gets_its_next_batch_only_as_one_ends(
         api: httpx.AsyncClient, node: Node) -> None:
-    await node.scheduler.stop()
-    ids = await _bulk(api, "batchy-fixed4", 16, {"ms": 400})
-    node.scheduler.start()
-    most_sent, most_next = await _watch_held(api, "batchy-fixed4", ids)
+    ids = await _backlog(api, node, "batchy-fixed4", 16, {"ms": 400})
+    most_sent, most_next = await _watch_held(api, "batchy-fixed4", ids[-1])
     done = await _results(api, ids)
     assert [t["output"]["batch_size"] for t in done] == [4] * 16
     assert most_sent == 1  # never a second run op before the first one's tasks ended

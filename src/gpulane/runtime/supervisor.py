@@ -256,15 +256,14 @@ class Supervisor:
         A batch that is not full waits up to the preset's max_wait_ms for more tasks (the
         scheduler tops it up through ``forming_worker``) when the worker's batcher says so."""
         preset = self.presets[worker.id]
-        for task in tasks:
-            run = TaskRun(task, preset, worker.id, task.token,
-                          task.timeout_s or preset.timeout_s)
-            self.inflight[worker.id][task.id] = run
-            self.runs[task.id] = run
+        new = {t.id: TaskRun(t, preset, worker.id, t.token, t.timeout_s or preset.timeout_s)
+               for t in tasks}
+        self.inflight[worker.id].update(new)
+        self.runs.update(new)
         if worker.state is WorkerState.BUSY:
             # The next batch forms on the node while the worker runs one, so it goes out
             # the moment that one ends (or, to a pipelining worker, as soon as it is full).
-            self._next.setdefault(worker.id, {}).update((t.id, self.runs[t.id]) for t in tasks)
+            self._next.setdefault(worker.id, {}).update(new)
             self._feed(worker)
             return
         if worker.state is not WorkerState.READY:
@@ -304,9 +303,10 @@ class Supervisor:
         timer = self._forming.pop(worker.id, None)
         if timer is not None:
             timer.cancel()
-        for run in [r for r in runs if r.cancelled]:
-            runs.remove(run)
-            self._forget(run)  # cancelled while its batch formed: never sent
+        for run in runs:
+            if run.cancelled:
+                self._forget(run)  # cancelled while its batch formed: never sent
+        runs = [r for r in runs if not r.cancelled]
         if not runs:
             return  # the last _forget gave the worker (and its CPU slot) back
         worker.state = WorkerState.BUSY
@@ -404,15 +404,15 @@ class Supervisor:
         if ooms:
             await self._rerun_smaller(worker, ooms)
 
-    async def _requeue(self, runs: list[TaskRun], kind: str) -> None:
-        """Put runs the worker never started back in the queue (no attempt used up)."""
+    async def _requeue(self, runs: list[TaskRun], event: dict[str, object]) -> None:
+        """Put attempts back in the queue without holding them against max_attempts (the
+        worker never started them, or they must run again in a smaller batch), each with an
+        ``error`` event saying why."""
         for run in runs:
-            if run.done:
-                continue
             run.done = True
-            with contextlib.suppress(StaleTokenError):
+            with contextlib.suppress(StaleTokenError):  # ended elsewhere (e.g. cancelled)
                 await self.store.requeue(run.id, run.token, None, events=[NewEvent(
-                    EventType.ERROR.value, {"kind": kind, "retrying": True})])
+                    EventType.ERROR.value, {**event, "retrying": True})])
             self._forget(run)
 
     def _shrinks_on_oom(self, worker: WorkerProcess, end: Finish) -> bool:
@@ -430,16 +430,12 @@ class Supervisor:
             batcher.oom(n)
             log.warning("worker %s ran out of memory on a batch of %d; its batches are now "
                         "at most %d", worker.id, n, batcher.ceiling)
-        for run in runs:
-            # Not the input's fault, and bounded (the ceiling halves each time): the attempt
-            # is not held against max_attempts.
-            with contextlib.suppress(StaleTokenError):
-                await self.store.requeue(run.id, run.token, None, events=[NewEvent(
-                    EventType.ERROR.value, {
-                        "kind": ErrorKind.OOM.value, "retrying": True, "batch_size": n,
-                        "message": f"out of device memory in a batch of {n}: runs again in "
-                                   f"a batch of at most {batcher.ceiling}"})])
-            self._forget(run)
+        # Not the input's fault, and bounded (the ceiling halves each time): the attempts
+        # are not held against max_attempts.
+        await self._requeue(runs, {
+            "kind": ErrorKind.OOM.value, "batch_size": n,
+            "message": f"out of device memory in a batch of {n}: runs again in a batch of "
+                       f"at most {batcher.ceiling}"})
 
     def _finish_of(self, run: TaskRun, msg: WorkerMessage) -> Finish:
         status = msg.data.get("status", "completed")
@@ -458,9 +454,9 @@ class Supervisor:
         """Free the runs' capacity, then write their final states (the runs are already
         marked done).
 
-        Freeing first matters under load: the scheduler pass it wakes is queued ahead of the
-        callers the store write wakes, so the worker gets its next batch before the node
-        spends its time answering this one's callers, instead of idling through it."""
+        Freeing first sends the worker its next batch, when the node holds one, before the
+        node spends its time storing and answering this one, which the worker would
+        otherwise idle through."""
         for run, _ in ends:
             self._forget(run)
         try:
@@ -636,7 +632,7 @@ class Supervisor:
         self._preempted.add(worker_id)
         held = self._next.pop(worker_id, None)
         if held:  # its next batch never started: back to the queue now
-            self._spawn_bg(self._requeue(list(held.values()), "preempted"))
+            self._spawn_bg(self._requeue(list(held.values()), {"kind": "preempted"}))
         if not self.inflight.get(worker_id):
             self._spawn_bg(self._stop_worker(worker))
         asyncio.get_running_loop().call_later(grace_s, worker.kill)
