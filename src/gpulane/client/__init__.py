@@ -5,7 +5,8 @@ shared across the process, and can serve ``run`` from a local fallback when the 
 be reached; see :mod:`gpulane.client.resilience` and ``stats()``.
 """
 
-from gpulane.client.client import AsyncClient, Client
+from gpulane.client.async_client import AsyncClient
+from gpulane.client.client import Client
 from gpulane.client.resilience import (
     BreakerConfig,
     BudgetConfig,

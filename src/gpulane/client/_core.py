@@ -2,7 +2,7 @@
 
 Nothing here does I/O or sleeps. ``Client`` and ``AsyncClient`` turn a :class:`Request`
 into an HTTP exchange in their single ``_send`` method, so retries and circuit breaking
-(``client/resilience.py``) can wrap that one seam for both.
+(:mod:`gpulane.client.resilience`) can wrap that one seam for both.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ The lease is renewed in the background (more often than its TTL needs, so a pree
 within about a second), released on exit, and on preemption either the ``on_preempt``
 callback runs or the block is interrupted with LeasePreempted (async; the sync twin raises at
 ``check()`` or on exit, since a thread cannot be interrupted safely).
+
+A lease is handed its client's ``_call`` (one request in, the answer's JSON out, retried and
+guarded by the breaker), not the client: this module needs nothing else of it, so the clients
+import the leases and never the other way round.
 """
 
 from __future__ import annotations
@@ -12,17 +16,18 @@ import asyncio
 import contextlib
 import inspect
 import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 from gpulane.client import _core as core
 from gpulane.errors import APIError, ClientError, LeasePreempted
 
-if TYPE_CHECKING:
-    from gpulane.client.client import AsyncClient, Client
-
 JSON = dict[str, Any]
 PreemptCallback = Callable[[JSON], Any]
+SyncCall = Callable[[core.Request], JSON]
+"""``Client._call``: one request, retried and guarded by the breaker; the answer's JSON."""
+AsyncCall = Callable[[core.Request], Awaitable[JSON]]
+"""``AsyncClient._call``, the same for asyncio."""
 POLL_MAX_S = 1.0
 """Renewals come at least this often, so a preempt is noticed within about this long."""
 
@@ -71,9 +76,9 @@ def _lost(lease: JSON) -> JSON:
 class AsyncGpuLease:
     """``async with client.gpu(vram="4GiB") as lease:`` — see the module docstring."""
 
-    def __init__(self, client: AsyncClient, request: core.Request,
+    def __init__(self, call: AsyncCall, request: core.Request,
                  on_preempt: PreemptCallback | None) -> None:
-        self._client = client
+        self._call = call
         self._request = request
         self._on_preempt = on_preempt
         self.lease: JSON = {}
@@ -91,7 +96,7 @@ class AsyncGpuLease:
         return f"cuda:{self.lease['device']}"
 
     async def __aenter__(self) -> AsyncGpuLease:
-        self.lease = await self._client._call(self._request)
+        self.lease = await self._call(self._request)
         self._owner = asyncio.current_task()
         self._renewer = asyncio.create_task(self._renew_loop())
         return self
@@ -100,7 +105,7 @@ class AsyncGpuLease:
         while True:
             await asyncio.sleep(_interval(self.lease))
             try:
-                fresh = await self._client._call(renew_request(self.lease))
+                fresh = await self._call(renew_request(self.lease))
             except APIError:
                 fresh = _lost(self.lease)
             except ClientError:
@@ -124,7 +129,7 @@ class AsyncGpuLease:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
         with contextlib.suppress(ClientError):
-            await self._client._call(release_request(self.lease))
+            await self._call(release_request(self.lease))
         if (self.preempted and self._on_preempt is None and exc_type is asyncio.CancelledError
                 and self._owner is not None and self._owner.uncancel() == 0):
             raise LeasePreempted(self.lease) from exc
@@ -134,9 +139,9 @@ class AsyncGpuLease:
 class GpuLease:
     """The sync twin: ``with client.gpu(vram="4GiB") as lease:``."""
 
-    def __init__(self, client: Client, request: core.Request,
+    def __init__(self, call: SyncCall, request: core.Request,
                  on_preempt: PreemptCallback | None) -> None:
-        self._client = client
+        self._call = call
         self._request = request
         self._on_preempt = on_preempt
         self.lease: JSON = {}
@@ -154,7 +159,7 @@ class GpuLease:
             raise LeasePreempted(self.lease)
 
     def __enter__(self) -> GpuLease:
-        self.lease = self._client._call(self._request)
+        self.lease = self._call(self._request)
         self._thread = threading.Thread(target=self._renew_loop, daemon=True,
                                         name=f"gpulane-lease-{self.lease['id']}")
         self._thread.start()
@@ -163,7 +168,7 @@ class GpuLease:
     def _renew_loop(self) -> None:
         while not self._stop.wait(_interval(self.lease)):
             try:
-                fresh = self._client._call(renew_request(self.lease))
+                fresh = self._call(renew_request(self.lease))
             except APIError:
                 fresh = _lost(self.lease)
             except ClientError:
@@ -182,6 +187,6 @@ class GpuLease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         with contextlib.suppress(ClientError):
-            self._client._call(release_request(self.lease))
+            self._call(release_request(self.lease))
         if self.preempted and self._on_preempt is None and exc_type is None:
             raise LeasePreempted(self.lease)

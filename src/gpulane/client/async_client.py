@@ -1,0 +1,232 @@
+"""``AsyncClient``: the asyncio twin of :class:`gpulane.client.client.Client`, over httpx.
+
+The shared configuration, error mapping and fallbacks are in :mod:`gpulane.client._base`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from gpulane.client import _core as core
+from gpulane.client._base import (
+    DEFAULT_BREAKER,
+    DEFAULT_BUDGET,
+    DEFAULT_LIMITS,
+    DEFAULT_RETRY,
+    DEFAULT_TIMEOUT,
+    JSON,
+    AsyncFallback,
+    BreakerArg,
+    BudgetArg,
+    ClientBase,
+    TaskList,
+)
+from gpulane.client.leases import AsyncGpuLease, PreemptCallback, acquire_request
+from gpulane.client.resilience import RetryPolicy
+from gpulane.errors import ClientError, TransportError
+
+
+class AsyncClient(ClientBase):
+    """asyncio twin of :class:`Client`; use as ``async with``."""
+
+    _sleep: Callable[[float], Awaitable[None]] = staticmethod(asyncio.sleep)
+
+    def __init__(self, url: str | None = None, token: str | None = None, *,
+                 timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+                 transport: httpx.AsyncBaseTransport | None = None, http2: bool | None = None,
+                 limits: httpx.Limits = DEFAULT_LIMITS,
+                 retry: RetryPolicy | None = DEFAULT_RETRY,
+                 breaker: BreakerArg = DEFAULT_BREAKER,
+                 budget: BudgetArg = DEFAULT_BUDGET) -> None:
+        super().__init__(url, token, timeout, transport is not None, retry, breaker, budget)
+        self._http = httpx.AsyncClient(base_url=self.url, headers=core.base_headers(self._token),
+                                       timeout=self._timeout, transport=transport, limits=limits,
+                                       http2=core.h2_available() if http2 is None else http2)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, request: core.Request) -> httpx.Response:
+        """Do one HTTP exchange, retried and guarded by the breaker. Raises TransportError (no
+        answer; CircuitOpenError when not even tried) or APIError (error status).
+
+        A streamed response comes back unread and must be closed by the caller.
+        """
+        call = self._begin(request)
+        try:
+            while True:
+                call.admit()
+                try:
+                    response = await self._send_once(request)
+                except ClientError as exc:
+                    delay = call.failed(exc)
+                    if delay is None:
+                        raise
+                else:
+                    call.succeeded()
+                    return response
+                if delay > 0:
+                    await self._sleep(delay)
+        except BaseException:
+            call.abandon()  # cancelled or interrupted: hand back a half-open probe's place
+            raise
+
+    async def _send_once(self, request: core.Request) -> httpx.Response:
+        http_request = self._http.build_request(request.method, request.path,
+                                                **self._build_kwargs(request))
+        try:
+            response = await self._http.send(http_request, stream=request.stream)
+        except httpx.RequestError as exc:
+            raise self._transport_error(request, exc) from exc
+        if core.is_error_status(response.status_code):
+            try:
+                body = await response.aread()
+            except httpx.RequestError:
+                body = b""
+            finally:
+                await response.aclose()
+            raise self._api_error(response, body)
+        return response
+
+    async def _call(self, request: core.Request) -> JSON:
+        response = await self._send(request)
+        return core.parse_json(response.status_code, response.content)
+
+    async def submit(self, preset: str, input: Any, *, device: str = "auto",
+                     priority: str | int = "normal", timeout_s: float | None = None,
+                     content_type: str | None = None, idempotency_key: str | None = None,
+                     wait: float | None = None) -> JSON:
+        """Submit one task; ``wait`` lets the server hold the answer until it is final."""
+        return await self._call(self._submit_request(preset, input, device, priority, timeout_s,
+                                                     content_type, idempotency_key, wait))
+
+    async def submit_many(self, items: TaskList) -> TaskList:
+        """Submit several tasks in one request; each gets an idempotency key if it has none."""
+        return core.task_list(await self._call(core.submit_many(items)))
+
+    async def get(self, task_id: str) -> JSON:
+        return await self._call(core.get(task_id))
+
+    async def list(self, state: str | None = None, preset: str | None = None, limit: int = 50,
+                   cursor: str | None = None) -> JSON:
+        """One page: ``{"tasks": [...], "next_cursor": str | None}``."""
+        return await self._call(core.list_tasks(state, preset, limit, cursor))
+
+    async def cancel(self, task_id: str) -> JSON:
+        return await self._call(core.cancel(task_id))
+
+    async def result(self, task_id: str, wait: float = 30.0) -> JSON:
+        """Long-poll until the task is final or ``wait`` seconds pass; the task either way."""
+        return await self._poll(core.LongPoll(task_id, time.monotonic() + wait))
+
+    async def _poll(self, poll: core.LongPoll) -> JSON:
+        while True:
+            start = time.monotonic()
+            request = poll.request(start)
+            task = await self._call(request)
+            now = time.monotonic()
+            pause = poll.after(task, request.hold_s or 0.0, now - start, now)
+            if pause is None:
+                return task
+            if pause:
+                await asyncio.sleep(pause)
+
+    # `timeout` mirrors Client.run and bounds server-side waiting, not this coroutine.
+    async def run(self, preset: str, input: Any, *,
+                  timeout: float | None = None, fallback: AsyncFallback | None = None,
+                  **submit_kwargs: Any) -> JSON:
+        """Submit and wait for the outcome; raise TaskFailedError if it failed or was cancelled.
+
+        If ``timeout`` seconds pass first, the task is returned as it stands (not final).
+        ``fallback`` is as for :meth:`Client.run`, and may be a plain function or return an
+        awaitable (an ``async def``); a plain one runs on the event loop, so hand heavy CPU
+        work to a thread inside it.
+        """
+        try:
+            return await self._run(preset, input, timeout, submit_kwargs)
+        except ClientError as exc:
+            reason = None if fallback is None else self._fell_back(preset, exc)
+            if fallback is None or reason is None:
+                raise
+            output = fallback()
+            if inspect.isawaitable(output):
+                output = await output
+            return core.fallback_task(preset, input, output, reason, exc)
+
+    async def _run(self, preset: str, input: Any, timeout: float | None,
+                   submit_kwargs: dict[str, Any]) -> JSON:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._run_wait(timeout, submit_kwargs)
+        request = self._submit_request(preset, input, **submit_kwargs)
+        request.deadline = deadline
+        task = await self._call(request)
+        if not core.is_final(task):
+            task = await self._poll(core.LongPoll(str(task["id"]), deadline))
+        return core.run_outcome(task)
+
+    async def events(self, task_id: str,
+                     last_event_id: int | None = None) -> AsyncIterator[JSON]:
+        """Yield the task's events; a dropped connection resumes with Last-Event-ID."""
+        stream = core.EventStream(task_id, last_event_id, self.reconnect_backoff)
+        while True:
+            request = stream.request()
+            try:
+                response = await self._send(request)
+                stream.connected = True
+                try:
+                    async for line in response.aiter_lines():
+                        event = stream.feed(line)
+                        if event is not None:
+                            yield event
+                            if stream.done:
+                                return
+                finally:
+                    await response.aclose()
+                return  # the server ended the stream cleanly
+            except httpx.RequestError as exc:
+                error = self._transport_error(request, exc)
+                error.__cause__ = exc
+            except TransportError as exc:
+                error = exc
+            delay = stream.dropped()
+            if delay is None:
+                raise error
+            await asyncio.sleep(delay)
+
+    def gpu(self, vram: str | int | None = None, *, gpus: int = 0,
+            priority: str | int = "normal", holder: str = "gpulane-sdk", ttl_s: float = 30.0,
+            wait_s: float = 600.0, grace_s: float = 10.0, preemptible: bool = True,
+            device: int | None = None,
+            on_preempt: PreemptCallback | None = None) -> AsyncGpuLease:
+        """``async with client.gpu(vram="4GiB", priority="background") as lease:``; renews in
+        the background, releases on exit, calls on_preempt or raises LeasePreempted."""
+        request = acquire_request(vram, gpus, priority, holder, ttl_s, wait_s, grace_s,
+                                  preemptible, device)
+        return AsyncGpuLease(self._call, request, on_preempt)
+
+    async def presets(self) -> JSON:
+        return await self._call(core.simple_get("/v1/presets"))
+
+    async def gpus(self) -> JSON:
+        return await self._call(core.simple_get("/v1/gpus"))
+
+    async def workers(self) -> JSON:
+        return await self._call(core.simple_get("/v1/workers"))
+
+    async def health(self) -> JSON:
+        response = await self._send(core.simple_get("/healthz"))
+        return core.health(response.status_code, response.content)
