@@ -1,4 +1,4 @@
-"""Presets: what a worker is (a process or a container), where it may run, how it batches.
+"""Loading presets: registry files, and every problem at once with its file and line.
 
 They come from YAML files, several entries per file, under ``models:`` (the common
 model_presets.yaml shape: name -> entry) or ``presets:`` (a list of entries with ``name:``, or
@@ -9,247 +9,28 @@ name -> entry). Every problem is reported at once as
 from __future__ import annotations
 
 import difflib
-import enum
-import json
 import logging
 import os
 import re
-import shlex
 from collections.abc import Iterable, Iterator, Mapping
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pydantic
 import yaml
-from pydantic import ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 
 from gpulane.errors import PresetError
+from gpulane.presets.schema import (
+    SIZE_FORMS,
+    BatchSettings,
+    Preset,
+    Runtime,
+    lowercase,
+    show_value,
+    size_mb,
+)
 
-log = logging.getLogger(__name__)
-
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-MAX_GPUS = 64
-"""The most whole GPUs one worker (``gpus: N``) may ask for."""
-
-
-class Runtime(str, enum.Enum):
-    PROCESS = "process"
-    DOCKER = "docker"
-
-
-class Mode(str, enum.Enum):
-    SESSION = "session"  # the worker stays loaded and serves many tasks
-    ONEOFF = "oneoff"  # a fresh worker per task
-
-
-class DeviceKind(str, enum.Enum):
-    GPU = "gpu"
-    CPU = "cpu"
-
-
-def _bad(field: str, what: str, fix: str) -> PydanticCustomError:
-    # The message goes through ctx so braces in user text are never taken as placeholders.
-    return PydanticCustomError("preset", "{what}", {"what": what, "fix": fix, "field": field})
-
-
-def _scalar_str(v: object) -> object:
-    """YAML turns `3` and `true` into int/bool; env values and argv items want the text."""
-    return str(v).lower() if isinstance(v, bool) else str(v) if isinstance(v, int | float) else v
-
-
-def _lower(v: object) -> object:
-    return v.strip().lower() if isinstance(v, str) else v
-
-
-class BatchSettings(pydantic.BaseModel):
-    """How many tasks a worker may take in one call, and how long to wait to fill a batch."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    max_size: int = Field(default=1, ge=1, le=4096)
-    max_wait_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    adaptive: bool = True
-    target_latency_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-
-
-class Preset(pydantic.BaseModel):
-    """One kind of worker the service can start, and the rules for scheduling its tasks."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    runtime: Runtime = Runtime.PROCESS
-    argv: tuple[str, ...] = ()
-    image: str | None = None
-    command: tuple[str, ...] = Field(default=(), validate_default=True)
-    env: dict[str, str] = Field(default_factory=dict)
-    model_path: str | None = None
-    mode: Mode = Mode.SESSION
-    devices: tuple[DeviceKind, ...] = (DeviceKind.GPU, DeviceKind.CPU)
-    vram_mb: int = Field(default=0, ge=0)
-    gpus: int = 1  # 1: a vram_mb share of one GPU; N >= 2: N whole GPUs per worker
-    batch: BatchSettings = BatchSettings()
-    idle_unload_s: float = Field(default=300.0, ge=0, allow_inf_nan=False)
-    start_timeout_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
-    timeout_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
-    max_attempts: int = Field(default=3, ge=1)
-    accepts: tuple[str, ...] = ("application/json",)
-    replicas: int = Field(default=1, ge=1)
-    preemptible: bool = True
-    description: str = ""
-    workdir: str | None = None
-    source: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _normalize(cls, data: object) -> object:
-        """Accept the spellings YAML and JSON produce: strings for lists, numbers for text."""
-        if not isinstance(data, dict):
-            return data
-        d = dict(data)
-        for key in ("runtime", "mode"):
-            if key in d:
-                d[key] = _lower(d[key])
-        for key in ("argv", "command"):
-            v = d.get(key)
-            if isinstance(v, str):
-                try:
-                    d[key] = shlex.split(v)
-                except ValueError as e:  # unbalanced quotes
-                    raise _bad(key, f"cannot be split into words: {e}",
-                               "balance the quotes, or give a list of words") from None
-            elif isinstance(v, list | tuple):
-                d[key] = [_scalar_str(x) for x in v]
-        if isinstance(d.get("env"), dict):
-            d["env"] = {k: "" if x is None else _scalar_str(x) for k, x in d["env"].items()}
-        v = d.get("devices")
-        if isinstance(v, str):  # "gpu" or "gpu,cpu"
-            v = re.split(r"[,\s]+", v.strip())
-        if isinstance(v, list | tuple):
-            d["devices"] = [_lower(x) for x in v]
-        if isinstance(d.get("accepts"), str):
-            d["accepts"] = [d["accepts"]]
-        if isinstance(d.get("batch"), int) and not isinstance(d["batch"], bool):
-            d["batch"] = {"max_size": d["batch"]}  # `batch: 8` is short for max_size 8
-        return d
-
-    @field_validator("name", "env", "devices", "accepts", "image")
-    @classmethod
-    def _check(cls, v: Any, info: pydantic.ValidationInfo) -> Any:
-        field = str(info.field_name)
-        if field == "name" and not _NAME_RE.fullmatch(v):
-            raise _bad(field, f"must be {_NAME_RULE}, got {_show(v)}",
-                       "rename the preset, e.g. 'whisper-small'")
-        if field == "env":
-            for k, x in v.items():
-                if not k or "=" in k or "\0" in k + x:
-                    raise _bad(field, f"variable {_show(k)} has a bad name or value",
-                               "use a non-empty name without '=', and no NUL characters")
-        if field == "devices" and (not v or len(set(v)) != len(v)):
-            raise _bad(field, "must list each device kind at most once, and at least one",
-                       "use [gpu], [cpu] or [gpu, cpu] (in order of preference)")
-        if field == "accepts" and (bad := [t for t in v if "/" not in t]):
-            raise _bad(field, f"{_show(bad[0])} is not a content type",
-                       "use types such as application/json or image/png")
-        if field == "image" and v is not None and not v.strip():
-            raise _bad(field, "is empty", "name an image, e.g. ghcr.io/org/worker:1.0")
-        return v
-
-    @field_validator("gpus", mode="before")
-    @classmethod
-    def _check_gpus(cls, v: object) -> object:
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_GPUS:
-            raise _bad("gpus", f"must be a whole number of GPUs from 1 to {MAX_GPUS}, got "
-                       f"{_show(v)}", "use 1 (a vram_mb share of one GPU, the default) or "
-                       "N >= 2 for N whole GPUs per worker, e.g. `gpus: 2`")
-        return v
-
-    @model_validator(mode="after")
-    def _check_gpus_devices(self) -> Preset:
-        if self.gpus > 1 and not self.allows_gpu:
-            raise _bad("gpus", f"asks for {self.gpus} GPUs but devices is [cpu]",
-                       "add gpu to devices, or remove gpus")
-        return self
-
-    @field_validator("command")
-    @classmethod
-    def _check_runtime(cls, v: tuple[str, ...], info: pydantic.ValidationInfo) -> Any:
-        # A validator of the last of runtime/argv/image/command (validate_default), not a model
-        # validator, so that it runs, and reports, even when some other field is wrong too.
-        d = info.data
-        if "runtime" not in d or "argv" not in d or "image" not in d:
-            return v  # one of them failed already and has its own problem
-        if d["runtime"] is Runtime.PROCESS:
-            if not d["argv"]:
-                raise _bad("argv", "is required for runtime 'process' (the program to start)",
-                           "add e.g. `command: python worker.py`, or `image:` for docker")
-            if d["image"] is not None:
-                raise _bad("image", "is only used by runtime 'docker'",
-                           "set `runtime: docker`, or remove image")
-            if v:
-                raise _bad("command", "is the container command of a docker preset",
-                           "for runtime 'process' give the program as argv")
-        elif d["image"] is None:
-            raise _bad("image", "is required for runtime 'docker'",
-                       "add e.g. `image: ghcr.io/org/worker:1.0`")
-        elif d["argv"]:
-            raise _bad("argv", "is only used by runtime 'process'",
-                       "give the container's command as `command:`")
-        return v
-
-    def __hash__(self) -> int:  # env is a dict, so the generated field hash would fail
-        return hash((self.name, self.runtime, self.argv, self.image, self.source))
-
-    @property
-    def needs_gpu(self) -> bool:
-        return DeviceKind.GPU in self.devices and DeviceKind.CPU not in self.devices
-
-    @property
-    def allows_gpu(self) -> bool:
-        return DeviceKind.GPU in self.devices
-
-    @property
-    def allows_cpu(self) -> bool:
-        return DeviceKind.CPU in self.devices
-
-    def to_json(self) -> dict[str, Any]:
-        """All fields as JSON-able values; ``Preset.model_validate(p.to_json()) == p``."""
-        return self.model_dump(mode="json")
-
-
-# --- sizes -----------------------------------------------------------------------------------
-
-_UNITS = {"": 2**20, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
-_SIZE_FORMS = "a whole number of MiB (e.g. 4096) or a size such as '512MiB', '4GiB', '1.5GB'"
-
-
-def _size_mb(value: object) -> int:
-    m = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        nbytes = Decimal(str(value)) * 2**20
-    elif m and m.group(2).lower() in _UNITS:
-        nbytes = Decimal(m.group(1)) * _UNITS[m.group(2).lower()]
-    else:
-        raise ValueError(f"{_show(value)} is not a memory size")
-    if not nbytes.is_finite() or nbytes < 0:
-        raise ValueError(f"must be >= 0, got {_show(value)}")
-    # Round down (a preset asks for "1.5GB", it gets 1430 MiB) but never turn a size into 0.
-    return max(int(nbytes // 2**20), 1) if nbytes else 0
-
-
-def parse_size_mb(value: object, field: str) -> int:
-    """A memory size in MiB: numbers are MiB; strings take B/KB/MB/GB/TB (powers of 1000),
-    KiB/MiB/GiB/TiB (powers of 1024, also Ki/Mi/Gi/Ti) or no unit (MiB)."""
-    try:
-        return _size_mb(value)
-    except ValueError as e:
-        raise ValueError(f"field '{field}': {e}; use {_SIZE_FORMS}") from None
+log = logging.getLogger("gpulane.presets")
 
 
 # --- registry --------------------------------------------------------------------------------
@@ -335,13 +116,6 @@ _BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "
            "less_than": "<"}
 
 
-def _show(v: object) -> str:
-    """A value as the YAML author wrote it: 'text', 3, true, null."""
-    text = f"'{v}'" if isinstance(v, str) else json.dumps(v) if v is None or \
-        isinstance(v, bool) else repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _near(word: object, options: list[str], lead: str = "remove it; known") -> str:
     close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else f"{lead}: " + ", ".join(options)
@@ -368,7 +142,7 @@ class _Problems:
 
 def _explain(err: Mapping[str, Any]) -> tuple[str, str]:
     """One pydantic error as (what is wrong, how to fix it)."""
-    kind, ctx, got = err["type"], err.get("ctx") or {}, _show(err.get("input"))
+    kind, ctx, got = err["type"], err.get("ctx") or {}, show_value(err.get("input"))
     if kind == "preset":
         return str(ctx["what"]), str(ctx["fix"])
     if kind in _BOUNDS:
@@ -421,7 +195,7 @@ def _entry(raw: _LineDict, name: str, line: int, path: Path, out: _Problems) -> 
     for key, at, value in raw.pairs:
         if key == "name":
             if value != name:
-                out.add(at, f"{_show(value)} differs from the entry's key {_show(name)}",
+                out.add(at, f"{show_value(value)} differs from the entry's key {show_value(name)}",
                         "remove name: or make it match", name, "name")
         elif key == "resources" and isinstance(value, _LineDict):
             for rkey, rat, rvalue in value.pairs:
@@ -431,7 +205,7 @@ def _entry(raw: _LineDict, name: str, line: int, path: Path, out: _Problems) -> 
                     out.add(rat, "is not a known resource", _near(rkey, _RESOURCE_KEYS),
                             name, f"resources.{rkey}")
         elif key == "resources":
-            out.add(at, f"must be a mapping, got {_show(value)}",
+            out.add(at, f"must be a mapping, got {show_value(value)}",
                     "write e.g. {vram: 2GiB, gpu: true}", name, "resources")
         elif key in _ENTRY_KEYS:
             put(key, value, at)
@@ -442,20 +216,20 @@ def _entry(raw: _LineDict, name: str, line: int, path: Path, out: _Problems) -> 
     label, at = origin.get("vram_mb", ("vram_mb", line))
     if label != "vram_mb" or isinstance(data.get("vram_mb"), str):  # sizes: 4GiB, 512MiB
         try:
-            data["vram_mb"] = _size_mb(data["vram_mb"])
+            data["vram_mb"] = size_mb(data["vram_mb"])
         except ValueError as e:
-            out.add(at, str(e), f"use {_SIZE_FORMS}", name, label)
+            out.add(at, str(e), f"use {SIZE_FORMS}", name, label)
             del data["vram_mb"]
     label, at = origin.get("devices", ("devices", line))
     if label == "resources.gpu":
         if isinstance(data["devices"], bool):
             data["devices"] = ["gpu"] if data["devices"] else ["cpu"]
         else:
-            out.add(at, f"must be true or false, got {_show(data.pop('devices'))}",
+            out.add(at, f"must be true or false, got {show_value(data.pop('devices'))}",
                     "gpu: true needs a GPU, gpu: false runs on the CPU", name, label)
     if "image" in data and "runtime" not in data:
         data["runtime"] = Runtime.DOCKER
-    if "command" in data and _lower(data.get("runtime")) in (None, "process"):
+    if "command" in data and lowercase(data.get("runtime")) in (None, "process"):
         if "argv" in data:  # for a process preset, command *is* its argv
             out.add(origin["command"][1], "gives the program a second time (argv is set)",
                     "keep only one of argv and command", name, "command")
@@ -515,7 +289,7 @@ def _parse(path: Path, label: str) -> tuple[list[Preset], list[str]]:
     found: list[tuple[str, int, object]] = []
     for key, at, value in doc.pairs:
         if key not in _TOP_KEYS:
-            out.add(at, f"unknown top-level key {_show(key)} (only 'models' and 'presets')",
+            out.add(at, f"unknown top-level key {show_value(key)} (only 'models' and 'presets')",
                     _near(key, _TOP_KEYS))
         elif isinstance(value, _LineDict) and value:
             named.add(id(value))
@@ -529,28 +303,28 @@ def _parse(path: Path, label: str) -> tuple[list[Preset], list[str]]:
                 else:
                     out.add(iat, f"entry #{i + 1} of 'presets' " + (
                         "is not a mapping" if not isinstance(item, _LineDict) else
-                        "has no name" if n is None else f"has a non-text name {_show(n)}"),
+                        "has no name" if n is None else f"has a non-text name {show_value(n)}"),
                         "give each entry fields including `name: my-preset`")
         else:
             kind = "a mapping of name: entry" + (" or a list" if key == "presets" else "")
-            out.add(at, f"'{key}' must be {kind} of presets, got {_show(value)}",
+            out.add(at, f"'{key}' must be {kind} of presets, got {show_value(value)}",
                     "add at least one preset under it")
 
     presets: list[Preset] = []
     first: dict[str, int] = {}
     for name, line, entry in found:
         if name in first:
-            out.add(line, f"preset name {_show(name)} is used twice in this file (first on "
+            out.add(line, f"preset name {show_value(name)} is used twice in this file (first on "
                     f"line {first[name]})", "rename or remove one of them")
         first.setdefault(name, line)
         if not isinstance(entry, _LineDict):
-            out.add(line, f"must be a mapping of fields, got {_show(entry)}",
+            out.add(line, f"must be a mapping of fields, got {show_value(entry)}",
                     "write e.g. `command: python worker.py` under it", name)
         elif (p := _entry(entry, name, line, path, out)) and first[name] == line:
             presets.append(p)
     for mapping, key, line, prev in loader.dups:
         if mapping not in named:  # duplicate preset names were reported above
-            out.add(line, f"key {_show(key)} appears twice in one mapping (first on line "
+            out.add(line, f"key {show_value(key)} appears twice in one mapping (first on line "
                     f"{prev})", "keep only one of them")
     return presets, out.items()
 
@@ -597,4 +371,4 @@ def load_presets(paths: Iterable[str | Path]) -> PresetRegistry:
 def example_presets_dir() -> Path:
     """The repo's examples/presets folder, or $GPULANE_EXAMPLES_DIR when set."""
     env = os.environ.get("GPULANE_EXAMPLES_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "examples" / "presets"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "examples" / "presets"
