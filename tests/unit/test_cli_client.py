@@ -12,7 +12,7 @@ import httpx
 import pytest
 from click.testing import CliRunner, Result
 
-from gpulane import cli_client
+from gpulane.cli import client as cli_client
 from gpulane.cli import main
 
 Handler = Callable[[httpx.Request], httpx.Response]

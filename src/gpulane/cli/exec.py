@@ -20,7 +20,7 @@ from typing import Any
 import click
 import httpx
 
-from gpulane.cli_client import client_options
+from gpulane.cli.client import client_options
 
 
 def _fail(message: str, code: int) -> None:
