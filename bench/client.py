@@ -56,7 +56,7 @@ from bench._util import (
 )
 
 from gpulane.client import AsyncClient, Client
-from gpulane.client.client import DEFAULT_LIMITS
+from gpulane.client._base import DEFAULT_LIMITS
 from gpulane.client.resilience import REGISTRY
 
 GOAL_OVERHEAD = 0.05

@@ -24,7 +24,7 @@ from gpulane.client import (
     shared_breaker,
 )
 from gpulane.client import _core as core
-from gpulane.client.client import DEFAULT_TIMEOUT
+from gpulane.client._base import DEFAULT_TIMEOUT
 from gpulane.client.resilience import REGISTRY, State
 from gpulane.errors import APIError, CircuitOpenError, TaskFailedError, TransportError
 from tests.conftest import free_port
