@@ -8,6 +8,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import pytest
+
 T = TypeVar("T")
 
 
@@ -28,3 +30,46 @@ async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 10.0,
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s; last value: {last!r}")
+
+
+class LoopClock:
+    """The running event loop's clock, moved forward by hand: a fake clock for asyncio.
+
+    ``advance(s)`` makes every timer due within the next ``s`` seconds (``asyncio.sleep``,
+    ``asyncio.timeout``, ``call_later``) fire at once. Otherwise time runs as usual, so I/O and
+    the generous failure guards of ``asyncio.wait_for`` keep working. A test can then say what
+    happens before and after a deadline without waiting for it or timing anything.
+    """
+
+    def __init__(self, real: Callable[[], float]) -> None:
+        self._real = real
+        self.offset = 0.0
+        """Seconds the clock has been moved ahead of the loop's own."""
+
+    def time(self) -> float:
+        return self._real() + self.offset
+
+    async def advance(self, seconds: float) -> None:
+        """Move the clock ``seconds`` ahead, then let what fell due run."""
+        self.offset += seconds
+        await settle()
+
+
+SETTLE_TURNS = 10
+"""Loop turns that let ready work run to its end: a woken timer cancels a task, the task
+unwinds, its waiters resume (about three turns), with room to spare."""
+
+
+async def settle(turns: int = SETTLE_TURNS) -> None:
+    """Let the event loop run what is ready now, spending no clock time."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def loop_clock(monkeypatch: pytest.MonkeyPatch) -> LoopClock:
+    """The running loop's clock, for the test to advance (see :class:`LoopClock`)."""
+    loop = asyncio.get_running_loop()
+    clock = LoopClock(loop.time)
+    monkeypatch.setattr(loop, "time", clock.time)
+    return clock

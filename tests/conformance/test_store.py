@@ -9,11 +9,19 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from tests.conftest import LoopClock, settle
 
 from gpulane.errors import ConflictError, StaleTokenError, StoreError
 from gpulane.model import DeviceWish, Task, TaskSpec, TaskState
-from gpulane.store import NewEvent, Notifier, QueueHead, Store, wait_final
-from gpulane.store.base import Finish, body_hash
+from gpulane.store import (
+    Finish,
+    NewEvent,
+    QueueHead,
+    Store,
+    TaskNotifier,
+    body_hash,
+    wait_final,
+)
 
 if TYPE_CHECKING:
     from tests.conformance.conftest import Backend
@@ -53,7 +61,7 @@ def test_backend_implements_every_store_method(store: Store) -> None:
         method = getattr(store, name, None)
         assert method is not None, f"{type(store).__name__} lacks {name}"
         assert inspect.iscoroutinefunction(method), f"{name} must be async"
-    assert isinstance(store.notifier, Notifier)
+    assert isinstance(store.notifier, TaskNotifier)
 
 
 # -- submit and idempotency -------------------------------------------------------------------
@@ -586,69 +594,59 @@ async def test_finish_many_ends_a_batch_in_one_call_and_reports_stale_items(
 
 
 # -- notifier and wait_final ------------------------------------------------------------------
+# Timeouts here are driven by ``loop_clock`` (tests/conftest.py), never waited out; a waiter
+# that must not wait is given an hour and a GUARD_S guard, so returning at all proves it did
+# not wait for its timeout. (The generic Notifier's own tests: tests/unit/test_notify.py.)
+
+GUARD_S = 10.0
+"""Failure guard for awaiting an answer that should come at once: never the assertion."""
+LONG_S = 3600.0
+"""A timeout that no test run reaches unless the test advances the clock past it."""
 
 
-async def test_until_final_sleeps_through_changes_and_hands_over_the_final_task() -> None:
-    n = Notifier()
-    running = Task(id="t", preset="p", state=TaskState.RUNNING, input=None, priority=50,
-                   device_wish=DeviceWish.AUTO, created_at=0.0)
-    done = Task(id="t", preset="p", state=TaskState.SUCCEEDED, input=None, priority=50,
-                device_wish=DeviceWish.AUTO, created_at=0.0, output=1)
-    waiter = asyncio.create_task(n.until_final("t", n.version("t"), timeout=5))
-    await asyncio.sleep(0)
+def _task(state: TaskState, output: Any = None) -> Task:
+    return Task(id="t", preset="p", state=state, input=None, priority=50,
+                device_wish=DeviceWish.AUTO, created_at=0.0, output=output)
+
+
+async def test_until_final_sleeps_through_changes_and_hands_over_the_final_task(
+        loop_clock: LoopClock) -> None:
+    n = TaskNotifier()
+    running, done = _task(TaskState.RUNNING), _task(TaskState.SUCCEEDED, output=1)
+    waiter = asyncio.create_task(n.until_final("t", n.version("t"), timeout=LONG_S))
+    await settle()
     n.notify("t", running)  # claimed: not what a result waiter waits for
-    await asyncio.sleep(0)
+    await settle()
     assert not waiter.done()
     n.notify("t", done)
-    assert await asyncio.wait_for(waiter, 2) is done
-    # A notify that carries no task wakes result waiters to re-read; a timeout says False.
-    waiter = asyncio.create_task(n.until_final("t", n.version("t"), timeout=5))
-    await asyncio.sleep(0)
+    assert await asyncio.wait_for(waiter, GUARD_S) is done
+    # A notify that carries no task wakes result waiters to re-read.
+    waiter = asyncio.create_task(n.until_final("t", n.version("t"), timeout=LONG_S))
+    await settle()
     n.notify("t")
-    assert await asyncio.wait_for(waiter, 2) is True
-    assert await n.until_final("t", n.version("t"), timeout=0.01) is False
-    assert await n.until_final("t", n.version("t") - 1, timeout=5) is True  # changed already
+    assert await asyncio.wait_for(waiter, GUARD_S) is True
+    # Nothing happens: False once the timeout passes, and not before.
+    waiter = asyncio.create_task(n.until_final("t", n.version("t"), timeout=60))
+    await settle()  # parked: its 60 s count from here
+    await loop_clock.advance(50)
+    assert not waiter.done()
+    await loop_clock.advance(20)
+    assert await asyncio.wait_for(waiter, GUARD_S) is False
+    # Changed since the version was read: True without parking (a parked wait with no time
+    # left would answer False).
+    assert await n.until_final("t", n.version("t") - 1, timeout=0) is True
 
 
-
-async def test_notifier_wait_returns_true_when_notified() -> None:
-    n = Notifier()
+async def test_task_notifier_forget_keeps_a_counter_a_result_waiter_needs() -> None:
+    n = TaskNotifier()
+    n.notify("t", _task(TaskState.RUNNING))
     seen = n.version("t")
-    waiters = [asyncio.create_task(n.wait("t", seen, timeout=5)) for _ in range(3)]
-    await asyncio.sleep(0)  # let them park
-    assert not any(w.done() for w in waiters)
-    n.notify("t")
-    assert await asyncio.wait_for(asyncio.gather(*waiters), 2) == [True, True, True]
-    assert n.version("t") == seen + 1
-
-
-async def test_notifier_wait_times_out_with_false() -> None:
-    n = Notifier()
-    n.notify("other")  # another task's change does not count
-    start = time.monotonic()
-    assert await n.wait("t", n.version("t"), timeout=0.02) is False
-    assert 0.015 <= time.monotonic() - start < 1
-
-
-async def test_notifier_no_lost_wake_up_between_version_and_wait() -> None:
-    n = Notifier()
-    seen = n.version("t")
-    n.notify("t")  # the change lands after the read, before the wait
-    start = time.monotonic()
-    assert await n.wait("t", seen, timeout=5) is True
-    assert time.monotonic() - start < 0.5
-
-
-async def test_notifier_forget_keeps_a_counter_someone_waits_on() -> None:
-    n = Notifier()
-    n.notify("t")
-    seen = n.version("t")
-    waiter = asyncio.create_task(n.wait("t", seen, timeout=5))
-    await asyncio.sleep(0)
-    n.forget("t")  # someone waits: the counter must stay, or the waiter could miss a change
+    waiter = asyncio.create_task(n.until_final("t", seen, timeout=LONG_S))
+    await settle()
+    n.forget("t")  # a result waiter parks: the counter must stay
     assert n.version("t") == seen
-    n.notify("t")
-    assert await asyncio.wait_for(waiter, 2) is True
+    n.notify("t", _task(TaskState.FAILED))
+    assert (await asyncio.wait_for(waiter, GUARD_S)).state is TaskState.FAILED  # type: ignore[union-attr]
     n.forget("t")
     assert n.version("t") == 0
 
@@ -678,39 +676,40 @@ async def test_every_write_notifies_the_task(store: Store) -> None:
 
 
 async def test_wait_final_returns_once_finished(store: Store) -> None:
+    """The finish wakes the waiter: with an hour's timeout, an answer within the guard can
+    only come from the finish, and a progress event before it does not end the wait."""
     task = await submit(store)
     await claim_one(store)
-
-    async def finisher() -> None:
-        await store.append_events(task.id, [NewEvent("progress", {"pct": 50})])  # not final
-        await asyncio.sleep(0)
-        await store.finish(task.id, 1, TaskState.SUCCEEDED, output="done")
-
-    waiter = asyncio.create_task(wait_final(store, task.id, timeout=5))
-    await asyncio.sleep(0)
+    waiter = asyncio.create_task(wait_final(store, task.id, timeout=LONG_S))
+    await settle()
     assert not waiter.done()
-    start = time.monotonic()
-    await asyncio.create_task(finisher())
-    got = await asyncio.wait_for(waiter, 2)
-    assert time.monotonic() - start < 1
+    await store.append_events(task.id, [NewEvent("progress", {"pct": 50})])  # not final
+    await settle()
+    assert not waiter.done()
+    await store.finish(task.id, 1, TaskState.SUCCEEDED, output="done")
+    got = await asyncio.wait_for(waiter, GUARD_S)
     assert got is not None and got.state is TaskState.SUCCEEDED and got.output == "done"
 
 
 async def test_wait_final_returns_at_once_for_final_and_unknown(store: Store) -> None:
+    """A final or unknown task is answered without waiting (an hour's timeout, the guard)."""
     task = await submit(store)
     await store.cancel_queued(task.id)
-    start = time.monotonic()
-    got = await wait_final(store, task.id, timeout=5)
+    got = await asyncio.wait_for(wait_final(store, task.id, timeout=LONG_S), GUARD_S)
     assert got is not None and got.state is TaskState.CANCELLED
-    assert await wait_final(store, "0" * 24, timeout=5) is None
-    assert time.monotonic() - start < 0.5
+    assert await asyncio.wait_for(wait_final(store, "0" * 24, timeout=LONG_S), GUARD_S) is None
 
 
-async def test_wait_final_returns_the_unfinished_task_after_the_timeout(store: Store) -> None:
+async def test_wait_final_returns_the_unfinished_task_after_the_timeout(
+        store: Store, loop_clock: LoopClock) -> None:
+    """Not before the timeout, and then the task as it stands."""
     task = await submit(store)
-    start = time.monotonic()
-    got = await wait_final(store, task.id, timeout=0.05)
-    assert 0.04 <= time.monotonic() - start < 1
+    waiter = asyncio.create_task(wait_final(store, task.id, timeout=60))
+    await settle()  # parked: its 60 s count from here
+    await loop_clock.advance(50)
+    assert not waiter.done()
+    await loop_clock.advance(20)
+    got = await asyncio.wait_for(waiter, GUARD_S)
     assert got is not None and got.id == task.id and got.state is TaskState.QUEUED
     assert await wait_final(store, task.id, timeout=0) == got
 

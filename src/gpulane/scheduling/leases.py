@@ -24,9 +24,9 @@ from typing import Any
 
 from gpulane.errors import ConflictError, NotFoundError, RequestError, ValidationError
 from gpulane.model import Priority
+from gpulane.notify import Notifier
 from gpulane.presets import MAX_GPUS, parse_size_mb
 from gpulane.scheduling.ledger import GpuAccount, Holding, Ledger
-from gpulane.store.base import Notifier
 
 log = logging.getLogger("gpulane.leases")
 

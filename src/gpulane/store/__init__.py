@@ -1,5 +1,15 @@
 """Where tasks, events and idempotency keys live: SQLite embedded, Redis for fleets."""
 
-from gpulane.store.base import Finish, NewEvent, Notifier, QueueHead, Store, open_store, wait_final
+from gpulane.store.base import (
+    Finish,
+    NewEvent,
+    QueueHead,
+    Store,
+    TaskNotifier,
+    body_hash,
+    wait_final,
+)
+from gpulane.store.factory import open_store
 
-__all__ = ["Finish", "NewEvent", "Notifier", "QueueHead", "Store", "open_store", "wait_final"]
+__all__ = ["Finish", "NewEvent", "QueueHead", "Store", "TaskNotifier", "body_hash", "open_store",
+           "wait_final"]

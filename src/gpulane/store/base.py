@@ -1,9 +1,10 @@
 """The Store protocol and the logic every backend shares.
 
 A store keeps tasks, their events and idempotency keys, and wakes whoever waits on a task.
-Backends (``sqlite.py``, later ``redis.py``) implement the primitives; the notifier, the ID
-scheme and the idempotency rule live here so that every backend behaves the same, and the
-conformance suite (tests/conformance) runs against each of them.
+Backends (``sqlite.py``, later ``redis.py``) implement the protocol; the task notifier, the ID
+scheme, the idempotency fingerprint and ``wait_final`` live here so that every backend behaves
+the same, and the conformance suite (tests/conformance) runs against each of them. This module
+imports no backend: ``factory.py`` picks one for a URL.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import orjson
 
 from gpulane.errors import StaleTokenError
 from gpulane.model import Event, Task, TaskSpec, TaskState
+from gpulane.notify import Notifier, Waiters
 
 
 def new_task_id() -> str:
@@ -66,7 +68,7 @@ class Finish:
 class Store(Protocol):
     """What the node needs of a store. Every method is atomic."""
 
-    notifier: Notifier
+    notifier: TaskNotifier
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -121,96 +123,52 @@ class Store(Protocol):
         """Requeue the tasks a previous run of ``node`` left running; returns how many."""
 
 
-class Notifier:
-    """In-process wake-ups for waiters on a task (SSE streams, result long-polls).
+class TaskNotifier(Notifier):
+    """A store's wake-ups: :class:`~gpulane.notify.Notifier` per task id, plus result waits.
 
-    A waiter takes ``version(task_id)`` before reading the store, then ``wait`` for a version
-    past it; that closes the race between reading and waiting. Result long-polls use
-    ``until_final`` instead: they sleep through a task's intermediate changes (claimed,
-    progress events) and get the final task handed to them, so they need no read of their own.
+    SSE streams use ``version`` and ``wait``. Result long-polls use ``until_final`` instead:
+    they sleep through a task's intermediate changes (claimed, progress events) and get the
+    final task handed to them, so they need no read of their own.
     """
 
     def __init__(self) -> None:
-        self._versions: dict[str, int] = {}
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._final_waiters: dict[str, list[asyncio.Future[Task | None]]] = {}
+        super().__init__()
+        self._final: Waiters[Task | None] = Waiters()
 
-    def version(self, task_id: str) -> int:
-        return self._versions.get(task_id, 0)
-
-    def notify(self, task_id: str, task: Task | None = None) -> None:
+    def notify(self, key: str, task: Task | None = None) -> None:
         """The task changed. ``task`` is how it stands now, when the caller has it: a
         non-final one does not wake result waiters; without one, everyone wakes and re-reads."""
-        self._versions[task_id] = self._versions.get(task_id, 0) + 1
-        waiters = self._waiters.pop(task_id, None)
-        if waiters:
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
-        if task is not None and not task.state.final:
-            return
-        final_waiters = self._final_waiters.pop(task_id, None)
-        if final_waiters:
-            for ffut in final_waiters:
-                if not ffut.done():
-                    ffut.set_result(task)
+        super().notify(key)
+        if key in self._final and (task is None or task.state.final):
+            self._final.wake(key, task)
 
-    def forget(self, task_id: str) -> None:
-        """Drop a final task's version counter unless someone still waits on it."""
-        if task_id not in self._waiters and task_id not in self._final_waiters:
-            self._versions.pop(task_id, None)
-
-    async def wait(self, task_id: str, seen_version: int, timeout: float) -> bool:
-        """Wait until the task changes past ``seen_version`` or ``timeout`` passes."""
-        if self._versions.get(task_id, 0) != seen_version:
-            return True
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(task_id, []).append(fut)
-        try:
-            async with asyncio.timeout(timeout):
-                await fut
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            _discard(self._waiters, task_id, fut)
+    def waited_on(self, key: str) -> bool:
+        return super().waited_on(key) or key in self._final
 
     async def until_final(self, task_id: str, seen_version: int,
                           timeout: float) -> Task | bool:
         """Wait for the task's final state: the final task when a notify carried it, True
         when the caller must re-read (it changed before the wait, or a notify carried no
         task), False when ``timeout`` passed."""
-        if self._versions.get(task_id, 0) != seen_version:
+        if self.version(task_id) != seen_version:
             return True
-        fut: asyncio.Future[Task | None] = asyncio.get_running_loop().create_future()
-        self._final_waiters.setdefault(task_id, []).append(fut)
         try:
-            async with asyncio.timeout(timeout):
-                task = await fut
-            return True if task is None else task
+            task = await self._final.park(task_id, timeout)
         except TimeoutError:
             return False
-        finally:
-            _discard(self._final_waiters, task_id, fut)
-
-
-def _discard(table: dict[str, list[Any]], task_id: str, fut: asyncio.Future[Any]) -> None:
-    lst = table.get(task_id)
-    if lst and fut in lst:
-        lst.remove(fut)
-        if not lst:
-            del table[task_id]
+        return True if task is None else task
 
 
 async def wait_final(store: Store, task_id: str, timeout: float) -> Task | None:
     """The task once it is final, or as it stands when ``timeout`` passes (None if unknown)."""
-    deadline = time.monotonic() + timeout
+    loop = asyncio.get_running_loop()  # its clock: the one asyncio.timeout counts on
+    deadline = loop.time() + timeout
     while True:
         seen = store.notifier.version(task_id)
         task = await store.get(task_id)
         if task is None or task.state.final:
             return task
-        left = deadline - time.monotonic()
+        left = deadline - loop.time()
         if left <= 0:
             return task
         got = await store.notifier.until_final(task_id, seen, left)
@@ -218,17 +176,3 @@ async def wait_final(store: Store, task_id: str, timeout: float) -> Task | None:
             return got
         if got is False:
             return await store.get(task_id)
-
-
-def open_store(url: str, synchronous: str = "NORMAL") -> Store:
-    """Build the store a URL names: ``sqlite:///path`` (embedded) or ``redis://`` (fleet)."""
-    from gpulane.errors import ConfigError
-
-    if url.startswith("sqlite://"):
-        from gpulane.store.sqlite import SqliteStore
-
-        # SQLAlchemy's convention: sqlite:///relative/path, sqlite:////absolute/path.
-        path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
-        return SqliteStore(path or ":memory:", synchronous=synchronous)
-    raise ConfigError(
-        f"store={url!r} is not supported yet: use sqlite:///PATH (the embedded default)")

@@ -29,7 +29,7 @@ from gpulane.model import (
     now,
     task_error,
 )
-from gpulane.store.base import Finish, NewEvent, Notifier, QueueHead, new_task_id
+from gpulane.store.base import Finish, NewEvent, QueueHead, TaskNotifier, new_task_id
 
 log = logging.getLogger("gpulane.store")
 
@@ -118,7 +118,7 @@ class SqliteStore:
     def __init__(self, path: str | Path, synchronous: str = "NORMAL") -> None:
         self.path = str(path)
         self.synchronous = synchronous
-        self.notifier = Notifier()
+        self.notifier = TaskNotifier()
         self._db: sqlite3.Connection | None = None
         # (preset, lane) queues that may hold queued tasks: this node owns the file, so it
         # knows every insert; queue_heads skips the rest instead of querying each one.
