@@ -27,7 +27,7 @@ from gpulane.runtime.supervisor import Supervisor
 from gpulane.scheduling.leases import LeaseManager
 from gpulane.scheduling.ledger import Ledger
 from gpulane.scheduling.router import route
-from gpulane.scheduling.scheduler import Scheduler
+from gpulane.scheduling.scheduler import CapacityEvents, Scheduler
 from gpulane.store import Store, open_store, wait_final
 from gpulane.store.base import body_hash
 
@@ -58,11 +58,13 @@ class Node:
         self.store: Store = open_store(settings.store_url, settings.sqlite_synchronous)
         self.gpus: list[DeviceSnapshot] = provider.snapshot()
         self.ledger = Ledger(self.gpus, self.cpu.concurrency)
+        # Runtime reports freed capacity; scheduling's handler gives it back to the ledger
+        # and wakes whoever waits for it (_on_capacity).
         self.supervisor = Supervisor(
-            self.store, self.ledger, self.name,
-            scratch_dir=str(settings.data_dir / "scratch"),
+            self.store, self.name, scratch_dir=str(settings.data_dir / "scratch"),
             stderr_tail_lines=DEFAULT_STDERR_TAIL_LINES,
-            shutdown_grace_s=DEFAULT_SHUTDOWN_GRACE_S, on_capacity=self._on_capacity)
+            shutdown_grace_s=DEFAULT_SHUTDOWN_GRACE_S,
+            listener=CapacityEvents(self.ledger, self._on_capacity))
         self.scheduler = Scheduler(self.store, self.registry, self.ledger, self.supervisor,
                                    self.name)
         self.leases = LeaseManager(self.ledger, on_change=self.scheduler.wake,
@@ -257,11 +259,4 @@ class Node:
                 "cpu": {**self.cpu.to_json(), "in_use": self.ledger.cpu_used}}
 
     def workers_view(self) -> list[dict[str, Any]]:
-        out = []
-        for w in self.supervisor.workers.values():
-            view = w.to_json()
-            batcher = self.supervisor.batchers.get(w.id)
-            view["batch"] = (None if batcher is None
-                             else batcher.to_json() | self.supervisor.batches_held(w.id))
-            out.append(view)
-        return out
+        return [w.to_json() for w in self.supervisor.workers.values()]

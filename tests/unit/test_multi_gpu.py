@@ -16,7 +16,6 @@ from gpulane.errors import RequestError, ValidationError
 from gpulane.model import DeviceWish
 from gpulane.presets import Mode, Preset, check_file
 from gpulane.runtime.launchers import DeviceAssignment, DockerLauncher, worker_env
-from gpulane.runtime.worker_process import WorkerState
 from gpulane.scheduling.leases import (
     Lease,
     LeaseManager,
@@ -159,15 +158,15 @@ def test_docker_gets_every_gpu_quoted_and_renumbered() -> None:
 class FakeWorker:
     id: str
     device: DeviceAssignment
-    session: bool = True
-    state: WorkerState = WorkerState.READY
+    idle: bool = True
+    preset_name: str = "other"
+    last_used: float = 0.0
 
 
 @dataclass
 class FakeSupervisor:
     workers: dict[str, FakeWorker] = field(default_factory=dict)
-    inflight: dict[str, dict[str, Any]] = field(default_factory=dict)
-    evicted: list[tuple[int | None, int]] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
 
     def next_worker_id(self, preset: Preset, device: DeviceAssignment) -> str:
         return f"{preset.name}-{device.name}"
@@ -175,9 +174,15 @@ class FakeSupervisor:
     def session_workers(self, preset: str, lane: str) -> list[FakeWorker]:
         return [w for w in self.workers.values() if w.device.kind == lane]
 
-    def evict_idle(self, device: int | None, needed_mb: int) -> bool:
-        self.evicted.append((device, needed_mb))
-        return True
+    def worker(self, worker_id: str) -> FakeWorker | None:
+        return self.workers.get(worker_id)
+
+    def idle_gpu_workers(self, device: int | None) -> list[FakeWorker]:
+        return [w for w in self.workers.values()
+                if w.idle and (device is None or w.device.index == device)]
+
+    def stop(self, worker_id: str) -> None:
+        self.stopped.append(worker_id)
 
 
 def scheduler(led: Ledger, sup: FakeSupervisor | None = None) -> Scheduler:
@@ -216,12 +221,12 @@ async def test_reserve_evicts_idle_session_workers_only_when_that_would_be_enoug
     assert led.acquire("idle", 1, 4096)
     sched = scheduler(led, sup)
     assert sched._reserve(preset(2), GPU_LANE) is None
-    assert sup.evicted == [(1, 24 * GIB)]
+    assert sup.stopped == ["idle"]  # gpu 1 would then be empty, beside the empty gpu 0
     # A busy worker (or a lease) on the other device: evicting would not be enough.
-    sup.evicted.clear()
-    sup.inflight["idle"] = {"t": object()}
+    sup.stopped.clear()
+    sup.workers["idle"].idle = False
     assert sched._reserve(preset(2), GPU_LANE) is None
-    assert sup.evicted == []
+    assert sup.stopped == []
 
 
 async def test_worker_limits_and_replica_counts_for_whole_gpu_presets() -> None:

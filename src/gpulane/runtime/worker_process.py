@@ -2,7 +2,7 @@
 
 This class knows the protocol and the process, nothing of tasks or stores: the parsed lines go
 to ``on_messages`` (all complete lines of one read together, so a batch's results arrive as
-one) and the exit to ``on_exit``; the supervisor decides what they mean.
+one) and the exit to ``on_exit``; the pipeline and the supervisor decide what they mean.
 """
 
 from __future__ import annotations
@@ -78,7 +78,6 @@ class WorkerProcess:
         self.last_used = time.monotonic()
         self.returncode: int | None = None
         self.tasks_done = 0
-        self.start_failure_counted = False  # the supervisor's circuit bookkeeping
         # It said (in its ready event) that it reads ops while a run is going and runs them
         # in order, so the node may send the next run before this one ends.
         self.pipelines = False

@@ -5,6 +5,11 @@ oldest first among equals, and places as many as capacity allows: a batch for an
 session worker, or one task for a new one-off worker. Work that cannot be placed now stays
 queued; the pass runs again whenever capacity changes (a batch ends, a worker exits or becomes
 ready) or something is submitted.
+
+The scheduler sees workers only through the read-only views the supervisor's queries answer
+(runtime/view.py), and owns capacity: it takes ledger room before a worker starts, gives it
+back when runtime reports an exit or a freed CPU slot (``CapacityEvents``), and decides which
+idle workers to unload when a new one needs room (``evict_idle``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from gpulane.model import Task
 from gpulane.presets import Mode, Preset, PresetRegistry
 from gpulane.runtime.launchers import DeviceAssignment
 from gpulane.runtime.supervisor import Supervisor
-from gpulane.runtime.worker_process import WorkerState
 from gpulane.scheduling.ledger import Ledger
 from gpulane.scheduling.router import CPU_LANE, GPU_LANE
 from gpulane.store import QueueHead, Store
@@ -31,6 +35,24 @@ AGEING_CHECK_S = 5.0
 """Ageing is applied at most this often (and at least twice per ageing step)."""
 SAFETY_TICK_S = 1.0
 """A pass runs at least this often even with no wake-up, so nothing can be forgotten."""
+
+
+class CapacityEvents:
+    """Scheduling's ``RuntimeListener``: the ledger follows what runtime reports, and whoever
+    waits for capacity (the claim loop, waiting leases) hears of it through ``on_change``."""
+
+    def __init__(self, ledger: Ledger, on_change: Callable[[], None]) -> None:
+        self.ledger = ledger
+        self.on_change = on_change
+
+    def worker_exited(self, worker_id: str) -> None:
+        self.ledger.release(worker_id)
+
+    def cpu_slot_freed(self, worker_id: str) -> None:
+        self.ledger.release_cpu()
+
+    def capacity_changed(self) -> None:
+        self.on_change()
 
 
 class Scheduler:
@@ -155,7 +177,7 @@ class Scheduler:
             tasks = await self.store.claim(preset.name, lane, room, self.node,
                                            waiting.device.name)
             if tasks:
-                self.supervisor.dispatch(waiting, tasks)
+                self.supervisor.dispatch(waiting.id, tasks)
             return len(tasks)
         worker = self.supervisor.idle_worker(preset.name, lane)
         if worker is None:
@@ -171,15 +193,15 @@ class Scheduler:
             worker = self.supervisor.start_worker(preset, device, wid)
         if lane == CPU_LANE and not self.ledger.acquire_cpu():
             return 0
-        tasks = await self.store.claim(preset.name, lane, self.supervisor.batch_size(worker),
-                                       self.node, worker.device.name)
+        tasks = await self.store.claim(preset.name, lane, worker.batch_size, self.node,
+                                       worker.device.name)
         if not tasks:
             if lane == CPU_LANE:
                 self.ledger.release_cpu()
             return 0
         if lane == CPU_LANE:
             self.supervisor.hold_cpu(worker.id)
-        self.supervisor.dispatch(worker, tasks)
+        self.supervisor.dispatch(worker.id, tasks)
         return len(tasks)
 
     async def _top_up_next(self, preset: Preset, lane: str) -> int:
@@ -191,7 +213,7 @@ class Scheduler:
         worker, room = nxt
         tasks = await self.store.claim(preset.name, lane, room, self.node, worker.device.name)
         if tasks:
-            self.supervisor.dispatch(worker, tasks)
+            self.supervisor.dispatch(worker.id, tasks)
         return len(tasks)
 
     async def _place_oneoff(self, preset: Preset, lane: str) -> int:
@@ -208,9 +230,9 @@ class Scheduler:
             else:
                 self.ledger.release_cpu()
             return 0
+        self.supervisor.run_oneoff(preset, device, tasks[0], wid)
         if device.kind == CPU_LANE:
             self.supervisor.hold_cpu(wid)
-        self.supervisor.run_oneoff(preset, device, tasks[0], wid)
         return 1
 
     def _max_workers(self, preset: Preset, lane: str) -> int:
@@ -247,7 +269,7 @@ class Scheduler:
                 return device, wid
         # No room: unload idle workers of other presets (least recently used); their exit
         # wakes the scheduler, and the next pass finds the room.
-        self.supervisor.evict_idle(None, preset.vram_mb)
+        self.evict_idle(None, preset.vram_mb)
         return None
 
     def _reserve_whole(self, preset: Preset) -> tuple[DeviceAssignment, str] | None:
@@ -275,16 +297,32 @@ class Scheduler:
         missing = preset.gpus - len(empty)
         if len(clearable) >= missing:
             for g in clearable[:missing]:
-                self.supervisor.evict_idle(g.index, g.total_vram_mb)
+                self.evict_idle(g.index, g.total_vram_mb)
         return None
+
+    def evict_idle(self, device: int | None, needed_mb: int) -> bool:
+        """Stop idle GPU session workers, least recently used first, until ``needed_mb`` would
+        be free on ``device`` (any device when None). True if something was stopped.
+
+        Their room comes back in the ledger only as they exit (CapacityEvents), and the
+        scheduler looks again then."""
+        stopped = False
+        for w in self.supervisor.idle_gpu_workers(device):
+            acct = self.ledger.gpus[w.device.index or 0]
+            if acct.free_mb >= needed_mb:
+                break
+            log.info("unloading idle worker %s (%s) to make room for %d MB", w.id,
+                     w.preset_name, needed_mb)
+            self.supervisor.stop(w.id)
+            stopped = True
+        return stopped
 
     def _idle_only(self, index: int) -> bool:
         """Whether every holder of the GPU is an idle session worker that evict_idle(index)
         would stop (no lease, no work in flight)."""
         for h in self.ledger.holders(index):
-            w = self.supervisor.workers.get(h.holder)
-            if (w is None or not w.session or w.state is not WorkerState.READY
-                    or w.device.index != index or self.supervisor.inflight.get(w.id)):
+            w = self.supervisor.worker(h.holder)
+            if w is None or not w.idle or w.device.index != index:
                 return False
         return True
 

@@ -1,0 +1,404 @@
+"""The batch pipeline of a node's workers, top to bottom: form, send, receive, store.
+
+1. form: ``dispatch`` takes claimed tasks for a session worker: a new batch, a top-up of one
+   waiting to fill (max_wait_ms), or the *next* batch, which forms on the node while the
+   worker runs one and goes out the moment that one ends (or, full, ahead of it to a worker
+   that pipelines, PIPELINE_DEPTH).
+2. send: ``send_batch`` writes the run op, records the batch, times when its successor opens
+   (NEXT_BATCH_AT) and arms the watchdog on the oldest task the worker owes.
+3. receive: ``on_messages`` turns the worker's lines into events; a finish ends its run at
+   once; an ``oom`` in a batch of several halves the batch and runs its tasks again.
+4. store: streamed events are appended as they come; the finishes of one read are stored in
+   one transaction, after their runs let go of the worker.
+
+Every run ends through ``_settle``: the worker releases it (marking it done in the same step),
+then the worker gets its next batch, or is freed (CPU slot, capacity, a drained worker stops).
+Only then are outcomes written, so a store that fails cannot keep a worker busy. A cancelled
+run stays held until the worker lets go of it (its finish, or its exit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+
+from gpulane.errors import StaleTokenError
+from gpulane.model import ErrorKind, Task, TaskState, task_error
+from gpulane.protocol import EventType, WorkerMessage, run_op
+from gpulane.runtime.taskrun import TaskRun
+from gpulane.runtime.view import RuntimeListener
+from gpulane.runtime.worker import SentBatch, Worker
+from gpulane.runtime.worker_process import WorkerProcess, WorkerState
+from gpulane.store import Finish, NewEvent, Store
+
+log = logging.getLogger("gpulane.supervisor")
+
+PIPELINE_DEPTH = 2
+"""Batches a pipelining worker may hold: the one it runs and the one it starts next."""
+NEXT_BATCH_AT = 0.75
+"""A running batch's next one starts forming when this share of the last batch's latency
+has passed: late enough that the tasks arrived meanwhile are claimed together, early enough
+that the batch is ready (and, when full, already sent) as the running one ends."""
+RETRYABLE_KINDS = frozenset({ErrorKind.WORKER_DIED.value, ErrorKind.START_TIMEOUT.value})
+"""Failures that are the worker's, not the input's: the task gets another attempt."""
+
+
+class Pipeline:
+    """Moves task runs through the node's workers (held by the Supervisor's registry)."""
+
+    def __init__(self, store: Store, workers: dict[str, Worker], listener: RuntimeListener,
+                 *, spawn: Callable[[Coroutine[object, object, None]], None],
+                 stop: Callable[[Worker], None]) -> None:
+        self.store = store
+        self.workers = workers
+        self.listener = listener
+        self._spawn = spawn
+        self._stop = stop
+
+    # -- 1. form ---------------------------------------------------------------------------------
+
+    def dispatch(self, worker: Worker, tasks: list[Task]) -> None:
+        """Give claimed tasks to a session worker: a new batch, or more for a forming one.
+
+        A batch that is not full waits up to the preset's max_wait_ms for more tasks (the
+        scheduler tops it up through ``forming_worker``) when the worker's batcher says so."""
+        preset = worker.preset
+        new = {t.id: TaskRun(t, preset, worker.id, t.token, t.timeout_s or preset.timeout_s)
+               for t in tasks}
+        worker.hold(new)
+        if worker.state is WorkerState.BUSY:
+            # The next batch forms on the node while the worker runs one, so it goes out
+            # the moment that one ends (or, to a pipelining worker, as soon as it is full).
+            worker.next.update(new)
+            self._feed(worker)
+            return
+        if worker.state is not WorkerState.READY:
+            return  # still booting: the batch goes out once it is ready
+        batcher = worker.batcher
+        if batcher is not None and len(worker.runs) < batcher.size and batcher.waits:
+            if worker.forming is None:
+                worker.forming = asyncio.get_running_loop().call_later(
+                    batcher.max_wait_s, self._flush, worker)
+            return
+        self.send_batch(worker, list(worker.runs.values()))
+
+    def _flush(self, worker: Worker) -> None:
+        """A forming batch's wait is over: send what it holds."""
+        worker.forming = None
+        if worker.state is not WorkerState.READY:
+            return
+        if len(worker.runs) == 1 and worker.batcher is not None:
+            worker.batcher.waited_in_vain()
+        self.send_batch(worker, list(worker.runs.values()))
+
+    def _feed(self, worker: Worker) -> None:
+        """Send the worker its next batch when it may take it: at once when nothing runs, or
+        ahead of time, once full, to a worker that pipelines."""
+        if not worker.next or worker.preempted or not worker.alive:
+            return
+        depth = PIPELINE_DEPTH if worker.proc.pipelines else 1
+        if not worker.sent or (len(worker.sent) < depth
+                               and len(worker.next) >= worker.batch_size):
+            self.send_batch(worker, worker.take_next())
+
+    # -- 2. send ---------------------------------------------------------------------------------
+
+    def send_batch(self, worker: Worker, batch: list[TaskRun]) -> None:
+        worker.stop_forming()
+        runs = []
+        for run in batch:
+            if run.cancelled:
+                self._settle(run)  # cancelled while its batch formed: never sent
+            else:
+                runs.append(run)
+        if not runs:
+            return  # the last _settle gave the worker (and its CPU slot) back
+        proc = worker.proc
+        proc.state = WorkerState.BUSY
+        proc.last_used = time.monotonic()
+        sent = worker.sent
+        sent.append(SentBatch({r.id for r in runs}, len(runs), len(runs) >= worker.batch_size,
+                              None if sent else time.monotonic()))
+        if len(sent) == 1:
+            self._time_next_batch(worker)
+        if not proc.send(run_op([(r.id, r.task.input) for r in runs])):
+            proc.kill()  # its exit fails these attempts and retries them
+            return
+        self.arm_watchdog(worker)
+
+    def _time_next_batch(self, worker: Worker) -> None:
+        """A batch started running: its successor may start forming (see ``dispatch``) once
+        NEXT_BATCH_AT of the last batch's latency has passed; until then, tasks wait in the
+        queue, where one claim takes them all, not one claim per arrival."""
+        worker.close_next()
+        last = worker.batcher.stats.last_latency_ms if worker.batcher is not None else None
+        if last is None:
+            return  # nothing measured yet: the next batch is claimed when this one ends
+        worker.next_timer = asyncio.get_running_loop().call_later(
+            last / 1000 * NEXT_BATCH_AT, self._open_next, worker)
+
+    def _open_next(self, worker: Worker) -> None:
+        worker.next_timer = None
+        worker.next_open = True
+        self.listener.capacity_changed()
+
+    # -- 3. receive ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _route(worker: Worker, msg: WorkerMessage) -> TaskRun | None:
+        runs = worker.runs
+        if msg.task is not None:
+            return runs.get(msg.task)
+        if len(runs) == 1:
+            return next(iter(runs.values()))
+        return None
+
+    async def on_messages(self, proc: WorkerProcess, msgs: list[WorkerMessage]) -> None:
+        """Lines the worker wrote together. Streamed events are stored as they come; the
+        finishes among them (a whole batch, usually) are stored in one transaction."""
+        worker = self.workers.get(proc.id)
+        if worker is None:
+            return
+        ends: list[Finish] = []
+        ooms: list[TaskRun] = []
+        oom_size = 0
+        for msg in msgs:
+            if worker.session and msg.type in (EventType.CONNECTION, EventType.WORKER):
+                continue  # worker-level news; WorkerProcess tracks readiness itself
+            run = self._route(worker, msg)
+            if run is not None and run.cancelled:
+                if msg.type is EventType.FINISH:
+                    self._settle(run)  # the worker let go of the cancelled task
+                continue
+            if run is None:
+                if msg.type is not EventType.LOG:
+                    log.debug("worker %s: %s event for no running task: %s", worker.id,
+                              msg.type.value, msg.raw or msg.data)
+                else:
+                    log.info("[%s stdout] %s", worker.id, msg.data.get("line"))
+                continue
+            if msg.type is EventType.UNKNOWN:
+                log.warning("worker %s emitted an unknown event %r; kept as 'unknown'",
+                            worker.id, msg.data.get("event"))
+            if msg.type is EventType.FINISH:
+                end = self._finish_of(run, msg)
+                if self._shrinks_on_oom(worker, end):  # asked before the run leaves its batch
+                    oom_size = worker.sent[0].size
+                    self._lower_ceiling(worker, oom_size)
+                    ooms.append(run)
+                else:
+                    ends.append(end)
+                self._settle(run)
+                continue
+            event, _held = run.take(msg)
+            if event is not None:
+                with contextlib.suppress(StaleTokenError):  # the attempt was ended elsewhere
+                    await self.store.append_events(run.id, [event])
+        if ends:
+            await self._store_ends(ends)
+        if ooms and worker.batcher is not None:
+            # Not the input's fault, and bounded (the ceiling halves each time): the attempts
+            # are not held against max_attempts.
+            await self._store_requeue([(r.id, r.token) for r in ooms], {
+                "kind": ErrorKind.OOM.value, "batch_size": oom_size,
+                "message": f"out of device memory in a batch of {oom_size}: runs again in a "
+                           f"batch of at most {worker.batcher.ceiling}"})
+
+    @staticmethod
+    def _finish_of(run: TaskRun, msg: WorkerMessage) -> Finish:
+        status = msg.data.get("status", "completed")
+        events = [*run.held, NewEvent(EventType.FINISH.value, msg.data)]
+        if status == "completed":
+            return Finish(run.id, run.token, TaskState.SUCCEEDED, output=run.final_output(),
+                          events=events)
+        raw_err = msg.data.get("error")
+        err: dict[str, object] = raw_err if isinstance(raw_err, dict) else {}
+        kind = str(err.get("kind") or ErrorKind.INTERNAL.value)
+        message = str(err.get("message") or f"worker reported status {status!r}")
+        return Finish(run.id, run.token, TaskState.FAILED, error=task_error(kind, message),
+                      events=events)
+
+    @staticmethod
+    def _shrinks_on_oom(worker: Worker, end: Finish) -> bool:
+        """An ``oom`` failure in a batch of several: the batch shrinks and its tasks run
+        again, instead of failing (a batch of one has nothing left to shrink)."""
+        if end.error is None or end.error.get("kind") != ErrorKind.OOM.value:
+            return False
+        return len(worker.sent) > 0 and worker.sent[0].size > 1
+
+    @staticmethod
+    def _lower_ceiling(worker: Worker, n: int) -> None:
+        """Before its runs let go of the worker, so that no batch that big goes out again."""
+        batcher = worker.batcher
+        if batcher is not None and batcher.ceiling > n // 2:
+            batcher.oom(n)
+            log.warning("worker %s ran out of memory on a batch of %d; its batches are now "
+                        "at most %d", worker.id, n, batcher.ceiling)
+
+    # -- 4. end and store ------------------------------------------------------------------------
+
+    def _settle(self, run: TaskRun) -> bool:
+        """End the run on its worker: released and done in one step, then the worker takes
+        its next batch or, holding nothing more, is freed. False if it had ended already.
+
+        Freeing comes before storing the outcome, so the worker gets its next batch, when the
+        node holds one, before the node spends its time storing and answering this one,
+        which the worker would otherwise idle through."""
+        worker = self.workers.get(run.worker_id)
+        if worker is None or not worker.release(run):
+            return False
+        if not worker.sent or self._batch_ended(worker):
+            self._feed(worker)  # a batch ended (or none runs): the next one may go out now
+        if worker.runs:
+            self.arm_watchdog(worker)  # the next task it owes gets its own clock
+            return True
+        worker.disarm_watchdog()
+        worker.close_next()
+        if worker.take_cpu_slot():
+            self.listener.cpu_slot_freed(worker.id)
+        if worker.session and worker.state is WorkerState.BUSY:
+            worker.proc.state = WorkerState.READY
+        if worker.preempted:
+            self._stop(worker)  # drained: its batch is done
+        self.listener.capacity_changed()
+        return True
+
+    def _batch_ended(self, worker: Worker) -> bool:
+        """Sent batches with nothing left owed are done (True when one was); the batcher
+        learns how long each took from when the worker could start it."""
+        sent = worker.sent
+        now = time.monotonic()
+        ended = False
+        while sent and not sent[0].owed:
+            ended = True
+            done = sent.popleft()
+            if worker.batcher is not None and done.started is not None:
+                worker.batcher.observe(done.size, now - done.started, full=done.full)
+            if sent:
+                sent[0].started = now
+                self._time_next_batch(worker)
+        return ended
+
+    async def _store_ends(self, ends: list[Finish]) -> None:
+        """Write final states (their runs have let go of their workers already)."""
+        try:
+            results = await self.store.finish_many(ends)
+        except Exception:
+            log.exception("storing %d task outcomes failed", len(ends))
+            results = []
+        for got in results:
+            if isinstance(got, StaleTokenError):
+                log.info("dropped the outcome of a stale attempt: %s", got)
+
+    async def end(self, run: TaskRun, state: TaskState, *, output: object = None,
+                  error: dict[str, object] | None = None,
+                  events: list[NewEvent] | None = None) -> None:
+        """Write a run's final state once and give its worker back its capacity."""
+        if run.cancelled or not self._settle(run):
+            return
+        await self._store_ends([Finish(run.id, run.token, state, output=output, error=error,
+                                       events=events or [])])
+
+    async def _store_requeue(self, attempts: list[tuple[str, int]],
+                             event: dict[str, object]) -> None:
+        """Put settled attempts (task id, token) back in the queue without holding them
+        against max_attempts (the worker never started them, or they must run again in a
+        smaller batch), each with an ``error`` event saying why; then the scheduler looks
+        again."""
+        for task_id, token in attempts:
+            with contextlib.suppress(StaleTokenError):  # ended elsewhere (e.g. cancelled)
+                await self.store.requeue(task_id, token, None, events=[NewEvent(
+                    EventType.ERROR.value, {**event, "retrying": True})])
+        self.listener.capacity_changed()
+
+    def requeue_next(self, worker: Worker, kind: str) -> None:
+        """The worker's next batch never started: its runs end now, and go back to the queue."""
+        runs = [(r.id, r.token) for r in worker.take_next()
+                if self._settle(r) and not r.cancelled]
+        if runs:
+            self._spawn(self._store_requeue(runs, {"kind": kind}))
+
+    async def return_claimed(self, tasks: list[Task]) -> None:
+        """Tasks claimed for a worker that exited meanwhile: back to the queue, no attempt
+        spent (no run of them ever started)."""
+        await self._store_requeue([(t.id, t.token) for t in tasks],
+                                  {"kind": ErrorKind.WORKER_DIED.value})
+
+    async def attempt_failed(self, run: TaskRun, kind: str, message: str) -> None:
+        """An attempt ended through no fault of its input: retry it while attempts remain."""
+        if run.done or run.cancelled:
+            return
+        if kind in RETRYABLE_KINDS and run.token < run.preset.max_attempts:
+            if not self._settle(run):
+                return
+            error = task_error(kind, message, attempt=run.token)
+            try:
+                await self.store.requeue(run.id, run.token, error, events=[
+                    NewEvent(EventType.ERROR.value, {"kind": kind, "message": message,
+                                                     "attempt": run.token, "retrying": True})])
+            except StaleTokenError as exc:
+                log.info("dropped a retry of a stale attempt: %s", exc)
+            self.listener.capacity_changed()
+            return
+        await self.end(run, TaskState.FAILED, error=task_error(
+            kind, message, attempts=run.token))
+
+    async def worker_gone(self, worker: Worker, *, closing: bool) -> None:
+        """The worker exited: end what it held (the supervisor then drops the worker)."""
+        proc = worker.proc
+        rc = proc.returncode
+        runs = list(worker.runs.values())
+        if not worker.session and runs and rc == 0:
+            # A plain-protocol one-off that exits cleanly without a finish line succeeded.
+            run = runs[0]
+            await self.end(run, TaskState.SUCCEEDED, output=run.final_output(),
+                           events=run.held)
+        elif closing or worker.preempted:
+            # Not the task's fault: it runs again (node restart, preemption).
+            again = [(r.id, r.token) for r in runs if not r.cancelled and self._settle(r)]
+            await self._store_requeue(again, {
+                "kind": "preempted" if not closing else "node_stopping"})
+        else:
+            tail = proc.stderr_text()
+            for run in runs:
+                await self.attempt_failed(
+                    run, ErrorKind.WORKER_DIED.value,
+                    f"worker {worker.id} exited with code {rc} while running the task; "
+                    f"last stderr lines:\n{tail or '(none)'}")
+
+    # -- the watchdog ----------------------------------------------------------------------------
+
+    def arm_watchdog(self, worker: Worker) -> None:
+        """(Re)start the worker's clock on the oldest task it still owes.
+
+        Workers may run a batch item by item, so each task's timeout_s counts from the moment
+        the worker could start it: when the batch was sent, or when the task before it ended.
+        A worker that makes no progress for that long is stuck and gets killed.
+        """
+        worker.disarm_watchdog()
+        if not worker.runs:
+            return
+        oldest = next(iter(worker.runs.values()))
+        worker.watchdog = asyncio.get_running_loop().call_later(
+            oldest.timeout_s, self._on_timeout, oldest, worker)
+
+    def _on_timeout(self, run: TaskRun, worker: Worker) -> None:
+        worker.watchdog = None
+        if not run.done:
+            self._spawn(self._timeout(run, worker))
+
+    async def _timeout(self, run: TaskRun, worker: Worker) -> None:
+        # Killing is the only sure way to stop the work; the batch's other tasks are retried.
+        # Out of the pool first, so that nothing new is handed to a worker about to die.
+        worker.proc.state = WorkerState.STOPPING
+        if run.cancelled:  # it never let go of a cancelled task
+            worker.proc.kill()
+            return
+        await self.end(run, TaskState.FAILED, error=task_error(
+            ErrorKind.TIMEOUT, f"the task ran past its timeout_s={run.timeout_s:g}; "
+            f"worker {worker.id} was killed (raise timeout_s in the request or the preset)"),
+            events=run.held)
+        worker.proc.kill()
