@@ -76,6 +76,9 @@ async def test_submit_returns_a_queued_task(store: Store) -> None:
     assert created is True
     assert re.fullmatch(r"[0-9a-f]{24}", task.id)
     assert task.seq > 0
+    # A timestamp, not a duration: created_at is epoch seconds of about now. The bracket reads
+    # the same wall clock and times nothing; no clock is injected because a backend may take
+    # its time elsewhere (Redis's TIME), and the 1 s slack allows for such a clock's skew.
     assert before - 1 <= task.created_at <= time.time() + 1
     assert task.state is TaskState.QUEUED
     assert (task.preset, task.input, task.priority, task.lane) == ("p", {"x": 1}, 70, "cpu")
@@ -291,6 +294,7 @@ async def test_claim_marks_running_with_placement(store: Store) -> None:
     assert got.placement is not None
     assert (got.placement.node, got.placement.device) == ("node-a", "cpu")
     assert got.placement.fallback_reason == "vram_exceeds_largest_gpu"
+    # Epoch seconds of about now (a timestamp, not a duration: see the submit test).
     assert got.started_at is not None and before - 1 <= got.started_at <= time.time() + 1
     stored = await store.get(task.id)
     assert stored is not None
