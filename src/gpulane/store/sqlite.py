@@ -18,98 +18,14 @@ from typing import Any
 import orjson
 
 from gpulane.errors import ConflictError, StaleTokenError, StoreError
-from gpulane.model import (
-    DeviceWish,
-    ErrorKind,
-    Event,
-    Placement,
-    Task,
-    TaskSpec,
-    TaskState,
-    now,
-    task_error,
-)
+from gpulane.model import ErrorKind, Event, Task, TaskSpec, TaskState, now, task_error
 from gpulane.store.base import Finish, NewEvent, QueueHead, TaskNotifier, new_task_id
+from gpulane.store.sqlite_schema import COLUMNS, INSERT_EVENT, SCHEMA, dumps, row_to_task
 
 log = logging.getLogger("gpulane.store")
 
 CHECKPOINT_INTERVAL_S = 1.0
 """How often the background thread folds the WAL back into the database file."""
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tasks (
-    seq INTEGER PRIMARY KEY,  -- rowid: tasks are never deleted, so it only grows
-    id TEXT NOT NULL UNIQUE,
-    preset TEXT NOT NULL,
-    state TEXT NOT NULL,
-    input BLOB,
-    output BLOB,
-    error BLOB,
-    priority INTEGER NOT NULL,  -- effective: base_priority lifted by waiting (ageing)
-    base_priority INTEGER NOT NULL,  -- what the submitter asked for
-    device_wish TEXT NOT NULL,
-    lane TEXT NOT NULL,
-    timeout_s REAL,
-    content_type TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    node TEXT,
-    device TEXT,
-    fallback_reason TEXT,
-    idempotency_key TEXT,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    event_seq INTEGER NOT NULL DEFAULT 0
-);
--- Partial indexes: a task is in the queue index only while queued and in the running index
--- only while running, so the writes that end a task touch one index, not two.
-DROP INDEX IF EXISTS tasks_queue;
-DROP INDEX IF EXISTS tasks_running;
-CREATE INDEX IF NOT EXISTS tasks_queued ON tasks (preset, lane, priority DESC, seq)
-    WHERE state='queued';
-CREATE INDEX IF NOT EXISTS tasks_running_on ON tasks (node) WHERE state='running';
-CREATE TABLE IF NOT EXISTS events (
-    task_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    type TEXT NOT NULL,
-    data BLOB NOT NULL,
-    ts REAL NOT NULL,
-    PRIMARY KEY (task_id, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS idempotency (
-    key TEXT PRIMARY KEY,
-    body_hash TEXT,
-    task_id TEXT NOT NULL
-) WITHOUT ROWID;
-"""
-
-_COLUMNS = ("seq, id, preset, state, input, output, error, base_priority, device_wish, lane, "
-            "timeout_s, "
-            "content_type, attempts, node, device, fallback_reason, idempotency_key, "
-            "created_at, started_at, finished_at")
-
-
-_INSERT_EVENT = "INSERT INTO events (task_id, seq, type, data, ts) VALUES (?,?,?,?,?)"
-
-
-def _dumps(value: Any) -> bytes:
-    return orjson.dumps(value)
-
-
-def _loads(blob: bytes | None) -> Any:
-    return None if blob is None else orjson.loads(blob)
-
-
-def _row_to_task(row: sqlite3.Row | tuple[Any, ...]) -> Task:
-    (seq, tid, preset, state, inp, out, err, prio, wish, lane, timeout_s, ctype, attempts,
-     node, device, reason, key, created, started, finished) = row
-    placement = Placement(node, device, reason) if device else None
-    return Task(id=tid, preset=preset, state=TaskState(state), input=_loads(inp),
-                priority=prio, device_wish=DeviceWish(wish), created_at=created, seq=seq,
-                output=_loads(out), error=_loads(err), attempts=attempts, timeout_s=timeout_s,
-                content_type=ctype, placement=placement, started_at=started,
-                finished_at=finished, idempotency_key=key, lane=lane,
-                fallback_reason=reason)
 
 
 class SqliteStore:
@@ -228,11 +144,11 @@ class SqliteStore:
             "INSERT INTO tasks (id, preset, state, input, priority, base_priority, device_wish, "
             "lane, fallback_reason, timeout_s, content_type, idempotency_key, created_at, "
             "event_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
-            (tid, spec.preset, TaskState.QUEUED.value, _dumps(spec.input), spec.priority,
+            (tid, spec.preset, TaskState.QUEUED.value, dumps(spec.input), spec.priority,
              spec.priority, spec.device_wish.value, spec.lane, spec.fallback_reason, spec.timeout_s,
              spec.content_type, spec.idempotency_key, created))
-        self.db.execute(_INSERT_EVENT,
-                        (tid, 1, "state", _dumps({"state": "queued", "lane": spec.lane,
+        self.db.execute(INSERT_EVENT,
+                        (tid, 1, "state", dumps({"state": "queued", "lane": spec.lane,
                                                   "fallback_reason": spec.fallback_reason}),
                          created))
         if spec.idempotency_key is not None:
@@ -247,8 +163,8 @@ class SqliteStore:
     # -- reads -----------------------------------------------------------------------------
 
     def _get(self, task_id: str) -> Task | None:
-        row = self.db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id=?", (task_id,)).fetchone()
-        return _row_to_task(row) if row else None
+        row = self.db.execute(f"SELECT {COLUMNS} FROM tasks WHERE id=?", (task_id,)).fetchone()
+        return row_to_task(row) if row else None
 
     async def get(self, task_id: str) -> Task | None:
         return self._get(task_id)
@@ -267,13 +183,13 @@ class SqliteStore:
         if cursor:
             where.append("seq<?")
             args.append(int(cursor))
-        sql = f"SELECT {_COLUMNS} FROM tasks"
+        sql = f"SELECT {COLUMNS} FROM tasks"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC LIMIT ?"
         args.append(limit + 1)
         rows = self.db.execute(sql, args).fetchall()
-        tasks = [_row_to_task(r) for r in rows[:limit]]
+        tasks = [row_to_task(r) for r in rows[:limit]]
         next_cursor = str(tasks[-1].seq) if len(rows) > limit else None
         return tasks, next_cursor
 
@@ -318,14 +234,14 @@ class SqliteStore:
                 f"UPDATE tasks SET state='running', attempts=attempts+1, started_at=?, node=?, "
                 f"device=?, event_seq=event_seq+1 WHERE seq IN (SELECT seq FROM tasks WHERE "
                 f"state='queued' AND preset=? AND lane=? ORDER BY priority DESC, seq LIMIT ?) "
-                f"RETURNING {_COLUMNS}, event_seq, priority",
+                f"RETURNING {COLUMNS}, event_seq, priority",
                 (started, node, device, preset, lane, limit)).fetchall()
             # RETURNING follows no order: put the batch back in queue order.
             rows.sort(key=lambda r: (-r[-1], r[0]))
-            tasks = [_row_to_task(r[:-2]) for r in rows]
+            tasks = [row_to_task(r[:-2]) for r in rows]
             db.executemany(
-                _INSERT_EVENT,
-                [(t.id, r[-2], "state", _dumps({
+                INSERT_EVENT,
+                [(t.id, r[-2], "state", dumps({
                     "state": "running", "attempt": t.attempts, "node": node, "device": device,
                     "fallback_reason": t.fallback_reason}), started)
                  for t, r in zip(tasks, rows, strict=True)])
@@ -345,8 +261,8 @@ class SqliteStore:
         ts = now()
         out = [Event(task_id, first + i, e.type, e.data, ts) for i, e in enumerate(events)]
         self.db.executemany(
-            _INSERT_EVENT,
-            [(e.task_id, e.seq, e.type, _dumps(e.data), e.ts) for e in out])
+            INSERT_EVENT,
+            [(e.task_id, e.seq, e.type, dumps(e.data), e.ts) for e in out])
         return out
 
     async def append_events(self, task_id: str, events: Sequence[NewEvent]) -> list[Event]:
@@ -394,19 +310,19 @@ class SqliteStore:
                 row = db.execute(
                     f"UPDATE tasks SET state=?, output=?, error=?, finished_at=?, "
                     f"event_seq=event_seq+? WHERE id=? AND state='running' AND attempts=? "
-                    f"RETURNING {_COLUMNS}, event_seq",
-                    (item.state.value, _dumps(item.output),
-                     _dumps(item.error) if item.error else None, finished, len(events),
+                    f"RETURNING {COLUMNS}, event_seq",
+                    (item.state.value, dumps(item.output),
+                     dumps(item.error) if item.error else None, finished, len(events),
                      item.task_id, item.token)).fetchone()
                 if row is None:
                     out.append(self._stale(item.task_id, item.token))
                     continue
                 first = row[-1] - len(events) + 1
-                rows.extend((item.task_id, first + i, e.type, _dumps(e.data), finished)
+                rows.extend((item.task_id, first + i, e.type, dumps(e.data), finished)
                             for i, e in enumerate(events))
-                out.append(_row_to_task(row[:-1]))
+                out.append(row_to_task(row[:-1]))
             db.executemany(
-                _INSERT_EVENT, rows)
+                INSERT_EVENT, rows)
         for got in out:
             if isinstance(got, Task):
                 self.notifier.notify(got.id, got)
@@ -430,7 +346,7 @@ class SqliteStore:
                                                                 "retry_after_error": error})])
             db.execute("UPDATE tasks SET state='queued', error=?, node=NULL, device=NULL "
                        "WHERE id=?",
-                       (_dumps(error) if error else None, task_id))
+                       (dumps(error) if error else None, task_id))
             task = self._get(task_id)
         assert task is not None
         self._maybe_queued.add((task.preset, task.lane))
@@ -445,7 +361,7 @@ class SqliteStore:
             error = task_error(ErrorKind.CANCELLED, "cancelled by request")
             self._append(task_id, [NewEvent("state", {"state": "cancelled", "error": error})])
             db.execute("UPDATE tasks SET state='cancelled', error=?, finished_at=? WHERE id=?",
-                       (_dumps(error), now(), task_id))
+                       (dumps(error), now(), task_id))
             task = self._get(task_id)
         self.notifier.notify(task_id, task)
         return task

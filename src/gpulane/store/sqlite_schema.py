@@ -1,0 +1,88 @@
+"""The SQLite store's tables, and how a row becomes a :class:`~gpulane.model.Task`.
+
+Kept apart from ``sqlite.py`` (the store's operations) so that the layout reads in one place.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import orjson
+
+from gpulane.model import DeviceWish, Placement, Task, TaskState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    seq INTEGER PRIMARY KEY,  -- rowid: tasks are never deleted, so it only grows
+    id TEXT NOT NULL UNIQUE,
+    preset TEXT NOT NULL,
+    state TEXT NOT NULL,
+    input BLOB,
+    output BLOB,
+    error BLOB,
+    priority INTEGER NOT NULL,  -- effective: base_priority lifted by waiting (ageing)
+    base_priority INTEGER NOT NULL,  -- what the submitter asked for
+    device_wish TEXT NOT NULL,
+    lane TEXT NOT NULL,
+    timeout_s REAL,
+    content_type TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    node TEXT,
+    device TEXT,
+    fallback_reason TEXT,
+    idempotency_key TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    event_seq INTEGER NOT NULL DEFAULT 0
+);
+-- Partial indexes: a task is in the queue index only while queued and in the running index
+-- only while running, so the writes that end a task touch one index, not two.
+DROP INDEX IF EXISTS tasks_queue;
+DROP INDEX IF EXISTS tasks_running;
+CREATE INDEX IF NOT EXISTS tasks_queued ON tasks (preset, lane, priority DESC, seq)
+    WHERE state='queued';
+CREATE INDEX IF NOT EXISTS tasks_running_on ON tasks (node) WHERE state='running';
+CREATE TABLE IF NOT EXISTS events (
+    task_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    data BLOB NOT NULL,
+    ts REAL NOT NULL,
+    PRIMARY KEY (task_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    body_hash TEXT,
+    task_id TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+COLUMNS = ("seq, id, preset, state, input, output, error, base_priority, device_wish, lane, "
+           "timeout_s, content_type, attempts, node, device, fallback_reason, idempotency_key, "
+           "created_at, started_at, finished_at")
+"""The task columns that :func:`row_to_task` reads, in its order."""
+
+INSERT_EVENT = "INSERT INTO events (task_id, seq, type, data, ts) VALUES (?,?,?,?,?)"
+"""One event row: every write that appends events uses it."""
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def loads(blob: bytes | None) -> Any:
+    return None if blob is None else orjson.loads(blob)
+
+
+def row_to_task(row: sqlite3.Row | tuple[Any, ...]) -> Task:
+    (seq, tid, preset, state, inp, out, err, prio, wish, lane, timeout_s, ctype, attempts,
+     node, device, reason, key, created, started, finished) = row
+    placement = Placement(node, device, reason) if device else None
+    return Task(id=tid, preset=preset, state=TaskState(state), input=loads(inp),
+                priority=prio, device_wish=DeviceWish(wish), created_at=created, seq=seq,
+                output=loads(out), error=loads(err), attempts=attempts, timeout_s=timeout_s,
+                content_type=ctype, placement=placement, started_at=started,
+                finished_at=finished, idempotency_key=key, lane=lane,
+                fallback_reason=reason)
