@@ -51,12 +51,14 @@ class Pipeline:
 
     def __init__(self, store: Store, workers: dict[str, Worker], listener: RuntimeListener,
                  *, spawn: Callable[[Coroutine[object, object, None]], None],
-                 stop: Callable[[Worker], None]) -> None:
+                 stop: Callable[[Worker], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.workers = workers
         self.listener = listener
         self._spawn = spawn
         self._stop = stop
+        self._clock = clock  # batch latencies (a test hands in a fake one)
 
     # -- 1. form ---------------------------------------------------------------------------------
 
@@ -118,10 +120,11 @@ class Pipeline:
             return  # the last _settle gave the worker (and its CPU slot) back
         proc = worker.proc
         proc.state = WorkerState.BUSY
-        proc.last_used = time.monotonic()
+        now = self._clock()
+        proc.last_used = now
         sent = worker.sent
         sent.append(SentBatch({r.id for r in runs}, len(runs), len(runs) >= worker.batch_size,
-                              None if sent else time.monotonic()))
+                              None if sent else now))
         if len(sent) == 1:
             self._time_next_batch(worker)
         if not proc.send(run_op([(r.id, r.task.input) for r in runs])):
@@ -270,7 +273,7 @@ class Pipeline:
         """Sent batches with nothing left owed are done (True when one was); the batcher
         learns how long each took from when the worker could start it."""
         sent = worker.sent
-        now = time.monotonic()
+        now = self._clock()
         ended = False
         while sent and not sent[0].owed:
             ended = True
