@@ -30,8 +30,8 @@ class TaskRun:
     output: Any = _UNSET
     text: str | None = None
     deltas: list[str] = field(default_factory=list)
-    done: bool = False
-    cancelled: bool = False
+    done: bool = False  # let go of by its worker (only Worker.release and close set it)
+    cancelled: bool = False  # stored as cancelled; its worker may still be working on it
 
     @property
     def id(self) -> str:
