@@ -236,16 +236,20 @@ class Supervisor:
             # Counted before its tasks are retried, so the retry already sees the circuit.
             self._start_failed(worker, f"worker exited with code {rc} before it was ready; "
                                        f"last stderr: {proc.stderr_text() or '(none)'}")
-        await self.pipeline.worker_gone(worker, closing=self._closing)
-        if proc.state is not WorkerState.STOPPING and proc.session and not self._closing:
-            log.warning("worker %s exited with code %s", worker.id, rc)
-        proc.state = WorkerState.EXITED
-        worker.close()
-        del self.workers[worker.id]
-        if worker.take_cpu_slot():
-            self.listener.cpu_slot_freed(worker.id)
-        self.listener.worker_exited(worker.id)
-        self.listener.capacity_changed()
+        try:
+            await self.pipeline.worker_gone(worker, closing=self._closing)
+        finally:
+            # Dropped even when storing what it held failed (WorkerProcess logs the error):
+            # else its device stays taken in the ledger, and its timers run on, for good.
+            if proc.state is not WorkerState.STOPPING and proc.session and not self._closing:
+                log.warning("worker %s exited with code %s", worker.id, rc)
+            proc.state = WorkerState.EXITED
+            worker.close()
+            del self.workers[worker.id]
+            if worker.take_cpu_slot():
+                self.listener.cpu_slot_freed(worker.id)
+            self.listener.worker_exited(worker.id)
+            self.listener.capacity_changed()
 
     # -- preemption --------------------------------------------------------------------------
 

@@ -1,0 +1,48 @@
+"""The supervisor's registry around a worker's end, without a process: a worker that exits is
+dropped as a unit, and its capacity comes back, even when storing what it held fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpulane.presets import BatchSettings, DeviceKind, Preset
+from gpulane.runtime.supervisor import Supervisor
+from gpulane.runtime.worker import Worker
+from gpulane.runtime.worker_process import WorkerState
+from tests.unit.test_pipeline import FakeProc, FakeStore, Listener, tasks
+
+
+class FailingStore(FakeStore):
+    """A store whose every write fails (a full disk, a lost connection)."""
+
+    async def requeue(self, task_id: str, token: int, error: object, *,
+                      events: list[object]) -> None:
+        raise RuntimeError("disk full")
+
+
+def registry(store: FakeStore, scratch: Path) -> tuple[Supervisor, Worker, Listener]:
+    listener = Listener()
+    sup = Supervisor(store, "node-1", scratch_dir=str(scratch),  # type: ignore[arg-type]
+                     stderr_tail_lines=5, shutdown_grace_s=1.0, listener=listener)
+    preset = Preset(name="batched", argv=("python", "w.py"), devices=(DeviceKind.CPU,),
+                    batch=BatchSettings(max_size=2, adaptive=False))
+    worker = sup.workers["w-1"] = Worker(FakeProc(), preset)
+    return sup, worker, listener
+
+
+async def test_a_worker_whose_exit_cannot_be_stored_is_still_dropped_and_frees_its_room(
+        tmp_path: Path) -> None:
+    sup, worker, listener = registry(FailingStore(), tmp_path)
+    worker.holds_cpu = True
+    sup.dispatch(worker.id, tasks("a", "b"))
+    sup.dispatch(worker.id, tasks("c"))  # the next batch, held on the node
+    runs = list(worker.runs.values())
+    worker.proc.state, worker.proc.returncode = WorkerState.EXITED, 1
+    try:
+        await sup._on_exit(worker.proc)  # the retries' requeue fails (WorkerProcess logs it)
+    except RuntimeError:
+        pass
+    assert worker.id not in sup.workers and all(r.done for r in runs)
+    assert worker.watchdog is None and worker.next_timer is None and worker.forming is None
+    assert listener.heard.count("cpu w-1") == 1  # the CPU slot, once
+    assert "exited w-1" in listener.heard and listener.heard[-1] == "capacity"
