@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,11 @@ from gpulane.config import (
 from gpulane.devices import CpuPool, DeviceProvider, DeviceSnapshot, cpu_pool, select_provider
 from gpulane.errors import ConfigError, NotFoundError, ValidationError
 from gpulane.locks import FileLock
-from gpulane.model import DeviceWish, Priority, Task, TaskSpec
+from gpulane.model import DeviceWish, Event, Priority, Task, TaskSpec, TaskState
 from gpulane.presets import PresetRegistry, example_presets_dir, load_presets
+from gpulane.runtime.circuit import PresetCircuit
 from gpulane.runtime.supervisor import Supervisor
-from gpulane.scheduling.leases import LeaseManager
+from gpulane.scheduling.leases import Lease, LeaseManager, LeaseRequest
 from gpulane.scheduling.ledger import Ledger
 from gpulane.scheduling.router import route
 from gpulane.scheduling.scheduler import CapacityEvents, Scheduler
@@ -163,45 +165,30 @@ class Node:
 
     # -- tasks -------------------------------------------------------------------------------
 
-    def build_spec(self, body: dict[str, Any], idempotency_key: str | None,
+    def build_spec(self, *, preset: str, input: Any, device: str = "auto",
+                   priority: int = Priority.NORMAL, timeout_s: float | None = None,
+                   content_type: str | None = None, idempotency_key: str | None = None,
                    where: str = "") -> TaskSpec:
-        """Validate one submit body against the registry and the router."""
-        preset_name = body.get("preset")
-        if not isinstance(preset_name, str) or not preset_name:
-            raise ValidationError("missing_field", f"{where}preset is required: name one of "
-                                  f"{self.registry.names()}", field=f"{where}preset")
-        preset = self.registry.get(preset_name)
-        if preset is None:
+        """One well-formed submit (the API's request model checked each field) checked
+        against what only the node knows: the registry, what a preset accepts, the router."""
+        found = self.registry.get(preset)
+        if found is None:
             raise NotFoundError(
-                "unknown_preset", f"{where}preset {preset_name!r} is not known here: use one "
+                "unknown_preset", f"{where}preset {preset!r} is not known here: use one "
                 f"of {self.registry.names()} (GET /v1/presets lists them)",
                 field=f"{where}preset")
-        wish_raw = body.get("device", "auto")
-        try:
-            wish = DeviceWish(wish_raw)
-        except ValueError:
-            raise ValidationError(
-                "invalid_device", f"{where}device={wish_raw!r} is not one of auto, gpu, cpu",
-                field=f"{where}device") from None
-        priority = Priority.parse(body.get("priority", "normal"), f"{where}priority")
-        timeout_s = body.get("timeout_s")
-        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(
-                timeout_s, int | float) or not 0 < timeout_s <= 7 * 86400):
-            raise ValidationError(
-                "invalid_timeout", f"{where}timeout_s={timeout_s!r} must be a number of "
-                "seconds between 0 and 604800", field=f"{where}timeout_s")
-        content_type = body.get("content_type")
-        if content_type is not None and content_type not in preset.accepts:
+        if content_type is not None and content_type not in found.accepts:
             raise ValidationError(
                 "unsupported_content_type", f"{where}content_type={content_type!r} is not "
-                f"accepted by preset {preset.name!r}: use one of {list(preset.accepts)}",
+                f"accepted by preset {found.name!r}: use one of {list(found.accepts)}",
                 field=f"{where}content_type")
-        r = route(preset, wish, self.ledger.gpu_totals_mb())
+        wish = DeviceWish(device)
+        r = route(found, wish, self.ledger.gpu_totals_mb())
         return TaskSpec(
-            preset=preset.name, input=body.get("input"), device_wish=wish, priority=priority,
+            preset=found.name, input=input, device_wish=wish, priority=priority,
             timeout_s=float(timeout_s) if timeout_s is not None else None,
             content_type=content_type, idempotency_key=idempotency_key,
-            body_hash=body_hash({"preset": preset.name, "input": body.get("input"),
+            body_hash=body_hash({"preset": found.name, "input": input,
                                  "device": wish.value, "priority": priority,
                                  "timeout_s": timeout_s, "content_type": content_type})
             if idempotency_key else None, lane=r.lane,
@@ -230,6 +217,36 @@ class Node:
             raise NotFoundError("unknown_task", f"no task with id {task_id!r}", field="id")
         return task
 
+    async def list_tasks(self, state: TaskState | None, preset: str | None, limit: int,
+                         cursor: str | None) -> tuple[list[Task], str | None]:
+        """A page of tasks, newest first, and the cursor of the next page."""
+        return await self.store.list_tasks(state, preset, limit, cursor)
+
+    async def queued_count(self) -> int:
+        return await self.store.queued_count()
+
+    async def follow(self, task_id: str, after: int, quiet_s: float
+                     ) -> AsyncIterator[list[Event]]:
+        """The task's events after number ``after``, in batches as they land; an empty batch
+        after ``quiet_s`` without one. Ends after the task's final state event."""
+        store = self.store
+        while True:
+            seen = store.notifier.version(task_id)
+            events = await store.events(task_id, after)
+            for i, e in enumerate(events):
+                if e.type == "state" and e.data.get("state") in _FINAL:
+                    yield events[:i + 1]
+                    return
+            if events:
+                after = events[-1].seq
+                yield events
+                continue
+            task = await store.get(task_id)
+            if task is None or task.state.final:
+                return
+            if not await store.notifier.wait(task_id, seen, quiet_s):
+                yield []
+
     async def cancel(self, task_id: str) -> Task:
         task = await self.get(task_id)
         if task.state.final:
@@ -240,7 +257,51 @@ class Node:
         await self.supervisor.cancel(task_id)
         return await self.get(task_id)
 
+    # -- leases ------------------------------------------------------------------------------
+
+    async def acquire_lease(self, req: LeaseRequest, wait_s: float) -> Lease:
+        """Grant a lease now or within ``wait_s`` (LeaseTimeout after); refuse one this node
+        cannot serve."""
+        self.leases.check(req)
+        return await self.leases.acquire(req, wait_s)
+
+    def lease(self, lease_id: str) -> Lease:
+        return self.leases.get(lease_id)
+
+    def active_leases(self) -> list[Lease]:
+        return self.leases.active()
+
+    def renew_lease(self, lease_id: str, token: int) -> Lease:
+        return self.leases.renew(lease_id, token)
+
+    def release_lease(self, lease_id: str, token: int) -> Lease:
+        return self.leases.release(lease_id, token)
+
+    async def follow_lease(self, lease_id: str, after: int, quiet_s: float
+                           ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The lease's events after number ``after`` in batches, an empty batch after
+        ``quiet_s`` without one; ends once the lease is final (a preempted holder's stream
+        stays open until its ``resume``)."""
+        leases = self.leases
+        while True:
+            seen = leases.notifier.version(lease_id)
+            lease = leases.get(lease_id)
+            fresh = lease.events[after:]
+            if fresh:
+                after = fresh[-1]["id"]
+                yield fresh
+            if lease.state.final and after >= len(lease.events) and not lease.awaiting_resume:
+                return
+            if not await leases.notifier.wait(lease_id, seen, quiet_s):
+                yield []
+
     # -- views -------------------------------------------------------------------------------
+
+    def presets_view(self) -> list[dict[str, Any]]:
+        """Every preset with the state of its circuit (closed when it never tripped)."""
+        circuits = self.supervisor.circuits
+        return [{**p.to_json(), "circuit": (circuits.get(p.name) or PresetCircuit()).to_json()}
+                for p in self.registry.values()]
 
     def gpus_view(self) -> dict[str, Any]:
         devices = []
@@ -260,3 +321,7 @@ class Node:
 
     def workers_view(self) -> list[dict[str, Any]]:
         return [w.to_json() for w in self.supervisor.workers.values()]
+
+
+_FINAL = frozenset(s.value for s in TaskState if s.final)
+"""Task states after which a task's event stream ends."""

@@ -45,5 +45,12 @@ async def test_openapi_and_docs(api: httpx.AsyncClient) -> None:
     spec = (await api.get("/openapi.json")).json()
     assert "/v1/tasks" in spec["paths"] and "/v1/tasks/{task_id}/events" in spec["paths"]
     body = spec["paths"]["/v1/tasks"]["post"]["requestBody"]
-    assert "preset" in body["content"]["application/json"]["schema"]["properties"]
+    ref = body["content"]["application/json"]["schema"]["$ref"]  # a component, shared by bulk
+    submit = spec["components"]["schemas"][ref.rsplit("/", 1)[-1]]
+    assert "preset" in submit["properties"]
+    assert submit["properties"]["timeout_s"]["anyOf"][0]["maximum"] == 604800
+    bulk = spec["paths"]["/v1/tasks/bulk"]["post"]["requestBody"]["content"]
+    items = spec["components"]["schemas"]["BulkSubmit"]["properties"]["tasks"]["items"]
+    assert bulk["application/json"]["schema"]["$ref"].endswith("/BulkSubmit")
+    assert items["$ref"] == ref  # resolves (it was an unresolvable #/$defs/TaskSubmit)
     assert (await api.get("/docs")).status_code == 200

@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError as PydanticValidationError
 
+from gpulane.api.requests import LeaseBody
+from gpulane.api.validation import request_error
 from gpulane.devices import DeviceSnapshot
 from gpulane.errors import RequestError, ValidationError
 from gpulane.model import DeviceWish
@@ -383,16 +386,26 @@ async def test_a_lease_paused_by_two_urgent_leases_resumes_after_both() -> None:
     assert [e["event"] for e in both.events].count("resume") == 1
 
 
+def _lease_request(mgr: LeaseManager, body: dict[str, Any]) -> LeaseRequest:
+    """The API's way in: the request model checks each field, the manager what the node has."""
+    try:
+        req = LeaseBody.model_validate(body).request()
+    except PydanticValidationError as exc:
+        raise request_error(exc.errors(), LeaseBody) from None
+    mgr.check(req)
+    return req
+
+
 def test_device_and_gpus_together_are_refused() -> None:
     mgr = Rig(2).mgr
     with pytest.raises(ValidationError) as exc:
-        mgr.validate({"holder": "x", "gpus": 2, "device": 0})
+        _lease_request(mgr, {"holder": "x", "gpus": 2, "device": 0})
     assert exc.value.field == "device"
-    req, _ = mgr.validate({"holder": "x", "gpus": 1, "device": 1})
+    req = _lease_request(mgr, {"holder": "x", "gpus": 1, "device": 1})
     assert req.gpus == 1 and req.device == 1
     with pytest.raises(RequestError) as too_many:
-        mgr.validate({"holder": "x", "gpus": 3})
+        _lease_request(mgr, {"holder": "x", "gpus": 3})
     assert too_many.value.status == 400 and too_many.value.code == "not_enough_gpus"
     assert too_many.value.extra == {"gpus_here": 2} and "at most 2" in too_many.value.message
     with pytest.raises(ValidationError):
-        mgr.validate({"holder": "x", "gpus": 65})
+        _lease_request(mgr, {"holder": "x", "gpus": 65})

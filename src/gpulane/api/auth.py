@@ -1,31 +1,58 @@
-"""Bearer-token authentication: when the node has a token, every /v1 call must carry it."""
+"""Bearer-token authentication: when the node has a token, every /v1 call must carry it.
+
+One pure ASGI middleware in front of the route table guards every /v1 route alike (the hot
+task routes, the lease routes, an unknown /v1 path and a wrong method too), so there is one
+place to check and one place to forget. Health checks and the API's own description
+(/openapi.json, /docs) stay open: probes and tools read them without credentials, and they
+hold no data. A pure ASGI middleware, not an HTTP one: it never wraps a response body (SSE
+streams pass straight through) and costs one call when no token is set.
+"""
 
 from __future__ import annotations
 
 import hmac
 
-from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gpulane.api.responses import JSON
 from gpulane.errors import RequestError
+from gpulane.node import Node
+
+GUARDED_PREFIX = "/v1/"
+"""Paths under this prefix need the token; the rest (health, OpenAPI, docs) stay open."""
 
 
 class Unauthorized(RequestError):
     status = 401
 
 
-def check_token(request: Request, token: str | None) -> None:
-    """Raise 401 unless the request carries ``Authorization: Bearer <token>``."""
-    if token is None:
-        return
-    header = request.headers.get("authorization", "")
+def token_ok(header: str, token: str) -> bool:
+    """Whether an ``Authorization`` header value carries ``Bearer <token>``."""
     scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
-        raise Unauthorized(
-            "unauthorized", "this node needs a bearer token: send 'Authorization: Bearer "
-            "<token>' (the SDK and CLI read GPULANE_TOKEN or --token)", field="Authorization")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), token)
 
 
-async def require_token(request: Request) -> None:
-    """FastAPI dependency guarding /v1 routes (health checks stay open)."""
-    if request.url.path.startswith("/v1/"):
-        check_token(request, request.app.state.node.settings.token)
+UNAUTHORIZED = Unauthorized(
+    "unauthorized", "this node needs a bearer token: send 'Authorization: Bearer <token>' "
+    "(the SDK and CLI read GPULANE_TOKEN or --token)", field="Authorization")
+"""The one 401 answer."""
+
+
+class TokenGuard:
+    """ASGI middleware: a /v1 request without the node's token gets 401 before routing."""
+
+    def __init__(self, app: ASGIApp, node: Node) -> None:
+        self.app = app
+        self.node = node
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = self.node.settings.token
+        if (token is not None and scope["type"] == "http"
+                and scope["path"].startswith(GUARDED_PREFIX)):
+            header = next((v.decode("latin-1") for k, v in scope["headers"]
+                           if k == b"authorization"), "")
+            if not token_ok(header, token):
+                response = JSON(UNAUTHORIZED.to_json(), status_code=UNAUTHORIZED.status)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

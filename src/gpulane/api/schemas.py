@@ -1,29 +1,10 @@
-"""Request and response shapes, for validation messages and the OpenAPI document."""
+"""Response shapes for the OpenAPI document (requests are in requests.py)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
-
-
-class TaskSubmit(BaseModel):
-    """Body of POST /v1/tasks."""
-
-    preset: str = Field(description="name of a preset (GET /v1/presets)")
-    input: Any = Field(None, description="the preset's input, any JSON")
-    device: Literal["auto", "gpu", "cpu"] = "auto"
-    priority: str | int = Field("normal", description="immediate, normal, background or 0-100")
-    timeout_s: float | None = Field(None, gt=0, description="overrides the preset's timeout_s")
-    content_type: str | None = Field(None, description="the input's content type")
-    idempotency_key: str | None = Field(
-        None, description="bulk only; single submits use the Idempotency-Key header")
-
-
-class BulkSubmit(BaseModel):
-    """Body of POST /v1/tasks/bulk."""
-
-    tasks: list[TaskSubmit]
+from pydantic import BaseModel
 
 
 class TaskError(BaseModel):

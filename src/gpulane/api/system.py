@@ -7,7 +7,6 @@ from fastapi import APIRouter, Request
 from gpulane import __version__
 from gpulane.api.responses import JSON
 from gpulane.node import Node
-from gpulane.runtime.circuit import PresetCircuit
 
 router = APIRouter(tags=["system"])
 
@@ -19,12 +18,8 @@ def _node(request: Request) -> Node:
 
 @router.get("/v1/presets")
 async def presets(request: Request) -> JSON:
-    """Every preset this node can run."""
-    node = _node(request)
-    circuits = node.supervisor.circuits
-    return JSON({"presets": [
-        {**p.to_json(), "circuit": (circuits.get(p.name) or PresetCircuit()).to_json()}
-        for p in node.registry.values()]})
+    """Every preset this node can run, with the state of its circuit."""
+    return JSON({"presets": _node(request).presets_view()})
 
 
 @router.get("/v1/gpus")
@@ -45,11 +40,10 @@ async def healthz() -> JSON:
     return JSON({"status": "ok", "version": __version__})
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "the node is still starting"}})
 async def readyz(request: Request) -> JSON:
     """The node is started and its store answers."""
     node = _node(request)
     if not node.started:
         return JSON({"status": "starting"}, status_code=503)
-    queued = await node.store.queued_count()
-    return JSON({"status": "ready", "node": node.name, "queued": queued})
+    return JSON({"status": "ready", "node": node.name, "queued": await node.queued_count()})

@@ -22,10 +22,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpulane.errors import ConflictError, NotFoundError, RequestError, ValidationError
+from gpulane.errors import ConflictError, NotFoundError, RequestError
 from gpulane.model import Priority
 from gpulane.notify import Notifier
-from gpulane.presets import MAX_GPUS, parse_size_mb
 from gpulane.scheduling.ledger import GpuAccount, Holding, Ledger
 
 log = logging.getLogger("gpulane.leases")
@@ -40,6 +39,8 @@ DEFAULT_TTL_S = 30.0
 """TTL when a request gives none."""
 DEFAULT_GRACE_S = 10.0
 """How long a preempted holder has to release before it is revoked."""
+GRACE_MAX_S = 600.0
+"""Longest grace a request may give its preempted holders."""
 EXPIRY_TICK_S = 0.1
 """How often TTLs and grace deadlines are checked."""
 
@@ -132,54 +133,23 @@ class LeaseManager:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def validate(self, body: dict[str, Any]) -> tuple[LeaseRequest, float]:
-        """A lease request from a JSON body, or a RequestError naming the field."""
-        holder = body.get("holder")
-        if not isinstance(holder, str) or not holder.strip():
-            raise ValidationError("missing_field", "holder is required: name the service "
-                                  "asking, e.g. \"ml-service\"", field="holder")
-        gpus = _int(body.get("gpus", 0), "gpus", 0, MAX_GPUS)
-        raw_vram = body.get("vram_mb", body.get("vram", 0))
-        if isinstance(raw_vram, str):  # "4GiB", "512MiB": what people write
-            try:
-                raw_vram = parse_size_mb(raw_vram, "vram_mb")
-            except ValueError as exc:
-                raise ValidationError("invalid_vram_mb", str(exc), field="vram_mb") from None
-        vram_mb = _int(raw_vram, "vram_mb", 0, 1 << 30)
-        if gpus == 0 and vram_mb == 0:
-            raise ValidationError("missing_field", "ask for vram_mb (a slice of one GPU) or "
-                                  "gpus (whole devices)", field="vram_mb")
-        device = body.get("device")
-        if device is not None:
-            device = _int(device, "device", 0, 1 << 16)
-            if device not in self.ledger.gpus:
-                raise NotFoundError("unknown_device", f"device={device} is not a GPU of this "
-                                    f"node: use one of {sorted(self.ledger.gpus)}",
-                                    field="device")
-            if gpus > 1:
-                raise ValidationError("invalid_device", f"device={device} names one GPU but "
-                                      f"gpus={gpus} asks for {gpus}: give only one of them",
-                                      field="device")
+    def check(self, req: LeaseRequest) -> None:
+        """Refuse a well-formed request this node cannot serve, naming the field (the API's
+        request models have checked each field's type and bounds)."""
+        if req.device is not None and req.device not in self.ledger.gpus:
+            raise NotFoundError("unknown_device", f"device={req.device} is not a GPU of this "
+                                f"node: use one of {sorted(self.ledger.gpus)}", field="device")
         largest = max((g.total_vram_mb for g in self.ledger.gpus.values()), default=0)
-        if vram_mb > largest:
-            raise RequestError("vram_exceeds_devices", f"vram_mb={vram_mb} is more than the "
-                               f"largest GPU here ({largest} MB): ask for at most {largest}",
-                               field="vram_mb", extra={"largest_device_mb": largest})
-        if gpus > len(self.ledger.gpus):
-            raise RequestError("not_enough_gpus", f"gpus={gpus} but this node has "
+        if req.vram_mb > largest:
+            raise RequestError("vram_exceeds_devices", f"vram_mb={req.vram_mb} is more than "
+                               f"the largest GPU here ({largest} MB): ask for at most "
+                               f"{largest}", field="vram_mb",
+                               extra={"largest_device_mb": largest})
+        if req.gpus > len(self.ledger.gpus):
+            raise RequestError("not_enough_gpus", f"gpus={req.gpus} but this node has "
                                f"{len(self.ledger.gpus)}: ask for at most "
                                f"{len(self.ledger.gpus)}", field="gpus",
                                extra={"gpus_here": len(self.ledger.gpus)})
-        priority = Priority.parse(body.get("priority", "normal"))
-        ttl_s = _num(body.get("ttl_s", DEFAULT_TTL_S), "ttl_s", TTL_MIN_S, TTL_MAX_S)
-        wait_s = _num(body.get("wait_s", 0), "wait_s", 0, WAIT_MAX_S)
-        grace_s = _num(body.get("grace_s", DEFAULT_GRACE_S), "grace_s", 0, 600)
-        preemptible = body.get("preemptible", True)
-        if not isinstance(preemptible, bool):
-            raise ValidationError("invalid_preemptible", "preemptible must be true or false",
-                                  field="preemptible")
-        return LeaseRequest(holder.strip(), vram_mb, gpus, device, priority, ttl_s,
-                            preemptible, grace_s), wait_s
 
     async def acquire(self, req: LeaseRequest, wait_s: float) -> Lease:
         """Grant now, or wait up to wait_s (preempting for an immediate request)."""
@@ -464,16 +434,3 @@ def _cheapest(plans: dict[int, list[Holding]],
 def _describe(req: LeaseRequest) -> str:
     return f"{req.gpus} whole GPU(s)" if req.gpus else f"{req.vram_mb} MB of VRAM"
 
-
-def _int(value: object, name: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValidationError(f"invalid_{name}", f"{name}={value!r} must be an integer "
-                              f"{lo}-{hi}", field=name)
-    return value
-
-
-def _num(value: object, name: str, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise ValidationError(f"invalid_{name}", f"{name}={value!r} must be a number of "
-                              f"seconds between {lo:g} and {hi:g}", field=name)
-    return float(value)

@@ -1,0 +1,50 @@
+"""Request bodies: read within the node's size limit, parse as JSON, validate with a model."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel
+from pydantic import ValidationError as PydanticValidationError
+from starlette.requests import Request
+
+from gpulane.api.validation import request_error
+from gpulane.errors import PayloadTooLargeError, ValidationError
+from gpulane.node import Node
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_json(request: Request) -> Any:
+    """The request body as JSON, refusing bodies over the node's size limit."""
+    node: Node = request.app.state.node
+    limit = node.settings.max_input_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    body = await request.body()
+    if len(body) > limit:
+        raise _too_large(len(body), limit)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationError("invalid_json", f"the request body is not valid JSON: {exc}",
+                              field="body") from None
+
+
+async def read_body(request: Request, model: type[M], example: str) -> M:
+    """The body validated by ``model``; a 422 naming the first wrong field and its fix, whose
+    message shows ``example`` when the body is not a JSON object."""
+    data = await read_json(request)
+    try:
+        return model.model_validate(data)
+    except PydanticValidationError as exc:
+        raise request_error(exc.errors(), model, example) from None
+
+
+def _too_large(size: int, limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        "payload_too_large", f"the request body is {size} bytes, over the limit of {limit}: "
+        "send a smaller input, pass large data by path or URL, or raise max_input_bytes",
+        field="input")

@@ -1,0 +1,232 @@
+"""Every request body and query parameter of the API, as pydantic models and annotated types.
+
+These are the one validation source: FastAPI builds the OpenAPI document from them and the
+endpoints validate with them, so a bound written here is both published and enforced. Each
+field's :func:`~gpulane.api.validation.fix` gives the project's error code and message for it.
+Checks that need the node (a preset's name, a device's index, what a preset accepts) stay in
+the node and the lease manager.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import Header, Query
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    WrapValidator,
+    model_validator,
+)
+
+from gpulane.api.validation import custom, fix
+from gpulane.config import DEFAULT_BULK_MAX, DEFAULT_RESULT_WAIT_MAX_S
+from gpulane.errors import RequestError
+from gpulane.model import Priority
+from gpulane.presets import MAX_GPUS, parse_size_mb
+from gpulane.scheduling.leases import (
+    DEFAULT_GRACE_S,
+    DEFAULT_TTL_S,
+    GRACE_MAX_S,
+    TTL_MAX_S,
+    TTL_MIN_S,
+    WAIT_MAX_S,
+    LeaseRequest,
+)
+
+TIMEOUT_MAX_S = 7 * 86400
+"""Longest timeout_s a task may ask for: a week; longer work should checkpoint."""
+
+TASK_EXAMPLE = '{"preset": "sleep", "input": {}}'
+"""A valid submit body, shown when a body is not a JSON object."""
+
+LEASE_EXAMPLE = '{"holder": "ml-service", "vram_mb": 4096}'
+"""A valid lease request, shown when a body is not a JSON object."""
+
+
+def _priority(value: object) -> object:
+    """A priority name or integer as its integer (Priority.parse holds the rules)."""
+    try:
+        return Priority.parse(value)
+    except RequestError as exc:
+        raise ValueError(exc.message) from None
+
+
+PriorityField = Annotated[
+    Literal["immediate", "normal", "background"] | Annotated[int, Field(ge=0, le=100)],
+    BeforeValidator(_priority),
+    fix("invalid_priority", "{field}={value!r} is not a priority: use immediate, normal, "
+        "background or an integer 0-100")]
+"""``immediate``, ``normal``, ``background`` or 0-100 (names in any case, digits as text)."""
+
+
+TimeoutSeconds = (Annotated[int, Field(strict=True, gt=0, le=TIMEOUT_MAX_S)]
+                  | Annotated[float, Field(strict=True, gt=0, le=TIMEOUT_MAX_S)])
+"""A JSON number of seconds in (0, a week]; an int stays an int, for idempotency hashes
+compare the body as it was sent."""
+
+
+class TaskSubmit(BaseModel):
+    """Body of POST /v1/tasks (and each item of a bulk submit)."""
+
+    preset: Annotated[str, Field(min_length=1, description=(
+        "name one of this node's presets (GET /v1/presets lists them)")),
+        fix("missing_field", "{field} is required: name one of this node's presets "
+            "(GET /v1/presets lists them)")]
+    input: Any = Field(None, description="the preset's input, any JSON")
+    device: Annotated[Literal["auto", "gpu", "cpu"],
+                      fix("invalid_device", "{field}={value!r} is not one of auto, gpu, cpu")
+                      ] = "auto"
+    priority: PriorityField = Field("normal", validate_default=True, description=(
+        "immediate, normal, background or 0-100"))
+    timeout_s: Annotated[
+        TimeoutSeconds | None,
+        fix("invalid_timeout", "{field}={value!r} must be a number of seconds between 0 and "
+            f"{TIMEOUT_MAX_S}")] = Field(None, description="overrides the preset's timeout_s")
+    content_type: Annotated[str | None, fix(
+        "unsupported_content_type", "{field}={value!r} must be a content type string such as "
+        "\"image/png\" (the preset's accepts lists them)")] = Field(
+        None, description="the input's content type")
+    idempotency_key: str | None = Field(
+        None, description="bulk only; single submits use the Idempotency-Key header")
+
+
+class BulkSubmit(BaseModel):
+    """Body of POST /v1/tasks/bulk: one transaction, all or none."""
+
+    tasks: Annotated[list[TaskSubmit], Field(min_length=1, max_length=DEFAULT_BULK_MAX),
+                     fix("invalid_tasks", "{field} must be a non-empty list of task bodies",
+                         cases={"too_long": ("too_many_tasks", "{field} has {actual_length} "
+                                             "items; send at most {max_length} per request")})
+                     ] = Field(description="a non-empty list of task bodies")
+
+
+WaitQuery = Annotated[
+    Annotated[float, Field(ge=0, le=DEFAULT_RESULT_WAIT_MAX_S)] | None,
+    BeforeValidator(lambda v: None if v == "" else v),
+    Query(description="seconds to wait for the task to end before answering"),
+    fix("invalid_wait", "{field}={value!r} must be a number of seconds between 0 and "
+        f"{DEFAULT_RESULT_WAIT_MAX_S:g}")]
+"""?wait=S on submit and result: how long the answer may wait for the task's end."""
+
+StateQuery = Annotated[
+    Literal["queued", "running", "succeeded", "failed", "cancelled"] | None,
+    BeforeValidator(lambda v: None if v == "" else v),
+    Query(description="only tasks in this state"),
+    fix("invalid_state", "{field}={value!r} is not one of "
+        "['queued', 'running', 'succeeded', 'failed', 'cancelled']")]
+
+LimitQuery = Annotated[int, Query(ge=1, le=1000, description="page size"),
+                       fix("invalid_limit", "{field}={value} must be 1-1000", types_too=False)]
+
+CursorQuery = Annotated[
+    str | None, Query(pattern=r"^[0-9]+$", description="next_cursor of the previous page"),
+    fix("invalid_cursor", "{field} must be a next_cursor value from a previous page")]
+
+LastEventIdHeader = Annotated[
+    str | None, Header(alias="Last-Event-ID", pattern=r"^[0-9]*$", description=(
+        "resume after this event number")),
+    fix("invalid_last_event_id", "{field}={value!r} must be an event number from this stream",
+        field="Last-Event-ID")]
+
+LastEventIdQuery = Annotated[
+    str | None, Query(pattern=r"^[0-9]*$", description=(
+        "resume after this event number (for clients that cannot set headers)")),
+    fix("invalid_last_event_id", "{field}={value!r} must be an event number from this stream",
+        field="Last-Event-ID")]
+
+RELEASE_TOKEN_FIX = ("missing_field", "token is required: DELETE /v1/leases/{{id}}?token=<the "
+                     "grant's token>")
+"""A release without a usable token: code and message."""
+
+LeaseTokenQuery = Annotated[
+    int | None, Query(description="the grant's fencing token"),
+    fix(*RELEASE_TOKEN_FIX, field="token")]
+
+LeaseTokenHeader = Annotated[
+    int | None, Header(alias="X-Lease-Token", description="the grant's token, as a header"),
+    fix(*RELEASE_TOKEN_FIX, field="token")]
+
+
+def _seconds_fix(name: str, lo: float, hi: float) -> WrapValidator:
+    return fix(f"invalid_{name}", "{field}={value!r} must be a number of seconds between "
+               f"{lo:g} and {hi:g}")
+
+
+TtlSeconds = Annotated[
+    Annotated[int, Field(strict=True, ge=TTL_MIN_S, le=TTL_MAX_S)]
+    | Annotated[float, Field(strict=True, ge=TTL_MIN_S, le=TTL_MAX_S)],
+    _seconds_fix("ttl_s", TTL_MIN_S, TTL_MAX_S)]
+WaitSeconds = Annotated[
+    Annotated[int, Field(strict=True, ge=0, le=WAIT_MAX_S)]
+    | Annotated[float, Field(strict=True, ge=0, le=WAIT_MAX_S)],
+    _seconds_fix("wait_s", 0, WAIT_MAX_S)]
+GraceSeconds = Annotated[
+    Annotated[int, Field(strict=True, ge=0, le=GRACE_MAX_S)]
+    | Annotated[float, Field(strict=True, ge=0, le=GRACE_MAX_S)],
+    _seconds_fix("grace_s", 0, GRACE_MAX_S)]
+GpuCount = Annotated[int, Field(strict=True, ge=0, le=MAX_GPUS),
+                     fix("invalid_gpus", "{field}={value!r} must be an integer "
+                         f"0-{MAX_GPUS}")]
+DeviceIndex = Annotated[int, Field(strict=True, ge=0, le=1 << 16),
+                        fix("invalid_device", "{field}={value!r} must be an integer "
+                            f"0-{1 << 16}")]
+
+
+def _size(value: object) -> object:
+    """"4GiB", "512MiB": what people write for a size (numbers pass through)."""
+    if isinstance(value, str):
+        return parse_size_mb(value, "vram_mb")
+    return value
+
+
+class LeaseBody(BaseModel):
+    """Body of POST /v1/leases."""
+
+    holder: Annotated[str, Field(min_length=1, description=(
+        "name the service asking, e.g. \"ml-service\"")), BeforeValidator(
+        lambda v: v.strip() if isinstance(v, str) else v),
+        fix("missing_field", "{field} is required: name the service asking, "
+            "e.g. \"ml-service\"")]
+    vram_mb: Annotated[
+        Annotated[int, Field(strict=True, ge=0, le=1 << 30)] | str,
+        BeforeValidator(_size),
+        fix("invalid_vram_mb", "{field}={value!r} must be an integer 0-1073741824 or a size "
+            "such as \"4GiB\"")] = Field(
+        0, validation_alias=AliasChoices("vram_mb", "vram"),
+        description="MiB of one GPU (or a size such as \"4GiB\"); 0 with gpus")
+    gpus: GpuCount = Field(0, description="whole devices; 0 for a slice")
+    device: DeviceIndex | None = Field(None, description="this GPU only")
+    priority: PriorityField = Field("normal", validate_default=True)
+    ttl_s: TtlSeconds = DEFAULT_TTL_S
+    wait_s: WaitSeconds = 0
+    grace_s: GraceSeconds = DEFAULT_GRACE_S
+    preemptible: Annotated[bool, Field(strict=True), fix(
+        "invalid_preemptible", "preemptible must be true or false")] = True
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> LeaseBody:
+        if self.gpus == 0 and self.vram_mb == 0:
+            raise custom("missing_field", "ask for vram_mb (a slice of one GPU) or gpus "
+                         "(whole devices)", "vram_mb")
+        if self.device is not None and self.gpus > 1:
+            raise custom("invalid_device", f"device={self.device} names one GPU but "
+                         f"gpus={self.gpus} asks for {self.gpus}: give only one of them",
+                         "device")
+        return self
+
+    def request(self) -> LeaseRequest:
+        assert isinstance(self.vram_mb, int)  # _size turned a size string into MiB
+        return LeaseRequest(self.holder, self.vram_mb, self.gpus, self.device,
+                            int(self.priority), float(self.ttl_s), self.preemptible,
+                            float(self.grace_s))
+
+
+class RenewBody(BaseModel):
+    """Body of POST /v1/leases/{id}/renew."""
+
+    token: Annotated[int, Field(strict=True, description=(
+        "send the token the grant returned")), fix(
+        "invalid_token", "{field}={value!r} must be the integer token the grant returned")]
