@@ -3,6 +3,7 @@ dropped as a unit, and its capacity comes back, even when storing what it held f
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from gpulane.presets import BatchSettings, DeviceKind, Preset
@@ -46,3 +47,19 @@ async def test_a_worker_whose_exit_cannot_be_stored_is_still_dropped_and_frees_i
     assert worker.watchdog is None and worker.next_timer is None and worker.forming is None
     assert listener.heard.count("cpu w-1") == 1  # the CPU slot, once
     assert "exited w-1" in listener.heard and listener.heard[-1] == "capacity"
+
+
+async def test_tasks_claimed_for_a_worker_on_its_way_out_go_back_to_the_queue(
+        tmp_path: Path) -> None:
+    # Stopping (unloaded or drained while the claim ran) or exited and not yet dropped: the
+    # worker will never run them, so they must not wait for its exit (or be lost with it).
+    for state in (WorkerState.STOPPING, WorkerState.EXITED):
+        store = FakeStore()
+        sup, worker, listener = registry(store, tmp_path)
+        worker.proc.state = state
+        sup.hold_cpu(worker.id)  # as the scheduler does on the CPU lane, then dispatch
+        sup.dispatch(worker.id, tasks("a", "b"))
+        await asyncio.sleep(0)  # the requeue runs in the background
+        assert not worker.runs and worker.forming is None and not worker.holds_cpu
+        assert store.requeued == ["a", "b"]
+        assert listener.heard == ["cpu w-1", "capacity"]  # the slot came back at once

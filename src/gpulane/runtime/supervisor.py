@@ -145,7 +145,9 @@ class Supervisor:
     def dispatch(self, worker_id: str, tasks: list[Task]) -> None:
         """Give claimed tasks to a session worker (see Pipeline.dispatch)."""
         worker = self.workers.get(worker_id)
-        if worker is None:  # it exited while its tasks were being claimed
+        if worker is None or not worker.alive:
+            # It exited, or began to stop, while its tasks were being claimed: it will never
+            # run them, so they must not wait for its exit (nor be dropped with it).
             self._spawn_bg(self.pipeline.return_claimed(tasks))
             return
         self.pipeline.dispatch(worker, tasks)
@@ -153,7 +155,7 @@ class Supervisor:
     def hold_cpu(self, worker_id: str) -> None:
         """The worker holds a CPU slot for its current work: it goes back when the work ends."""
         worker = self.workers.get(worker_id)
-        if worker is None:
+        if worker is None or not worker.alive:  # it takes no new work: the slot goes back
             self.listener.cpu_slot_freed(worker_id)
         else:
             worker.holds_cpu = True
