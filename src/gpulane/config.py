@@ -38,6 +38,18 @@ DEFAULT_SHUTDOWN_GRACE_S = 5.0
 """How long a worker has to exit after the shutdown op before it is killed."""
 DEFAULT_BULK_MAX = 10_000
 """Most tasks one bulk submit may carry."""
+DEFAULT_LEASE_TTL_S = 30.0
+"""TTL of a lease whose request gives none."""
+LEASE_TTL_MIN_S = 1.0
+"""Shortest TTL a lease may ask for."""
+LEASE_TTL_MAX_S = 3600.0
+"""Longest TTL a lease may ask for; renew to hold longer."""
+LEASE_WAIT_MAX_S = 3600.0
+"""Longest a lease request may wait to be granted."""
+DEFAULT_LEASE_GRACE_S = 10.0
+"""How long a preempted lease holder has to release before it is revoked."""
+LEASE_GRACE_MAX_S = 600.0
+"""Longest grace a lease request may give its preempted holders."""
 DEFAULT_SCHEDULER_SCAN = 256
 """Most queued tasks the scheduler looks at per pass when picking what to place next."""
 DEFAULT_AGEING_S = 30.0

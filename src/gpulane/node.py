@@ -259,9 +259,10 @@ class Node:
 
     # -- leases ------------------------------------------------------------------------------
 
-    async def acquire_lease(self, req: LeaseRequest, wait_s: float) -> Lease:
+    async def acquire_lease(self, wait_s: float, **request: Any) -> Lease:
         """Grant a lease now or within ``wait_s`` (LeaseTimeout after); refuse one this node
-        cannot serve."""
+        cannot serve. ``request`` holds LeaseRequest's fields."""
+        req = LeaseRequest(**request)
         self.leases.check(req)
         return await self.leases.acquire(req, wait_s)
 

@@ -389,7 +389,7 @@ async def test_a_lease_paused_by_two_urgent_leases_resumes_after_both() -> None:
 def _lease_request(mgr: LeaseManager, body: dict[str, Any]) -> LeaseRequest:
     """The API's way in: the request model checks each field, the manager what the node has."""
     try:
-        req = LeaseBody.model_validate(body).request()
+        req = LeaseRequest(**LeaseBody.model_validate(body).lease_fields())
     except PydanticValidationError as exc:
         raise request_error(exc.errors(), LeaseBody) from None
     mgr.check(req)

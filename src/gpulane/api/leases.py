@@ -37,7 +37,7 @@ async def acquire(request: Request) -> JSON:
     """Take a lease: ``{holder, vram_mb | gpus, device?, priority, ttl_s, wait_s, preemptible,
     grace_s}``. 201 with the granted lease, or 408 after wait_s with the holders."""
     body = await read_body(request, LeaseBody, LEASE_EXAMPLE)
-    lease = await _node(request).acquire_lease(body.request(), float(body.wait_s))
+    lease = await _node(request).acquire_lease(float(body.wait_s), **body.lease_fields())
     return JSON(lease.to_json(), status_code=201)
 
 

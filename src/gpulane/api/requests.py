@@ -22,19 +22,19 @@ from pydantic import (
 )
 
 from gpulane.api.validation import custom, fix
-from gpulane.config import DEFAULT_BULK_MAX, DEFAULT_RESULT_WAIT_MAX_S
+from gpulane.config import (
+    DEFAULT_BULK_MAX,
+    DEFAULT_LEASE_GRACE_S,
+    DEFAULT_LEASE_TTL_S,
+    DEFAULT_RESULT_WAIT_MAX_S,
+    LEASE_GRACE_MAX_S,
+    LEASE_TTL_MAX_S,
+    LEASE_TTL_MIN_S,
+    LEASE_WAIT_MAX_S,
+)
 from gpulane.errors import RequestError
 from gpulane.model import Priority
 from gpulane.presets import MAX_GPUS, parse_size_mb
-from gpulane.scheduling.leases import (
-    DEFAULT_GRACE_S,
-    DEFAULT_TTL_S,
-    GRACE_MAX_S,
-    TTL_MAX_S,
-    TTL_MIN_S,
-    WAIT_MAX_S,
-    LeaseRequest,
-)
 
 TIMEOUT_MAX_S = 7 * 86400
 """Longest timeout_s a task may ask for: a week; longer work should checkpoint."""
@@ -156,17 +156,17 @@ def _seconds_fix(name: str, lo: float, hi: float) -> WrapValidator:
 
 
 TtlSeconds = Annotated[
-    Annotated[int, Field(strict=True, ge=TTL_MIN_S, le=TTL_MAX_S)]
-    | Annotated[float, Field(strict=True, ge=TTL_MIN_S, le=TTL_MAX_S)],
-    _seconds_fix("ttl_s", TTL_MIN_S, TTL_MAX_S)]
+    Annotated[int, Field(strict=True, ge=LEASE_TTL_MIN_S, le=LEASE_TTL_MAX_S)]
+    | Annotated[float, Field(strict=True, ge=LEASE_TTL_MIN_S, le=LEASE_TTL_MAX_S)],
+    _seconds_fix("ttl_s", LEASE_TTL_MIN_S, LEASE_TTL_MAX_S)]
 WaitSeconds = Annotated[
-    Annotated[int, Field(strict=True, ge=0, le=WAIT_MAX_S)]
-    | Annotated[float, Field(strict=True, ge=0, le=WAIT_MAX_S)],
-    _seconds_fix("wait_s", 0, WAIT_MAX_S)]
+    Annotated[int, Field(strict=True, ge=0, le=LEASE_WAIT_MAX_S)]
+    | Annotated[float, Field(strict=True, ge=0, le=LEASE_WAIT_MAX_S)],
+    _seconds_fix("wait_s", 0, LEASE_WAIT_MAX_S)]
 GraceSeconds = Annotated[
-    Annotated[int, Field(strict=True, ge=0, le=GRACE_MAX_S)]
-    | Annotated[float, Field(strict=True, ge=0, le=GRACE_MAX_S)],
-    _seconds_fix("grace_s", 0, GRACE_MAX_S)]
+    Annotated[int, Field(strict=True, ge=0, le=LEASE_GRACE_MAX_S)]
+    | Annotated[float, Field(strict=True, ge=0, le=LEASE_GRACE_MAX_S)],
+    _seconds_fix("grace_s", 0, LEASE_GRACE_MAX_S)]
 GpuCount = Annotated[int, Field(strict=True, ge=0, le=MAX_GPUS),
                      fix("invalid_gpus", "{field}={value!r} must be an integer "
                          f"0-{MAX_GPUS}")]
@@ -200,9 +200,9 @@ class LeaseBody(BaseModel):
     gpus: GpuCount = Field(0, description="whole devices; 0 for a slice")
     device: DeviceIndex | None = Field(None, description="this GPU only")
     priority: PriorityField = Field("normal", validate_default=True)
-    ttl_s: TtlSeconds = DEFAULT_TTL_S
+    ttl_s: TtlSeconds = DEFAULT_LEASE_TTL_S
     wait_s: WaitSeconds = 0
-    grace_s: GraceSeconds = DEFAULT_GRACE_S
+    grace_s: GraceSeconds = DEFAULT_LEASE_GRACE_S
     preemptible: Annotated[bool, Field(strict=True), fix(
         "invalid_preemptible", "preemptible must be true or false")] = True
 
@@ -217,11 +217,13 @@ class LeaseBody(BaseModel):
                          "device")
         return self
 
-    def request(self) -> LeaseRequest:
+    def lease_fields(self) -> dict[str, Any]:
+        """The request as the node's ``acquire_lease`` takes it (wait_s aside)."""
         assert isinstance(self.vram_mb, int)  # _size turned a size string into MiB
-        return LeaseRequest(self.holder, self.vram_mb, self.gpus, self.device,
-                            int(self.priority), float(self.ttl_s), self.preemptible,
-                            float(self.grace_s))
+        return {"holder": self.holder, "vram_mb": self.vram_mb, "gpus": self.gpus,
+                "device": self.device, "priority": int(self.priority),
+                "ttl_s": float(self.ttl_s), "preemptible": self.preemptible,
+                "grace_s": float(self.grace_s)}
 
 
 class RenewBody(BaseModel):

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpulane.config import DEFAULT_LEASE_GRACE_S, DEFAULT_LEASE_TTL_S
 from gpulane.errors import ConflictError, NotFoundError, RequestError
 from gpulane.model import Priority
 from gpulane.notify import Notifier
@@ -29,18 +30,6 @@ from gpulane.scheduling.ledger import GpuAccount, Holding, Ledger
 
 log = logging.getLogger("gpulane.leases")
 
-TTL_MIN_S = 1.0
-"""Shortest TTL a lease may ask for."""
-TTL_MAX_S = 3600.0
-"""Longest TTL a lease may ask for; renew to hold longer."""
-WAIT_MAX_S = 3600.0
-"""Longest a request may wait to be granted."""
-DEFAULT_TTL_S = 30.0
-"""TTL when a request gives none."""
-DEFAULT_GRACE_S = 10.0
-"""How long a preempted holder has to release before it is revoked."""
-GRACE_MAX_S = 600.0
-"""Longest grace a request may give its preempted holders."""
 EXPIRY_TICK_S = 0.1
 """How often TTLs and grace deadlines are checked."""
 
@@ -71,9 +60,9 @@ class LeaseRequest:
     gpus: int = 0  # whole devices; 0 means a slice of vram_mb on one device
     device: int | None = None
     priority: int = Priority.NORMAL
-    ttl_s: float = DEFAULT_TTL_S
+    ttl_s: float = DEFAULT_LEASE_TTL_S
     preemptible: bool = True
-    grace_s: float = DEFAULT_GRACE_S
+    grace_s: float = DEFAULT_LEASE_GRACE_S
 
 
 @dataclass(eq=False, slots=True)
