@@ -63,3 +63,30 @@ async def test_tasks_claimed_for_a_worker_on_its_way_out_go_back_to_the_queue(
         assert not worker.runs and worker.forming is None and not worker.holds_cpu
         assert store.requeued == ["a", "b"]
         assert listener.heard == ["cpu w-1", "capacity"]  # the slot came back at once
+
+
+class RecordingStore(FakeStore):
+    """Remembers each requeue's error: None when the attempt is not held against the task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: dict[str, object] = {}
+
+    async def requeue(self, task_id: str, token: int, error: object, *,
+                      events: list[object]) -> None:
+        await super().requeue(task_id, token, error, events=events)
+        self.errors[task_id] = error
+
+
+async def test_a_crash_fails_the_attempts_it_ran_and_requeues_the_next_batch_it_never_got(
+        tmp_path: Path) -> None:
+    store = RecordingStore()
+    sup, worker, listener = registry(store, tmp_path)
+    sup.dispatch(worker.id, tasks("a", "b"))
+    sup.dispatch(worker.id, tasks("c"))  # the next batch, held on the node: never sent
+    worker.proc.state, worker.proc.returncode = WorkerState.EXITED, 139
+    await sup._on_exit(worker.proc)
+    assert sorted(store.requeued) == ["a", "b", "c"]
+    assert store.errors["a"] is not None and store.errors["b"] is not None  # worker_died
+    assert store.errors["c"] is None  # not its fault, nor its attempt: as when drained
+    assert worker.id not in sup.workers and listener.heard[-1] == "capacity"

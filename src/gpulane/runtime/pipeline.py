@@ -365,12 +365,21 @@ class Pipeline:
             await self._store_requeue(again, {
                 "kind": "preempted" if not closing else "node_stopping"})
         else:
+            # Its next batch was never sent: back to the queue, as when it is drained, not
+            # failed as an attempt that never ran.
+            unsent = [(r.id, r.token) for r in worker.take_next()
+                      if self._settle(r) and not r.cancelled]
             tail = proc.stderr_text()
             for run in runs:
                 await self.attempt_failed(
                     run, ErrorKind.WORKER_DIED.value,
                     f"worker {worker.id} exited with code {rc} while running the task; "
                     f"last stderr lines:\n{tail or '(none)'}")
+            if unsent:
+                await self._store_requeue(unsent, {
+                    "kind": ErrorKind.WORKER_DIED.value,
+                    "message": f"worker {worker.id} exited with code {rc} before it was sent "
+                               f"the task"})
 
     # -- the watchdog ----------------------------------------------------------------------------
 
