@@ -90,3 +90,13 @@ async def test_a_crash_fails_the_attempts_it_ran_and_requeues_the_next_batch_it_
     assert store.errors["a"] is not None and store.errors["b"] is not None  # worker_died
     assert store.errors["c"] is None  # not its fault, nor its attempt: as when drained
     assert worker.id not in sup.workers and listener.heard[-1] == "capacity"
+
+
+async def test_a_worker_told_to_stop_is_out_of_the_pool_at_once(tmp_path: Path) -> None:
+    # The scheduler unloads an idle worker to make room, then, in the same pass, looks for an
+    # idle worker for the next queue: the one it is unloading must not be handed a batch.
+    sup, worker, _ = registry(FakeStore(), tmp_path)
+    assert sup.idle_worker("batched", "cpu") is worker
+    sup.stop(worker.id)  # its stop runs in the background
+    assert sup.idle_worker("batched", "cpu") is None and not sup.idle_gpu_workers(None)
+    assert not worker.alive

@@ -316,6 +316,10 @@ class Supervisor:
             self._stop_worker(worker)
 
     def _stop_worker(self, worker: Worker) -> None:
+        # Out of the pool now, not when the stop starts running: the pass that unloads it
+        # must not hand it a batch.
+        if worker.alive:
+            worker.proc.state = WorkerState.STOPPING
         self._spawn_bg(worker.proc.stop(self.shutdown_grace_s))
 
     async def stop_all(self) -> None:
