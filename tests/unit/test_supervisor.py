@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 from gpulane.presets import BatchSettings, DeviceKind, Preset
+from gpulane.runtime.batcher import Batcher
 from gpulane.runtime.supervisor import Supervisor
 from gpulane.runtime.worker import Worker
 from gpulane.runtime.worker_process import WorkerState
@@ -100,3 +101,15 @@ async def test_a_worker_told_to_stop_is_out_of_the_pool_at_once(tmp_path: Path) 
     sup.stop(worker.id)  # its stop runs in the background
     assert sup.idle_worker("batched", "cpu") is None and not sup.idle_gpu_workers(None)
     assert not worker.alive
+
+
+async def test_a_stopping_worker_is_not_offered_for_a_top_up(tmp_path: Path) -> None:
+    # Drained while its batch forms: what the scheduler would claim for it goes straight
+    # back to the queue, so offering it again would claim and requeue the same tasks for good.
+    sup, worker, _ = registry(FakeStore(), tmp_path)
+    worker.batcher = Batcher(BatchSettings(max_size=4, max_wait_ms=400, adaptive=False))
+    sup.dispatch(worker.id, tasks("a"))
+    assert worker.forming is not None and sup.forming_worker("batched", "cpu") == (worker, 3)
+    worker.proc.state = WorkerState.STOPPING
+    assert sup.forming_worker("batched", "cpu") is None
+    worker.close()

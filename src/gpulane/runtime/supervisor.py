@@ -82,7 +82,8 @@ class Supervisor:
     def forming_worker(self, preset: str, lane: str) -> tuple[WorkerView, int] | None:
         """A worker whose batch waits to fill (max_wait_ms), and how many more it takes."""
         for w in self.workers.values():
-            if w.forming is not None and w.preset_name == preset and w.device.kind == lane:
+            if (w.forming is not None and w.alive and w.preset_name == preset
+                    and w.device.kind == lane):
                 room = w.batch_size - len(w.runs)
                 if room > 0:
                     return w, room
