@@ -113,3 +113,29 @@ async def test_a_stopping_worker_is_not_offered_for_a_top_up(tmp_path: Path) -> 
     worker.proc.state = WorkerState.STOPPING
     assert sup.forming_worker("batched", "cpu") is None
     worker.close()
+
+
+class Stoppable(FakeProc):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stops = 0
+
+    async def stop(self, grace_s: float) -> None:
+        self.stops += 1
+
+
+async def test_a_worker_drained_while_its_batch_forms_requeues_it_and_stops_at_once(
+        tmp_path: Path) -> None:
+    # The batch was never sent: it goes back to the queue now, and the worker stops now,
+    # instead of both waiting out the lease's grace period for a kill.
+    store = FakeStore()
+    sup, worker, listener = registry(store, tmp_path)
+    worker.proc = proc = Stoppable()
+    worker.batcher = Batcher(BatchSettings(max_size=4, max_wait_ms=400, adaptive=False))
+    worker.holds_cpu = True
+    sup.dispatch(worker.id, tasks("a", "b"))
+    assert worker.forming is not None
+    sup.preempt(worker.id, grace_s=3600)
+    await asyncio.sleep(0)
+    assert store.requeued == ["a", "b"] and not worker.runs and worker.forming is None
+    assert proc.stops == 1 and "cpu w-1" in listener.heard and proc.ops == []

@@ -317,16 +317,20 @@ class Pipeline:
                     EventType.ERROR.value, {**event, "retrying": True})])
         self.listener.capacity_changed()
 
-    def requeue_next(self, worker: Worker, kind: str) -> None:
-        """The worker's next batch never started: its runs end now, and go back to the queue."""
-        runs = [(r.id, r.token) for r in worker.take_next()
-                if self._settle(r) and not r.cancelled]
+    def requeue_unsent(self, worker: Worker, kind: str) -> None:
+        """What the worker was never sent (its next batch, or a batch still forming) ends now
+        and goes back to the queue."""
+        unsent = worker.take_next()
+        if worker.forming is not None:  # it is ready: all it holds waits for the batch to fill
+            worker.stop_forming()
+            unsent += worker.runs.values()
+        runs = [(r.id, r.token) for r in unsent if self._settle(r) and not r.cancelled]
         if runs:
             self._spawn(self._store_requeue(runs, {"kind": kind}))
 
     async def return_claimed(self, tasks: list[Task]) -> None:
-        """Tasks claimed for a worker that exited meanwhile: back to the queue, no attempt
-        spent (no run of them ever started)."""
+        """Tasks claimed for a worker that exited, or began to stop, meanwhile: back to the
+        queue, no attempt spent (no run of them ever started)."""
         await self._store_requeue([(t.id, t.token) for t in tasks],
                                   {"kind": ErrorKind.WORKER_DIED.value})
 

@@ -266,8 +266,8 @@ class Supervisor:
         worker.preempted = True
         if not worker.runs:
             self._stop_worker(worker)
-        else:  # its next batch never started: back to the queue now (the rest drains)
-            self.pipeline.requeue_next(worker, "preempted")
+        else:  # what it was never sent goes back to the queue now (the rest drains)
+            self.pipeline.requeue_unsent(worker, "preempted")
         asyncio.get_running_loop().call_later(grace_s, worker.proc.kill)
 
     # -- cancel, idle, shutdown --------------------------------------------------------------
