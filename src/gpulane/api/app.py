@@ -47,12 +47,8 @@ def create_app(node: Node, *, manage_node: bool = True) -> FastAPI:
     # The hot routes go into the app's own table, flat and first: the calls every task makes
     # match at once, without the walk through FastAPI's included routers.
     app.router.routes[0:0] = tasks.hot.routes
-    routers = (tasks.router, system.router, leases.router)
-    for router in routers:
+    for router in (tasks.router, system.router, leases.router):
         app.include_router(router)
-    # What a 405's Allow header lists: every route of the table, flat (FastAPI nests
-    # included routers, and makes one route per method).
-    app.state.routes = [*app.router.routes, *(r for router in routers for r in router.routes)]
     app.add_middleware(HotEntrance, routes=tasks.hot.routes)
     app.add_middleware(TokenGuard, node=node)  # added last: outermost, so it guards all
 

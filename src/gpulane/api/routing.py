@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 from starlette.exceptions import HTTPException
@@ -104,11 +104,13 @@ def _validate(name: str, adapter: TypeAdapter[Any], raw: str) -> Any:
         raise request_error([{**e, "loc": (name, *e["loc"])} for e in exc.errors()]) from None
 
 
-def allowed_methods(routes: Iterable[BaseRoute], path: str) -> list[str]:
-    """Every method some route serves on ``path`` (FastAPI makes one route per method)."""
+def allowed_methods(routes: Sequence[BaseRoute], path: str) -> list[str]:
+    """Every method some route serves on ``path``, through FastAPI's included routers (it
+    makes one route per method, so one route's methods are not the path's)."""
     methods: set[str] = set()
-    for route in routes:
-        if isinstance(route, Route) and route.methods and route.path_regex.match(path):
+    for route in iter_route_contexts(routes):
+        regex = getattr(route, "path_regex", None)
+        if route.methods and regex is not None and regex.match(path):
             methods |= route.methods
     return sorted(methods)
 
@@ -122,7 +124,7 @@ async def http_error(request: Request, exc: Exception) -> JSON:
     if exc.status_code == 404:
         code, message = "not_found", f"no route for {method} {path}: see /docs for the API"
     elif exc.status_code == 405:
-        allow = allowed_methods(request.app.state.routes, path)
+        allow = allowed_methods(request.app.routes, path)
         headers["Allow"] = ", ".join(allow)
         code, message = "method_not_allowed", (
             f"{method} is not allowed on {path}: use {' or '.join(allow)}")
