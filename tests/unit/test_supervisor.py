@@ -1,5 +1,6 @@
-"""The supervisor's registry around a worker's end, without a process: a worker that exits is
-dropped as a unit, and its capacity comes back, even when storing what it held fails."""
+"""The supervisor's registry at a worker's edges, without a process: a worker that exits is
+dropped as a unit (its capacity back) even when storing what it held fails, and a worker that
+stops or dies takes no new work and sends back to the queue what it was never sent."""
 
 from __future__ import annotations
 
@@ -20,6 +21,30 @@ class FailingStore(FakeStore):
     async def requeue(self, task_id: str, token: int, error: object, *,
                       events: list[object]) -> None:
         raise RuntimeError("disk full")
+
+
+class RecordingStore(FakeStore):
+    """Remembers each requeue's error: None when the attempt is not held against the task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: dict[str, object] = {}
+
+    async def requeue(self, task_id: str, token: int, error: object, *,
+                      events: list[object]) -> None:
+        await super().requeue(task_id, token, error, events=events)
+        self.errors[task_id] = error
+
+
+class Stoppable(FakeProc):
+    """A worker process that counts the stops it is asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stops = 0
+
+    async def stop(self, grace_s: float) -> None:
+        self.stops += 1
 
 
 def registry(store: FakeStore, scratch: Path) -> tuple[Supervisor, Worker, Listener]:
@@ -66,19 +91,6 @@ async def test_tasks_claimed_for_a_worker_on_its_way_out_go_back_to_the_queue(
         assert listener.heard == ["cpu w-1", "capacity"]  # the slot came back at once
 
 
-class RecordingStore(FakeStore):
-    """Remembers each requeue's error: None when the attempt is not held against the task."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.errors: dict[str, object] = {}
-
-    async def requeue(self, task_id: str, token: int, error: object, *,
-                      events: list[object]) -> None:
-        await super().requeue(task_id, token, error, events=events)
-        self.errors[task_id] = error
-
-
 async def test_a_crash_fails_the_attempts_it_ran_and_requeues_the_next_batch_it_never_got(
         tmp_path: Path) -> None:
     store = RecordingStore()
@@ -113,15 +125,6 @@ async def test_a_stopping_worker_is_not_offered_for_a_top_up(tmp_path: Path) -> 
     worker.proc.state = WorkerState.STOPPING
     assert sup.forming_worker("batched", "cpu") is None
     worker.close()
-
-
-class Stoppable(FakeProc):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stops = 0
-
-    async def stop(self, grace_s: float) -> None:
-        self.stops += 1
 
 
 async def test_a_worker_drained_while_its_batch_forms_requeues_it_and_stops_at_once(
