@@ -133,3 +133,27 @@ async def test_token_is_required_when_set(tmp_path: Path) -> None:
             assert (await api.get("/healthz")).status_code == 200
     finally:
         await stop_node(node)
+
+
+async def test_a_wrong_method_is_405_naming_every_method_of_the_path(
+        api: httpx.AsyncClient) -> None:
+    r = await api.put("/v1/tasks")
+    msg = await _err(r, 405, "method_not_allowed", None)
+    assert r.headers["allow"] == "GET, POST" and "GET or POST" in msg
+    r = await api.patch("/v1/leases/x")
+    await _err(r, 405, "method_not_allowed", None)
+    assert r.headers["allow"] == "DELETE, GET"
+
+
+async def test_an_unknown_path_is_404_in_the_error_shape(api: httpx.AsyncClient) -> None:
+    await _err(await api.get("/v2/tasks"), 404, "not_found", None)
+
+
+async def test_bulk_items_name_their_index(api: httpx.AsyncClient) -> None:
+    r = await api.post("/v1/tasks/bulk", json={"tasks": [{"preset": "sleep"},
+                                                         {"preset": "sleep", "device": "tpu"}]})
+    await _err(r, 422, "invalid_device", "tasks[1].device")
+    await _err(await api.post("/v1/tasks/bulk", json={"tasks": [{"preset": "sleep"}, 3]}), 422,
+               "invalid_body", "tasks[1]")
+    await _err(await api.post("/v1/tasks/bulk", json={"tasks": []}), 422, "invalid_tasks",
+               "tasks")

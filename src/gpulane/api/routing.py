@@ -105,14 +105,16 @@ def _validate(name: str, adapter: TypeAdapter[Any], raw: str) -> Any:
 
 
 def allowed_methods(routes: Sequence[BaseRoute], path: str) -> list[str]:
-    """Every method some route serves on ``path``, through FastAPI's included routers (it
-    makes one route per method, so one route's methods are not the path's)."""
-    methods: set[str] = set()
+    """Every method the OpenAPI document lists for ``path``, read from the route table
+    through FastAPI's included routers (it makes one route per method). As in OpenAPI, a
+    concrete path wins over a template: /v1/tasks/bulk is not a /v1/tasks/{task_id}."""
+    static: set[str] = set()
+    templated: set[str] = set()
     for route in iter_route_contexts(routes):
         regex = getattr(route, "path_regex", None)
         if route.methods and regex is not None and regex.match(path):
-            methods |= route.methods
-    return sorted(methods)
+            (templated if "{" in str(route.path) else static).update(route.methods)
+    return sorted(static or templated)
 
 
 async def http_error(request: Request, exc: Exception) -> JSON:
@@ -136,10 +138,20 @@ async def http_error(request: Request, exc: Exception) -> JSON:
 
 def documented(schema: dict[str, Any], *, token: bool, bodies: dict[str, Any]) -> dict[str, Any]:
     """Finish FastAPI's OpenAPI document: the request-body models as components (their
-    ``$ref``s then resolve), and the 401 and bearer scheme of every /v1 route when a token
-    is set."""
+    ``$ref``s then resolve), only the 422s that are real, and the 401 and bearer scheme of
+    every /v1 route when a token is set."""
     components = schema.setdefault("components", {})
-    components.setdefault("schemas", {}).update(bodies)
+    schemas = components.setdefault("schemas", {})
+    schemas.update(bodies)
+    # FastAPI lists a 422 in its own shape on every route with a parameter; a route that can
+    # answer 422 lists it in the project's shape itself, so those left are not real.
+    for item in schema.get("paths", {}).values():
+        for operation in item.values():
+            responses = operation.get("responses", {})
+            if "HTTPValidationError" in str(responses.get("422", "")):
+                del responses["422"]
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
     if token:
         components.setdefault("securitySchemes", {})["bearer"] = {
             "type": "http", "scheme": "bearer"}

@@ -1,0 +1,87 @@
+"""Schemathesis against the published OpenAPI document: the API keeps the contract it states.
+
+Every operation gets schemathesis's examples, coverage (boundary values, every wrong method)
+and fuzzing phases, valid and invalid data alike, against the in-process app on a node with
+simulated GPUs: no server error, no status code the document does not list, every response
+matching its schema and content type, and every wrong method a 405 with an ``Allow`` header.
+Hypothesis runs derandomized, so CI sees the same cases each run.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import schemathesis
+from schemathesis.engine import events
+from schemathesis.python.asgi import shutdown_lifespans
+
+from gpulane.api.app import create_app
+from gpulane.node import Node
+from tests.integration.conftest import make_settings
+
+CHECKS = ["not_a_server_error", "status_code_conformance", "response_schema_conformance",
+          "content_type_conformance", "unsupported_method", "allow_header_conformance"]
+MAX_EXAMPLES = 30
+"""Per operation and phase: about 900 cases in all, some 10 s here."""
+MIN_CASES = 500
+"""Fewer would mean operations went untested."""
+WAIT_BOUND_S = 0.05
+"""Longest a generated ``wait`` may hold a request (the document allows 300 s)."""
+
+
+def narrowed(document: dict[str, Any]) -> dict[str, Any]:
+    """The published document, with what would block a run for minutes taken out.
+
+    - Event streams (``.../events``) stay open until their task or lease ends, minutes for a
+      generated one, so they are left out; tests/integration covers them.
+    - ``wait`` (submit, result) and a lease's ``wait_s`` are bounded: a generated long-poll
+      or lease wait would hold its request for up to 300 s or an hour.
+    """
+    doc = copy.deepcopy(document)
+    doc["paths"] = {p: item for p, item in doc["paths"].items() if not p.endswith("/events")}
+    for item in doc["paths"].values():
+        for operation in item.values():
+            for param in operation.get("parameters", []):
+                if param["name"] == "wait":
+                    for branch in param["schema"]["anyOf"]:
+                        if branch.get("type") == "number":
+                            branch["maximum"] = WAIT_BOUND_S
+    wait_s = doc["components"]["schemas"]["LeaseBody"]["properties"]["wait_s"]
+    for branch in wait_s["anyOf"]:
+        branch["maximum"] = 0
+    return doc
+
+
+def run(schema: Any) -> tuple[int, list[str]]:
+    """Run every phase; the number of cases and each failed check, as text."""
+    cases, failures = 0, []
+    for event in schemathesis.engine.from_schema(schema).execute():
+        if isinstance(event, events.ScenarioFinished | events.FuzzScenarioFinished):
+            cases += len(event.recorder.cases)
+            for checks in event.recorder.checks.values():
+                failures.extend(
+                    f"{event.recorder.label}: {c.name}: {c.failure_info.failure.title}: "
+                    f"{c.failure_info.failure.message}"
+                    for c in checks if c.failure_info is not None)
+        elif isinstance(event, events.NonFatalError | events.FatalError):
+            failures.append(f"{type(event).__name__}: {event}")
+    return cases, failures
+
+
+def test_the_api_keeps_its_published_contract(tmp_path: Path) -> None:
+    node = Node(make_settings(tmp_path))
+    app = create_app(node)  # schemathesis runs the app's lifespan: it starts and stops the node
+    schema = schemathesis.openapi.from_dict(narrowed(app.openapi()))
+    schema.app = app
+    schema.config.generation.update(max_examples=MAX_EXAMPLES, deterministic=True,
+                                    modes=["positive", "negative"])
+    schema.config.phases.update(phases=["examples", "coverage", "fuzzing"])
+    schema.config.checks.update(included_check_names=CHECKS)
+    try:
+        cases, failures = run(schema)
+    finally:
+        shutdown_lifespans()
+    assert not failures, "\n".join(failures[:20])
+    assert cases >= MIN_CASES, cases
