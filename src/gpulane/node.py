@@ -259,10 +259,12 @@ class Node:
 
     # -- leases ------------------------------------------------------------------------------
 
-    async def acquire_lease(self, wait_s: float, **request: Any) -> Lease:
+    async def acquire_lease(self, *, holder: str, vram_mb: int, gpus: int, device: int | None,
+                            priority: int, ttl_s: float, preemptible: bool, grace_s: float,
+                            wait_s: float) -> Lease:
         """Grant a lease now or within ``wait_s`` (LeaseTimeout after); refuse one this node
-        cannot serve. ``request`` holds LeaseRequest's fields."""
-        req = LeaseRequest(**request)
+        cannot serve (an unknown device, more than its GPUs hold)."""
+        req = LeaseRequest(holder, vram_mb, gpus, device, priority, ttl_s, preemptible, grace_s)
         self.leases.check(req)
         return await self.leases.acquire(req, wait_s)
 

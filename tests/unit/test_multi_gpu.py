@@ -389,7 +389,9 @@ async def test_a_lease_paused_by_two_urgent_leases_resumes_after_both() -> None:
 def _lease_request(mgr: LeaseManager, body: dict[str, Any]) -> LeaseRequest:
     """The API's way in: the request model checks each field, the manager what the node has."""
     try:
-        req = LeaseRequest(**LeaseBody.model_validate(body).lease_fields())
+        lz = LeaseBody.model_validate(body)
+        req = LeaseRequest(lz.holder, lz.vram_mib(), lz.gpus, lz.device, int(lz.priority),
+                           float(lz.ttl_s), lz.preemptible, float(lz.grace_s))
     except PydanticValidationError as exc:
         raise request_error(exc.errors(), LeaseBody) from None
     mgr.check(req)

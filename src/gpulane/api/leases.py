@@ -37,7 +37,10 @@ async def acquire(request: Request) -> JSON:
     """Take a lease: ``{holder, vram_mb | gpus, device?, priority, ttl_s, wait_s, preemptible,
     grace_s}``. 201 with the granted lease, or 408 after wait_s with the holders."""
     body = await read_body(request, LeaseBody, LEASE_EXAMPLE)
-    lease = await _node(request).acquire_lease(float(body.wait_s), **body.lease_fields())
+    lease = await _node(request).acquire_lease(
+        holder=body.holder, vram_mb=body.vram_mib(), gpus=body.gpus, device=body.device,
+        priority=int(body.priority), ttl_s=float(body.ttl_s), preemptible=body.preemptible,
+        grace_s=float(body.grace_s), wait_s=float(body.wait_s))
     return JSON(lease.to_json(), status_code=201)
 
 

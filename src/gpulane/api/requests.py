@@ -217,13 +217,10 @@ class LeaseBody(BaseModel):
                          "device")
         return self
 
-    def lease_fields(self) -> dict[str, Any]:
-        """The request as the node's ``acquire_lease`` takes it (wait_s aside)."""
-        assert isinstance(self.vram_mb, int)  # _size turned a size string into MiB
-        return {"holder": self.holder, "vram_mb": self.vram_mb, "gpus": self.gpus,
-                "device": self.device, "priority": int(self.priority),
-                "ttl_s": float(self.ttl_s), "preemptible": self.preemptible,
-                "grace_s": float(self.grace_s)}
+    def vram_mib(self) -> int:
+        """vram_mb as MiB (a size string was turned into MiB while validating)."""
+        assert isinstance(self.vram_mb, int)
+        return self.vram_mb
 
 
 class RenewBody(BaseModel):
