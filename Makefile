@@ -25,9 +25,10 @@ serve: install  ## start a node: SQLite store, simulated GPUs when none, example
 test: install  ## run the whole test suite
 	$(BIN)/pytest -q $(ARGS)
 
-lint: install  ## ruff and mypy --strict on src/
+lint: install  ## ruff, mypy --strict on src/, and the layer contracts (pyproject: importlinter)
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 bench: install-bench  ## every benchmark, peers included; tables to stdout, JSON to bench/results/
 	$(BIN)/python bench/dispatch.py $(ARGS)

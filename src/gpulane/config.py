@@ -1,7 +1,11 @@
 """Settings: a YAML file (``gpulane.yaml``) < environment variables ``GPULANE_*`` < flags.
 
-Every default lives here with a one-line doc. ``Settings.load(file, **flags)`` merges the three
-layers; a flag given as ``None`` means "not given" and does not override.
+Every setting a user can tune lives here, with its default and a one-line doc;
+``Settings.load(file, **flags)`` merges the three layers (a flag given as ``None`` means "not
+given" and does not override). Constants nobody tunes live beside their use, with the reason.
+The lease bounds below are the one exception: they are a contract that two layers check (the
+API's request model publishes them, the lease manager applies the defaults), and this
+foundation module is the one place both may import.
 """
 
 from __future__ import annotations
@@ -22,22 +26,16 @@ DEFAULT_HOST = "127.0.0.1"
 """Bind address: loopback, so a fresh install is not reachable from the network."""
 DEFAULT_PORT = 8765
 """TCP port of the HTTP API."""
-DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
-"""Where client commands look for a node when neither --url nor GPULANE_URL is given."""
 DEFAULT_DATA_DIR = ".gpulane"
 """Folder for the SQLite database, locks and worker scratch files."""
 DEFAULT_CONFIG_FILE = "gpulane.yaml"
 """Config file read from the working directory when --config is not given."""
 DEFAULT_MAX_INPUT_BYTES = 10 * 1024 * 1024
 """Largest request body accepted (413 above it)."""
-DEFAULT_RESULT_WAIT_MAX_S = 300.0
-"""Longest a ?wait= long-poll may hold a request."""
-DEFAULT_STDERR_TAIL_LINES = 20
+DEFAULT_WORKER_STDERR_LINES = 20
 """How many of a dead worker's last stderr lines a failed task's error carries."""
-DEFAULT_SHUTDOWN_GRACE_S = 5.0
-"""How long a worker has to exit after the shutdown op before it is killed."""
-DEFAULT_BULK_MAX = 10_000
-"""Most tasks one bulk submit may carry."""
+DEFAULT_WORKER_STOP_GRACE_S = 5.0
+"""How long a worker has to exit after the shutdown op (then SIGTERM) before it is killed."""
 DEFAULT_LEASE_TTL_S = 30.0
 """TTL of a lease whose request gives none."""
 LEASE_TTL_MIN_S = 1.0
@@ -50,17 +48,11 @@ DEFAULT_LEASE_GRACE_S = 10.0
 """How long a preempted lease holder has to release before it is revoked."""
 LEASE_GRACE_MAX_S = 600.0
 """Longest grace a lease request may give its preempted holders."""
-DEFAULT_SCHEDULER_SCAN = 256
-"""Most queued tasks the scheduler looks at per pass when picking what to place next."""
 DEFAULT_AGEING_S = 30.0
 """A queued task gains one priority point per this many seconds of waiting (0 turns it off):
 background work (10) overtakes fresh normal work (50) after 20 minutes."""
 DEFAULT_GPU_LOCK_DIR = "/tmp/gpulane-gpu-locks"
 """Host-wide folder of per-GPU lock files: two nodes never own the same GPU."""
-TOKEN_ENV = "GPULANE_TOKEN"
-"""Environment variable holding the API bearer token (server and clients)."""
-URL_ENV = "GPULANE_URL"
-"""Environment variable holding the node URL for clients."""
 
 
 class Settings(BaseSettings):
@@ -84,6 +76,8 @@ class Settings(BaseSettings):
     log_level: str = "info"
     ageing_s: float = Field(DEFAULT_AGEING_S, ge=0)  # +1 priority per this many s queued; 0: off
     gpu_lock_dir: str = DEFAULT_GPU_LOCK_DIR  # one lock file per real GPU uuid, host-wide
+    worker_stderr_lines: int = Field(DEFAULT_WORKER_STDERR_LINES, ge=1, le=10_000)
+    worker_stop_grace_s: float = Field(DEFAULT_WORKER_STOP_GRACE_S, ge=0, le=3600)
 
     @field_validator("sqlite_synchronous")
     @classmethod

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from gpulane.config import (
-    DEFAULT_SHUTDOWN_GRACE_S,
-    DEFAULT_STDERR_TAIL_LINES,
     Settings,
 )
 from gpulane.devices import CpuPool, DeviceProvider, DeviceSnapshot, cpu_pool, select_provider
@@ -64,8 +62,8 @@ class Node:
         # and wakes whoever waits for it (_on_capacity).
         self.supervisor = Supervisor(
             self.store, self.name, scratch_dir=str(settings.data_dir / "scratch"),
-            stderr_tail_lines=DEFAULT_STDERR_TAIL_LINES,
-            shutdown_grace_s=DEFAULT_SHUTDOWN_GRACE_S,
+            stderr_tail_lines=settings.worker_stderr_lines,
+            shutdown_grace_s=settings.worker_stop_grace_s,
             listener=CapacityEvents(self.ledger, self._on_capacity))
         self.scheduler = Scheduler(self.store, self.registry, self.ledger, self.supervisor,
                                    self.name)

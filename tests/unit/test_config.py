@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gpulane.config import DEFAULT_URL, Settings
+from gpulane.client._core import DEFAULT_URL
+from gpulane.config import Settings
 from gpulane.errors import ConfigError
 from gpulane.store import open_store
 from gpulane.store.sqlite import SqliteStore
@@ -121,6 +122,20 @@ def test_token_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings.load().token == "s3cret"
 
 
+def test_worker_settings_reach_the_supervisor(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """The worker knobs are settings like any other (file < env < flags), and the node hands
+    them to the runtime instead of a constant of its own."""
+    from gpulane.node import Node
+
+    assert (Settings().worker_stderr_lines, Settings().worker_stop_grace_s) == (20, 5.0)
+    monkeypatch.setenv("GPULANE_WORKER_STOP_GRACE_S", "1.5")
+    s = Settings.load(worker_stderr_lines=50, data_dir=tmp_path, simulate_gpus="1x8GiB")
+    assert (s.worker_stderr_lines, s.worker_stop_grace_s) == (50, 1.5)
+    supervisor = Node(s).supervisor
+    assert (supervisor.stderr_tail_lines, supervisor.shutdown_grace_s) == (50, 1.5)
+
+
 # -- presets paths ----------------------------------------------------------------------------
 
 
@@ -150,6 +165,8 @@ def test_presets_from_file_and_flags(tmp_path: Path) -> None:
     ({"sqlite_synchronous": "sometimes"}, "sqlite_synchronous"),
     ({"cpu_concurrency": 0}, "cpu_concurrency"),
     ({"max_input_bytes": 10}, "max_input_bytes"),
+    ({"worker_stderr_lines": 0}, "worker_stderr_lines"),
+    ({"worker_stop_grace_s": -1}, "worker_stop_grace_s"),
 ])
 def test_invalid_flags_name_the_field(flags: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigError, match=field):

@@ -23,10 +23,8 @@ from pydantic import (
 
 from gpulane.api.validation import custom, fix
 from gpulane.config import (
-    DEFAULT_BULK_MAX,
     DEFAULT_LEASE_GRACE_S,
     DEFAULT_LEASE_TTL_S,
-    DEFAULT_RESULT_WAIT_MAX_S,
     LEASE_GRACE_MAX_S,
     LEASE_TTL_MAX_S,
     LEASE_TTL_MIN_S,
@@ -36,6 +34,11 @@ from gpulane.errors import RequestError
 from gpulane.model import Priority
 from gpulane.presets import MAX_GPUS, parse_size_mb
 
+BULK_MAX = 10_000
+"""Most tasks one bulk submit may carry: the whole bulk is one request body and one store
+transaction, which should stay well under a second."""
+RESULT_WAIT_MAX_S = 300.0
+"""Longest a ?wait= long-poll may hold a request; clients long-poll again for longer waits."""
 TIMEOUT_MAX_S = 7 * 86400
 """Longest timeout_s a task may ask for: a week; longer work should checkpoint."""
 
@@ -96,7 +99,7 @@ class TaskSubmit(BaseModel):
 class BulkSubmit(BaseModel):
     """Body of POST /v1/tasks/bulk: one transaction, all or none."""
 
-    tasks: Annotated[list[TaskSubmit], Field(min_length=1, max_length=DEFAULT_BULK_MAX),
+    tasks: Annotated[list[TaskSubmit], Field(min_length=1, max_length=BULK_MAX),
                      fix("invalid_tasks", "{field} must be a non-empty list of task bodies",
                          cases={"too_long": ("too_many_tasks", "{field} has {actual_length} "
                                              "items; send at most {max_length} per request")})
@@ -104,11 +107,11 @@ class BulkSubmit(BaseModel):
 
 
 WaitQuery = Annotated[
-    Annotated[float, Field(ge=0, le=DEFAULT_RESULT_WAIT_MAX_S)] | None,
+    Annotated[float, Field(ge=0, le=RESULT_WAIT_MAX_S)] | None,
     BeforeValidator(lambda v: None if v == "" else v),
     Query(description="seconds to wait for the task to end before answering"),
     fix("invalid_wait", "{field}={value!r} must be a number of seconds between 0 and "
-        f"{DEFAULT_RESULT_WAIT_MAX_S:g}")]
+        f"{RESULT_WAIT_MAX_S:g}")]
 """?wait=S on submit and result: how long the answer may wait for the task's end."""
 
 StateQuery = Annotated[

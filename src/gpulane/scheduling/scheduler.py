@@ -20,7 +20,6 @@ import logging
 import time
 from collections.abc import Callable
 
-from gpulane.config import DEFAULT_SCHEDULER_SCAN
 from gpulane.model import Task
 from gpulane.presets import Mode, Preset, PresetRegistry
 from gpulane.runtime.launchers import DeviceAssignment
@@ -33,6 +32,9 @@ log = logging.getLogger("gpulane.scheduler")
 
 AGEING_CHECK_S = 5.0
 """Ageing is applied at most this often (and at least twice per ageing step)."""
+PASS_ROUNDS_MAX = 256
+"""A pass places queue heads round after round until a round places nothing; this bounds the
+rounds so that one pass cannot hold the event loop for long while work keeps arriving."""
 SAFETY_TICK_S = 1.0
 """A pass runs at least this often even with no wake-up, so nothing can be forgotten."""
 
@@ -124,7 +126,7 @@ class Scheduler:
         """Place everything that fits now; returns how many tasks were dispatched."""
         self.passes += 1
         placed = 0
-        for _ in range(DEFAULT_SCHEDULER_SCAN):
+        for _ in range(PASS_ROUNDS_MAX):
             # Only queues that could take work now are looked at: with every worker busy (the
             # usual case under load, when each submit wakes a pass) a pass costs no query.
             lanes = [(p, lane) for p, lane in self.lanes() if self._could_place(p, lane)]
