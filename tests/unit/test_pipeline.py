@@ -42,6 +42,7 @@ class FakeStore:
         self.fail = fail
         self.finished: list[Finish] = []
         self.requeued: list[str] = []
+        self.appended: list[tuple[str, object]] = []
 
     async def finish_many(self, ends: list[Finish]) -> list[object]:
         if self.fail:
@@ -50,7 +51,7 @@ class FakeStore:
         return [None for _ in ends]
 
     async def append_events(self, task_id: str, events: list[object]) -> None:
-        return None
+        self.appended.extend((task_id, e) for e in events)
 
     async def requeue(self, task_id: str, token: int, error: object, *,
                       events: list[object]) -> None:
@@ -159,3 +160,21 @@ async def test_close_cancels_every_timer_and_lets_go_of_every_run() -> None:
     worker.close()
     assert all(r.done for r in runs) and not worker.runs and not worker.sent
     assert worker.watchdog is None and worker.next_timer is None and worker.forming is None
+
+
+async def test_a_line_naming_no_task_after_a_finish_is_not_the_next_batchs() -> None:
+    """The lines of one read were written before the worker saw the batch that a finish among
+    them sent out: a stray stdout line after the finish belongs to no run, not to the next
+    batch's only task (which would store it as that task's log event)."""
+    store = FakeStore()
+    pipeline, worker, _, _ = make(store)
+    pipeline.dispatch(worker, tasks("a"))
+    pipeline.dispatch(worker, tasks("c"))  # forms on the node while a runs
+    assert list(worker.next) == ["c"]
+    stray = parse_line(b"a print() that went to stdout")
+    await pipeline.on_messages(worker.proc, [finish("a"), stray])
+    assert list(worker.runs) == ["c"] and worker.proc.ops[-1]["tasks"][0]["task"] == "c"  # type: ignore[attr-defined]
+    assert store.appended == []
+    await pipeline.on_messages(worker.proc, [stray])  # a later read: c is the one it runs
+    assert [task for task, _ in store.appended] == ["c"]
+    worker.close()

@@ -151,11 +151,13 @@ class Pipeline:
     # -- 3. receive ------------------------------------------------------------------------------
 
     @staticmethod
-    def _route(worker: Worker, msg: WorkerMessage) -> TaskRun | None:
+    def _route(worker: Worker, msg: WorkerMessage, *, by_position: bool) -> TaskRun | None:
+        """The run a message is about: named by its task id, else (``by_position``) the one
+        run the worker holds, as for a plain-protocol worker that names no task."""
         runs = worker.runs
         if msg.task is not None:
             return runs.get(msg.task)
-        if len(runs) == 1:
+        if by_position and len(runs) == 1:
             return next(iter(runs.values()))
         return None
 
@@ -168,13 +170,17 @@ class Pipeline:
         ends: list[Finish] = []
         ooms: list[TaskRun] = []
         oom_size = 0
+        settled = False
         for msg in msgs:
             if worker.session and msg.type in (EventType.CONNECTION, EventType.WORKER):
                 continue  # worker-level news; WorkerProcess tracks readiness itself
-            run = self._route(worker, msg)
+            # Lines of one read were written before the worker could see what a finish among
+            # them made the node send next: a line naming no task after a finish belongs to
+            # no run, not to the next batch's.
+            run = self._route(worker, msg, by_position=not settled)
             if run is not None and run.cancelled:
                 if msg.type is EventType.FINISH:
-                    self._settle(run)  # the worker let go of the cancelled task
+                    settled = self._settle(run)  # the worker let go of the cancelled task
                 continue
             if run is None:
                 if msg.type is not EventType.LOG:
@@ -195,6 +201,7 @@ class Pipeline:
                 else:
                     ends.append(end)
                 self._settle(run)
+                settled = True
                 continue
             event, _held = run.take(msg)
             if event is not None:
