@@ -157,3 +157,59 @@ async def test_bulk_items_name_their_index(api: httpx.AsyncClient) -> None:
                "invalid_body", "tasks[1]")
     await _err(await api.post("/v1/tasks/bulk", json={"tasks": []}), 422, "invalid_tasks",
                "tasks")
+
+
+async def test_bulk_without_tasks_is_invalid_tasks(api: httpx.AsyncClient) -> None:
+    # docs/api.md: invalid_tasks when tasks is missing, empty or not a list.
+    for body in ({}, {"tasks": None}, {"tasks": {}}):
+        msg = await _err(await api.post("/v1/tasks/bulk", json=body), 422, "invalid_tasks",
+                         "tasks")
+        assert "non-empty list" in msg
+
+
+async def test_a_bulk_items_idempotency_key_must_be_a_string(api: httpx.AsyncClient) -> None:
+    r = await api.post("/v1/tasks/bulk", json={"tasks": [{"preset": "sleep",
+                                                          "idempotency_key": 5}]})
+    msg = await _err(r, 422, "invalid_request", "tasks[0].idempotency_key")
+    assert "string" in msg and "order-42" in msg
+
+
+@pytest.mark.parametrize("big", ["9" * 19, "1" * 5000])
+async def test_numbers_past_what_the_store_holds_are_422_not_500(
+        api: httpx.AsyncClient, big: str) -> None:
+    tid = (await submit(api, "sleep", {"ms": 0}))["id"]
+    await wait_done(api, tid)
+    await _err(await api.get("/v1/tasks", params={"cursor": big}), 422, "invalid_cursor",
+               "cursor")
+    await _err(await api.get(f"/v1/tasks/{tid}/events", headers={"Last-Event-ID": big}), 422,
+               "invalid_last_event_id", "Last-Event-ID")
+    await _err(await api.get(f"/v1/tasks/{tid}/events", params={"last_event_id": big}), 422,
+               "invalid_last_event_id", "Last-Event-ID")
+    # The largest the bound lets through still streams (nothing after it).
+    r = await api.get(f"/v1/tasks/{tid}/events", headers={"Last-Event-ID": "9" * 18})
+    assert r.status_code == 200 and r.text == ""
+
+
+@pytest.mark.parametrize("given", ["\u00b2", "9" * 19, "1" * 5000])
+async def test_a_lease_streams_from_the_first_event_on_an_unusable_last_event_id(
+        api: httpx.AsyncClient, given: str) -> None:
+    grant = (await api.post("/v1/leases", json={"holder": "t", "vram_mb": 10})).json()
+    await api.delete(f"/v1/leases/{grant['id']}", params={"token": grant["token"]})
+    r = await api.get(f"/v1/leases/{grant['id']}/events",
+                      headers={"Last-Event-ID": given.encode("latin-1")})
+    assert r.status_code == 200, r.text
+    assert r.text.startswith("id: 1\n")
+
+
+async def test_a_token_that_is_not_ascii_is_401_not_500(tmp_path: Path) -> None:
+    node = Node(make_settings(tmp_path, token="s3cret"))
+    await node.start()
+    try:
+        app = create_app(node, manage_node=False)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as api:
+            for given in ("Bearer s3cr\u00e9t".encode("utf-8"), b"Bearer \xff"):
+                r = await api.get("/v1/presets", headers={"Authorization": given})
+                await _err(r, 401, "unauthorized", "Authorization")
+    finally:
+        await stop_node(node)

@@ -29,7 +29,10 @@ class Unauthorized(RequestError):
 def token_ok(header: str, token: str) -> bool:
     """Whether an ``Authorization`` header value carries ``Bearer <token>``."""
     scheme, _, given = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), token)
+    # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
+    # The header was decoded as latin-1, so this gives back the bytes that were sent.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode("latin-1"), token.encode())
 
 
 UNAUTHORIZED = Unauthorized(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -11,6 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from gpulane.api.bodies import read_body
 from gpulane.api.requests import (
+    EVENT_ID_PATTERN,
     LEASE_EXAMPLE,
     RELEASE_TOKEN_FIX,
     LeaseBody,
@@ -24,6 +26,10 @@ from gpulane.errors import ValidationError
 from gpulane.node import Node
 
 router = APIRouter(prefix="/v1/leases", tags=["leases"])
+
+_EVENT_ID = re.compile(EVENT_ID_PATTERN)
+"""A Last-Event-ID to resume after (ASCII digits only: isdigit() also takes "²", and int()
+refuses it, or more than 4300 digits, with a ValueError, a 500)."""
 
 
 def _node(request: Request) -> Node:
@@ -84,7 +90,7 @@ async def lease_events(request: Request, lease_id: str, last_event_id: Annotated
     """The lease's events (granted, preempt, resume, released, expired, revoked) as SSE."""
     node = _node(request)
     node.lease(lease_id)  # 404 before the stream starts
-    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    after = int(last_event_id) if last_event_id and _EVENT_ID.match(last_event_id) else 0
     return StreamingResponse(_sse(node, lease_id, after), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 

@@ -92,7 +92,9 @@ class TaskSubmit(BaseModel):
         "unsupported_content_type", "{field}={value!r} must be a content type string such as "
         "\"image/png\" (the preset's accepts lists them)")] = Field(
         None, description="the input's content type")
-    idempotency_key: str | None = Field(
+    idempotency_key: Annotated[str | None, fix(
+        "invalid_request", "{field}={value!r} must be a string such as \"order-42\": a key "
+        "you choose, the same for a retry of the same task")] = Field(
         None, description="bulk only; single submits use the Idempotency-Key header")
 
 
@@ -102,7 +104,9 @@ class BulkSubmit(BaseModel):
     tasks: Annotated[list[TaskSubmit], Field(min_length=1, max_length=BULK_MAX),
                      fix("invalid_tasks", "{field} must be a non-empty list of task bodies",
                          cases={"too_long": ("too_many_tasks", "{field} has {actual_length} "
-                                             "items; send at most {max_length} per request")})
+                                             "items; send at most {max_length} per request"),
+                                "missing": ("invalid_tasks", "{field} must be a non-empty "
+                                            "list of task bodies")})
                      ] = Field(description="a non-empty list of task bodies")
 
 
@@ -124,18 +128,26 @@ StateQuery = Annotated[
 LimitQuery = Annotated[int, Query(ge=1, le=1000, description="page size"),
                        fix("invalid_limit", "{field}={value} must be 1-1000", types_too=False)]
 
+NUMBER_DIGITS_MAX = 18
+"""Most digits a cursor or an event number may have: the store keeps them as SQLite (64-bit)
+integers, and a longer one would fail there (or in int()) as a 500 instead of a 422."""
+
+EVENT_ID_PATTERN = rf"^[0-9]{{0,{NUMBER_DIGITS_MAX}}}$"
+"""A Last-Event-ID: an event number, or empty for the first."""
+
 CursorQuery = Annotated[
-    str | None, Query(pattern=r"^[0-9]+$", description="next_cursor of the previous page"),
+    str | None, Query(pattern=rf"^[0-9]{{1,{NUMBER_DIGITS_MAX}}}$",
+                      description="next_cursor of the previous page"),
     fix("invalid_cursor", "{field} must be a next_cursor value from a previous page")]
 
 LastEventIdHeader = Annotated[
-    str | None, Header(alias="Last-Event-ID", pattern=r"^[0-9]*$", description=(
+    str | None, Header(alias="Last-Event-ID", pattern=EVENT_ID_PATTERN, description=(
         "resume after this event number")),
     fix("invalid_last_event_id", "{field}={value!r} must be an event number from this stream",
         field="Last-Event-ID")]
 
 LastEventIdQuery = Annotated[
-    str | None, Query(pattern=r"^[0-9]*$", description=(
+    str | None, Query(pattern=EVENT_ID_PATTERN, description=(
         "resume after this event number (for clients that cannot set headers)")),
     fix("invalid_last_event_id", "{field}={value!r} must be an event number from this stream",
         field="Last-Event-ID")]

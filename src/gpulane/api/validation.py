@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationInfo, ValidatorFunctionWrapHandler, WrapValidator
 from pydantic import ValidationError as PydanticValidationError
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from gpulane.errors import ValidationError
@@ -38,7 +39,9 @@ class Fix:
     code: str
     message: str
     cases: Mapping[str, tuple[str, str]] = field(default_factory=dict)
-    """pydantic error type -> (code, message) where one field has more than one answer."""
+    """pydantic error type -> (code, message) where one field has more than one answer;
+    ``missing`` (the field left out, which its own validator never sees) is looked up here
+    by :func:`request_error`."""
     types_too: bool = True
     """False: a value of the wrong type keeps the generic ``invalid_request`` answer."""
     field: str | None = None
@@ -112,15 +115,21 @@ def request_error(errors: Sequence[Any], model: type[BaseModel] | None = None,
         return ValidationError("invalid_body", f"{where} must be a JSON object{like}",
                                field=path or "body")
     if kind == "missing":
-        what = _description(model, loc)
+        info = _field_info(model, loc)
+        own = next((m.func for m in info.metadata if isinstance(m, WrapValidator)
+                    and isinstance(m.func, Fix)), None) if info is not None else None
+        if own is not None and "missing" in own.cases:
+            code, template = own.cases["missing"]
+            return ValidationError(code, template.format(field=path, value=None), field=path)
+        what = info.description if info is not None else None
         return ValidationError("missing_field", f"{path} is required" + (
             f": {what}" if what else ""), field=path)
     return ValidationError("invalid_request", f"{path or 'request'}: {err.get('msg')}",
                            field=path or None)
 
 
-def _description(model: type[BaseModel] | None, loc: Sequence[int | str]) -> str | None:
-    """The description of the field at ``loc`` inside ``model`` (through lists of models)."""
+def _field_info(model: type[BaseModel] | None, loc: Sequence[int | str]) -> FieldInfo | None:
+    """The field at ``loc`` inside ``model`` (through lists of models)."""
     current: Any = model
     info = None
     for part in loc:
@@ -136,4 +145,4 @@ def _description(model: type[BaseModel] | None, loc: Sequence[int | str]) -> str
         current = info.annotation
         if isinstance(current, types.UnionType):
             current = typing.get_args(current)[0]
-    return info.description if info is not None else None
+    return info
