@@ -213,3 +213,18 @@ async def test_a_token_that_is_not_ascii_is_401_not_500(tmp_path: Path) -> None:
                 await _err(r, 401, "unauthorized", "Authorization")
     finally:
         await stop_node(node)
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+async def test_an_input_too_deep_to_store_is_422_not_500(api: httpx.AsyncClient) -> None:
+    # orjson reads 1024 levels but writes 254: the body (input one level down) may be 254.
+    ok = await api.post("/v1/tasks", content=f'{{"preset":"sleep","input":{_nested(253)}}}')
+    assert ok.status_code == 202, ok.text
+    for body in (f'{{"preset":"sleep","input":{_nested(254)}}}',
+                 f'{{"tasks":[{{"preset":"sleep","input":{_nested(252)}}}]}}'):
+        path = "/v1/tasks/bulk" if "tasks" in body else "/v1/tasks"
+        msg = await _err(await api.post(path, content=body), 422, "invalid_json", "body")
+        assert "254 levels" in msg

@@ -15,6 +15,11 @@ from gpulane.node import Node
 
 M = TypeVar("M", bound=BaseModel)
 
+JSON_DEPTH_MAX = 254
+"""Deepest JSON orjson writes (a TypeError past it). A task is stored, hashed and answered
+as JSON no deeper than the body that submitted it, so a body deeper than this is refused
+up front instead of failing as a 500 after parsing (orjson reads up to 1024 levels)."""
+
 
 async def read_json(request: Request) -> Any:
     """The request body as JSON, refusing bodies over the node's size limit."""
@@ -27,10 +32,20 @@ async def read_json(request: Request) -> Any:
     if len(body) > limit:
         raise _too_large(len(body), limit)
     try:
-        return orjson.loads(body)
+        data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ValidationError("invalid_json", f"the request body is not valid JSON: {exc}",
                               field="body") from None
+    # Each level opens a bracket: only a body with that many can be too deep (a count is
+    # about 0.2 us on a small body; the dump runs only then).
+    if body.count(b"[") + body.count(b"{") > JSON_DEPTH_MAX:
+        try:
+            orjson.dumps(data)
+        except orjson.JSONEncodeError:
+            raise ValidationError(
+                "invalid_json", f"the request body is nested more than {JSON_DEPTH_MAX} "
+                "levels deep: flatten the input", field="body") from None
+    return data
 
 
 async def read_body(request: Request, model: type[M], example: str) -> M:
