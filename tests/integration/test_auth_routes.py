@@ -17,6 +17,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from gpulane.api.app import create_app
 from gpulane.node import Node
@@ -93,3 +95,18 @@ async def test_the_openapi_document_says_so(app: FastAPI) -> None:
             guarded = path.startswith("/v1/")
             assert ("401" in op["responses"]) is guarded, (method, path)
             assert ("security" in op) is guarded, (method, path)
+
+
+async def test_the_guard_holds_when_the_app_is_mounted_under_a_prefix(app: FastAPI) -> None:
+    # Mounted (or served with a root_path), scope["path"] keeps the prefix while the route
+    # table matches without it: the guard must read the path the way the table does.
+    outer = Starlette(routes=[Mount("/api", app=app)])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=outer),
+                                 base_url="http://t") as api:
+        for method, path in [("GET", "/api/v1/presets"), ("POST", "/api/v1/tasks"),
+                             ("GET", "/api/v1/tasks/x"), ("GET", "/api/v1/tasks")]:
+            r = await api.request(method, path, json={"preset": "sleep"})
+            assert r.status_code == 401, (method, path, r.text)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert (await api.get("/api/v1/presets", headers=auth)).status_code == 200
+        assert (await api.get("/api/healthz")).status_code == 200

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 
+from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpulane.api.responses import JSON
@@ -50,8 +51,11 @@ class TokenGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = self.node.settings.token
+        # The path as the route table matches it (Starlette's own helper): mounted under a
+        # prefix or served with a root_path, scope["path"] keeps the prefix, and reading it
+        # would let /prefix/v1/... through unguarded.
         if (token is not None and scope["type"] == "http"
-                and scope["path"].startswith(GUARDED_PREFIX)):
+                and get_route_path(scope).startswith(GUARDED_PREFIX)):
             header = next((v.decode("latin-1") for k, v in scope["headers"]
                            if k == b"authorization"), "")
             if not token_ok(header, token):
