@@ -718,6 +718,24 @@ async def test_wait_final_returns_the_unfinished_task_after_the_timeout(
     assert await wait_final(store, task.id, timeout=0) == got
 
 
+async def test_wait_final_counts_its_timeout_on_the_loop_clock(
+        store: Store, loop_clock: LoopClock) -> None:
+    """The deadline and what is left of it both read the loop's clock (the one the wait's
+    asyncio.timeout counts on): the clock starts far from time.monotonic, and a change that
+    carries no task makes the waiter re-read and measure what is left mid-wait."""
+    task = await submit(store)
+    await loop_clock.advance(1000)
+    waiter = asyncio.create_task(wait_final(store, task.id, timeout=60))
+    await settle()
+    await loop_clock.advance(50)
+    store.notifier.notify(task.id)  # wakes it to re-read: 10 s left, on the loop's clock
+    await settle()
+    assert not waiter.done()
+    await loop_clock.advance(20)
+    got = await asyncio.wait_for(waiter, GUARD_S)
+    assert got is not None and got.state is TaskState.QUEUED
+
+
 # -- the harness itself -----------------------------------------------------------------------
 
 
