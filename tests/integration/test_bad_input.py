@@ -6,6 +6,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from gpulane.api.app import create_app
 from gpulane.node import Node
@@ -228,3 +230,12 @@ async def test_an_input_too_deep_to_store_is_422_not_500(api: httpx.AsyncClient)
         path = "/v1/tasks/bulk" if "tasks" in body else "/v1/tasks"
         msg = await _err(await api.post(path, content=body), 422, "invalid_json", "body")
         assert "254 levels" in msg
+
+
+async def test_a_mounted_apps_405_still_names_the_methods(node: Node) -> None:
+    outer = Starlette(routes=[Mount("/api", app=create_app(node, manage_node=False))])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=outer),
+                                 base_url="http://t") as api:
+        r = await api.put("/api/v1/tasks")
+        msg = await _err(r, 405, "method_not_allowed", None)
+        assert r.headers["allow"] == "GET, POST" and "GET or POST" in msg

@@ -21,6 +21,7 @@ from typing import Any
 from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
+from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.routing import BaseRoute, Match, Route
@@ -126,7 +127,8 @@ async def http_error(request: Request, exc: Exception) -> JSON:
     if exc.status_code == 404:
         code, message = "not_found", f"no route for {method} {path}: see /docs for the API"
     elif exc.status_code == 405:
-        allow = allowed_methods(request.app.routes, path)
+        # Matched as the table matches (without the prefix the app may be mounted under).
+        allow = allowed_methods(request.app.routes, get_route_path(request.scope))
         headers["Allow"] = ", ".join(allow)
         code, message = "method_not_allowed", (
             f"{method} is not allowed on {path}: use {' or '.join(allow)}")
