@@ -126,7 +126,9 @@ StateQuery = Annotated[
         "['queued', 'running', 'succeeded', 'failed', 'cancelled']")]
 
 LimitQuery = Annotated[int, Query(ge=1, le=1000, description="page size"),
-                       fix("invalid_limit", "{field}={value} must be 1-1000", types_too=False)]
+                       fix("invalid_limit", "{field}={value} must be 1-1000", types_too=False,
+                           cases={"int_parsing": ("invalid_request", "{field}={value!r} must "
+                                                  "be a whole number 1-1000 (the page size)")})]
 
 NUMBER_DIGITS_MAX = 18
 """Most digits a cursor or an event number may have: the store keeps them as SQLite (64-bit)
