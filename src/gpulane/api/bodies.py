@@ -16,9 +16,12 @@ from gpulane.node import Node
 M = TypeVar("M", bound=BaseModel)
 
 JSON_DEPTH_MAX = 254
-"""Deepest JSON orjson writes (a TypeError past it). A task is stored, hashed and answered
-as JSON no deeper than the body that submitted it, so a body deeper than this is refused
-up front instead of failing as a 500 after parsing (orjson reads up to 1024 levels)."""
+"""Deepest JSON orjson writes (a TypeError past it; it reads up to 1024 levels). A body is
+refused up front when it would not fit with two levels to spare: a task's input is written
+at most two levels deeper than a single submit carries it (a page of tasks, {"tasks":
+[{"input": ...}]}), so a deeper one would fail as a 500 on every list that shows it."""
+JSON_DEPTH_ROOM = 2
+"""Levels a body's content may be written below where it sits in the body (see above)."""
 
 
 async def read_json(request: Request) -> Any:
@@ -38,13 +41,14 @@ async def read_json(request: Request) -> Any:
                               field="body") from None
     # Each level opens a bracket: only a body with that many can be too deep (a count is
     # about 0.2 us on a small body; the dump runs only then).
-    if body.count(b"[") + body.count(b"{") > JSON_DEPTH_MAX:
+    if body.count(b"[") + body.count(b"{") > JSON_DEPTH_MAX - JSON_DEPTH_ROOM:
         try:
-            orjson.dumps(data)
+            orjson.dumps([[data]])
         except orjson.JSONEncodeError:
             raise ValidationError(
-                "invalid_json", f"the request body is nested more than {JSON_DEPTH_MAX} "
-                "levels deep: flatten the input", field="body") from None
+                "invalid_json", "the request body is nested more than "
+                f"{JSON_DEPTH_MAX - JSON_DEPTH_ROOM} levels deep: flatten the input",
+                field="body") from None
     return data
 
 
