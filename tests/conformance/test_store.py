@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from tests.conftest import LoopClock, settle
+from tests.conftest import LoopClock, eventually, settle
 
 from gpulane.errors import ConflictError, StaleTokenError, StoreError
 from gpulane.model import DeviceWish, Task, TaskSpec, TaskState
@@ -679,6 +679,16 @@ async def test_every_write_notifies_the_task(store: Store) -> None:
     assert n.version(other.id) > v
 
 
+async def _parked(store: Store, task_id: str) -> None:
+    """Until a result waiter on the task is parked: the store's read before it is done, so
+    moving the loop clock now cannot time out a backend's own I/O (a server backend's client
+    times its reads on that same clock)."""
+    async def check() -> bool:
+        return store.notifier.waited_on(task_id)
+
+    await eventually(check)
+
+
 async def test_wait_final_returns_once_finished(store: Store) -> None:
     """The finish wakes the waiter: with an hour's timeout, an answer within the guard can
     only come from the finish, and a progress event before it does not end the wait."""
@@ -709,7 +719,7 @@ async def test_wait_final_returns_the_unfinished_task_after_the_timeout(
     """Not before the timeout, and then the task as it stands."""
     task = await submit(store)
     waiter = asyncio.create_task(wait_final(store, task.id, timeout=60))
-    await settle()  # parked: its 60 s count from here
+    await _parked(store, task.id)
     await loop_clock.advance(50)
     assert not waiter.done()
     await loop_clock.advance(20)
@@ -726,10 +736,10 @@ async def test_wait_final_counts_its_timeout_on_the_loop_clock(
     task = await submit(store)
     await loop_clock.advance(1000)
     waiter = asyncio.create_task(wait_final(store, task.id, timeout=60))
-    await settle()
+    await _parked(store, task.id)
     await loop_clock.advance(50)
     store.notifier.notify(task.id)  # wakes it to re-read: 10 s left, on the loop's clock
-    await settle()
+    await _parked(store, task.id)
     assert not waiter.done()
     await loop_clock.advance(20)
     got = await asyncio.wait_for(waiter, GUARD_S)
