@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -123,19 +124,25 @@ async def test_bad_input_to_a_worker_fails_only_that_task(api: httpx.AsyncClient
     assert good["state"] == "succeeded"
 
 
-async def test_token_is_required_when_set(tmp_path: Path) -> None:
+@pytest.fixture
+async def token_api(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """The API of a node started with the token ``s3cret``."""
     node = Node(make_settings(tmp_path, token="s3cret"))
     await node.start()
     try:
         app = create_app(node, manage_node=False)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="http://t") as api:
-            await _err(await api.get("/v1/presets"), 401, "unauthorized", "Authorization")
-            ok = await api.get("/v1/presets", headers={"Authorization": "Bearer s3cret"})
-            assert ok.status_code == 200
-            assert (await api.get("/healthz")).status_code == 200
+            yield api
     finally:
         await stop_node(node)
+
+
+async def test_token_is_required_when_set(token_api: httpx.AsyncClient) -> None:
+    await _err(await token_api.get("/v1/presets"), 401, "unauthorized", "Authorization")
+    ok = await token_api.get("/v1/presets", headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    assert (await token_api.get("/healthz")).status_code == 200
 
 
 async def test_a_wrong_method_is_405_naming_every_method_of_the_path(
@@ -204,18 +211,10 @@ async def test_a_lease_streams_from_the_first_event_on_an_unusable_last_event_id
     assert r.text.startswith("id: 1\n")
 
 
-async def test_a_token_that_is_not_ascii_is_401_not_500(tmp_path: Path) -> None:
-    node = Node(make_settings(tmp_path, token="s3cret"))
-    await node.start()
-    try:
-        app = create_app(node, manage_node=False)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://t") as api:
-            for given in ("Bearer s3cr\u00e9t".encode("utf-8"), b"Bearer \xff"):
-                r = await api.get("/v1/presets", headers={"Authorization": given})
-                await _err(r, 401, "unauthorized", "Authorization")
-    finally:
-        await stop_node(node)
+async def test_a_token_that_is_not_ascii_is_401_not_500(token_api: httpx.AsyncClient) -> None:
+    for given in ("Bearer s3cr\u00e9t".encode(), b"Bearer \xff"):
+        r = await token_api.get("/v1/presets", headers={"Authorization": given})
+        await _err(r, 401, "unauthorized", "Authorization")
 
 
 def _nested(depth: int) -> str:
