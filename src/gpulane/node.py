@@ -20,7 +20,7 @@ from gpulane.config import (
 from gpulane.devices import CpuPool, DeviceProvider, DeviceSnapshot, cpu_pool, select_provider
 from gpulane.errors import ConfigError, NotFoundError, ValidationError
 from gpulane.locks import FileLock
-from gpulane.model import DeviceWish, Event, Priority, Task, TaskSpec, TaskState
+from gpulane.model import FINAL_STATES, DeviceWish, Event, Priority, Task, TaskSpec, TaskState
 from gpulane.presets import PresetRegistry, example_presets_dir, load_presets
 from gpulane.runtime.circuit import PresetCircuit
 from gpulane.runtime.supervisor import Supervisor
@@ -232,7 +232,7 @@ class Node:
             seen = store.notifier.version(task_id)
             events = await store.events(task_id, after)
             for i, e in enumerate(events):
-                if e.type == "state" and e.data.get("state") in _FINAL:
+                if e.type == "state" and e.data.get("state") in FINAL_STATES:
                     yield events[:i + 1]
                     return
             if events:
@@ -322,7 +322,3 @@ class Node:
 
     def workers_view(self) -> list[dict[str, Any]]:
         return [w.to_json() for w in self.supervisor.workers.values()]
-
-
-_FINAL = frozenset(s.value for s in TaskState if s.final)
-"""Task states after which a task's event stream ends."""

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 
 from gpulane.errors import StaleTokenError
 from gpulane.model import ErrorKind, Task, TaskState, task_error
@@ -120,8 +120,8 @@ class Pipeline:
             return  # the last _settle gave the worker (and its CPU slot) back
         proc = worker.proc
         proc.state = WorkerState.BUSY
+        proc.last_used = time.monotonic()  # the idle reaper's clock, as in Worker.release
         now = self._clock()
-        proc.last_used = now
         sent = worker.sent
         sent.append(SentBatch({r.id for r in runs}, len(runs), len(runs) >= worker.batch_size,
                               None if sent else now))
@@ -331,9 +331,14 @@ class Pipeline:
         if worker.forming is not None:  # it is ready: all it holds waits for the batch to fill
             worker.stop_forming()
             unsent += worker.runs.values()
-        runs = [(r.id, r.token) for r in unsent if self._settle(r) and not r.cancelled]
+        runs = self._settle_unsent(unsent)
         if runs:
             self._spawn(self._store_requeue(runs, {"kind": kind}))
+
+    def _settle_unsent(self, runs: Iterable[TaskRun]) -> list[tuple[str, int]]:
+        """Settle runs the worker was never sent; the attempts (task id, token) that go back
+        to the queue (a cancelled one is final already)."""
+        return [(r.id, r.token) for r in runs if self._settle(r) and not r.cancelled]
 
     async def return_claimed(self, tasks: list[Task]) -> None:
         """Tasks claimed for a worker that exited, or began to stop, meanwhile: back to the
@@ -378,8 +383,7 @@ class Pipeline:
         else:
             # Its next batch was never sent: back to the queue, as when it is drained, not
             # failed as an attempt that never ran.
-            unsent = [(r.id, r.token) for r in worker.take_next()
-                      if self._settle(r) and not r.cancelled]
+            unsent = self._settle_unsent(worker.take_next())
             tail = proc.stderr_text()
             for run in runs:
                 await self.attempt_failed(

@@ -16,7 +16,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 
 from gpulane.errors import StaleTokenError
 from gpulane.model import ErrorKind, Task, TaskState, task_error
@@ -66,18 +66,17 @@ class Supervisor:
     def worker(self, worker_id: str) -> WorkerView | None:
         return self.workers.get(worker_id)
 
-    def session_workers(self, preset: str, lane: str) -> list[WorkerView]:
-        return [w for w in self.workers.values()
+    def _live_sessions(self, preset: str, lane: str) -> Iterator[Worker]:
+        return (w for w in self.workers.values()
                 if w.session and w.preset_name == preset and w.device.kind == lane
-                and w.alive]
+                and w.alive)
+
+    def session_workers(self, preset: str, lane: str) -> list[WorkerView]:
+        return list(self._live_sessions(preset, lane))
 
     def idle_worker(self, preset: str, lane: str) -> WorkerView | None:
         """A live session worker of the preset with nothing in flight (ready or booting)."""
-        for w in self.workers.values():
-            if (w.session and w.preset_name == preset and w.device.kind == lane and w.alive
-                    and not w.runs):
-                return w
-        return None
+        return next((w for w in self._live_sessions(preset, lane) if not w.runs), None)
 
     def forming_worker(self, preset: str, lane: str) -> tuple[WorkerView, int] | None:
         """A worker whose batch waits to fill (max_wait_ms), and how many more it takes."""
@@ -289,12 +288,11 @@ class Supervisor:
         except StaleTokenError as exc:
             log.info("cancel raced with the task's end: %s", exc)
         worker = self.workers.get(run.worker_id)
-        if worker is None:
-            pass  # it exited meanwhile, and let go of the run as it did
-        elif worker.session:
-            worker.proc.send(cancel_op(task_id))
-        else:
-            worker.proc.kill()
+        if worker is not None:  # else it exited meanwhile, and let go of the run as it did
+            if worker.session:
+                worker.proc.send(cancel_op(task_id))
+            else:
+                worker.proc.kill()
         return True
 
     def start_reaper(self) -> None:
