@@ -109,6 +109,7 @@ class TaskSpec:
     body_hash: str | None = None
     lane: str = "gpu"  # "gpu" or "cpu": the queue the router put it in
     fallback_reason: str | None = None  # why an auto task was sent to the CPU lane
+    submitted_by: str | None = None  # the name of the API key that submitted it
 
 
 @dataclass(slots=True)
@@ -134,11 +135,12 @@ class Task:
     idempotency_key: str | None = None
     lane: str = "gpu"
     fallback_reason: str | None = None
-
-    @property
-    def token(self) -> int:
-        """The fencing token of the current attempt: a finish with another token is refused."""
-        return self.attempts
+    # The fencing token of the current attempt: it rises on every claim, and a finish with
+    # another token is refused. ``attempts`` counts only the attempts held against the
+    # preset's max_attempts: a claim given back unspent (a node restart, a preemption, an
+    # OOM split, a crashed batch rerun in halves) lowers it again, the token never.
+    token: int = 0
+    submitted_by: str | None = None  # the name of the API key that submitted it
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -159,6 +161,7 @@ class Task:
             "created_at": self.created_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "submitted_by": self.submitted_by,
         }
 
 

@@ -514,7 +514,9 @@ async def test_recover_requeues_only_that_nodes_running_tasks(store: Store) -> N
     for t in (mine1, mine2):
         got = await store.get(t.id)
         assert got is not None
-        assert got.state is TaskState.QUEUED and got.placement is None and got.attempts == 1
+        # A restart gives the attempt back; the fencing token stays risen.
+        assert got.state is TaskState.QUEUED and got.placement is None and got.attempts == 0
+        assert got.token == 1
         assert await states(store, t.id) == ["queued", "running", "queued"]
     assert (await store.get(theirs.id)).state is TaskState.RUNNING  # type: ignore[union-attr]
     assert (await store.get(finished.id)).state is TaskState.SUCCEEDED  # type: ignore[union-attr]
@@ -526,7 +528,8 @@ async def test_recover_requeues_only_that_nodes_running_tasks(store: Store) -> N
         await store.finish(mine1.id, 1, TaskState.SUCCEEDED)
     again = await store.claim("p", "gpu", 10, "n1", "gpu:0")
     assert [t.id for t in again] == [mine1.id, mine2.id, waiting.id]
-    assert [t.attempts for t in again] == [2, 2, 1]
+    assert [t.attempts for t in again] == [1, 1, 1]
+    assert [t.token for t in again] == [2, 2, 1]
 
 
 # -- durability -------------------------------------------------------------------------------

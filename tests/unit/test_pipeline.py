@@ -54,7 +54,7 @@ class FakeStore:
         self.appended.extend((task_id, e) for e in events)
 
     async def requeue(self, task_id: str, token: int, error: object, *,
-                      events: list[object]) -> None:
+                      events: list[object], spent: bool = True) -> None:
         self.requeued.append(task_id)
 
 

@@ -19,7 +19,7 @@ class FailingStore(FakeStore):
     """A store whose every write fails (a full disk, a lost connection)."""
 
     async def requeue(self, task_id: str, token: int, error: object, *,
-                      events: list[object]) -> None:
+                      events: list[object], spent: bool = True) -> None:
         raise RuntimeError("disk full")
 
 
@@ -31,8 +31,8 @@ class RecordingStore(FakeStore):
         self.errors: dict[str, object] = {}
 
     async def requeue(self, task_id: str, token: int, error: object, *,
-                      events: list[object]) -> None:
-        await super().requeue(task_id, token, error, events=events)
+                      events: list[object], spent: bool = True) -> None:
+        await super().requeue(task_id, token, error, events=events, spent=spent)
         self.errors[task_id] = error
 
 

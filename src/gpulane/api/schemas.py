@@ -39,6 +39,7 @@ class TaskView(BaseModel):
     created_at: float
     started_at: float | None
     finished_at: float | None
+    submitted_by: str | None
 
 
 class TaskPage(BaseModel):

@@ -321,7 +321,7 @@ class Pipeline:
         for task_id, token in attempts:
             with contextlib.suppress(StaleTokenError):  # ended elsewhere (e.g. cancelled)
                 await self.store.requeue(task_id, token, None, events=[NewEvent(
-                    EventType.ERROR.value, {**event, "retrying": True})])
+                    EventType.ERROR.value, {**event, "retrying": True})], spent=False)
         self.listener.capacity_changed()
 
     def requeue_unsent(self, worker: Worker, kind: str) -> None:
@@ -350,20 +350,21 @@ class Pipeline:
         """An attempt ended through no fault of its input: retry it while attempts remain."""
         if run.done or run.cancelled:
             return
-        if kind in RETRYABLE_KINDS and run.token < run.preset.max_attempts:
+        attempt = run.task.attempts  # this one included
+        if kind in RETRYABLE_KINDS and attempt < run.preset.max_attempts:
             if not self._settle(run):
                 return
-            error = task_error(kind, message, attempt=run.token)
+            error = task_error(kind, message, attempt=attempt)
             try:
                 await self.store.requeue(run.id, run.token, error, events=[
                     NewEvent(EventType.ERROR.value, {"kind": kind, "message": message,
-                                                     "attempt": run.token, "retrying": True})])
+                                                     "attempt": attempt, "retrying": True})])
             except StaleTokenError as exc:
                 log.info("dropped a retry of a stale attempt: %s", exc)
             self.listener.capacity_changed()
             return
         await self.end(run, TaskState.FAILED, error=task_error(
-            kind, message, attempts=run.token))
+            kind, message, attempts=attempt))
 
     async def worker_gone(self, worker: Worker, *, closing: bool) -> None:
         """The worker exited: end what it held (the supervisor then drops the worker)."""

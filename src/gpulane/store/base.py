@@ -96,7 +96,7 @@ class Store(Protocol):
     async def claim(self, preset: str, lane: str, limit: int, node: str,
                     device: str) -> list[Task]:
         """Move up to ``limit`` queued tasks of (preset, lane) to running, highest priority
-        first, bumping each one's attempts (its fencing token)."""
+        first, raising each one's fencing token and its attempts."""
 
     async def append_events(self, task_id: str, events: Sequence[NewEvent]) -> list[Event]: ...
     async def events(self, task_id: str, after: int = 0, limit: int = 1000) -> list[Event]: ...
@@ -113,14 +113,17 @@ class Store(Protocol):
         a stale item does not stop the others."""
 
     async def requeue(self, task_id: str, token: int, error: dict[str, Any] | None,
-                      events: Sequence[NewEvent] = ()) -> Task:
-        """Put a running attempt back in the queue (a retry, or a preempted task)."""
+                      events: Sequence[NewEvent] = (), *, spent: bool = True) -> Task:
+        """Put a running attempt back in the queue: a retry (``spent``: it counts against
+        max_attempts), or an attempt given back unspent (preempted, never sent, an OOM
+        split, a crashed batch rerun in halves)."""
 
     async def cancel_queued(self, task_id: str) -> Task | None:
         """Cancel a task that is still queued; None if it was not queued any more."""
 
     async def recover(self, node: str) -> int:
-        """Requeue the tasks a previous run of ``node`` left running; returns how many."""
+        """Requeue the tasks a previous run of ``node`` left running, their attempts given
+        back (a restart is not the task's fault); returns how many."""
 
 
 class TaskNotifier(Notifier):

@@ -20,7 +20,14 @@ import orjson
 from gpulane.errors import ConflictError, StaleTokenError, StoreError
 from gpulane.model import ErrorKind, Event, Task, TaskSpec, TaskState, now, task_error
 from gpulane.store.base import Finish, NewEvent, QueueHead, TaskNotifier, new_task_id
-from gpulane.store.sqlite_schema import COLUMNS, INSERT_EVENT, SCHEMA, dumps, row_to_task
+from gpulane.store.sqlite_schema import (
+    COLUMNS,
+    INSERT_EVENT,
+    SCHEMA,
+    dumps,
+    migrate,
+    row_to_task,
+)
 
 log = logging.getLogger("gpulane.store")
 
@@ -53,6 +60,7 @@ class SqliteStore:
         db.execute("PRAGMA busy_timeout=5000")
         db.execute("PRAGMA temp_store=MEMORY")
         db.executescript(SCHEMA)
+        migrate(db)
         self._db = db
         self._maybe_queued = {(r[0], r[1]) for r in db.execute(
             "SELECT DISTINCT preset, lane FROM tasks WHERE state='queued'")}
@@ -143,10 +151,10 @@ class SqliteStore:
         cur = self.db.execute(
             "INSERT INTO tasks (id, preset, state, input, priority, base_priority, device_wish, "
             "lane, fallback_reason, timeout_s, content_type, idempotency_key, created_at, "
-            "event_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
+            "submitted_by, event_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
             (tid, spec.preset, TaskState.QUEUED.value, dumps(spec.input), spec.priority,
              spec.priority, spec.device_wish.value, spec.lane, spec.fallback_reason, spec.timeout_s,
-             spec.content_type, spec.idempotency_key, created))
+             spec.content_type, spec.idempotency_key, created, spec.submitted_by))
         self.db.execute(INSERT_EVENT,
                         (tid, 1, "state", dumps({"state": "queued", "lane": spec.lane,
                                                   "fallback_reason": spec.fallback_reason}),
@@ -158,7 +166,8 @@ class SqliteStore:
                     priority=spec.priority, device_wish=spec.device_wish, created_at=created,
                     seq=cur.lastrowid or 0, timeout_s=spec.timeout_s,
                     content_type=spec.content_type, idempotency_key=spec.idempotency_key,
-                    lane=spec.lane, fallback_reason=spec.fallback_reason)
+                    lane=spec.lane, fallback_reason=spec.fallback_reason,
+                    submitted_by=spec.submitted_by)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -231,11 +240,12 @@ class SqliteStore:
         with self._tx() as db:
             # One statement moves the whole batch; RETURNING hands back the rows as updated.
             rows = db.execute(
-                f"UPDATE tasks SET state='running', attempts=attempts+1, started_at=?, node=?, "
+                f"UPDATE tasks SET state='running', attempts=attempts+1, token=token+1, "
+                f"started_at=?, heartbeat_at=?, node=?, "
                 f"device=?, event_seq=event_seq+1 WHERE seq IN (SELECT seq FROM tasks WHERE "
                 f"state='queued' AND preset=? AND lane=? ORDER BY priority DESC, seq LIMIT ?) "
                 f"RETURNING {COLUMNS}, event_seq, priority",
-                (started, node, device, preset, lane, limit)).fetchall()
+                (started, started, node, device, preset, lane, limit)).fetchall()
             # RETURNING follows no order: put the batch back in queue order.
             rows.sort(key=lambda r: (-r[-1], r[0]))
             tasks = [row_to_task(r[:-2]) for r in rows]
@@ -278,13 +288,13 @@ class SqliteStore:
         return [Event(task_id, r[0], r[1], orjson.loads(r[2]), r[3]) for r in rows]
 
     def _check_token(self, task_id: str, token: int) -> None:
-        row = self.db.execute("SELECT state, attempts FROM tasks WHERE id=?",
+        row = self.db.execute("SELECT state, token FROM tasks WHERE id=?",
                               (task_id,)).fetchone()
         if row is None:
             raise StoreError(f"no task {task_id!r}")
         if row[0] != TaskState.RUNNING.value or row[1] != token:
             raise StaleTokenError(
-                f"task {task_id} attempt {token} is stale: the task is {row[0]} at attempt "
+                f"task {task_id} token {token} is stale: the task is {row[0]} with token "
                 f"{row[1]}")
 
     async def finish(self, task_id: str, token: int, state: TaskState, output: Any = None,
@@ -309,7 +319,7 @@ class SqliteStore:
                 # The fencing check is the UPDATE's own WHERE: a stale attempt changes nothing.
                 row = db.execute(
                     f"UPDATE tasks SET state=?, output=?, error=?, finished_at=?, "
-                    f"event_seq=event_seq+? WHERE id=? AND state='running' AND attempts=? "
+                    f"event_seq=event_seq+? WHERE id=? AND state='running' AND token=? "
                     f"RETURNING {COLUMNS}, event_seq",
                     (item.state.value, dumps(item.output),
                      dumps(item.error) if item.error else None, finished, len(events),
@@ -336,17 +346,17 @@ class SqliteStore:
             return exc
         except StoreError as exc:  # no such task: no attempt of it can be current
             return StaleTokenError(str(exc))
-        return StaleTokenError(f"task {task_id} attempt {token} is stale")
+        return StaleTokenError(f"task {task_id} token {token} is stale")
 
     async def requeue(self, task_id: str, token: int, error: dict[str, Any] | None,
-                      events: Sequence[NewEvent] = ()) -> Task:
+                      events: Sequence[NewEvent] = (), *, spent: bool = True) -> Task:
         with self._tx() as db:
             self._check_token(task_id, token)
             self._append(task_id, [*events, NewEvent("state", {"state": "queued",
                                                                 "retry_after_error": error})])
-            db.execute("UPDATE tasks SET state='queued', error=?, node=NULL, device=NULL "
-                       "WHERE id=?",
-                       (dumps(error) if error else None, task_id))
+            db.execute("UPDATE tasks SET state='queued', error=?, node=NULL, device=NULL, "
+                       "heartbeat_at=NULL, attempts=attempts-? WHERE id=?",
+                       (dumps(error) if error else None, 0 if spent else 1, task_id))
             task = self._get(task_id)
         assert task is not None
         self._maybe_queued.add((task.preset, task.lane))
@@ -373,7 +383,9 @@ class SqliteStore:
             for tid in ids:
                 self._append(tid, [NewEvent("state", {"state": "queued",
                                                       "reason": "node restarted"})])
-            db.execute("UPDATE tasks SET state='queued', node=NULL, device=NULL "
+            # A restart is not the task's fault: the attempt is given back (the token stays).
+            db.execute("UPDATE tasks SET state='queued', node=NULL, device=NULL, "
+                       "heartbeat_at=NULL, attempts=MAX(0, attempts-1) "
                        "WHERE state='running' AND node=?", (node,))
             self._maybe_queued |= {(r[0], r[1]) for r in db.execute(
                 "SELECT DISTINCT preset, lane FROM tasks WHERE state='queued'")}

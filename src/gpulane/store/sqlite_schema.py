@@ -35,7 +35,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     created_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL,
-    event_seq INTEGER NOT NULL DEFAULT 0
+    event_seq INTEGER NOT NULL DEFAULT 0,
+    token INTEGER NOT NULL DEFAULT 0,  -- fencing token: +1 on every claim, never lowered
+    submitted_by TEXT,  -- the API key's name
+    heartbeat_at REAL  -- while running: when its owner last said it still holds it
 );
 -- Partial indexes: a task is in the queue index only while queued and in the running index
 -- only while running, so the writes that end a task touch one index, not two.
@@ -61,8 +64,26 @@ CREATE TABLE IF NOT EXISTS idempotency (
 
 COLUMNS = ("seq, id, preset, state, input, output, error, base_priority, device_wish, lane, "
            "timeout_s, content_type, attempts, node, device, fallback_reason, idempotency_key, "
-           "created_at, started_at, finished_at")
+           "created_at, started_at, finished_at, token, submitted_by")
 """The task columns that :func:`row_to_task` reads, in its order."""
+
+ADDED_COLUMNS = {
+    "token": "INTEGER NOT NULL DEFAULT 0",
+    "submitted_by": "TEXT",
+    "heartbeat_at": "REAL",
+}
+"""Columns added since the first release: a database made before gets them on open."""
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring a database made by an older release up to SCHEMA (columns added since)."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(tasks)")}
+    for name, decl in ADDED_COLUMNS.items():
+        if name not in have:
+            db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {decl}")
+            if name == "token":  # the attempt counter was the fencing token until then
+                db.execute("UPDATE tasks SET token=attempts")
+
 
 INSERT_EVENT = "INSERT INTO events (task_id, seq, type, data, ts) VALUES (?,?,?,?,?)"
 """One event row: every write that appends events uses it."""
@@ -78,11 +99,11 @@ def loads(blob: bytes | None) -> Any:
 
 def row_to_task(row: sqlite3.Row | tuple[Any, ...]) -> Task:
     (seq, tid, preset, state, inp, out, err, prio, wish, lane, timeout_s, ctype, attempts,
-     node, device, reason, key, created, started, finished) = row
+     node, device, reason, key, created, started, finished, token, submitted_by) = row
     placement = Placement(node, device, reason) if device else None
     return Task(id=tid, preset=preset, state=TaskState(state), input=loads(inp),
                 priority=prio, device_wish=DeviceWish(wish), created_at=created, seq=seq,
                 output=loads(out), error=loads(err), attempts=attempts, timeout_s=timeout_s,
                 content_type=ctype, placement=placement, started_at=started,
                 finished_at=finished, idempotency_key=key, lane=lane,
-                fallback_reason=reason)
+                fallback_reason=reason, token=token, submitted_by=submitted_by)
