@@ -51,8 +51,42 @@ LEASE_GRACE_MAX_S = 600.0
 DEFAULT_AGEING_S = 30.0
 """A queued task gains one priority point per this many seconds of waiting (0 turns it off):
 background work (10) overtakes fresh normal work (50) after 20 minutes."""
-DEFAULT_GPU_LOCK_DIR = "/tmp/gpulane-gpu-locks"
-"""Host-wide folder of per-GPU lock files: two nodes never own the same GPU."""
+GPU_LOCK_DIRS = ("/run/gpulane/gpu-locks",)
+"""Host-wide folders tried, in order, for the per-GPU lock files when gpu_lock_dir is not
+set (never world-writable /tmp); the data dir's ``gpu-locks`` is the last resort."""
+DEFAULT_RETAIN_S = 7 * 24 * 3600.0
+"""How long finished tasks, their events, files and idempotency keys are kept (7 days)."""
+DEFAULT_CLAIM_TTL_S = 30.0
+"""A running task whose owner has not heartbeat for this long goes back to the queue."""
+DEFAULT_MAX_QUEUED = 100_000
+"""Queued tasks one preset may hold before submits get 429 queue_full (a preset's own
+max_queued overrides it)."""
+DEFAULT_RATE_LIMIT_PER_S = 0.0
+"""Requests per second one API key may make (token bucket; 0: no limit). A key in the keys
+file may set its own."""
+DEFAULT_RATE_BURST = 0
+"""Requests a key may make at once above its rate (0: one second's worth)."""
+DURABILITY_SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
+"""SQLite's synchronous pragma per durability: what a 202 can lose is in docs/reliability.md."""
+
+
+_DURATION_UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration_s(text: str) -> float:
+    """Seconds in "7d", "12h", "30m", "45s", "1w" or a plain number of seconds."""
+    t = text.strip().lower()
+    try:
+        if t and t[-1] in _DURATION_UNITS_S:
+            value = float(t[:-1]) * _DURATION_UNITS_S[t[-1]]
+        else:
+            value = float(t)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration: use e.g. 7d, 12h, 30m, 45s or a "
+                         "number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{text!r} is not a positive duration")
+    return value
 
 
 class Settings(BaseSettings):
@@ -70,21 +104,49 @@ class Settings(BaseSettings):
     simulate_gpus: str | None = None  # e.g. "2x24GiB"; None = NVML, else simulated default
     cpu_concurrency: int | None = Field(None, ge=1)  # default: number of cores
     node_name: str | None = None  # default: hostname
-    token: str | None = None  # bearer token required by the API when set
+    token: str | None = None  # one admin API key (named "token"), besides the keys file
+    keys_file: Path | None = None  # API keys: name, sha256 of the key, scopes (docs/security.md)
+    keys: str | None = None  # API keys inline, "name:key:scope+scope,..." (env GPULANE_KEYS)
+    insecure_no_auth: bool = False  # allow a non-loopback bind without any key
+    # origins allowed to call from a browser (CORS is off when empty); comma-separated in env
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_input_bytes: int = Field(DEFAULT_MAX_INPUT_BYTES, ge=1024)
-    sqlite_synchronous: str = "NORMAL"  # NORMAL: durable across process crashes; FULL: power loss
+    max_queued: int = Field(DEFAULT_MAX_QUEUED, ge=1)  # per preset, unless it sets its own
+    rate_limit_per_s: float = Field(DEFAULT_RATE_LIMIT_PER_S, ge=0)  # per key; 0: off
+    rate_burst: int = Field(DEFAULT_RATE_BURST, ge=0)  # 0: one second's worth
+    retain: float = Field(DEFAULT_RETAIN_S, gt=0)  # seconds ("7d", "12h" too) finished work is kept
+    claim_ttl_s: float = Field(DEFAULT_CLAIM_TTL_S, ge=1)  # requeue running tasks unheard of
+    durability: str = "normal"  # normal: survives a process crash; full: power loss too
     log_level: str = "info"
     ageing_s: float = Field(DEFAULT_AGEING_S, ge=0)  # +1 priority per this many s queued; 0: off
-    gpu_lock_dir: str = DEFAULT_GPU_LOCK_DIR  # one lock file per real GPU uuid, host-wide
+    gpu_lock_dir: str | None = None  # per-GPU lock files; None: GPU_LOCK_DIRS, else data dir
     worker_stderr_lines: int = Field(DEFAULT_WORKER_STDERR_LINES, ge=1, le=10_000)
     worker_stop_grace_s: float = Field(DEFAULT_WORKER_STOP_GRACE_S, ge=0, le=3600)
 
-    @field_validator("sqlite_synchronous")
+    @field_validator("durability")
     @classmethod
-    def _sync_mode(cls, v: str) -> str:
-        if v.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise ValueError("use OFF, NORMAL, FULL or EXTRA")
-        return v.upper()
+    def _durability(cls, v: str) -> str:
+        if v.lower() not in DURABILITY_SYNCHRONOUS:
+            raise ValueError("use normal (survives a process crash) or full (survives power "
+                             "loss too)")
+        return v.lower()
+
+    @field_validator("retain", mode="before")
+    @classmethod
+    def _retain(cls, v: Any) -> Any:
+        return parse_duration_s(v) if isinstance(v, str) else v
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @property
+    def sqlite_synchronous(self) -> str:
+        """SQLite's synchronous pragma for the chosen durability."""
+        return DURABILITY_SYNCHRONOUS[self.durability]
 
     @field_validator("presets", mode="before")
     @classmethod

@@ -97,7 +97,8 @@ class Node:
         try:
             if not self.provider.simulated:
                 for snap in self.gpus:
-                    lock = FileLock(Path(self.settings.gpu_lock_dir) / f"{snap.uuid}.lock",
+                    lock_dir = self.settings.gpu_lock_dir or self.settings.data_dir / "gpu-locks"
+                    lock = FileLock(Path(lock_dir) / f"{snap.uuid}.lock",
                                     f"GPU {snap.index} ({snap.uuid})")
                     lock.acquire()
                     self._gpu_locks.append(lock)

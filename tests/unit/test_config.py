@@ -42,7 +42,7 @@ def test_defaults(clean_env: Path) -> None:
     assert s.store is None
     assert s.store_url == f"sqlite:///{(clean_env / '.gpulane' / 'gpulane.db').resolve()}"
     assert s.presets == [] and s.examples is True
-    assert s.sqlite_synchronous == "NORMAL"
+    assert s.durability == "normal" and s.sqlite_synchronous == "NORMAL"
     assert s.token is None and s.cpu_concurrency is None
 
 
@@ -162,7 +162,9 @@ def test_presets_from_file_and_flags(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("flags", "field"), [
     ({"port": 70000}, "port"),
     ({"port": -1}, "port"),
-    ({"sqlite_synchronous": "sometimes"}, "sqlite_synchronous"),
+    ({"durability": "sometimes"}, "durability"),
+    ({"retain": "forever"}, "retain"),
+    ({"retain": "-3d"}, "retain"),
     ({"cpu_concurrency": 0}, "cpu_concurrency"),
     ({"max_input_bytes": 10}, "max_input_bytes"),
     ({"worker_stderr_lines": 0}, "worker_stderr_lines"),
@@ -173,14 +175,27 @@ def test_invalid_flags_name_the_field(flags: dict[str, object], field: str) -> N
         Settings.load(**flags)
 
 
-def test_sqlite_synchronous_is_normalised() -> None:
-    assert Settings.load(sqlite_synchronous="full").sqlite_synchronous == "FULL"
+def test_durability_picks_sqlite_synchronous() -> None:
+    assert Settings.load().sqlite_synchronous == "NORMAL"
+    assert Settings.load(durability="FULL").sqlite_synchronous == "FULL"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("7d", 604800.0), ("12h", 43200.0), ("30m", 1800.0), ("45s", 45.0), ("1w", 604800.0),
+    ("90", 90.0), (" 2D ", 172800.0)])
+def test_retain_reads_durations(text: str, seconds: float) -> None:
+    assert Settings.load(retain=text).retain == seconds
+
+
+def test_cors_origins_split_on_commas(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPULANE_CORS_ORIGINS", "https://a.example, https://b.example")
+    assert Settings.load().cors_origins == ["https://a.example", "https://b.example"]
 
 
 @pytest.mark.parametrize(("name", "value", "field"), [
     ("GPULANE_PORT", "eighty", "port"),
     ("GPULANE_PORT", "99999", "port"),
-    ("GPULANE_SQLITE_SYNCHRONOUS", "nope", "sqlite_synchronous"),
+    ("GPULANE_DURABILITY", "nope", "durability"),
     ("GPULANE_CPU_CONCURRENCY", "0", "cpu_concurrency"),
 ])
 def test_invalid_env_names_the_field(monkeypatch: pytest.MonkeyPatch, name: str, value: str,
