@@ -167,7 +167,7 @@ class Node:
     def build_spec(self, *, preset: str, input: Any, device: str = "auto",
                    priority: int = Priority.NORMAL, timeout_s: float | None = None,
                    content_type: str | None = None, idempotency_key: str | None = None,
-                   where: str = "") -> TaskSpec:
+                   where: str = "", submitted_by: str | None = None) -> TaskSpec:
         """One well-formed submit (the API's request model checked each field) checked
         against what only the node knows: the registry, what a preset accepts, the router."""
         found = self.registry.get(preset)
@@ -191,7 +191,7 @@ class Node:
                                  "device": wish.value, "priority": priority,
                                  "timeout_s": timeout_s, "content_type": content_type})
             if idempotency_key else None, lane=r.lane,
-            fallback_reason=r.fallback_reason)
+            fallback_reason=r.fallback_reason, submitted_by=submitted_by)
 
     async def submit(self, spec: TaskSpec) -> tuple[Task, bool]:
         task, created = await self.store.submit(spec)
@@ -260,10 +260,11 @@ class Node:
 
     async def acquire_lease(self, *, holder: str, vram_mb: int, gpus: int, device: int | None,
                             priority: int, ttl_s: float, preemptible: bool, grace_s: float,
-                            wait_s: float) -> Lease:
+                            wait_s: float, owner: str | None = None) -> Lease:
         """Grant a lease now or within ``wait_s`` (LeaseTimeout after); refuse one this node
         cannot serve (an unknown device, more than its GPUs hold)."""
-        req = LeaseRequest(holder, vram_mb, gpus, device, priority, ttl_s, preemptible, grace_s)
+        req = LeaseRequest(holder, vram_mb, gpus, device, priority, ttl_s, preemptible, grace_s,
+                           owner)
         self.leases.check(req)
         return await self.leases.acquire(req, wait_s)
 

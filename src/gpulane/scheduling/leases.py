@@ -63,6 +63,7 @@ class LeaseRequest:
     ttl_s: float = DEFAULT_LEASE_TTL_S
     preemptible: bool = True
     grace_s: float = DEFAULT_LEASE_GRACE_S
+    owner: str | None = None  # the API key that took it: only that key may renew or release
 
 
 @dataclass(eq=False, slots=True)
