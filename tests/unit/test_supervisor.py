@@ -142,3 +142,16 @@ async def test_a_worker_drained_while_its_batch_forms_requeues_it_and_stops_at_o
     await asyncio.sleep(0)
     assert store.requeued == ["a", "b"] and not worker.runs and worker.forming is None
     assert proc.stops == 1 and "cpu w-1" in listener.heard and proc.ops == []
+
+
+async def test_held_runs_name_every_attempt_a_worker_holds_sent_or_next(
+        tmp_path: Path) -> None:
+    # What the node heartbeats: a run the reaper must not take back while a worker holds it.
+    sup, worker, _ = registry(FakeStore(), tmp_path)
+    sup.dispatch(worker.id, tasks("a", "b"))  # sent
+    sup.dispatch(worker.id, tasks("c"))  # the next batch, on the node
+    assert sorted(sup.held_runs()) == [("a", 0), ("b", 0), ("c", 0)]
+    worker.runs["b"].cancelled = True  # final already: nothing to keep alive
+    assert sorted(sup.held_runs()) == [("a", 0), ("c", 0)]
+    worker.close()
+    assert sup.held_runs() == []

@@ -107,6 +107,13 @@ class Supervisor:
                        and (device is None or w.device.index == device)),
                       key=lambda w: w.last_used)
 
+    def held_runs(self) -> list[tuple[str, int]]:
+        """(task id, token) of every attempt a live worker still holds: the batches sent to
+        it and its next batch (cancelled ones are final already). What the node heartbeats,
+        so that only the attempts nobody holds any more are reaped after the claim TTL."""
+        return [(r.id, r.token) for w in self.workers.values() for r in w.runs.values()
+                if not r.cancelled]
+
     def circuit(self, preset: str) -> PresetCircuit:
         """The preset's start-failure circuit (see runtime/circuit.py)."""
         circ = self.circuits.get(preset)
