@@ -11,7 +11,10 @@
     │   ├── NotFoundError             404: unknown task, preset, lease or device
     │   ├── ConflictError             409: idempotency key reused with another body, stale token
     │   ├── PayloadTooLargeError      413: input over the size limit
-    │   └── ValidationError           422: a field is malformed or out of range
+    │   ├── UnsupportedMediaTypeError 415: a request body that is not application/json
+    │   ├── ValidationError           422: a field is malformed or out of range
+    │   ├── TooManyRequestsError      429: a queue is full or a rate is spent; Retry-After
+    │   └── UnavailableError          503: the node is draining; Retry-After
     └── ClientError                   raised by the SDK (gpulane.client); ``attempts`` made
         ├── TransportError            no HTTP answer: refused, reset, DNS failure, timeout
         │   └── CircuitOpenError      not sent: the breaker of that base URL is open; ``retry_in``
@@ -29,7 +32,7 @@ count against the circuit; any other 5xx counts against the circuit but is not r
 calls the fallback instead for a ``CircuitOpenError`` or a transient error.
 
 Each ``RequestError`` renders to the wire as
-``{"error": {"code": ..., "message": ..., "field": ...}}`` with its ``status``.
+``{"error": {"code": ..., "message": ..., "field": ...}}`` with its ``status`` and ``headers``.
 """
 
 from __future__ import annotations
@@ -67,12 +70,15 @@ class RequestError(GpulaneError):
     status = 400
 
     def __init__(self, code: str, message: str, field: str | None = None,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.field = field
         self.extra = extra or {}
+        self.headers = headers or {}
+        """Response headers the answer carries (Retry-After, Connection)."""
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code, "message": self.message, "field": self.field}
@@ -92,8 +98,20 @@ class PayloadTooLargeError(RequestError):
     status = 413
 
 
+class UnsupportedMediaTypeError(RequestError):
+    status = 415
+
+
 class ValidationError(RequestError):
     status = 422
+
+
+class TooManyRequestsError(RequestError):
+    status = 429
+
+
+class UnavailableError(RequestError):
+    status = 503
 
 
 TRANSIENT_STATUSES = frozenset({408, 429, 502, 503, 504})

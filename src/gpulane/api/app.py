@@ -54,7 +54,7 @@ def create_app(node: Node, *, manage_node: bool = True) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSON:
-        return JSON(exc.to_json(), status_code=exc.status)
+        return JSON(exc.to_json(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSON:

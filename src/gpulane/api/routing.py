@@ -68,7 +68,7 @@ class HotRoute(APIRoute):
                     kwargs[name] = default if raw is None else _validate(name, adapter, raw)
             response = await self._call(request, **kwargs)
         except RequestError as exc:
-            response = JSON(exc.to_json(), status_code=exc.status)
+            response = JSON(exc.to_json(), status_code=exc.status, headers=exc.headers)
         await response(scope, receive, send)
 
 
