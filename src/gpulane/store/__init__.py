@@ -4,6 +4,7 @@ from gpulane.store.base import (
     Finish,
     NewEvent,
     QueueHead,
+    QueueStats,
     Store,
     TaskNotifier,
     body_hash,
@@ -11,5 +12,5 @@ from gpulane.store.base import (
 )
 from gpulane.store.factory import open_store
 
-__all__ = ["Finish", "NewEvent", "QueueHead", "Store", "TaskNotifier", "body_hash", "open_store",
-           "wait_final"]
+__all__ = ["Finish", "NewEvent", "QueueHead", "QueueStats", "Store", "TaskNotifier", "body_hash",
+           "open_store", "wait_final"]

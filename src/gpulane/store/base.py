@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,6 +65,17 @@ class Finish:
     events: Sequence[NewEvent] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """One preset's queue as counters: what admission (max_queued) and drain rates read."""
+
+    queued: int
+    """Tasks of the preset queued now (every lane)."""
+    claimed_total: int
+    """Claims of the preset's tasks since the store was opened: only grows, so two readings
+    apart in time give the rate at which its queue drains."""
+
+
 class Store(Protocol):
     """What the node needs of a store. Every method is atomic."""
 
@@ -88,7 +99,12 @@ class Store(Protocol):
     async def queue_heads(self, lanes: Iterable[tuple[str, str]]) -> list[QueueHead]:
         """The head (highest priority, then oldest) of each non-empty (preset, lane) queue."""
 
-    async def queued_count(self) -> int: ...
+    async def queued_count(self) -> int:
+        """Tasks queued now, all presets together; O(1) (from the counters)."""
+
+    async def queue_stats(self) -> Mapping[str, QueueStats]:
+        """Per preset: tasks queued now and claims since open; O(1), no query. A preset that
+        has had neither is absent."""
 
     async def age_queued(self, step_s: float, at: float | None = None) -> int:
         """Raise queued tasks' effective priority by 1 per ``step_s`` waited (ageing)."""
@@ -120,6 +136,11 @@ class Store(Protocol):
 
     async def cancel_queued(self, task_id: str) -> Task | None:
         """Cancel a task that is still queued; None if it was not queued any more."""
+
+    async def retry_failed(self, task_id: str) -> Task | None:
+        """Put a dead letter (a ``failed`` or ``cancelled`` task) back in the queue with its
+        attempts reset to 0 and a ``queued`` state event saying so; None when the task is
+        unknown or not failed/cancelled (``get`` tells the two apart)."""
 
     async def recover(self, node: str) -> int:
         """Requeue the tasks a previous run of ``node`` left running, their attempts given

@@ -11,7 +11,8 @@ import contextlib
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,14 @@ import orjson
 
 from gpulane.errors import ConflictError, StaleTokenError, StoreError
 from gpulane.model import ErrorKind, Event, Task, TaskSpec, TaskState, now, task_error
-from gpulane.store.base import Finish, NewEvent, QueueHead, TaskNotifier, new_task_id
+from gpulane.store.base import (
+    Finish,
+    NewEvent,
+    QueueHead,
+    QueueStats,
+    TaskNotifier,
+    new_task_id,
+)
 from gpulane.store.sqlite_schema import (
     COLUMNS,
     INSERT_EVENT,
@@ -46,6 +54,10 @@ class SqliteStore:
         # (preset, lane) queues that may hold queued tasks: this node owns the file, so it
         # knows every insert; queue_heads skips the rest instead of querying each one.
         self._maybe_queued: set[tuple[str, str]] = set()
+        # Per preset: tasks queued now, and claims since open. Kept in step with every write
+        # (after its commit), so admission and /readyz read counters, never the table.
+        self._queued: Counter[str] = Counter()
+        self._claimed: Counter[str] = Counter()
         self._closing = threading.Event()
         self._checkpointer: threading.Thread | None = None
 
@@ -62,8 +74,14 @@ class SqliteStore:
         db.executescript(SCHEMA)
         migrate(db)
         self._db = db
-        self._maybe_queued = {(r[0], r[1]) for r in db.execute(
-            "SELECT DISTINCT preset, lane FROM tasks WHERE state='queued'")}
+        self._maybe_queued = set()
+        self._queued = Counter()
+        for preset, lane, n in db.execute(
+                "SELECT preset, lane, COUNT(*) FROM tasks WHERE state='queued' "
+                "GROUP BY preset, lane"):
+            self._maybe_queued.add((preset, lane))
+            self._queued[preset] += n
+        self._claimed = Counter()
         if self.path != ":memory:":
             # A checkpoint syncs the database file to disk: 15-20 ms that must not stall the
             # event loop. Commits stop checkpointing; a thread with its own connection does it.
@@ -141,6 +159,7 @@ class SqliteStore:
                 out.append((task, True))
         for task, created in out:
             if created:
+                self._queued[task.preset] += 1
                 self.notifier.notify(task.id, task)
         return out
 
@@ -229,8 +248,11 @@ class SqliteStore:
         return cur.rowcount
 
     async def queued_count(self) -> int:
-        return int(self.db.execute(
-            "SELECT COUNT(*) FROM tasks WHERE state='queued'").fetchone()[0])
+        return sum(self._queued.values())
+
+    async def queue_stats(self) -> Mapping[str, QueueStats]:
+        return {p: QueueStats(self._queued[p], self._claimed[p])
+                for p in self._queued.keys() | self._claimed.keys()}
 
     # -- claim, events, finish ---------------------------------------------------------------
 
@@ -255,6 +277,9 @@ class SqliteStore:
                     "state": "running", "attempt": t.attempts, "node": node, "device": device,
                     "fallback_reason": t.fallback_reason}), started)
                  for t, r in zip(tasks, rows, strict=True)])
+        if tasks:
+            self._queued[preset] -= len(tasks)
+            self._claimed[preset] += len(tasks)
         for t in tasks:
             self.notifier.notify(t.id, t)
         return tasks
@@ -360,6 +385,7 @@ class SqliteStore:
             task = self._get(task_id)
         assert task is not None
         self._maybe_queued.add((task.preset, task.lane))
+        self._queued[task.preset] += 1
         self.notifier.notify(task_id, task)
         return task
 
@@ -373,20 +399,44 @@ class SqliteStore:
             db.execute("UPDATE tasks SET state='cancelled', error=?, finished_at=? WHERE id=?",
                        (dumps(error), now(), task_id))
             task = self._get(task_id)
+        assert task is not None
+        self._queued[task.preset] -= 1
+        self.notifier.notify(task_id, task)
+        return task
+
+    async def retry_failed(self, task_id: str) -> Task | None:
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM tasks WHERE id=?", (task_id,)).fetchone()
+            if row is None or row[0] not in (TaskState.FAILED.value, TaskState.CANCELLED.value):
+                return None
+            self._append(task_id, [NewEvent("state", {"state": "queued",
+                                                      "reason": f"retried after {row[0]}"})])
+            # A fresh start: attempts back to 0 (the token keeps rising: a late finish of an
+            # old attempt stays stale), and no outcome.
+            db.execute("UPDATE tasks SET state='queued', attempts=0, output=NULL, error=NULL, "
+                       "node=NULL, device=NULL, started_at=NULL, finished_at=NULL, "
+                       "heartbeat_at=NULL WHERE id=?", (task_id,))
+            task = self._get(task_id)
+        assert task is not None
+        self._maybe_queued.add((task.preset, task.lane))
+        self._queued[task.preset] += 1
         self.notifier.notify(task_id, task)
         return task
 
     async def recover(self, node: str) -> int:
         with self._tx() as db:
-            ids = [r[0] for r in db.execute(
-                "SELECT id FROM tasks WHERE state='running' AND node=?", (node,))]
-            for tid in ids:
+            rows = db.execute(
+                "SELECT id, preset, lane FROM tasks WHERE state='running' AND node=?",
+                (node,)).fetchall()
+            for tid, _, _ in rows:
                 self._append(tid, [NewEvent("state", {"state": "queued",
                                                       "reason": "node restarted"})])
             # A restart is not the task's fault: the attempt is given back (the token stays).
             db.execute("UPDATE tasks SET state='queued', node=NULL, device=NULL, "
                        "heartbeat_at=NULL, attempts=MAX(0, attempts-1) "
                        "WHERE state='running' AND node=?", (node,))
-            self._maybe_queued |= {(r[0], r[1]) for r in db.execute(
-                "SELECT DISTINCT preset, lane FROM tasks WHERE state='queued'")}
-        return len(ids)
+        for tid, preset, lane in rows:
+            self._maybe_queued.add((preset, lane))
+            self._queued[preset] += 1
+            self.notifier.notify(tid)
+        return len(rows)
