@@ -217,6 +217,9 @@ async def test_a_token_that_is_not_ascii_is_401_not_500(token_api: httpx.AsyncCl
         await _err(r, 401, "unauthorized", "Authorization")
 
 
+JSON_TYPE = {"Content-Type": "application/json"}
+
+
 def _nested(depth: int) -> str:
     return "[" * depth + "]" * depth
 
@@ -224,14 +227,16 @@ def _nested(depth: int) -> str:
 async def test_an_input_too_deep_to_write_is_422_not_500(api: httpx.AsyncClient) -> None:
     # orjson reads 1024 levels but writes 254, and a page of tasks writes an input three
     # levels down ({"tasks": [{"input": ...}]}): an input may be 251 levels deep.
-    ok = await api.post("/v1/tasks", content=f'{{"preset":"sleep","input":{_nested(251)}}}')
+    ok = await api.post("/v1/tasks", content=f'{{"preset":"sleep","input":{_nested(251)}}}',
+                        headers=JSON_TYPE)
     assert ok.status_code == 202, ok.text
     page = await api.get("/v1/tasks", params={"limit": 1})
     assert page.status_code == 200 and page.json()["tasks"][0]["id"] == ok.json()["id"]
     for body in (f'{{"preset":"sleep","input":{_nested(252)}}}',
                  f'{{"tasks":[{{"preset":"sleep","input":{_nested(250)}}}]}}'):
         path = "/v1/tasks/bulk" if "tasks" in body else "/v1/tasks"
-        msg = await _err(await api.post(path, content=body), 422, "invalid_json", "body")
+        msg = await _err(await api.post(path, content=body, headers=JSON_TYPE), 422,
+                         "invalid_json", "body")
         assert "252 levels" in msg
 
 

@@ -1,16 +1,28 @@
-"""Request bodies: read within the node's size limit, parse as JSON, validate with a model."""
+"""Request bodies: JSON only, read within the node's size limit, parsed, validated.
+
+A body must say ``Content-Type: application/json`` (415 otherwise): a web page may send any
+other site a ``text/plain`` POST without asking first, and this refuses it before it acts.
+The body is read chunk by chunk as it arrives and never held past the limit, whether it came
+with a Content-Length or chunked. Past the limit the rest is read and thrown away (within a
+bound) before the 413 goes out with ``Connection: close``: a client that sends its whole body
+before reading (Python's urllib, ``requests``) then reads the 413 instead of a reset, which
+is what closing a socket with unread data in it sends.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from gpulane.api.validation import request_error
-from gpulane.errors import PayloadTooLargeError, ValidationError
+from gpulane.errors import PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError
 from gpulane.node import Node
 
 M = TypeVar("M", bound=BaseModel)
@@ -23,17 +35,20 @@ at most two levels deeper than a single submit carries it (a page of tasks, {"ta
 JSON_DEPTH_ROOM = 2
 """Levels a body's content may be written below where it sits in the body (see above)."""
 
+DISCARD_MAX_BYTES = 64 * 1024 * 1024
+"""Most bytes of an oversized body read and thrown away so that its sender reads the 413:
+several times the default limit, so the usual mistake (a file a few times too big) gets its
+answer; past it a sender is cut off (a reset) rather than served for free."""
+DISCARD_MAX_S = 10.0
+"""Longest an oversized body is read and thrown away: a slow sender is cut off then."""
+
 
 async def read_json(request: Request) -> Any:
-    """The request body as JSON, refusing bodies over the node's size limit."""
+    """The request body as JSON: 415 unless it says application/json, 413 over the node's
+    size limit."""
+    _check_media_type(request.headers.get("content-type"))
     node: Node = request.app.state.node
-    limit = node.settings.max_input_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(int(declared), limit)
-    body = await request.body()
-    if len(body) > limit:
-        raise _too_large(len(body), limit)
+    body = await _read_within(request, node.settings.max_input_bytes)
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -62,8 +77,59 @@ async def read_body(request: Request, model: type[M], example: str) -> M:
         raise request_error(exc.errors(), model, example) from None
 
 
-def _too_large(size: int, limit: int) -> PayloadTooLargeError:
+def _check_media_type(header: str | None) -> None:
+    """415 unless the Content-Type is application/json or application/*+json (parameters
+    such as charset allowed, any case)."""
+    kind = (header or "").partition(";")[0].strip().lower()
+    if kind == "application/json" or (kind.startswith("application/") and
+                                      kind.endswith("+json")):
+        return
+    raise UnsupportedMediaTypeError(
+        "unsupported_media_type", f"Content-Type {header!r} is not JSON: send the body as "
+        "JSON with 'Content-Type: application/json' (curl: -H 'Content-Type: "
+        "application/json'; httpx/requests: json=...)", field="Content-Type")
+
+
+async def _read_within(request: Request, limit: int) -> bytes:
+    """The body, read as it arrives; a 413 once it passes ``limit`` bytes (at once when its
+    Content-Length says it will), the rest thrown away first (see the module's docstring)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        await _discard(request, int(declared))
+        raise _too_large(f"{int(declared)} bytes", limit)
+    chunks: list[bytes] = []
+    size = 0
+    stream = request.stream()
+    async for chunk in stream:
+        size += len(chunk)
+        if size > limit:
+            chunks.clear()
+            await _discard(request, None, stream)
+            raise _too_large(f"over {limit} bytes", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _discard(request: Request, declared: int | None,
+                   stream: AsyncIterator[bytes] | None = None) -> None:
+    """Read and drop what is left of the body within DISCARD_MAX_BYTES and DISCARD_MAX_S;
+    nothing when its Content-Length already says it is longer than that."""
+    if declared is not None and declared > DISCARD_MAX_BYTES:
+        return
+    chunks = stream if stream is not None else request.stream()
+    thrown = 0
+    with contextlib.suppress(TimeoutError, ClientDisconnect):
+        async with asyncio.timeout(DISCARD_MAX_S):
+            async for chunk in chunks:
+                thrown += len(chunk)
+                if thrown > DISCARD_MAX_BYTES:
+                    return
+
+
+def _too_large(size: str, limit: int) -> PayloadTooLargeError:
+    # Connection: close: whatever of the body was not read must not be taken for the next
+    # request on this connection.
     return PayloadTooLargeError(
-        "payload_too_large", f"the request body is {size} bytes, over the limit of {limit}: "
+        "payload_too_large", f"the request body is {size}, over the limit of {limit}: "
         "send a smaller input, pass large data by path or URL, or raise max_input_bytes",
-        field="input")
+        field="input", headers={"Connection": "close"})
