@@ -11,15 +11,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from gpulane.config import (
+    GPU_LOCK_DIRS,
     Settings,
 )
 from gpulane.devices import CpuPool, DeviceProvider, DeviceSnapshot, cpu_pool, select_provider
 from gpulane.errors import ConfigError, NotFoundError, ValidationError
-from gpulane.locks import FileLock
+from gpulane.locks import FileLock, gpu_lock_dir
 from gpulane.model import FINAL_STATES, DeviceWish, Event, Priority, Task, TaskSpec, TaskState
 from gpulane.presets import PresetRegistry, example_presets_dir, load_presets
 from gpulane.runtime.circuit import PresetCircuit
@@ -95,10 +95,11 @@ class Node:
         self._lock.acquire()
         self._gpu_locks = []
         try:
-            if not self.provider.simulated:
+            if not self.provider.simulated and self.gpus:
+                lock_dir = gpu_lock_dir(self.settings.gpu_lock_dir, GPU_LOCK_DIRS,
+                                        self.settings.data_dir)
                 for snap in self.gpus:
-                    lock_dir = self.settings.gpu_lock_dir or self.settings.data_dir / "gpu-locks"
-                    lock = FileLock(Path(lock_dir) / f"{snap.uuid}.lock",
+                    lock = FileLock(lock_dir / f"{snap.uuid}.lock",
                                     f"GPU {snap.index} ({snap.uuid})")
                     lock.acquire()
                     self._gpu_locks.append(lock)
