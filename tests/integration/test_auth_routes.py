@@ -1,10 +1,11 @@
-"""With a token set, every route of the app's table answers 401 without it, but the open ones.
+"""With a token set (the old single key: every scope), every route of the app's table answers
+401 without it, but the health checks.
 
 The walk reads the route table itself, so a route added later is covered without editing this
 test, and one that slips past the guard (a fast path with its own dispatch, say) turns it red.
-Open on purpose: the health checks (probes carry no credentials) and the API's own description
-(/openapi.json and the pages that render it: tools such as schemathesis and client generators
-read it without credentials, and it holds no data).
+Open on purpose: only the health checks (probes carry no credentials). The API's description
+(/openapi.json, /docs) needs a key like the rest: one rule, no list of exceptions to keep.
+Scopes, per-key ownership and rate limits are in test_keys_scopes.py.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from gpulane.node import Node
 from tests.integration.conftest import make_settings, stop_node
 
 TOKEN = "s3cret"
-OPEN = {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+OPEN = {"/healthz", "/readyz"}
 """Paths that answer without the token."""
 
 
@@ -49,7 +50,7 @@ def _table(app: FastAPI) -> list[tuple[str, str]]:
     return out
 
 
-async def test_every_route_but_health_and_docs_needs_the_token(app: FastAPI) -> None:
+async def test_every_route_but_health_needs_the_token(app: FastAPI) -> None:
     table = _table(app)
     # The walk sees the hot task routes and the included routers alike.
     for route in [("POST", "/v1/tasks"), ("GET", "/v1/tasks/x"), ("GET", "/v1/tasks/x/result"),
@@ -65,6 +66,7 @@ async def test_every_route_but_health_and_docs_needs_the_token(app: FastAPI) -> 
                 continue
             assert r.status_code == 401, (method, path, r.status_code, r.text)
             assert r.json()["error"]["code"] == "unauthorized"
+            assert r.headers["www-authenticate"].startswith("Bearer"), (method, path)
             wrong = await api.request(method, path, headers={"Authorization": "Bearer nope"},
                                       json={})
             assert wrong.status_code == 401, (method, path, wrong.text)
@@ -88,12 +90,15 @@ async def test_a_wrong_method_or_an_unknown_v1_path_needs_the_token_too(app: Fas
 async def test_the_openapi_document_says_so(app: FastAPI) -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                  base_url="http://t") as api:
-        spec = (await api.get("/openapi.json")).json()
+        assert (await api.get("/openapi.json")).status_code == 401
+        spec = (await api.get("/openapi.json",
+                              headers={"Authorization": f"Bearer {TOKEN}"})).json()
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     for path, item in spec["paths"].items():
         for method, op in item.items():
-            guarded = path.startswith("/v1/")
+            guarded = path not in OPEN
             assert ("401" in op["responses"]) is guarded, (method, path)
+            assert ("403" in op["responses"]) is guarded, (method, path)
             assert ("security" in op) is guarded, (method, path)
 
 

@@ -1,4 +1,5 @@
-"""The HTTP application: the one route table, error rendering, auth, the node's lifespan."""
+"""The HTTP application: the one route table, error rendering, the guard (keys, scopes, rate
+limits, JSON bodies), CORS when origins are named, the node's lifespan."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from gpulane import __version__
 from gpulane.api import leases, system, tasks
-from gpulane.api.auth import TokenGuard
+from gpulane.api.auth import OPEN_PATHS, Guard, rate_limited
+from gpulane.api.keys import KeyRing, load_keys
 from gpulane.api.requests import BulkSubmit, LeaseBody, RenewBody, TaskSubmit
 from gpulane.api.responses import JSON
 from gpulane.api.routing import HotEntrance, documented, http_error
@@ -25,10 +28,17 @@ from gpulane.node import Node
 BODY_MODELS = (TaskSubmit, BulkSubmit, LeaseBody, RenewBody)
 """Request bodies the endpoints validate themselves (within the size limit); published as
 components so that the routes' ``$ref``s resolve."""
+CORS_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID",
+                "X-Lease-Token")
+"""Request headers a page on an allowed origin may send (what the API reads)."""
+CORS_EXPOSED = ("Retry-After", "Allow")
+"""Response headers such a page may read."""
 
 
-def create_app(node: Node, *, manage_node: bool = True) -> FastAPI:
-    """Build the app around a node. With ``manage_node`` the app starts and stops it."""
+def create_app(node: Node, *, manage_node: bool = True, keys: KeyRing | None = None) -> FastAPI:
+    """Build the app around a node. With ``manage_node`` the app starts and stops it.
+    ``keys`` are read from the node's settings unless given (ConfigError names a bad one)."""
+    keys = load_keys(node.settings) if keys is None else keys
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,7 +60,13 @@ def create_app(node: Node, *, manage_node: bool = True) -> FastAPI:
     for router in (tasks.router, system.router, leases.router):
         app.include_router(router)
     app.add_middleware(HotEntrance, routes=tasks.hot.routes)
-    app.add_middleware(TokenGuard, node=node)  # added last: outermost, so it guards all
+    app.add_middleware(Guard, keys=keys, settings=node.settings)  # outside the table: all
+    if node.settings.cors_origins:
+        # Outermost: a preflight (OPTIONS, no credentials by design) is answered before the
+        # guard; the request that follows it carries the key and meets the guard as usual.
+        app.add_middleware(CORSMiddleware, allow_origins=node.settings.cors_origins,
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=list(CORS_HEADERS), expose_headers=list(CORS_EXPOSED))
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSON:
@@ -69,8 +85,9 @@ def create_app(node: Node, *, manage_node: bool = True) -> FastAPI:
                                  description=app.description, routes=app.routes)
             _, defs = models_json_schema([(m, "validation") for m in BODY_MODELS],
                                          ref_template="#/components/schemas/{model}")
-            app.openapi_schema = documented(schema, token=node.settings.token is not None,
-                                            bodies=defs.get("$defs", {}))
+            app.openapi_schema = documented(
+                schema, bodies=defs.get("$defs", {}), open_paths=OPEN_PATHS, keyed=bool(keys),
+                limited=rate_limited(keys, node.settings))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -1,65 +1,197 @@
-"""Bearer-token authentication: when the node has a token, every /v1 call must carry it.
+"""The guard in front of every route: API keys and their scopes, rate limits, JSON bodies.
 
-One pure ASGI middleware in front of the route table guards every /v1 route alike (the hot
-task routes, the lease routes, an unknown /v1 path and a wrong method too), so there is one
-place to check and one place to forget. Health checks and the API's own description
-(/openapi.json, /docs) stay open: probes and tools read them without credentials, and they
-hold no data. A pure ASGI middleware, not an HTTP one: it never wraps a response body (SSE
-streams pass straight through) and costs one call when no token is set.
+One pure ASGI middleware sees every request before routing, so there is one place to check and
+none to forget: which scope a request needs is decided here, by :data:`SCOPE_TABLE` on its
+method and path, not by each route opting in (a route added later is guarded the day it
+lands, by the table's last rows). When the node has any key, every route but the health
+checks needs one: no or an unknown key is 401, a known key outside its scope is 403. A rate
+limit (per key, or one bucket for everyone when there are no keys) is 429 with Retry-After.
+A request body on /v1 must be ``application/json`` (415 otherwise): a web page may send
+``text/plain`` to any origin without a CORS preflight, and must not reach a handler that way.
+
+A pure ASGI middleware, not an HTTP one: it never wraps a response body (SSE streams pass
+straight through); with no key and no rate limit it costs a path check and, on a POST, a look
+at the Content-Type. Handlers learn who called with :func:`caller`.
 """
 
 from __future__ import annotations
 
-import hmac
-
 from starlette._utils import get_route_path
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gpulane.api.keys import Caller, KeyRing
+from gpulane.api.ratelimit import RateLimiter, retry_after_s
 from gpulane.api.responses import JSON
-from gpulane.errors import RequestError
-from gpulane.node import Node
+from gpulane.config import Settings
+from gpulane.errors import RequestError, TooManyRequestsError, UnsupportedMediaTypeError
 
-GUARDED_PREFIX = "/v1/"
-"""Paths under this prefix need the token; the rest (health, OpenAPI, docs) stay open."""
+__all__ = ["OPEN_PATHS", "SCOPE_TABLE", "Caller", "Forbidden", "Guard", "Unauthorized",
+           "caller", "check_owner", "rate_limited", "scope_for"]
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+"""Paths that never need a key: probes carry no credentials, and these hold no data."""
+READ_METHODS = frozenset({"GET", "HEAD"})
+"""Methods that only read."""
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+"""Methods whose request body, if any, must be JSON."""
+ANY_KEY = ""
+"""In SCOPE_TABLE: any valid key will do."""
+SCOPE_TABLE: tuple[tuple[frozenset[str] | None, str, str], ...] = (
+    (None, "/v1/tasks", "tasks"),
+    (None, "/v1/leases", "leases"),
+    (None, "/v1/admin", "admin"),
+    (READ_METHODS, "/", ANY_KEY),  # presets, gpus, workers, status, the API description
+    (None, "/", "admin"),          # anything else that may change state: admin until listed
+)
+"""The scope a request needs: the first row whose methods (None: any) and path prefix (the
+path itself or a path below it) match."""
+CALLER_SCOPE_KEY = "gpulane.caller"
+"""Where the guard leaves the request's Caller in the ASGI scope."""
+ANONYMOUS = "anonymous"
+"""The rate limiter's bucket for everyone when the node has no keys."""
 
 
 class Unauthorized(RequestError):
     status = 401
 
 
-def token_ok(header: str, token: str) -> bool:
-    """Whether an ``Authorization`` header value carries ``Bearer <token>``."""
-    scheme, _, given = header.partition(" ")
-    # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
-    # The header was decoded as latin-1, so this gives back the bytes that were sent.
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode("latin-1"), token.encode())
+class Forbidden(RequestError):
+    status = 403
+
+
+def scope_for(method: str, path: str) -> str:
+    """The scope a request needs (``ANY_KEY``: any valid key), by :data:`SCOPE_TABLE`."""
+    for methods, prefix, scope in SCOPE_TABLE:
+        if (methods is None or method in methods) and (
+                path == prefix or path.startswith(prefix if prefix.endswith("/")
+                                                  else prefix + "/")):
+            return scope
+    return "admin"  # unreachable while the table ends with a catch-all row; safe if not
+
+
+def rate_limited(keys: KeyRing, settings: Settings) -> bool:
+    """Whether any request may meet a rate limit (the node's, or a key's own)."""
+    return settings.rate_limit_per_s > 0 or any(c.rate_per_s for c in keys.callers)
+
+
+def caller(request: Request) -> Caller | None:
+    """Who made the request; None when the node has no keys (everyone may do everything)."""
+    found: Caller | None = request.scope.get(CALLER_SCOPE_KEY)
+    return found
+
+
+def check_owner(request: Request, owner: str | None, what: str) -> None:
+    """Forbidden unless the caller owns ``what`` (by key name) or is admin; with no keys on the
+    node, anyone may."""
+    who = caller(request)
+    if who is None or who.is_admin or (owner is not None and who.name == owner):
+        return
+    raise Forbidden("forbidden", f"{what} belongs to {owner or 'no key'}, not to key "
+                    f"{who.name!r}: use the key that made it, or an admin key",
+                    field="Authorization")
 
 
 UNAUTHORIZED = Unauthorized(
-    "unauthorized", "this node needs a bearer token: send 'Authorization: Bearer <token>' "
-    "(the SDK and CLI read GPULANE_TOKEN or --token)", field="Authorization")
-"""The one 401 answer."""
+    "unauthorized", "this node needs an API key: send 'Authorization: Bearer <key>' (the SDK "
+    "and CLI read GPULANE_TOKEN or --token)", field="Authorization",
+    headers={"WWW-Authenticate": 'Bearer realm="gpulane"'})
+"""The 401 for a request without a key."""
+UNKNOWN_KEY = Unauthorized(
+    "unauthorized", "this API key is not known to this node: check GPULANE_TOKEN, or ask for "
+    "a key ('gpulane keys new NAME')", field="Authorization",
+    headers={"WWW-Authenticate": 'Bearer realm="gpulane", error="invalid_token"'})
+"""The 401 for a key the node does not have."""
 
 
-class TokenGuard:
-    """ASGI middleware: a /v1 request without the node's token gets 401 before routing."""
+class Guard:
+    """ASGI middleware: keys, scopes, rate limits and JSON bodies, before routing."""
 
-    def __init__(self, app: ASGIApp, node: Node) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyRing, settings: Settings,
+                 limiter: RateLimiter | None = None) -> None:
         self.app = app
-        self.node = node
+        self.keys = keys
+        self.rate_per_s = settings.rate_limit_per_s
+        self.burst = settings.rate_burst
+        self.limiter = limiter or RateLimiter()
+        self.limited = rate_limited(keys, settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        token = self.node.settings.token
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         # The path as the route table matches it (Starlette's own helper): mounted under a
         # prefix or served with a root_path, scope["path"] keeps the prefix, and reading it
         # would let /prefix/v1/... through unguarded.
-        if (token is not None and scope["type"] == "http"
-                and get_route_path(scope).startswith(GUARDED_PREFIX)):
-            header = next((v.decode("latin-1") for k, v in scope["headers"]
-                           if k == b"authorization"), "")
-            if not token_ok(header, token):
-                response = JSON(UNAUTHORIZED.to_json(), status_code=UNAUTHORIZED.status)
-                await response(scope, receive, send)
-                return
+        path = get_route_path(scope)
+        if path in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        try:
+            who = self._authorize(scope, path) if self.keys else None
+            if self.limited:
+                self._limit(who)
+            if scope["method"] in BODY_METHODS and path.startswith("/v1/"):
+                _check_media_type(scope)
+        except RequestError as exc:
+            await JSON(exc.to_json(), status_code=exc.status, headers=exc.headers)(
+                scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+    def _authorize(self, scope: Scope, path: str) -> Caller:
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        if header is None:
+            raise UNAUTHORIZED
+        kind, _, given = header.partition(b" ")
+        if kind.lower() != b"bearer":
+            raise UNAUTHORIZED
+        who = self.keys.find(given.strip())
+        if who is None:
+            raise UNKNOWN_KEY
+        method = scope["method"]
+        need = scope_for(method, path)
+        if need != ANY_KEY and not who.allows(need):
+            raise Forbidden("forbidden", f"key {who.name!r} lacks the {need!r} scope that "
+                            f"{method} {path} needs: use a key with it (docs/security.md)",
+                            field="Authorization")
+        scope[CALLER_SCOPE_KEY] = who
+        return who
+
+    def _limit(self, who: Caller | None) -> None:
+        if who is None:
+            name, rate, burst = ANONYMOUS, self.rate_per_s, self.burst
+        else:
+            name = who.name
+            rate = self.rate_per_s if who.rate_per_s is None else who.rate_per_s
+            burst = self.burst if who.burst is None else who.burst
+        wait_s = self.limiter.check(name, rate, burst)
+        if wait_s > 0:
+            after = retry_after_s(wait_s)
+            raise TooManyRequestsError(
+                "rate_limited", f"{name} may make {rate:g} requests a second (burst "
+                f"{burst or 'one second'}): retry after {after} s, or ask for a higher "
+                "rate_per_s", field="Authorization", headers={"Retry-After": str(after)})
+
+
+def _check_media_type(scope: Scope) -> None:
+    ctype: bytes | None = None
+    has_body = False
+    for k, v in scope["headers"]:
+        if k == b"content-type":
+            ctype = v
+        elif k == b"content-length":
+            has_body = v.strip() != b"0"
+        elif k == b"transfer-encoding":
+            has_body = True
+    if ctype is None:
+        if not has_body:
+            return  # no body at all (a cancel, a release): nothing to read
+        shown = "without a Content-Type"
+    elif ctype.partition(b";")[0].strip().lower() == b"application/json":
+        return
+    else:
+        shown = f"of type {ctype.decode('latin-1')!r}"
+    raise UnsupportedMediaTypeError(
+        "unsupported_media_type", f"the request body is sent {shown}: send JSON with "
+        "'Content-Type: application/json'", field="Content-Type")

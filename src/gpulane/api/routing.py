@@ -8,7 +8,7 @@ same annotated types, so what is published is what is enforced. The hot routes s
 the app's one route table; :class:`HotEntrance` hands a request that fully matches one of
 those very route objects straight to it, ahead of two per-request layers they do not use.
 Everything else (a wrong method, an unknown path, every other route) goes through the table
-as usual, and auth sits in front of both (``auth.TokenGuard``).
+as usual, and the guard sits in front of both (``auth.Guard``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gpulane.api.auth import BODY_METHODS
 from gpulane.api.responses import JSON
 from gpulane.api.validation import request_error
 from gpulane.errors import RequestError
@@ -138,10 +139,12 @@ async def http_error(request: Request, exc: Exception) -> JSON:
                 status_code=exc.status_code, headers=headers)
 
 
-def documented(schema: dict[str, Any], *, token: bool, bodies: dict[str, Any]) -> dict[str, Any]:
+def documented(schema: dict[str, Any], *, bodies: dict[str, Any],
+               open_paths: frozenset[str], keyed: bool, limited: bool) -> dict[str, Any]:
     """Finish FastAPI's OpenAPI document: the request-body models as components (their
-    ``$ref``s then resolve), only the 422s that are real, and the 401 and bearer scheme of
-    every /v1 route when a token is set."""
+    ``$ref``s then resolve), only the 422s that are real, the 415 of every /v1 call that may
+    carry a body, and, when the node has keys (``keyed``), the bearer scheme with 401 and 403
+    on every route but ``open_paths``; 429 there too when a rate limit may answer."""
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     schemas.update(bodies)
@@ -154,16 +157,24 @@ def documented(schema: dict[str, Any], *, token: bool, bodies: dict[str, Any]) -
                 del responses["422"]
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
-    if token:
+    if keyed:
         components.setdefault("securitySchemes", {})["bearer"] = {
             "type": "http", "scheme": "bearer"}
-        for path, item in schema.get("paths", {}).items():
-            if not path.startswith("/v1/"):
-                continue
-            for operation in item.values():
+    for path, item in schema.get("paths", {}).items():
+        for method, operation in item.items():
+            answers: dict[str, str] = {}
+            if path.startswith("/v1/") and method.upper() in BODY_METHODS:
+                answers["415"] = "the request body is not application/json"
+            if keyed and path not in open_paths:
                 operation["security"] = [{"bearer": []}]
-                operation.setdefault("responses", {})["401"] = {
-                    "description": "no or a wrong bearer token",
+                answers["401"] = "no or an unknown API key"
+                answers["403"] = "the key lacks the scope, or does not own the task or lease"
+            if limited and path not in open_paths:
+                answers["429"] = "the key's rate is spent: retry after Retry-After seconds"
+            responses = operation.setdefault("responses", {})
+            for status, description in answers.items():
+                responses.setdefault(status, {
+                    "description": description,
                     "content": {"application/json": {"schema": {
-                        "$ref": "#/components/schemas/ErrorView"}}}}
+                        "$ref": "#/components/schemas/ErrorView"}}}})
     return schema
