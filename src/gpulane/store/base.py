@@ -89,6 +89,11 @@ class Store(Protocol):
         Raises ConflictError when the key was used with a different body."""
 
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[tuple[Task, bool]]: ...
+
+    async def task_for_key(self, key: str) -> Task | None:
+        """The task an idempotency key made, if it is still kept (a full queue answers a
+        repeated submit with it instead of a 429)."""
+
     async def get(self, task_id: str) -> Task | None: ...
 
     async def list_tasks(self, state: TaskState | None = None, preset: str | None = None,

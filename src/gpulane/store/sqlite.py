@@ -163,6 +163,10 @@ class SqliteStore:
                 self.notifier.notify(task.id, task)
         return out
 
+    async def task_for_key(self, key: str) -> Task | None:
+        row = self.db.execute("SELECT task_id FROM idempotency WHERE key=?", (key,)).fetchone()
+        return self._get(row[0]) if row else None
+
     def _insert(self, spec: TaskSpec) -> Task:
         tid = new_task_id()
         created = now()
