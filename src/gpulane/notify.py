@@ -3,7 +3,13 @@
 The in-process primitive behind every long-poll and event stream: the store's tasks (SSE,
 result waits) and scheduling's leases (their SSE) both use it, and it knows nothing of what
 the keys name. A waiter reads ``version(key)`` before it reads the state it watches, then
-waits for a version past it: a change that lands between the read and the wait is not lost.
+waits for a version other than the one it read: a change that lands between the read and the
+wait is not lost.
+
+Only live keys are kept: a key that will change no more (a finished task, a dropped lease) is
+``forget``-ed. Versions come from one counter for all keys, and a forgotten key reads as that
+counter's value at the latest forget, so a key's version never repeats: a waiter that read it
+before the forget sees a different one after, re-reads, and finds the final state.
 """
 
 from __future__ import annotations
@@ -51,13 +57,18 @@ class Notifier:
     def __init__(self) -> None:
         self._versions: dict[str, int] = {}
         self._waiters: Waiters[None] = Waiters()
+        self._clock = 0
+        """The last version handed out, to any key: versions only grow."""
+        self._forgotten_at = 0
+        """What a key without an entry reads: the clock at the latest forget."""
 
     def version(self, key: str) -> int:
-        return self._versions.get(key, 0)
+        return self._versions.get(key, self._forgotten_at)
 
     def notify(self, key: str) -> None:
-        """The thing ``key`` names changed: bump its version and wake its waiters."""
-        self._versions[key] = self._versions.get(key, 0) + 1
+        """The thing ``key`` names changed: give it a new version and wake its waiters."""
+        self._clock += 1
+        self._versions[key] = self._clock
         if key in self._waiters:
             self._waiters.wake(key, None)
 
@@ -65,14 +76,21 @@ class Notifier:
         return key in self._waiters
 
     def forget(self, key: str) -> None:
-        """Drop the key's version counter (it will change no more) unless someone waits."""
-        if not self.waited_on(key):
-            self._versions.pop(key, None)
+        """Drop the key's entry: it will change no more. Safe with waiters about: a parked
+        one is woken by a later notify as before, and one that read the version but has not
+        parked yet finds it changed (every key without an entry now reads a new value)."""
+        if self._versions.pop(key, None) is not None:
+            self._clock += 1
+            self._forgotten_at = self._clock
+
+    def __len__(self) -> int:
+        """Keys with a version or a waiter: what this notifier holds in memory."""
+        return len(self._versions.keys() | self._waiters.keys())
 
     async def wait(self, key: str, seen_version: int, timeout: float) -> bool:
-        """True once the key's version is past ``seen_version``; False when ``timeout``
+        """True once the key's version differs from ``seen_version``; False when ``timeout``
         passes first."""
-        if self._versions.get(key, 0) != seen_version:
+        if self.version(key) != seen_version:
             return True
         try:
             await self._waiters.park(key, timeout)

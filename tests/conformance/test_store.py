@@ -644,18 +644,18 @@ async def test_until_final_sleeps_through_changes_and_hands_over_the_final_task(
     assert await n.until_final("t", n.version("t") - 1, timeout=0) is True
 
 
-async def test_task_notifier_forget_keeps_a_counter_a_result_waiter_needs() -> None:
+async def test_task_notifier_drops_a_task_once_final_after_waking_its_waiters() -> None:
     n = TaskNotifier()
     n.notify("t", _task(TaskState.RUNNING))
     seen = n.version("t")
-    waiter = asyncio.create_task(n.until_final("t", seen, timeout=LONG_S))
+    result = asyncio.create_task(n.until_final("t", seen, timeout=LONG_S))
+    follower = asyncio.create_task(n.wait("t", seen, timeout=LONG_S))
     await settle()
-    n.forget("t")  # a result waiter parks: the counter must stay
-    assert n.version("t") == seen
+    assert len(n) == 1
     n.notify("t", _task(TaskState.FAILED))
-    assert (await asyncio.wait_for(waiter, GUARD_S)).state is TaskState.FAILED  # type: ignore[union-attr]
-    n.forget("t")
-    assert n.version("t") == 0
+    assert (await asyncio.wait_for(result, GUARD_S)).state is TaskState.FAILED  # type: ignore[union-attr]
+    assert await asyncio.wait_for(follower, GUARD_S) is True
+    assert len(n) == 0 and n.version("t") != seen
 
 
 async def test_every_write_notifies_the_task(store: Store) -> None:

@@ -58,15 +58,48 @@ async def test_a_cancelled_waiter_leaves_nothing_behind() -> None:
     assert waiter.cancelled() and not n.waited_on("t")
 
 
-async def test_forget_keeps_a_counter_someone_waits_on() -> None:
+async def test_forget_drops_the_entry_and_a_parked_waiter_still_wakes() -> None:
     n = Notifier()
     n.notify("t")
     seen = n.version("t")
     waiter = asyncio.create_task(n.wait("t", seen, timeout=LONG_S))
     await settle()
-    n.forget("t")  # someone waits: the counter must stay, or the waiter could miss a change
-    assert n.version("t") == seen
+    n.forget("t")
+    assert not waiter.done()  # a forget is no change to wake anyone for
     n.notify("t")
     assert await asyncio.wait_for(waiter, GUARD_S) is True
     n.forget("t")
-    assert n.version("t") == 0
+    assert len(n) == 0
+
+
+async def test_a_version_read_before_a_forget_never_comes_back() -> None:
+    """The race the bounded notifier must survive: a follower reads the version (the key has
+    no entry yet), then reads the task (not final), and before it parks the task is claimed,
+    finished and forgotten. Its wait must not park on a version that looks unchanged."""
+    n = Notifier()
+    seen_absent = n.version("t")
+    n.notify("t")  # claimed
+    n.notify("t")  # finished
+    n.forget("t")
+    assert n.version("t") != seen_absent
+    assert await n.wait("t", seen_absent, timeout=0) is True
+    # Read while it had an entry: after the forget the version differs too.
+    n.notify("u")
+    seen_live = n.version("u")
+    n.forget("u")
+    assert n.version("u") != seen_live
+    assert await n.wait("u", seen_live, timeout=0) is True
+    # Versions only grow, across keys and forgets alike.
+    history = [seen_absent, seen_live, n.version("u")]
+    assert history == sorted(set(history))
+
+
+async def test_forgetting_every_finished_key_returns_the_notifier_to_empty() -> None:
+    n = Notifier()
+    for i in range(2000):
+        n.notify(f"t{i}")
+        n.notify(f"t{i}")
+        n.forget(f"t{i}")
+    assert len(n) == 0
+    n.forget("never-seen")  # nothing to drop: harmless
+    assert len(n) == 0

@@ -166,13 +166,21 @@ class TaskNotifier(Notifier):
 
     def notify(self, key: str, task: Task | None = None) -> None:
         """The task changed. ``task`` is how it stands now, when the caller has it: a
-        non-final one does not wake result waiters; without one, everyone wakes and re-reads."""
+        non-final one does not wake result waiters; without one, everyone wakes and re-reads.
+        A final one is the task's last change: every waiter is woken, then its entry dropped
+        (so the notifier holds live tasks only)."""
         super().notify(key)
-        if key in self._final and (task is None or task.state.final):
+        final = task is not None and task.state.final
+        if key in self._final and (task is None or final):
             self._final.wake(key, task)
+        if final:
+            self.forget(key)
 
     def waited_on(self, key: str) -> bool:
         return super().waited_on(key) or key in self._final
+
+    def __len__(self) -> int:
+        return len(self._versions.keys() | self._waiters.keys() | self._final.keys())
 
     async def until_final(self, task_id: str, seen_version: int,
                           timeout: float) -> Task | bool:
