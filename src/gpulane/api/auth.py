@@ -188,9 +188,12 @@ def _check_media_type(scope: Scope) -> None:
         if not has_body:
             return  # no body at all (a cancel, a release): nothing to read
         shown = "without a Content-Type"
-    elif ctype.partition(b";")[0].strip().lower() == b"application/json":
-        return
     else:
+        kind = ctype.partition(b";")[0].strip().lower()
+        # As api/bodies.py reads a body: application/json or application/*+json.
+        if kind == b"application/json" or (kind.startswith(b"application/")
+                                           and kind.endswith(b"+json")):
+            return
         shown = f"of type {ctype.decode('latin-1')!r}"
     raise UnsupportedMediaTypeError(
         "unsupported_media_type", f"the request body is sent {shown}: send JSON with "

@@ -14,6 +14,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from gpulane.api.auth import caller, check_owner
 from gpulane.api.bodies import read_body
 from gpulane.api.requests import (
     TASK_EXAMPLE,
@@ -60,10 +61,13 @@ def _node(request: Request) -> Node:
     return node
 
 
-def _spec(node: Node, item: TaskSubmit, key: str | None, where: str = "") -> TaskSpec:
+def _spec(request: Request, node: Node, item: TaskSubmit, key: str | None,
+          where: str = "") -> TaskSpec:
+    who = caller(request)
     return node.build_spec(preset=item.preset, input=item.input, device=item.device,
                            priority=int(item.priority), timeout_s=item.timeout_s,
-                           content_type=item.content_type, idempotency_key=key, where=where)
+                           content_type=item.content_type, idempotency_key=key, where=where,
+                           submitted_by=who.name if who is not None else None)
 
 
 @hot.post("", status_code=202, response_model=TaskView,
@@ -76,7 +80,7 @@ async def submit_task(request: Request, wait: WaitQuery = None) -> JSON:
     node = _node(request)
     body = await read_body(request, TaskSubmit, TASK_EXAMPLE)
     task, _created = await node.submit(
-        _spec(node, body, request.headers.get("idempotency-key")))
+        _spec(request, node, body, request.headers.get("idempotency-key")))
     if wait:
         task = await node.wait(task.id, wait)
     return JSON(task.to_json(), status_code=200 if task.state.final else 202)
@@ -100,7 +104,7 @@ async def submit_bulk(request: Request) -> JSON:
     """Queue many tasks in one request and one transaction (all or none)."""
     node = _node(request)
     body = await read_body(request, BulkSubmit, TASK_EXAMPLE)
-    specs = [_spec(node, item, item.idempotency_key, f"tasks[{i}].")
+    specs = [_spec(request, node, item, item.idempotency_key, f"tasks[{i}].")
              for i, item in enumerate(body.tasks)]
     results = await node.submit_many(specs)
     return JSON({"tasks": [t.to_json() for t, _ in results]}, status_code=202)
@@ -117,8 +121,13 @@ async def list_tasks(request: Request, state: StateQuery = None, preset: str | N
 
 @router.post("/{task_id}/cancel", response_model=TaskView, responses=errors(404))
 async def cancel_task(request: Request, task_id: str) -> JSON:
-    """Cancel a queued or running task; a final task is returned unchanged."""
-    return JSON((await _node(request).cancel(task_id)).to_json())
+    """Cancel a queued or running task; a final task is returned unchanged. Only the key that
+    submitted it, or an admin key, may."""
+    node = _node(request)
+    if caller(request) is not None:
+        task = await node.get(task_id)
+        check_owner(request, task.submitted_by, f"task {task_id}")
+    return JSON((await node.cancel(task_id)).to_json())
 
 
 @router.get("/{task_id}/events", responses={
