@@ -128,10 +128,10 @@ def parse_keys_env(text: str) -> list[tuple[bytes, Caller, str]]:
         parts = item.split(":")
         if len(parts) != 3 or not all(parts):
             raise ConfigError(f"{where}: expected name:secret:scope+scope (e.g. "
-                              "ci:glk_...:tasks+leases), got {len(parts)} part(s); a secret "
+                              f"ci:glk_...:tasks+leases), got {len(parts)} part(s); a secret "
                               "may not hold ':' or ','")
         name, secret, scopes = parts
-        caller = Caller(_name(name, where), _scopes(scopes.split("+"), where))
+        caller = Caller(check_name(name, where), check_scopes(scopes.split("+"), where))
         out.append((digest(secret.encode()), caller, f"{where} ({name})"))
     return out
 
@@ -162,7 +162,7 @@ def _file_entry(entry: dict[str, Any], where: str) -> tuple[bytes, Caller, str]:
     if unknown:
         raise ConfigError(f"{where}: unknown field {unknown[0]!r}: use "
                           f"{', '.join(sorted(_FILE_FIELDS))}")
-    name = _name(entry.get("name"), where)
+    name = check_name(entry.get("name"), where)
     where = f"{where} ({name})"
     hexed, secret = entry.get("sha256"), entry.get("key")
     if (hexed is None) == (secret is None):
@@ -192,18 +192,21 @@ def _file_entry(entry: dict[str, Any], where: str) -> tuple[bytes, Caller, str]:
                               or burst < 0):
         raise ConfigError(f"{where}: field 'burst': {burst!r} is not a whole number >= 0 "
                           "(0 means one second's worth)")
-    caller = Caller(name, _scopes(scopes, where), None if rate is None else float(rate), burst)
+    caller = Caller(name, check_scopes(scopes, where),
+                    None if rate is None else float(rate), burst)
     return key_digest, caller, where
 
 
-def _name(value: Any, where: str) -> str:
+def check_name(value: Any, where: str) -> str:
+    """``value`` as a key name, else a ConfigError naming ``where`` and the fix."""
     if not isinstance(value, str) or not _NAME.match(value):
         raise ConfigError(f"{where}: field 'name': {value!r} is not a key name: use 1-64 "
                           "letters, digits, '.', '_' or '-'")
     return value
 
 
-def _scopes(values: list[Any], where: str) -> frozenset[str]:
+def check_scopes(values: list[Any], where: str) -> frozenset[str]:
+    """``values`` as a set of scopes, else a ConfigError naming ``where`` and the fix."""
     for v in values:
         if v not in SCOPES:
             raise ConfigError(f"{where}: field 'scopes': {v!r} is not a scope: use "
@@ -223,4 +226,4 @@ def file_entry(name: str, key: str, scopes: Iterable[str]) -> str:
     """The keys file entry (YAML) for ``key``: its digest, never the key itself."""
     entry = {"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(),
              "scopes": list(scopes)}
-    return yaml.safe_dump([entry], sort_keys=False)
+    return yaml.safe_dump([entry], sort_keys=False, default_flow_style=None)

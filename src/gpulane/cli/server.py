@@ -1,14 +1,38 @@
-"""Server-side commands: ``gpulane serve`` and ``gpulane presets check``."""
+"""Server-side commands: ``gpulane serve``, ``gpulane presets check`` and ``gpulane keys``."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import sys
 from pathlib import Path
 
 import click
 
+from gpulane.cli.keys import keys
 from gpulane.errors import ConfigError, PresetError
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` is reachable from this machine only ('localhost' counts;
+    any other name, '' and 0.0.0.0 do not)."""
+    if host.strip().lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_refusal(host: str, keyed: bool, insecure_no_auth: bool) -> str | None:
+    """Why a node must not listen on ``host`` (one line with the fix), or None."""
+    if keyed or insecure_no_auth or is_loopback(host):
+        return None
+    return (f"refusing to listen on {host} without API keys: anyone who reaches it could run "
+            "work on these GPUs; give --keys-file FILE or GPULANE_KEYS (make a key with "
+            "'gpulane keys new NAME'), or --insecure-no-auth on a network you trust")
 
 
 @click.command()
@@ -27,16 +51,32 @@ from gpulane.errors import ConfigError, PresetError
               help="simulated GPUs, e.g. 2x24GiB; none = CPU only [NVML, else 2x24GiB]")
 @click.option("--cpu-concurrency", type=int, default=None, help="CPU slots [cores]")
 @click.option("--token", default=None, envvar="GPULANE_TOKEN",
-              help="require this bearer token on /v1 (env GPULANE_TOKEN)")
+              help="one API key with every scope, named 'token' (env GPULANE_TOKEN)")
+@click.option("--keys-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="API keys: names, SHA-256s, scopes (docs/security.md; env GPULANE_KEYS "
+                   "for inline keys)")
+@click.option("--insecure-no-auth", is_flag=True, default=None,
+              help="listen on a non-loopback address without any key")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="an origin whose web pages may call the API (repeatable; CORS off if none)")
+@click.option("--durability", type=click.Choice(["normal", "full"]), default=None,
+              help="normal: a 202 survives a process crash; full: power loss too [normal]")
+@click.option("--retain", default=None,
+              help="keep finished tasks, events and files this long, e.g. 7d, 12h [7d]")
+@click.option("--max-queued", type=int, default=None,
+              help="queued tasks per preset before 429 queue_full [100000]")
 @click.option("--log-level", default=None, help="debug, info, warning [info]")
 def serve(config_file: str | None, host: str | None, port: int | None,
           data_dir: Path | None, store: str | None, presets: tuple[str, ...],
           no_examples: bool | None, simulate_gpus: str | None, cpu_concurrency: int | None,
-          token: str | None, log_level: str | None) -> None:
+          token: str | None, keys_file: Path | None, insecure_no_auth: bool | None,
+          cors_origins: tuple[str, ...], durability: str | None, retain: str | None,
+          max_queued: int | None, log_level: str | None) -> None:
     """Start a node: API, scheduler and workers for this host's devices."""
     import uvicorn
 
     from gpulane.api.app import create_app
+    from gpulane.api.keys import load_keys
     from gpulane.config import Settings
     from gpulane.node import Node
 
@@ -45,16 +85,26 @@ def serve(config_file: str | None, host: str | None, port: int | None,
             config_file, host=host, port=port, data_dir=data_dir, store=store,
             presets=list(presets) or None, examples=False if no_examples else None,
             simulate_gpus=simulate_gpus, cpu_concurrency=cpu_concurrency, token=token,
-            log_level=log_level)
+            keys_file=keys_file, insecure_no_auth=insecure_no_auth,
+            cors_origins=list(cors_origins) or None, durability=durability, retain=retain,
+            max_queued=max_queued, log_level=log_level)
+        level = settings.log_level.upper()
+        logging.basicConfig(level=level,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        api_keys = load_keys(settings)
+        refusal = bind_refusal(settings.host, bool(api_keys), settings.insecure_no_auth)
+        if refusal is not None:
+            raise ConfigError(refusal)
         node = Node(settings)
         # Own the data dir before uvicorn starts, so a refusal is one clear line.
         node.lock()
     except (ConfigError, PresetError) as exc:
         click.echo(f"gpulane serve: {exc}", err=True)
         sys.exit(2)
-    level = settings.log_level.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(node)
+    if not api_keys and not is_loopback(settings.host):
+        log.warning("listening on %s with no API keys (--insecure-no-auth): anyone who "
+                    "reaches it may use every route", settings.host)
+    app = create_app(node, keys=api_keys)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(), access_log=False,
                             lifespan="on")
@@ -95,3 +145,4 @@ def presets_check(files: tuple[Path, ...]) -> None:
 def register(group: click.Group) -> None:
     group.add_command(serve)
     group.add_command(presets)
+    group.add_command(keys)
