@@ -2,7 +2,9 @@
 
 Lifecycle: ``start()`` takes the data-dir lock, opens the store, requeues what a previous run
 left running, and starts the scheduler; ``stop()`` stops workers (their tasks go back to the
-queue) and closes the store. The API layer talks to the node only through its methods.
+queue) and closes the store. ``drain()`` stops claiming queued work (running work finishes)
+and refuses submits until ``resume()``; ``reload_presets()`` swaps the preset registry. The
+API layer talks to the node only through its methods.
 """
 
 from __future__ import annotations
@@ -18,12 +20,21 @@ from gpulane.config import (
     Settings,
 )
 from gpulane.devices import CpuPool, DeviceProvider, DeviceSnapshot, cpu_pool, select_provider
-from gpulane.errors import ConfigError, NotFoundError, ValidationError
+from gpulane.errors import (
+    ConfigError,
+    ConflictError,
+    NotFoundError,
+    PresetError,
+    RequestError,
+    UnavailableError,
+    ValidationError,
+)
 from gpulane.locks import FileLock, gpu_lock_dir
 from gpulane.model import FINAL_STATES, DeviceWish, Event, Priority, Task, TaskSpec, TaskState
 from gpulane.presets import PresetRegistry, example_presets_dir, load_presets
 from gpulane.runtime.circuit import PresetCircuit
 from gpulane.runtime.supervisor import Supervisor
+from gpulane.scheduling.admission import Admission
 from gpulane.scheduling.leases import Lease, LeaseManager, LeaseRequest
 from gpulane.scheduling.ledger import Ledger
 from gpulane.scheduling.router import route
@@ -34,7 +45,11 @@ from gpulane.store.base import body_hash
 log = logging.getLogger("gpulane.node")
 
 DEVICE_POLL_S = 2.0
-"""How often device readings (measured free VRAM, utilisation) are refreshed."""
+"""How often device readings (measured free VRAM, utilisation) are refreshed; queue drain
+rates are read as often."""
+DRAINING_RETRY_S = 30
+"""Retry-After of a submit refused while the node drains: a restart or a resume is usually
+a matter of tens of seconds."""
 
 
 class Node:
@@ -76,6 +91,9 @@ class Node:
         self._gpu_locks: list[FileLock] = []
         self._poller: asyncio.Task[None] | None = None
         self.started = False
+        self.admission = Admission(settings.max_queued)
+        self.draining = False
+        self._reloading = asyncio.Lock()
 
     @staticmethod
     def _load_registry(settings: Settings) -> PresetRegistry:
@@ -159,6 +177,8 @@ class Node:
         while True:
             await asyncio.sleep(DEVICE_POLL_S)
             with contextlib.suppress(Exception):
+                self.admission.observe(await self.store.queue_stats())
+            with contextlib.suppress(Exception):
                 snaps = await asyncio.to_thread(self.provider.snapshot)
                 self.gpus = snaps
                 self.ledger.observe(snaps)
@@ -195,15 +215,55 @@ class Node:
             fallback_reason=r.fallback_reason, submitted_by=submitted_by)
 
     async def submit(self, spec: TaskSpec) -> tuple[Task, bool]:
+        """Queue a task, or answer the one its idempotency key made; UnavailableError (503)
+        while draining, TooManyRequestsError (429) when its preset's queue is full."""
+        await self._admit([spec], bulk=False)
         task, created = await self.store.submit(spec)
         if created:
             self.scheduler.wake()
         return task, created
 
     async def submit_many(self, specs: list[TaskSpec]) -> list[tuple[Task, bool]]:
+        """Queue many tasks in one transaction, all or none: refused whole (503, 429) when
+        the new ones among them would not all be taken."""
+        await self._admit(specs, bulk=True)
         out = await self.store.submit_many(specs)
         self.scheduler.wake()
         return out
+
+    async def _admit(self, specs: list[TaskSpec], *, bulk: bool) -> None:
+        """Refuse new tasks while draining (503) or past a queue limit (429). A repeated
+        keyed submit was taken before: it still gets its task (the store answers it)."""
+        refusal = await self._refusal(specs, bulk)
+        if refusal is None:
+            return
+        fresh = [s for s in specs if s.idempotency_key is None
+                 or await self.store.task_for_key(s.idempotency_key) is None]
+        if len(fresh) < len(specs):
+            refusal = await self._refusal(fresh, bulk) if fresh else None
+        if refusal is not None:
+            raise refusal
+
+    async def _refusal(self, specs: list[TaskSpec], bulk: bool) -> RequestError | None:
+        if self.draining:
+            return UnavailableError(
+                "draining", f"node {self.name} is draining and takes no new tasks: retry "
+                f"after {DRAINING_RETRY_S} s or send them to another node",
+                headers={"Retry-After": str(DRAINING_RETRY_S)})
+        stats = await self.store.queue_stats()
+        self.admission.observe(stats)
+        adding: dict[str, tuple[int, str]] = {}
+        for i, spec in enumerate(specs):
+            n, where = adding.get(spec.preset, (0, f"tasks[{i}]." if bulk else ""))
+            adding[spec.preset] = (n + 1, where)
+        for preset, (n, where) in adding.items():
+            found = self.registry.get(preset)
+            refusal = self.admission.refusal(preset, found.max_queued if found else None,
+                                             stats[preset].queued if preset in stats else 0,
+                                             n, where)
+            if refusal is not None:
+                return refusal
+        return None
 
     async def get(self, task_id: str) -> Task:
         task = await self.store.get(task_id)
@@ -247,6 +307,20 @@ class Node:
             if not await store.notifier.wait(task_id, seen, quiet_s):
                 yield []
 
+    async def retry(self, task_id: str) -> Task:
+        """Put a dead letter (a failed or cancelled task) back in the queue with fresh
+        attempts; ConflictError (409) for a task in another state. Not counted against the
+        queue limit: the task was taken once already."""
+        task = await self.store.retry_failed(task_id)
+        if task is None:
+            found = await self.get(task_id)  # 404 when unknown
+            raise ConflictError(
+                "not_retryable", f"task {task_id} is {found.state.value}: only a failed or "
+                "cancelled task can be retried (submit a new one instead)", field="id",
+                extra={"state": found.state.value})
+        self.scheduler.wake()
+        return task
+
     async def cancel(self, task_id: str) -> Task:
         task = await self.get(task_id)
         if task.state.final:
@@ -256,6 +330,49 @@ class Node:
             return cancelled
         await self.supervisor.cancel(task_id)
         return await self.get(task_id)
+
+    # -- admin -------------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Stop claiming queued work (running batches finish) and refuse submits (503)."""
+        self.draining = True
+        self.scheduler.paused = True
+        log.info("draining: no new tasks are taken or started")
+
+    def resume(self) -> None:
+        """Take and start tasks again after ``drain()``."""
+        self.draining = False
+        self.scheduler.paused = False
+        self.scheduler.wake()
+        log.info("resumed after a drain")
+
+    async def reload_presets(self) -> dict[str, list[str]]:
+        """Read the preset files again and swap the registry; PresetError lists every
+        problem and leaves the old one in place. Workers of a changed or removed preset are
+        retired after their current batch; the answer names what was added, changed,
+        removed and retired."""
+        async with self._reloading:
+            try:
+                fresh = await asyncio.to_thread(self._load_registry, self.settings)
+            except PresetError as exc:
+                raise ValidationError(
+                    "invalid_presets", f"{len(exc.problems)} problem(s) in the preset files; "
+                    "the presets in use are unchanged: fix each one listed in problems and "
+                    "reload again", field="presets", extra={"problems": exc.problems}) from None
+            old = self.registry
+            changed = sorted(n for n in fresh.names()
+                             if n in old.names() and fresh[n] != old[n])
+            removed = sorted(n for n in old.names() if fresh.get(n) is None)
+            self.registry = self.scheduler.registry = fresh
+            retired = []
+            for worker in list(self.supervisor.workers.values()):
+                if worker.alive and worker.preset_name in (*changed, *removed):
+                    self.supervisor.preempt(worker.id, worker.preset.timeout_s)
+                    retired.append(worker.id)
+            self.scheduler.wake()
+            log.info("presets reloaded: %s", ", ".join(fresh.names()) or "(none)")
+            return {"added": sorted(n for n in fresh.names() if n not in old.names()),
+                    "changed": changed, "removed": removed, "retired_workers": sorted(retired)}
 
     # -- leases ------------------------------------------------------------------------------
 
@@ -325,3 +442,20 @@ class Node:
 
     def workers_view(self) -> list[dict[str, Any]]:
         return [w.to_json() for w in self.supervisor.workers.values()]
+
+    async def status_view(self) -> dict[str, Any]:
+        """The node at a glance: draining or not, each preset's queue against its limit and
+        how fast it drains, and the housekeeping of its store."""
+        stats = await self.store.queue_stats()
+        self.admission.observe(stats)
+        queues = {p.name: self.admission.view(
+            p.name, p.max_queued, stats[p.name].queued if p.name in stats else 0)
+            for p in self.registry.values()}
+        return {"node": self.name, "started": self.started, "draining": self.draining,
+                "queued": sum(q["queued"] for q in queues.values()), "presets": queues,
+                "housekeeping": self.housekeeping_view()}
+
+    def housekeeping_view(self) -> dict[str, Any] | None:
+        """Retention and purges as the store's housekeeper reports them (None until it runs
+        in this node)."""
+        return None

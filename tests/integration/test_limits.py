@@ -161,3 +161,88 @@ async def test_a_declared_length_past_the_discard_bound_is_answered_unread(small
                                         [(b"content-length", length)], never())
     assert status == 413 and pulled == 0
     assert str(DISCARD_MAX_BYTES + 1) in answer["error"]["message"]
+
+
+# -- 429 queue_full ----------------------------------------------------------------------------
+
+SLEEP_WORKER = Path(__file__).parents[2] / "examples" / "presets" / "workers" / "sleep_worker.py"
+
+
+@pytest.fixture
+async def capped(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """A node whose queues hold 3 tasks (``capped`` sets its own 2), with nothing started:
+    the scheduler is paused, so what is queued stays queued."""
+    presets = tmp_path / "capped.yaml"
+    presets.write_text(f"presets:\n  - name: capped\n    argv: [python, {SLEEP_WORKER}]\n"
+                       "    devices: [cpu]\n    max_queued: 2\n")
+    n = Node(make_settings(tmp_path, max_queued=3, presets=[str(presets)]))
+    await n.start()
+    n.scheduler.paused = True
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(
+                app=create_app(n, manage_node=False)), base_url="http://t") as c:
+            yield c
+    finally:
+        await stop_node(n)
+
+
+async def _queue(api: httpx.AsyncClient, preset: str, n: int) -> list[str]:
+    ids = []
+    for _ in range(n):
+        r = await api.post("/v1/tasks", json={"preset": preset, "input": {"ms": 0}})
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    return ids
+
+
+async def test_a_full_queue_is_429_with_retry_after_and_the_numbers(
+        capped: httpx.AsyncClient) -> None:
+    await _queue(capped, "sleep", 3)  # the node's max_queued
+    r = await capped.post("/v1/tasks", json={"preset": "sleep", "input": {"ms": 0}})
+    err = _error(r, 429, "queue_full")
+    assert err["field"] == "preset"
+    assert err["queued"] == 3 and err["max_queued"] == 3 and err["adding"] == 1
+    assert err["drain_per_s"] is None  # nothing measured yet on a paused node
+    assert int(r.headers["Retry-After"]) >= 1
+    assert "max_queued" in err["message"]
+    # The preset's own limit wins over the node's; other presets are not held up.
+    await _queue(capped, "capped", 2)
+    _error(await capped.post("/v1/tasks", json={"preset": "capped"}), 429, "queue_full")
+    status = (await capped.get("/v1/status")).json()
+    assert status["presets"]["capped"]["queued"] == 2
+    assert status["presets"]["capped"]["max_queued"] == 2
+    assert status["presets"]["sleep"]["max_queued"] == 3
+
+
+async def test_a_repeated_keyed_submit_gets_its_task_from_a_full_queue(
+        capped: httpx.AsyncClient) -> None:
+    first = await capped.post("/v1/tasks", json={"preset": "capped"},
+                              headers={"Idempotency-Key": "k1"})
+    await _queue(capped, "capped", 1)
+    again = await capped.post("/v1/tasks", json={"preset": "capped"},
+                              headers={"Idempotency-Key": "k1"})
+    assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
+    # The same key with another body is still the conflict it always was.
+    other = await capped.post("/v1/tasks", json={"preset": "capped", "input": 1},
+                              headers={"Idempotency-Key": "k1"})
+    assert other.status_code == 409
+    _error(await capped.post("/v1/tasks", json={"preset": "capped"},
+                             headers={"Idempotency-Key": "k2"}), 429, "queue_full")
+    # In a bulk too: the repeat rides along, the new one is refused and so is the whole.
+    bulk = await capped.post("/v1/tasks/bulk", json={"tasks": [
+        {"preset": "capped", "idempotency_key": "k1"}]})
+    assert bulk.status_code == 202 and bulk.json()["tasks"][0]["id"] == first.json()["id"]
+
+
+async def test_a_bulk_that_would_pass_the_limit_is_refused_whole(
+        capped: httpx.AsyncClient) -> None:
+    await _queue(capped, "sleep", 1)
+    r = await capped.post("/v1/tasks/bulk", json={"tasks": [
+        {"preset": "capped"}, {"preset": "sleep"}, {"preset": "sleep"}, {"preset": "sleep"}]})
+    err = _error(r, 429, "queue_full")
+    assert err["field"] == "tasks[1].preset" and err["adding"] == 3
+    page = (await capped.get("/v1/tasks")).json()["tasks"]
+    assert len(page) == 1  # all or none: nothing of the bulk was queued
+    ok = await capped.post("/v1/tasks/bulk", json={"tasks": [
+        {"preset": "capped"}, {"preset": "sleep"}, {"preset": "sleep"}]})
+    assert ok.status_code == 202, ok.text

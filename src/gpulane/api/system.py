@@ -40,10 +40,12 @@ async def healthz() -> JSON:
     return JSON({"status": "ok", "version": __version__})
 
 
-@router.get("/readyz", responses={503: {"description": "the node is still starting"}})
+@router.get("/readyz", responses={503: {"description": "the node is starting or draining"}})
 async def readyz(request: Request) -> JSON:
-    """The node is started and its store answers."""
+    """The node is started, not draining, and its store answers."""
     node = _node(request)
     if not node.started:
         return JSON({"status": "starting"}, status_code=503)
+    if node.draining:
+        return JSON({"status": "draining", "node": node.name}, status_code=503)
     return JSON({"status": "ready", "node": node.name, "queued": await node.queued_count()})

@@ -86,6 +86,7 @@ class Preset(pydantic.BaseModel):
     start_timeout_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
     timeout_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
     max_attempts: int = Field(default=3, ge=1)
+    max_queued: int | None = Field(default=None, ge=1)  # None: the node's max_queued setting
     accepts: tuple[str, ...] = ("application/json",)
     replicas: int = Field(default=1, ge=1)
     preemptible: bool = True

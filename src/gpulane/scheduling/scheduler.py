@@ -74,6 +74,7 @@ class Scheduler:
         self.ageing_s = 0.0  # set by the node from its settings
         self._aged_at = 0.0
         self.reserved: Callable[[], set[int]] = set  # devices kept clear for urgent leases
+        self.paused = False  # a draining node claims nothing (running work finishes)
 
     def wake(self) -> None:
         self._wake.set()
@@ -126,6 +127,8 @@ class Scheduler:
         """Place everything that fits now; returns how many tasks were dispatched."""
         self.passes += 1
         placed = 0
+        if self.paused:
+            return 0
         for _ in range(PASS_ROUNDS_MAX):
             # Only queues that could take work now are looked at: with every worker busy (the
             # usual case under load, when each submit wakes a pass) a pass costs no query.
