@@ -26,6 +26,7 @@ class FakeProc(WorkerProcess):
         super().__init__("w-1", "batched", DeviceAssignment("cpu"), LaunchSpec(["true"], {}, None),
                          session=True, stderr_tail_lines=5, on_messages=print, on_exit=print)
         self.state = WorkerState.READY
+        self._ready.set()  # as if it had said ready
         self.pipelines = pipelines
         self.ops: list[Any] = []
 

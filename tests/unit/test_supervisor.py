@@ -91,7 +91,7 @@ async def test_tasks_claimed_for_a_worker_on_its_way_out_go_back_to_the_queue(
         assert listener.heard == ["cpu w-1", "capacity"]  # the slot came back at once
 
 
-async def test_a_crash_fails_the_attempts_it_ran_and_requeues_the_next_batch_it_never_got(
+async def test_a_crash_in_a_batch_gives_its_attempts_back_and_halves_the_presets_batches(
         tmp_path: Path) -> None:
     store = RecordingStore()
     sup, worker, listener = registry(store, tmp_path)
@@ -100,9 +100,29 @@ async def test_a_crash_fails_the_attempts_it_ran_and_requeues_the_next_batch_it_
     worker.proc.state, worker.proc.returncode = WorkerState.EXITED, 139
     await sup._on_exit(worker.proc)
     assert sorted(store.requeued) == ["a", "b", "c"]
-    assert store.errors["a"] is not None and store.errors["b"] is not None  # worker_died
-    assert store.errors["c"] is None  # not its fault, nor its attempt: as when drained
+    # Which of a and b killed it is unknown: neither spends an attempt, and the preset's
+    # batches are cut to one until they are resolved; c was never sent.
+    assert store.errors == {"a": None, "b": None, "c": None}
+    ceiling = sup.pipeline.crash_ceiling("batched")
+    assert ceiling.cap == 1 and ceiling.suspects == {"a", "b"}
     assert worker.id not in sup.workers and listener.heard[-1] == "capacity"
+    # The worker that replaces it batches at most one, though its preset says 2.
+    sup.workers["w-2"] = second = Worker(FakeProc(), worker.preset, ceiling)
+    assert second.batch_size == 1
+
+
+async def test_a_crash_on_a_lone_task_spends_its_attempt_and_keeps_it_alone(
+        tmp_path: Path) -> None:
+    store = RecordingStore()
+    sup, worker, _ = registry(store, tmp_path)
+    sup.dispatch(worker.id, tasks("p"))
+    worker.proc.state, worker.proc.returncode = WorkerState.EXITED, 139
+    worker.proc.stderr_tail.append("Segmentation fault in libmodel.so")
+    await sup._on_exit(worker.proc)
+    error = store.errors["p"]
+    assert isinstance(error, dict) and error["kind"] == "worker_died"
+    assert "Segmentation fault in libmodel.so" in str(error["message"])
+    assert sup.pipeline.crash_ceiling("batched").cap == 1  # its retry runs alone
 
 
 async def test_a_worker_told_to_stop_is_out_of_the_pool_at_once(tmp_path: Path) -> None:

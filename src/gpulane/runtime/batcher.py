@@ -15,6 +15,9 @@ so a lone caller soon stops paying for it.
 
 Out of memory: a batch that failed with kind ``oom`` lowers this worker's ceiling to half its
 size for good (the model does not shrink), and the batch's tasks run again in smaller ones.
+
+Crashes: the preset's crash ceiling (runtime/poison.py), shared by all its workers, caps the
+size too while inputs suspected of killing a worker are out.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gpulane.presets import BatchSettings
+from gpulane.runtime.poison import CrashCeiling
 
 GROWTH_FACTOR = 2.0
 """At most this much bigger per batch: growth stays measured even when latency looks low."""
@@ -41,7 +45,7 @@ class BatchStats:
 class Batcher:
     """The batch policy of one session worker (fixed or adaptive, with an OOM ceiling)."""
 
-    def __init__(self, settings: BatchSettings) -> None:
+    def __init__(self, settings: BatchSettings, crash: CrashCeiling | None = None) -> None:
         self.max_size = settings.max_size
         self.adaptive = settings.adaptive and settings.max_size > 1
         self.target_s = (settings.target_latency_ms / 1000
@@ -50,11 +54,14 @@ class Batcher:
         self.ceiling = self.max_size  # lowered by OOM, never raised again
         self._limit = 1 if self.adaptive else self.max_size
         self.stats = BatchStats()
+        self.crash = crash  # the preset's, shared with its other workers
 
     @property
     def size(self) -> int:
         """How many tasks the next batch may take."""
-        return max(1, min(self._limit, self.ceiling))
+        cap = self.crash.cap if self.crash is not None else None
+        size = min(self._limit, self.ceiling)
+        return max(1, size if cap is None else min(size, cap))
 
     @property
     def waits(self) -> bool:
@@ -102,4 +109,5 @@ class Batcher:
                 "max_wait_ms": self.max_wait_s * 1000, "batches": s.batches, "tasks": s.tasks,
                 "mean_size": round(s.tasks / s.batches, 2) if s.batches else None,
                 "last_size": s.last_size, "last_latency_ms": s.last_latency_ms,
-                "busy_s": round(s.busy_s, 6), "ooms": s.ooms}
+                "busy_s": round(s.busy_s, 6), "ooms": s.ooms,
+                "crash_ceiling": None if self.crash is None else self.crash.cap}

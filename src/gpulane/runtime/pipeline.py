@@ -20,14 +20,14 @@ run stays held until the worker lets go of it (its finish, or its exit).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
 
-from gpulane.errors import StaleTokenError
 from gpulane.model import ErrorKind, Task, TaskState, task_error
 from gpulane.protocol import EventType, WorkerMessage, run_op
+from gpulane.runtime.outcomes import OutcomeWriter
+from gpulane.runtime.poison import CrashCeiling
 from gpulane.runtime.taskrun import TaskRun
 from gpulane.runtime.view import RuntimeListener
 from gpulane.runtime.worker import SentBatch, Worker
@@ -59,6 +59,21 @@ class Pipeline:
         self._spawn = spawn
         self._stop = stop
         self._clock = clock  # batch latencies (a test hands in a fake one)
+        self.crash_ceilings: dict[str, CrashCeiling] = {}  # preset -> its poison isolation
+        self.outcomes = OutcomeWriter(store, listener)
+
+    def crash_ceiling(self, preset: str) -> CrashCeiling:
+        """The preset's crash ceiling (runtime/poison.py), shared by all its workers."""
+        ceiling = self.crash_ceilings.get(preset)
+        if ceiling is None:
+            ceiling = self.crash_ceilings[preset] = CrashCeiling()
+        return ceiling
+
+    def resolved(self, run: TaskRun) -> None:
+        """The run reached a final outcome: its task is no longer suspected of crashing."""
+        ceiling = self.crash_ceilings.get(run.preset.name)
+        if ceiling is not None:
+            ceiling.resolved(run.id)
 
     # -- 1. form ---------------------------------------------------------------------------------
 
@@ -118,6 +133,9 @@ class Pipeline:
                 runs.append(run)
         if not runs:
             return  # the last _settle gave the worker (and its CPU slot) back
+        # The cap fell since these were claimed (a crash ceiling, an OOM): the rest go back.
+        size = worker.batch_size
+        runs, over = runs[:size], runs[size:]
         proc = worker.proc
         proc.state = WorkerState.BUSY
         proc.last_used = time.monotonic()  # the idle reaper's clock, as in Worker.release
@@ -127,6 +145,11 @@ class Pipeline:
                               None if sent else now))
         if len(sent) == 1:
             self._time_next_batch(worker)
+        if over:  # settled while the batch is owed: the worker stays busy with it
+            again = self._settle_unsent(over)
+            self._spawn(self.outcomes.requeue_unspent(again, {
+                "kind": "batch_cut", "message": f"the preset's batches are now at most {size} "
+                                                f"tasks: runs in a later batch"}))
         if not proc.send(run_op([(r.id, r.task.input) for r in runs])):
             proc.kill()  # its exit fails these attempts and retries them
             return
@@ -200,19 +223,19 @@ class Pipeline:
                     ooms.append(run)
                 else:
                     ends.append(end)
+                    self.resolved(run)
                 self._settle(run)
                 settled = True
                 continue
             event, _held = run.take(msg)
             if event is not None:
-                with contextlib.suppress(StaleTokenError):  # the attempt was ended elsewhere
-                    await self.store.append_events(run.id, [event])
+                await self.outcomes.append(run, event)
         if ends:
-            await self._store_ends(ends)
+            await self.outcomes.finish_many(ends)
         if ooms and worker.batcher is not None:
             # Not the input's fault, and bounded (the ceiling halves each time): the attempts
             # are not held against max_attempts.
-            await self._store_requeue([(r.id, r.token) for r in ooms], {
+            await self.outcomes.requeue_unspent([(r.id, r.token) for r in ooms], {
                 "kind": ErrorKind.OOM.value, "batch_size": oom_size,
                 "message": f"out of device memory in a batch of {oom_size}: runs again in a "
                            f"batch of at most {worker.batcher.ceiling}"})
@@ -292,37 +315,15 @@ class Pipeline:
                 self._time_next_batch(worker)
         return ended
 
-    async def _store_ends(self, ends: list[Finish]) -> None:
-        """Write final states (their runs have let go of their workers already)."""
-        try:
-            results = await self.store.finish_many(ends)
-        except Exception:
-            log.exception("storing %d task outcomes failed", len(ends))
-            results = []
-        for got in results:
-            if isinstance(got, StaleTokenError):
-                log.info("dropped the outcome of a stale attempt: %s", got)
-
     async def end(self, run: TaskRun, state: TaskState, *, output: object = None,
                   error: dict[str, object] | None = None,
                   events: list[NewEvent] | None = None) -> None:
         """Write a run's final state once and give its worker back its capacity."""
         if run.cancelled or not self._settle(run):
             return
-        await self._store_ends([Finish(run.id, run.token, state, output=output, error=error,
-                                       events=events or [])])
-
-    async def _store_requeue(self, attempts: list[tuple[str, int]],
-                             event: dict[str, object]) -> None:
-        """Put settled attempts (task id, token) back in the queue without holding them
-        against max_attempts (the worker never started them, or they must run again in a
-        smaller batch), each with an ``error`` event saying why; then the scheduler looks
-        again."""
-        for task_id, token in attempts:
-            with contextlib.suppress(StaleTokenError):  # ended elsewhere (e.g. cancelled)
-                await self.store.requeue(task_id, token, None, events=[NewEvent(
-                    EventType.ERROR.value, {**event, "retrying": True})], spent=False)
-        self.listener.capacity_changed()
+        self.resolved(run)
+        await self.outcomes.finish_many([Finish(run.id, run.token, state, output=output,
+                                                error=error, events=events or [])])
 
     def requeue_unsent(self, worker: Worker, kind: str) -> None:
         """What the worker was never sent (its next batch, or a batch still forming) ends now
@@ -333,7 +334,7 @@ class Pipeline:
             unsent += worker.runs.values()
         runs = self._settle_unsent(unsent)
         if runs:
-            self._spawn(self._store_requeue(runs, {"kind": kind}))
+            self._spawn(self.outcomes.requeue_unspent(runs, {"kind": kind}))
 
     def _settle_unsent(self, runs: Iterable[TaskRun]) -> list[tuple[str, int]]:
         """Settle runs the worker was never sent; the attempts (task id, token) that go back
@@ -343,7 +344,7 @@ class Pipeline:
     async def return_claimed(self, tasks: list[Task]) -> None:
         """Tasks claimed for a worker that exited, or began to stop, meanwhile: back to the
         queue, no attempt spent (no run of them ever started)."""
-        await self._store_requeue([(t.id, t.token) for t in tasks],
+        await self.outcomes.requeue_unspent([(t.id, t.token) for t in tasks],
                                   {"kind": ErrorKind.WORKER_DIED.value})
 
     async def attempt_failed(self, run: TaskRun, kind: str, message: str) -> None:
@@ -354,20 +355,17 @@ class Pipeline:
         if kind in RETRYABLE_KINDS and attempt < run.preset.max_attempts:
             if not self._settle(run):
                 return
-            error = task_error(kind, message, attempt=attempt)
-            try:
-                await self.store.requeue(run.id, run.token, error, events=[
-                    NewEvent(EventType.ERROR.value, {"kind": kind, "message": message,
-                                                     "attempt": attempt, "retrying": True})])
-            except StaleTokenError as exc:
-                log.info("dropped a retry of a stale attempt: %s", exc)
-            self.listener.capacity_changed()
+            await self.outcomes.retry(run.id, run.token, task_error(
+                kind, message, attempt=attempt), NewEvent(EventType.ERROR.value, {
+                    "kind": kind, "message": message, "attempt": attempt, "retrying": True}))
             return
         await self.end(run, TaskState.FAILED, error=task_error(
             kind, message, attempts=attempt))
 
     async def worker_gone(self, worker: Worker, *, closing: bool) -> None:
-        """The worker exited: end what it held (the supervisor then drops the worker)."""
+        """The worker exited: end what it held (the supervisor then drops the worker). Every
+        run is settled before anything is stored, so a failing store loses outcomes (the
+        claim-TTL reaper requeues them) but never keeps a run held."""
         proc = worker.proc
         rc = proc.returncode
         runs = list(worker.runs.values())
@@ -376,26 +374,61 @@ class Pipeline:
             run = runs[0]
             await self.end(run, TaskState.SUCCEEDED, output=run.final_output(),
                            events=run.held)
-        elif closing or worker.preempted:
-            # Not the task's fault: it runs again (node restart, preemption).
+        elif closing or worker.preempted or worker.timed_out:
+            # Not the task's fault: it runs again (node restart, preemption, or a batch-mate
+            # ran past its timeout and the node killed the worker for it).
             again = [(r.id, r.token) for r in runs if not r.cancelled and self._settle(r)]
-            await self._store_requeue(again, {
-                "kind": "preempted" if not closing else "node_stopping"})
+            kind = "node_stopping" if closing else "preempted" if worker.preempted \
+                else "worker_killed"
+            await self.outcomes.requeue_unspent(again, {"kind": kind})
+        elif not worker.session:
+            await self._crashed(worker, runs, f"worker {worker.id} exited with code {rc} while "
+                                              f"running the task")
         else:
-            # Its next batch was never sent: back to the queue, as when it is drained, not
-            # failed as an attempt that never ran.
-            unsent = self._settle_unsent(worker.take_next())
-            tail = proc.stderr_text()
-            for run in runs:
-                await self.attempt_failed(
-                    run, ErrorKind.WORKER_DIED.value,
-                    f"worker {worker.id} exited with code {rc} while running the task; "
-                    f"last stderr lines:\n{tail or '(none)'}")
-            if unsent:
-                await self._store_requeue(unsent, {
-                    "kind": ErrorKind.WORKER_DIED.value,
-                    "message": f"worker {worker.id} exited with code {rc} before it was sent "
-                               f"the task"})
+            await self._session_crashed(worker, runs)
+
+    async def _session_crashed(self, worker: Worker, runs: list[TaskRun]) -> None:
+        """A session worker died on its own (see runtime/poison.py). The tasks of the batch it
+        was running are suspects: more than one go back unspent and the preset's batches
+        halve; a single one spends its attempt. What it was sent but had not started, its
+        next batch and a batch still forming go back unspent (never run); what it held while
+        it booted spends an attempt, as a start failure."""
+        proc = worker.proc
+        died = f"worker {worker.id} exited with code {proc.returncode}"
+        owed = set(worker.sent[0].owed) if worker.sent else set()
+        ran = [r for r in runs if r.id in owed]
+        never_ran = [r for r in runs if r.id not in owed]
+        # Dead while it booted: nothing was sent, and what it held spends an attempt.
+        unsent, booting = (never_ran, []) if proc.started else ([], never_ran)
+        ceiling = self.crash_ceiling(worker.preset_name)
+        if len(owed) > 1:
+            again = [(r.id, r.token) for r in ran if self._settle(r) and not r.cancelled]
+            cap = ceiling.crashed((task_id for task_id, _ in again), len(owed))
+            log.warning("%s owing %d tasks of its batch: they run again in batches of at most "
+                        "%d to find the input that crashes it", died, len(owed), cap)
+            await self.outcomes.requeue_unspent(again, {
+                "kind": ErrorKind.WORKER_DIED.value, "batch_size": len(owed),
+                "message": f"{died} while running a batch of {len(owed)}: runs again in a "
+                           f"batch of at most {cap}, no attempt spent"})
+        else:  # it stands alone: it spends its attempt, and retries alone (cap 1)
+            alone = [r.id for r in ran if not r.cancelled]
+            if alone:
+                ceiling.crashed(alone, 1)
+            booting = ran + booting
+        again = self._settle_unsent(unsent)
+        await self._crashed(worker, booting, f"{died} while running the task")
+        if again:
+            await self.outcomes.requeue_unspent(again, {
+                "kind": ErrorKind.WORKER_DIED.value,
+                "message": f"{died} before it started the task"})
+
+    async def _crashed(self, worker: Worker, runs: list[TaskRun], message: str) -> None:
+        """Each run spends its attempt on the worker's death (retried while attempts remain),
+        with the worker's last stderr lines in its error."""
+        tail = worker.proc.stderr_text()
+        for run in runs:
+            await self.attempt_failed(run, ErrorKind.WORKER_DIED.value,
+                                      f"{message}; last stderr lines:\n{tail or '(none)'}")
 
     # -- the watchdog ----------------------------------------------------------------------------
 
@@ -422,6 +455,7 @@ class Pipeline:
         # Killing is the only sure way to stop the work; the batch's other tasks are retried.
         # Out of the pool first, so that nothing new is handed to a worker about to die.
         worker.proc.state = WorkerState.STOPPING
+        worker.timed_out = True
         if run.cancelled:  # it never let go of a cancelled task
             worker.proc.kill()
             return
@@ -430,3 +464,4 @@ class Pipeline:
             f"worker {worker.id} was killed (raise timeout_s in the request or the preset)"),
             events=run.held)
         worker.proc.kill()
+

@@ -196,7 +196,8 @@ class Supervisor:
         proc = WorkerProcess(wid, preset.name, device, spec, session=session,
                              stderr_tail_lines=self.stderr_tail_lines,
                              on_messages=self.pipeline.on_messages, on_exit=self._on_exit)
-        worker = self.workers[wid] = Worker(proc, preset)
+        worker = self.workers[wid] = Worker(proc, preset,
+                                            self.pipeline.crash_ceiling(preset.name))
         self.circuit(preset.name).starting()
         self._spawn_bg(self._boot(worker))
         return worker
@@ -294,6 +295,13 @@ class Supervisor:
                                     events=run.held)
         except StaleTokenError as exc:
             log.info("cancel raced with the task's end: %s", exc)
+        except BaseException:
+            # Not cancelled after all: the run goes on (its finish is stored as usual) and
+            # the caller hears why. Had it ended meanwhile, its outcome was dropped as a
+            # cancelled one's: the task waits for the claim-TTL reaper and runs again.
+            run.cancelled = False
+            raise
+        self.pipeline.resolved(run)
         worker = self.workers.get(run.worker_id)
         if worker is not None:  # else it exited meanwhile, and let go of the run as it did
             if worker.session:

@@ -32,6 +32,7 @@ class TaskRun:
     deltas: list[str] = field(default_factory=list)
     done: bool = False  # let go of by its worker (only Worker.release and close set it)
     cancelled: bool = False  # stored as cancelled; its worker may still be working on it
+    store_failed: bool = False  # a streamed event of it could not be stored (logged once)
 
     @property
     def id(self) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 from gpulane.presets import Preset
 from gpulane.runtime.batcher import Batcher
 from gpulane.runtime.launchers import DeviceAssignment
+from gpulane.runtime.poison import CrashCeiling
 from gpulane.runtime.taskrun import TaskRun
 from gpulane.runtime.worker_process import WorkerProcess, WorkerState
 
@@ -46,10 +47,11 @@ def _cancel(timer: asyncio.TimerHandle | None) -> None:
 class Worker:
     """A worker process and the node's state about it (a ``WorkerView`` for scheduling)."""
 
-    def __init__(self, proc: WorkerProcess, preset: Preset) -> None:
+    def __init__(self, proc: WorkerProcess, preset: Preset,
+                 crash: CrashCeiling | None = None) -> None:
         self.proc = proc
         self.preset = preset
-        self.batcher: Batcher | None = Batcher(preset.batch) if proc.session else None
+        self.batcher: Batcher | None = Batcher(preset.batch, crash) if proc.session else None
         self.runs: dict[str, TaskRun] = {}  # task id -> run, oldest first: what it holds
         self.sent: deque[SentBatch] = deque()  # batches given to it, the running one first
         self.next: dict[str, TaskRun] = {}  # the batch after those, forming on the node
@@ -61,6 +63,7 @@ class Worker:
         self.input_file: str | None = None  # a one-off's input, when too big for the env
         self.preempted = False  # being drained for an urgent lease
         self.start_failure_counted = False  # counted against its preset's circuit once
+        self.timed_out = False  # killed by the node for a task past its timeout_s
 
     # -- the view scheduling reads (runtime/view.py) -------------------------------------------
 

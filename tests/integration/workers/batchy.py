@@ -2,6 +2,8 @@
 
 BATCHY_OOM_ABOVE=N fails every task of a batch larger than N (0: every batch) with kind
 ``oom``, as a model that ran out of device memory would. input.ms sleeps that long once per batch.
+A task whose input has ``crash: true`` kills the worker (a poison input: a segfault in the
+model), whatever batch it is in; ``progress: true`` streams a progress event for the task first.
 """
 
 import json
@@ -24,7 +26,12 @@ def main():
             continue
         tasks = op["tasks"]
         n = len(tasks)
-        lines = []
+        if any((t["input"] or {}).get("crash") for t in tasks):
+            sys.stderr.write(f"Fatal Python error: Segmentation fault (batch of {n})\n")
+            sys.stderr.flush()
+            os._exit(139)
+        lines = [{"event": "progress", "task": t["task"], "done": 0, "total": 1}
+                 for t in tasks if (t["input"] or {}).get("progress")]
         if OOM_ABOVE >= 0 and n > OOM_ABOVE:
             for t in tasks:
                 lines.append({"event": "finish", "task": t["task"], "status": "failed",
