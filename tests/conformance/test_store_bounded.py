@@ -1,8 +1,10 @@
 """What every Store backend must do to keep its state bounded and its queues countable:
-queue counters, dead-letter retry (backends: see conftest.py)."""
+queue counters, dead-letter retry, heartbeats and the reaper, retention, a notifier that holds
+live tasks only (backends: see conftest.py)."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import pytest
@@ -10,7 +12,7 @@ from tests.conformance.test_store import claim_one, spec, states, submit
 
 from gpulane.errors import StaleTokenError
 from gpulane.model import TaskState
-from gpulane.store import QueueStats, Store
+from gpulane.store import Finish, NewEvent, QueueStats, Store, wait_final
 
 if TYPE_CHECKING:
     from tests.conformance.conftest import Backend
@@ -135,3 +137,166 @@ async def test_retry_failed_refuses_live_succeeded_and_unknown_tasks(store: Stor
         assert await store.get(task.id) == before
     assert await store.retry_failed("0" * 24) is None
     assert await stats(store) == {"q": (1, 0), "r": (0, 1), "d": (0, 1)}
+
+
+# -- heartbeats and the reaper ----------------------------------------------------------------
+
+
+async def test_heartbeat_stamps_only_the_attempts_a_node_holds(store: Store) -> None:
+    a = await submit(store, input=1)
+    b = await submit(store, input=2)
+    c = await submit(store, input=3)
+    await store.claim("p", "gpu", 2, "n1", "gpu:0")  # a, b
+    await claim_one(store, node="n2")  # c
+    assert await store.heartbeat("n1", []) == 0
+    # b's token is wrong, c is another node's, and an unknown id matches nothing.
+    assert await store.heartbeat("n1", [(a.id, 1), (b.id, 9), (c.id, 1), ("0" * 24, 1)]) == 1
+    await store.finish(a.id, 1, TaskState.SUCCEEDED)
+    assert await store.heartbeat("n1", [(a.id, 1)]) == 0  # finished: nothing to stamp
+
+
+def _after(moment: float) -> None:
+    """Until the wall clock is past ``moment``: a microsecond or so, so a spin, not a wait."""
+    while time.time() <= moment:
+        pass
+
+
+async def test_reap_requeues_attempts_unheard_of_past_the_ttl_and_spends_them(
+        store: Store) -> None:
+    quiet = await submit(store, input=1)
+    alive = await submit(store, input=2)
+    claimed = await store.claim("p", "gpu", 2, "n1", "gpu:0")
+    cutoff = max(t.started_at or 0 for t in claimed) + 1e-6
+    assert await store.reap(cutoff - 3600) == []  # nobody is that late
+    _after(cutoff)
+    assert await store.heartbeat("n1", [(alive.id, 1)]) == 1  # its node still holds it
+    reaped = await store.reap(cutoff)
+    assert [t.id for t in reaped] == [quiet.id]
+    [back] = reaped
+    assert back.state is TaskState.QUEUED and back.placement is None
+    assert back.attempts == 1  # spent: the attempt ran, perhaps it is what wedged the worker
+    assert back.error is not None and back.error["code"] == "claim_expired"
+    assert back.error["kind"] == "worker_died" and "n1" in back.error["message"]
+    assert await store.get(quiet.id) == back
+    assert (await store.get(alive.id)).state is TaskState.RUNNING  # type: ignore[union-attr]
+    assert (await store.queue_stats())["p"].queued == 1
+    with pytest.raises(StaleTokenError):  # the lost holder's late outcome is fenced off
+        await store.finish(quiet.id, 1, TaskState.SUCCEEDED, output="late")
+    _after(cutoff)
+    again = await claim_one(store, node="n2")
+    assert again.id == quiet.id and again.token == 2 and again.attempts == 2
+    assert await store.reap(cutoff) == []  # a new claim starts a new heartbeat
+    assert await states(store, quiet.id) == ["queued", "running", "queued", "running"]
+
+
+async def test_reap_fails_an_attempt_that_was_the_last_one(store: Store) -> None:
+    last = await submit(store, "p", input=1)
+    other = await submit(store, "q", input=2)
+    await claim_one(store, "p")
+    await claim_one(store, "q")
+    reaped = await store.reap(time.time() + 1, max_attempts={"p": 1, "q": 2})
+    by_id = {t.id: t for t in reaped}
+    assert by_id[last.id].state is TaskState.FAILED
+    assert by_id[last.id].error["code"] == "claim_expired"  # type: ignore[index]
+    assert by_id[last.id].finished_at is not None
+    assert by_id[other.id].state is TaskState.QUEUED  # 1 attempt of 2 spent
+    assert await states(store, last.id) == ["queued", "running", "failed"]
+    # The dead letter can be retried like any other.
+    assert (await store.retry_failed(last.id)) is not None
+
+
+async def test_reap_leaves_queued_and_finished_tasks_alone(store: Store) -> None:
+    running = await submit(store, input=1)
+    done = await submit(store, input=2)
+    queued = await submit(store, input=3)
+    await store.claim("p", "gpu", 2, "n1", "gpu:0")
+    await store.finish(done.id, 1, TaskState.SUCCEEDED)
+    assert [t.id for t in await store.reap(time.time() + 1)] == [running.id]
+    assert await store.reap(time.time() + 1) == []
+    assert (await store.get(done.id)).state is TaskState.SUCCEEDED  # type: ignore[union-attr]
+    assert (await store.get(queued.id)).state is TaskState.QUEUED  # type: ignore[union-attr]
+
+
+# -- retention --------------------------------------------------------------------------------
+
+
+async def test_purge_deletes_what_finished_before_the_cutoff_with_its_events_and_key(
+        store: Store) -> None:
+    old = [await submit(store, input=i, key=f"k{i}") for i in range(3)]
+    for _ in old:
+        await claim_one(store)
+    await store.finish(old[0].id, 1, TaskState.SUCCEEDED, output=1)
+    await store.finish(old[1].id, 1, TaskState.FAILED, error={"message": "x"})
+    cancelled = await submit(store, input="c")
+    await store.cancel_queued(cancelled.id)
+    cutoff = time.time() + 1e-6
+    _after(cutoff)
+    running = old[2]  # claimed before the cutoff, still running: kept
+    queued = await submit(store, input="q")
+    recent = await submit(store, input="r")
+    await claim_one(store)  # the oldest queued: `queued`
+    await store.finish(queued.id, 1, TaskState.SUCCEEDED)  # finished after the cutoff: kept
+
+    report = await store.purge(cutoff)
+    assert (report.tasks, report.keys) == (3, 2)
+    assert report.events == 3 + 3 + 2  # queued, running, final; queued, cancelled
+    assert report.batches >= 1 and report.longest_batch_s >= 0 and report.db_bytes > 0
+    assert report.rows["tasks"] == 3
+    for gone in (old[0], old[1], cancelled):
+        assert await store.get(gone.id) is None
+        assert await store.events(gone.id) == []
+    assert await store.task_for_key("k0") is None
+    for kept in (running, queued, recent):
+        assert await store.get(kept.id) is not None
+    assert await store.task_for_key("k2") is not None
+    # A purged task's key may name a new task; the kept ones still dedupe.
+    fresh, created = await store.submit(spec(key="k0", input="new body"))
+    assert created and fresh.id != old[0].id
+    same, created = await store.submit(spec(key="k2", input=2))
+    assert not created and same.id == running.id
+    listed, _ = await store.list_tasks(limit=10)
+    assert {t.id for t in listed} == {running.id, queued.id, recent.id, fresh.id}
+    assert (await store.purge(cutoff)).tasks == 0  # nothing left to purge
+
+
+async def test_purge_empties_the_store_in_batches_and_keeps_counters(store: Store) -> None:
+    n = 1200  # more than one batch
+    await store.submit_many([spec("p", input=i) for i in range(n)])
+    claimed = await store.claim("p", "gpu", n, "n1", "gpu:0")
+    await store.finish_many([Finish(t.id, t.token, TaskState.SUCCEEDED, output=t.input)
+                             for t in claimed])
+    await submit(store, "p", input="after")
+    report = await store.purge(time.time() + 1)
+    assert report.tasks == n and report.events == 3 * n and report.batches >= 2
+    assert report.rows == {"tasks": 1, "events": 1, "idempotency": 0}
+    assert (await store.queue_stats())["p"].queued == 1
+
+
+async def test_notifier_is_back_to_idle_after_2000_tasks(store: Store) -> None:
+    idle = len(store.notifier)
+    for _ in range(4):
+        await store.submit_many([spec("p", input=i) for i in range(500)])
+        claimed = await store.claim("p", "gpu", 500, "n1", "gpu:0")
+        await store.finish_many([Finish(t.id, t.token, TaskState.SUCCEEDED)
+                                 for t in claimed[:250]])
+        for t in claimed[250:]:
+            await store.append_events(t.id, [NewEvent("progress", {"done": 1})])
+            await store.finish(t.id, t.token, TaskState.FAILED, error={"message": "x"})
+    assert len(store.notifier) == idle == 0
+
+
+async def test_a_waiter_racing_a_finish_still_sees_the_final_task(store: Store) -> None:
+    """A follower (Node.follow, wait_final) reads the version, then the task; if the task is
+    claimed, finished and dropped from the notifier in between, its wait must not park on a
+    version that looks unchanged."""
+    task = await submit(store)
+    seen = store.notifier.version(task.id)
+    read = await store.get(task.id)
+    assert read is not None and not read.state.final
+    [claimed] = await store.claim("p", "gpu", 1, "n1", "gpu:0")
+    await store.finish(task.id, claimed.token, TaskState.SUCCEEDED, output=1)
+    assert await store.notifier.wait(task.id, seen, timeout=0) is True
+    assert await store.notifier.until_final(task.id, seen, timeout=0) is True
+    final = await wait_final(store, task.id, timeout=0)
+    assert final is not None and final.state is TaskState.SUCCEEDED
+    assert len(store.notifier) == 0

@@ -3,6 +3,7 @@
 from gpulane.store.base import (
     Finish,
     NewEvent,
+    PurgeReport,
     QueueHead,
     QueueStats,
     Store,
@@ -12,5 +13,5 @@ from gpulane.store.base import (
 )
 from gpulane.store.factory import open_store
 
-__all__ = ["Finish", "NewEvent", "QueueHead", "QueueStats", "Store", "TaskNotifier", "body_hash",
-           "open_store", "wait_final"]
+__all__ = ["Finish", "NewEvent", "PurgeReport", "QueueHead", "QueueStats", "Store",
+           "TaskNotifier", "body_hash", "open_store", "wait_final"]

@@ -76,6 +76,24 @@ class QueueStats:
     apart in time give the rate at which its queue drains."""
 
 
+@dataclass(frozen=True, slots=True)
+class PurgeReport:
+    """What one retention pass removed, and how big the store is after it."""
+
+    tasks: int
+    """Finished tasks deleted (their events and idempotency keys with them)."""
+    events: int
+    keys: int
+    batches: int
+    """Write transactions it took (each at most one batch of tasks)."""
+    longest_batch_s: float
+    """The longest of them: how long a write on the event loop could have waited."""
+    db_bytes: int
+    """The database's size on disk after the pass (its WAL included)."""
+    rows: Mapping[str, int]
+    """Rows per table after the pass."""
+
+
 class Store(Protocol):
     """What the node needs of a store. Every method is atomic."""
 
@@ -146,6 +164,23 @@ class Store(Protocol):
         """Put a dead letter (a ``failed`` or ``cancelled`` task) back in the queue with its
         attempts reset to 0 and a ``queued`` state event saying so; None when the task is
         unknown or not failed/cancelled (``get`` tells the two apart)."""
+
+    async def heartbeat(self, node: str, held: Sequence[tuple[str, int]]) -> int:
+        """``node`` still holds these running attempts (task id, fencing token): stamp their
+        heartbeat. Returns how many matched (a stale token or a finished task does not)."""
+
+    async def reap(self, stale_before: float,
+                   max_attempts: Mapping[str, int] | None = None) -> list[Task]:
+        """Take back every ``running`` attempt, of any node, whose heartbeat (its claim, when
+        it never had one) is older than ``stale_before``: its owner died or lost it. The
+        attempt is spent: the task is requeued, or failed (``worker_died``, code
+        ``claim_expired``) once its attempts reach its preset's ``max_attempts``. Returns the
+        tasks as they now stand."""
+
+    async def purge(self, finished_before: float) -> PurgeReport:
+        """Delete finished tasks whose ``finished_at`` is older than ``finished_before``, with
+        their events and idempotency keys, in small transactions that let the node's own
+        writes in between; off the event loop where the backend can."""
 
     async def recover(self, node: str) -> int:
         """Requeue the tasks a previous run of ``node`` left running, their attempts given

@@ -7,6 +7,7 @@ The node's data-dir lock guarantees no other process writes this file.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
@@ -20,9 +21,11 @@ import orjson
 
 from gpulane.errors import ConflictError, StaleTokenError, StoreError
 from gpulane.model import ErrorKind, Event, Task, TaskSpec, TaskState, now, task_error
+from gpulane.store import sqlite_upkeep
 from gpulane.store.base import (
     Finish,
     NewEvent,
+    PurgeReport,
     QueueHead,
     QueueStats,
     TaskNotifier,
@@ -39,8 +42,8 @@ from gpulane.store.sqlite_schema import (
 
 log = logging.getLogger("gpulane.store")
 
-CHECKPOINT_INTERVAL_S = 1.0
-"""How often the background thread folds the WAL back into the database file."""
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+"""A WAL file grown past this by a burst is truncated back to it once checkpointed."""
 
 
 class SqliteStore:
@@ -67,10 +70,13 @@ class SqliteStore:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # First: it takes effect only on a new database (see sqlite_upkeep for why).
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self.synchronous}")
         db.execute("PRAGMA busy_timeout=5000")
         db.execute("PRAGMA temp_store=MEMORY")
+        db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
         db.executescript(SCHEMA)
         migrate(db)
         self._db = db
@@ -91,14 +97,9 @@ class SqliteStore:
             self._checkpointer.start()
 
     def _checkpoint_loop(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout=5000")
+        conn = sqlite_upkeep.connect(self.path)
         try:
-            while not self._closing.wait(CHECKPOINT_INTERVAL_S):
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error as exc:  # busy now; the next round catches up
-                    log.debug("WAL checkpoint skipped: %s", exc)
+            sqlite_upkeep.checkpoint_until(conn, self._closing)
         finally:
             conn.close()
 
@@ -426,6 +427,52 @@ class SqliteStore:
         self._queued[task.preset] += 1
         self.notifier.notify(task_id, task)
         return task
+
+    async def heartbeat(self, node: str, held: Sequence[tuple[str, int]]) -> int:
+        if not held:
+            return 0
+        with self._tx() as db:
+            return db.executemany(
+                "UPDATE tasks SET heartbeat_at=? WHERE id=? AND token=? AND state='running' "
+                "AND node=?", [(now(), tid, token, node) for tid, token in held]).rowcount
+
+    async def reap(self, stale_before: float,
+                   max_attempts: Mapping[str, int] | None = None) -> list[Task]:
+        limits = max_attempts or {}
+        at = now()
+        # The running index holds only running tasks: this reads them, not the table.
+        rows = self.db.execute(
+            "SELECT id, token, attempts, preset, node, COALESCE(heartbeat_at, started_at, 0) "
+            "FROM tasks WHERE state='running' AND node IS NOT NULL "
+            "AND COALESCE(heartbeat_at, started_at, 0) < ?", (stale_before,)).fetchall()
+        out: list[Task] = []
+        for tid, token, attempts, preset, node, seen in rows:
+            error = task_error(
+                ErrorKind.WORKER_DIED,
+                f"node {node} stopped heartbeating this attempt ({at - seen:.0f} s without a "
+                "word, past the claim TTL): its owner died or no longer holds it",
+                code="claim_expired")
+            # Each one fenced by its token: one that moved on since the read is left alone.
+            if attempts >= limits.get(preset, attempts + 1):
+                got = await self.finish_many([Finish(tid, token, TaskState.FAILED,
+                                                     error=error)])
+                out.extend(t for t in got if isinstance(t, Task))
+            else:
+                with contextlib.suppress(StaleTokenError):
+                    out.append(await self.requeue(tid, token, error))
+        return out
+
+    async def purge(self, finished_before: float) -> PurgeReport:
+        if self.path == ":memory:":  # no second connection can see it: purge in place
+            return sqlite_upkeep.purge(self.db, finished_before)
+        return await asyncio.to_thread(self._purge_in_thread, finished_before)
+
+    def _purge_in_thread(self, finished_before: float) -> PurgeReport:
+        conn = sqlite_upkeep.connect(self.path)
+        try:
+            return sqlite_upkeep.purge(conn, finished_before, stop=self._closing)
+        finally:
+            conn.close()
 
     async def recover(self, node: str) -> int:
         with self._tx() as db:

@@ -14,7 +14,7 @@ from gpulane.model import DeviceWish, Placement, Task, TaskState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
-    seq INTEGER PRIMARY KEY,  -- rowid: tasks are never deleted, so it only grows
+    seq INTEGER PRIMARY KEY,  -- rowid: the newest task has the highest (purges take old ones)
     id TEXT NOT NULL UNIQUE,
     preset TEXT NOT NULL,
     state TEXT NOT NULL,
@@ -47,6 +47,13 @@ DROP INDEX IF EXISTS tasks_running;
 CREATE INDEX IF NOT EXISTS tasks_queued ON tasks (preset, lane, priority DESC, seq)
     WHERE state='queued';
 CREATE INDEX IF NOT EXISTS tasks_running_on ON tasks (node) WHERE state='running';
+-- Listings, newest first, by preset, by state, or both: each reads one index range in order,
+-- never the table. Retention finds what finished long ago by tasks_finished.
+CREATE INDEX IF NOT EXISTS tasks_preset ON tasks (preset, seq);
+CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state, seq);
+CREATE INDEX IF NOT EXISTS tasks_state_preset ON tasks (state, preset, seq);
+CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished_at)
+    WHERE state IN ('succeeded','failed','cancelled');
 CREATE TABLE IF NOT EXISTS events (
     task_id TEXT NOT NULL,
     seq INTEGER NOT NULL,

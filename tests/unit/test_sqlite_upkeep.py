@@ -1,0 +1,120 @@
+"""The SQLite store's own upkeep: listings read indexes (EXPLAIN QUERY PLAN), retention runs
+off the event loop on its own connection, and the file stays bounded under steady load."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gpulane.model import TaskSpec, TaskState
+from gpulane.store import Finish, PurgeReport, sqlite_upkeep
+from gpulane.store.sqlite import SqliteStore
+from gpulane.store.sqlite_schema import COLUMNS
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "gpulane.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+def plan(store: SqliteStore, sql: str) -> str:
+    return " | ".join(r[3] for r in store.db.execute("EXPLAIN QUERY PLAN " + sql))
+
+
+@pytest.mark.parametrize("where", [
+    "preset='embed'",
+    "preset='embed' AND seq<1000",
+    "state='failed'",
+    "state='queued' AND seq<1000",
+    "state='failed' AND preset='embed'",
+    "state='running' AND preset='embed' AND seq<1000",
+])
+async def test_task_listings_search_an_index_in_order(store: SqliteStore, where: str) -> None:
+    got = plan(store, f"SELECT {COLUMNS} FROM tasks WHERE {where} ORDER BY seq DESC LIMIT 51")
+    assert got.startswith("SEARCH tasks USING INDEX"), got
+    assert "TEMP B-TREE" not in got and "SCAN" not in got, got
+
+
+async def test_list_tasks_sends_the_indexed_query(store: SqliteStore) -> None:
+    """The store's own statement, caught on its way to SQLite, plans as an index search."""
+    sent: list[str] = []
+    store.db.set_trace_callback(sent.append)
+    await store.list_tasks(TaskState.FAILED, "embed", 10, "99")
+    await store.list_tasks(None, "embed", 10)
+    store.db.set_trace_callback(None)
+    assert len(sent) == 2
+    for sql in sent:
+        got = plan(store, sql)
+        assert got.startswith("SEARCH tasks USING INDEX") and "TEMP B-TREE" not in got, got
+
+
+async def test_retention_and_reaper_queries_read_indexes(store: SqliteStore) -> None:
+    got = plan(store, "SELECT seq FROM tasks INDEXED BY tasks_finished WHERE "
+                      f"{sqlite_upkeep.FINISHED} AND finished_at < 1 ORDER BY finished_at")
+    assert got == "SEARCH tasks USING INDEX tasks_finished (finished_at<?)"
+    got = plan(store, "SELECT id FROM tasks WHERE state='running' AND node IS NOT NULL")
+    assert got.startswith("SEARCH tasks USING INDEX"), got
+
+
+async def test_a_new_database_gives_free_pages_back(store: SqliteStore) -> None:
+    assert store.db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+
+
+async def test_purge_runs_on_a_thread_of_its_own(store: SqliteStore,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[int] = []
+    real = sqlite_upkeep.purge
+
+    def spy(conn: sqlite3.Connection, finished_before: float,
+            stop: threading.Event | None = None,
+            batch: int = sqlite_upkeep.PURGE_BATCH_TASKS) -> PurgeReport:
+        threads.append(threading.get_ident())
+        assert conn is not store.db  # a connection of its own
+        return real(conn, finished_before, stop, batch)
+
+    monkeypatch.setattr(sqlite_upkeep, "purge", spy)
+    await store.purge(time.time())
+    assert threads and threads[0] != threading.get_ident()
+
+
+async def test_the_file_stays_bounded_under_steady_load_with_retention(
+        store: SqliteStore) -> None:
+    """Rounds of work, each purged once finished: deleted pages are reused, so after the
+    first rounds the file stops growing (it may wobble by a few pages, never climb)."""
+    sizes = []
+    for _ in range(12):
+        await store.submit_many([TaskSpec(preset="p", input={"text": "x" * 500})
+                                 for _ in range(300)])
+        claimed = await store.claim("p", "gpu", 300, "n1", "gpu:0")
+        await store.finish_many([Finish(t.id, t.token, TaskState.SUCCEEDED,
+                                        output={"vec": [0.5] * 64}) for t in claimed])
+        report = await store.purge(time.time() + 1)
+        assert report.tasks == 300
+        sizes.append(store.db.execute("PRAGMA page_count").fetchone()[0])
+    assert max(sizes[4:]) <= max(sizes[:4]) * 1.1, sizes
+
+
+async def test_a_purge_stops_between_batches_when_the_store_closes(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "g.db")
+    await s.open()
+    await s.submit_many([TaskSpec(preset="p", input=i) for i in range(30)])
+    claimed = await s.claim("p", "gpu", 30, "n1", "gpu:0")
+    await s.finish_many([Finish(t.id, t.token, TaskState.SUCCEEDED) for t in claimed])
+    conn = sqlite_upkeep.connect(s.path)
+    stop = threading.Event()
+    stop.set()
+    try:
+        report = await asyncio.to_thread(sqlite_upkeep.purge, conn, time.time() + 1, stop, 10)
+    finally:
+        conn.close()
+    assert report.tasks == 0 and report.batches == 0
+    await s.close()
