@@ -78,3 +78,27 @@ async def test_a_tasks_key_retries_only_its_own_tasks(keyed: httpx.AsyncClient) 
     admin = await keyed.post(f"/v1/tasks/{tid}/retry", headers=key("k-ops"))
     assert admin.status_code == 200, admin.text
     assert (await keyed.post(f"/v1/tasks/{tid}/retry")).status_code == 401
+
+
+async def test_the_sdk_retries_a_dead_letter(api: httpx.AsyncClient, live_url: str) -> None:
+    import asyncio
+
+    from gpulane.client import Client
+    from gpulane.errors import APIError
+
+    bad = await wait_done(api, (await submit(api, "sleep", {"ms": "lots"}))["id"])
+
+    def use_sdk() -> tuple[dict[str, object], dict[str, object], str]:
+        with Client(live_url) as c:
+            again = c.retry(bad["id"])
+            done = c.result(bad["id"], wait=20)
+            ok = c.run("sleep", {"ms": 0})
+            try:
+                c.retry(ok["id"])
+            except APIError as exc:
+                return again, done, exc.code
+            return again, done, "no error"
+
+    again, done, code = await asyncio.to_thread(use_sdk)
+    assert again["state"] == "queued" and done["state"] == "failed"
+    assert code == "not_retryable"

@@ -135,6 +135,12 @@ def cancel(task_id: str) -> Request:
     return Request("POST", f"/v1/tasks/{_segment(task_id)}/cancel")
 
 
+def retry(task_id: str) -> Request:
+    # Not repeated after it may have been taken: a second one would find the task queued
+    # again and answer 409.
+    return Request("POST", f"/v1/tasks/{_segment(task_id)}/retry", idempotent=False)
+
+
 def result(task_id: str, wait: float) -> Request:
     w = max(0.0, wait)
     return Request("GET", f"/v1/tasks/{_segment(task_id)}/result",

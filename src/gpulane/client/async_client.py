@@ -129,6 +129,11 @@ class AsyncClient(ClientBase):
     async def cancel(self, task_id: str) -> JSON:
         return await self._call(core.cancel(task_id))
 
+    async def retry(self, task_id: str) -> JSON:
+        """Queue a failed or cancelled task (a dead letter) again with fresh attempts; an
+        APIError 409 ``not_retryable`` for a task in another state."""
+        return await self._call(core.retry(task_id))
+
     async def result(self, task_id: str, wait: float = 30.0) -> JSON:
         """Long-poll until the task is final or ``wait`` seconds pass; the task either way."""
         return await self._poll(core.LongPoll(task_id, time.monotonic() + wait))
@@ -226,6 +231,10 @@ class AsyncClient(ClientBase):
 
     async def workers(self) -> JSON:
         return await self._call(core.simple_get("/v1/workers"))
+
+    async def status(self) -> JSON:
+        """The node: draining or not, each preset's queue, max_queued and drain rate."""
+        return await self._call(core.simple_get("/v1/status"))
 
     async def health(self) -> JSON:
         response = await self._send(core.simple_get("/healthz"))

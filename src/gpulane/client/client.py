@@ -156,6 +156,11 @@ class Client(ClientBase):
     def cancel(self, task_id: str) -> JSON:
         return self._call(core.cancel(task_id))
 
+    def retry(self, task_id: str) -> JSON:
+        """Queue a failed or cancelled task (a dead letter) again with fresh attempts; an
+        APIError 409 ``not_retryable`` for a task in another state."""
+        return self._call(core.retry(task_id))
+
     def result(self, task_id: str, wait: float = 30.0) -> JSON:
         """Long-poll until the task is final or ``wait`` seconds pass; the task either way."""
         return self._poll(core.LongPoll(task_id, time.monotonic() + wait))
@@ -252,6 +257,10 @@ class Client(ClientBase):
 
     def workers(self) -> JSON:
         return self._call(core.simple_get("/v1/workers"))
+
+    def status(self) -> JSON:
+        """The node: draining or not, each preset's queue, max_queued and drain rate."""
+        return self._call(core.simple_get("/v1/status"))
 
     def health(self) -> JSON:
         response = self._send(core.simple_get("/healthz"))

@@ -118,7 +118,8 @@ class Call:
         if retry_after is not None:
             if retry_after > policy.max_retry_after_s:
                 return self._give_up()
-            delay = max(delay, retry_after)
+            # The server said when: no sooner (its own estimate already spreads clients out).
+            delay = retry_after
         if self._long_poll:
             delay = max(delay, policy.long_poll_min_s)
         if self._deadline is not None and now + delay >= self._deadline:

@@ -2,7 +2,9 @@
 
 Transient errors (no answer, 408, 429, 502, 503, 504) are retried and count against the
 circuit; permanent ones (other 4xx) are neither; other 5xx count against the circuit but are
-not retried. Also here: reading a ``Retry-After`` header.
+not retried. A 429 or 503 that says when to come back (``Retry-After``) is the server's
+considered answer, a full queue, a spent rate or a drain: it is retried then, and never held
+against the circuit. Also here: reading a ``Retry-After`` header.
 """
 
 from __future__ import annotations
@@ -41,10 +43,14 @@ class Verdict:
 
 _TRANSIENT = Verdict("transient", True, Outcome.FAILURE)
 _TRANSIENT_UNSAFE = Verdict("transient", False, Outcome.FAILURE)
+_COME_BACK = Verdict("come_back", True, Outcome.IGNORED)
 _PERMANENT = Verdict("permanent", False, Outcome.SUCCESS)
 _SERVER_ERROR = Verdict("server_error", False, Outcome.FAILURE)
 _LOCAL = Verdict("local", False, Outcome.IGNORED)
 
+COME_BACK_STATUSES = frozenset({429, 503})
+"""Statuses whose Retry-After makes them a "come back later" from a live server, which took
+nothing of the request: safe to repeat any request, and no sign of a failing server."""
 # Errors after which the request surely never reached the server: safe to repeat any request.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
 # Errors where the server may or may not have seen the request: safe for idempotent requests.
@@ -79,6 +85,8 @@ def classify(error: ClientError, idempotent: bool = True) -> Verdict:
     if isinstance(error, APIError):
         if error.code in ANSWER_CODES:
             return _PERMANENT
+        if error.status in COME_BACK_STATUSES and error.retry_after is not None:
+            return _COME_BACK
         return classify_status(error.status)
     if isinstance(error, TransportError) and error.__cause__ is not None:
         return classify_exception(error.__cause__, idempotent)
