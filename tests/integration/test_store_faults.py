@@ -83,7 +83,7 @@ async def test_a_store_that_raises_never_keeps_a_run_held(
         api: httpx.AsyncClient, node: Node, method: str, always: bool) -> None:
     sup = node.supervisor
     faulty = FaultyStore(node.store, method, 2, always=always)
-    sup.store = sup.pipeline.outcomes.store = faulty  # type: ignore[assignment]
+    sup.store = sup.pipeline.outcomes.store = faulty
 
     await node.scheduler.stop()  # one backlog, so both workers start with full batches
     long_ids = await _bulk(api, [{"ms": 400}] * LONG_TASKS)
