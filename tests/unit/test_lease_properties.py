@@ -3,11 +3,11 @@
 Drives a LeaseManager directly over a Ledger of simulated GPUs: acquire (now or waiting),
 release and renew with right or stale tokens, TTL expiry, and immediate requests for a slice
 or for N whole devices that preempt (holders either step aside or are revoked). After every
-step: no device is over-committed, the ledger holds exactly the leases in a holding state, no
-token was ever handed out twice, every ended lease's token is refused, every grant() granted
-in greedy priority order (a waiting lease was passed over only if it did not fit at its turn),
-and devices are only kept clear for a lease that is still waiting.
-"""
+step: no device is over-committed, the ledger holds exactly the leases in a holding state, the
+waiting and holding indexes agree with the leases' states, no token was ever handed out twice,
+every ended lease's token is refused, every grant() granted in greedy priority order (a
+waiting lease was passed over only if it did not fit at its turn), and devices are only kept
+clear for a lease that is still waiting."""
 
 from __future__ import annotations
 
@@ -220,6 +220,16 @@ class LeaseMachine(RuleBasedStateMachine):
         in_ledger = {h.holder for h in self.mgr.ledger.holders()}
         holding = {lz.id for lz in self.mgr.leases.values() if lz.state.holds}
         assert in_ledger == holding
+
+    @invariant()
+    def waiting_and_holding_indexes_match_the_states(self) -> None:
+        table = self.mgr.table_size()
+        kept = list(self.mgr.leases.values())
+        assert table["waiting"] == sum(lz.state is LeaseState.WAITING for lz in kept)
+        assert table["holding"] == sum(lz.state.holds for lz in kept)
+        assert table["ended"] == sum(lz.state.final for lz in kept)
+        assert [lz.seq for lz in self.mgr.active()] == sorted(
+            lz.seq for lz in kept if not lz.state.final)
 
     @invariant()
     def reservations_belong_to_waiting_leases(self) -> None:

@@ -6,6 +6,11 @@ first (oldest first among equals) as soon as they fit; an ``immediate`` request 
 asks lower-priority preemptible holders to step aside: a lease gets a ``preempt`` event and
 grace_s to release, a task worker is drained and stopped, and whoever has not let go when the
 grace ends is revoked. When the urgent lease ends, the holders it paused get ``resume``.
+
+The table holds live leases, plus each ended one for ``FINAL_LINGER_S`` (at most
+``FINAL_KEPT`` of them), so that its holder's GET or event stream still reads how it ended;
+after that it is gone (404). Waiting and holding leases are kept apart as well, so granting
+sorts only the waiting ones and the expiry tick reads only the holding ones.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +38,12 @@ log = logging.getLogger("gpulane.leases")
 
 EXPIRY_TICK_S = 0.1
 """How often TTLs and grace deadlines are checked."""
+
+FINAL_LINGER_S = 60.0
+"""How long an ended lease stays readable (GET, its event stream) before it is dropped."""
+
+FINAL_KEPT = 1000
+"""Most ended leases kept lingering at once: past it the oldest go early."""
 
 
 class LeaseState(str, enum.Enum):
@@ -115,6 +127,12 @@ class LeaseManager:
         self.on_change = on_change
         self.preempt_worker = preempt_worker
         self.leases: dict[str, Lease] = {}
+        """Every lease kept: the live ones and those that ended within the linger."""
+        self._waiting: dict[str, Lease] = {}  # in request order (seq)
+        self._held: dict[str, Lease] = {}  # GRANTED or PREEMPTING
+        self._ended: deque[tuple[float, str]] = deque()  # (when, lease id), oldest first
+        self.clock: Callable[[], float] = time.time
+        """The wall clock of TTLs, graces and the linger (a test may set its own)."""
         self.notifier = Notifier()
         self._tokens = itertools.count(int(time.time() * 1000) << 16)
         self._seq = itertools.count(1)
@@ -144,7 +162,7 @@ class LeaseManager:
     async def acquire(self, req: LeaseRequest, wait_s: float) -> Lease:
         """Grant now, or wait up to wait_s (preempting for an immediate request)."""
         lease = Lease(f"lease-{os.urandom(6).hex()}", req, next(self._seq))
-        self.leases[lease.id] = lease
+        self.leases[lease.id] = self._waiting[lease.id] = lease
         self._event(lease, "waiting", {})
         self.grant()
         if not lease.state.holds and req.priority >= Priority.IMMEDIATE:
@@ -173,7 +191,7 @@ class LeaseManager:
 
     def renew(self, lease_id: str, token: object) -> Lease:
         lease = self._holding(lease_id, token)
-        lease.expires_at = time.time() + lease.request.ttl_s
+        lease.expires_at = self.clock() + lease.request.ttl_s
         return lease
 
     def release(self, lease_id: str, token: object) -> Lease:
@@ -184,7 +202,8 @@ class LeaseManager:
     def get(self, lease_id: str) -> Lease:
         lease = self.leases.get(lease_id)
         if lease is None:
-            raise NotFoundError("unknown_lease", f"no lease with id {lease_id!r}", field="id")
+            raise NotFoundError("unknown_lease", f"no lease with id {lease_id!r} (an ended "
+                                f"lease is kept {FINAL_LINGER_S:g} s)", field="id")
         return lease
 
     def _holding(self, lease_id: str, token: object) -> Lease:
@@ -199,8 +218,7 @@ class LeaseManager:
 
     def grant(self) -> None:
         """Grant every waiting request that fits, highest priority first, oldest first."""
-        waiting = sorted((lz for lz in self.leases.values() if lz.state is LeaseState.WAITING),
-                         key=lambda lz: (-lz.request.priority, lz.seq))
+        waiting = sorted(self._waiting.values(), key=lambda lz: (-lz.request.priority, lz.seq))
         for lease in waiting:
             devices = self._place(lease)
             if devices is None:
@@ -220,7 +238,9 @@ class LeaseManager:
             lease.simulated = any(self.ledger.gpus[d].simulated for d in devices)
             lease.token = next(self._tokens)
             lease.state = LeaseState.GRANTED
-            lease.granted_at = time.time()
+            del self._waiting[lease.id]
+            self._held[lease.id] = lease
+            lease.granted_at = self.clock()
             lease.expires_at = lease.granted_at + req.ttl_s
             self._unreserve(lease.id)
             self._event(lease, "granted", {"devices": devices, "uuids": lease.uuids})
@@ -288,7 +308,7 @@ class LeaseManager:
                 victim.state = LeaseState.PREEMPTING
                 victim.preempted_by = lease.id
                 victim.awaiting_resume = True
-                victim.revoke_at = time.time() + victim.request.grace_s
+                victim.revoke_at = self.clock() + victim.request.grace_s
                 self._event(victim, "preempt", {"by": lease.id, "grace_s":
                                                 victim.request.grace_s})
                 log.info("lease %s preempted by %s (grace %.1fs)", victim.id, lease.id,
@@ -312,8 +332,7 @@ class LeaseManager:
         for holder in lease.paused:
             paused = self.leases.get(holder)
             if paused is not None and not any(
-                    holder in other.paused for other in self.leases.values()
-                    if other is not lease and not other.state.final):
+                    holder in other.paused for other in self._live() if other is not lease):
                 # (A lease that another live urgent lease also paused waits for that one.)
                 paused.awaiting_resume = False
                 if paused.state is LeaseState.PREEMPTING:  # it never had to let go
@@ -325,12 +344,40 @@ class LeaseManager:
 
     def _set_final(self, lease: Lease, state: LeaseState) -> None:
         lease.state = state
+        self._waiting.pop(lease.id, None)
+        self._held.pop(lease.id, None)
+        self._ended.append((self.clock(), lease.id))
         self._event(lease, state.value, {})
+        self._drop_ended(self.clock())
+
+    def _drop_ended(self, now: float) -> None:
+        """Drop ended leases past their linger, and the oldest past ``FINAL_KEPT``. One that
+        a live urgent lease paused stays until its ``resume`` is written (its holder waits
+        for it), then lingers anew."""
+        for _ in range(len(self._ended)):
+            ended_at, lease_id = self._ended[0]
+            if ended_at + FINAL_LINGER_S > now and len(self._ended) <= FINAL_KEPT:
+                break
+            self._ended.popleft()
+            lease = self.leases.get(lease_id)
+            if lease is None:
+                continue
+            if lease.awaiting_resume:
+                self._ended.append((now, lease_id))
+                continue
+            del self.leases[lease_id]
+            self.notifier.forget(lease_id)
+
+    def _live(self) -> Iterable[Lease]:
+        yield from self._waiting.values()
+        yield from self._held.values()
 
     def expire_now(self) -> None:
-        """End every lease whose TTL or grace has run out (also run by the ticker)."""
-        now = time.time()
-        for lease in list(self.leases.values()):
+        """End every lease whose TTL or grace has run out (also run by the ticker), and drop
+        ended leases past their linger. Reads the holding leases only."""
+        now = self.clock()
+        self._drop_ended(now)
+        for lease in list(self._held.values()):
             if lease.state is LeaseState.PREEMPTING and lease.revoke_at and now >= lease.revoke_at:
                 log.warning("lease %s revoked: it did not release within its grace", lease.id)
                 self._end(lease, LeaseState.REVOKED)
@@ -366,7 +413,13 @@ class LeaseManager:
                 for h in self.ledger.holders()]
 
     def active(self) -> list[Lease]:
-        return [lz for lz in self.leases.values() if not lz.state.final]
+        return sorted(self._live(), key=lambda lz: lz.seq)
+
+    def table_size(self) -> dict[str, int]:
+        """What the table holds: live leases by kind, and ended ones lingering."""
+        return {"waiting": len(self._waiting), "holding": len(self._held),
+                "ended": len(self.leases) - len(self._waiting) - len(self._held),
+                "notifier": len(self.notifier)}
 
 
 def _plan_device(acct: GpuAccount, req: LeaseRequest) -> list[Holding] | None:
