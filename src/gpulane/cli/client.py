@@ -1,4 +1,5 @@
-"""The client commands of the ``gpulane`` CLI: ``run``, ``tasks``, ``gpus``.
+"""The client commands of the ``gpulane`` CLI: ``run``, ``tasks``, ``retry``, ``gpus``,
+``status``.
 
 They are plain click commands; :func:`register` adds them to the ``main`` group in
 :mod:`gpulane.cli`, next to the server's own commands.
@@ -246,32 +247,76 @@ def _age(created_at: Any, now: float) -> str:
 
 @click.command("tasks")
 @click.option("--state", type=click.Choice(STATES), default=None, help="Only this state.")
+@click.option("--failed", is_flag=True,
+              help="Only failed tasks (dead letters), with their errors; `gpulane retry ID` "
+              "queues one again.")
 @click.option("--preset", default=None, help="Only this preset.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
 @client_options
-def tasks_cmd(state: str | None, preset: str | None, limit: int, as_json: bool, url: str,
-              token: str | None) -> None:
+def tasks_cmd(state: str | None, failed: bool, preset: str | None, limit: int, as_json: bool,
+              url: str, token: str | None) -> None:
     """List recent tasks."""
+    if failed and state not in (None, "failed"):
+        raise click.UsageError(f"--failed lists failed tasks; drop --state {state}")
     with _session(url, token) as client:
-        page = client.list(state=state, preset=preset, limit=limit)
+        page = client.list(state="failed" if failed else state, preset=preset, limit=limit)
     if as_json:
         click.echo(_dumps(page))
         return
-    table = Table("id", "preset", "state", "priority", "device", "attempts", "age")
+    columns = ["id", "preset", "state", "priority", "device", "attempts", "age"]
+    table = Table(*columns, *(["error"] if failed else []))
     now = time.time()
     for task in page.get("tasks", []):
         placement = task.get("placement") or {}
         task_state = str(task.get("state", "?"))
+        error = task.get("error") or {}
         table.add_row(
             str(task.get("id", "?")), str(task.get("preset", "?")),
             f"[{STATE_STYLES.get(task_state, 'white')}]{task_state}[/]",
             str(task.get("priority", "")),
             str(placement.get("device") or task.get("device_wish") or ""),
-            str(task.get("attempts", "")), _age(task.get("created_at"), now))
+            str(task.get("attempts", "")), _age(task.get("created_at"), now),
+            *([f"{error.get('kind', '?')}: {error.get('message', '')}"] if failed else []))
     _stdout().print(table)
     if page.get("next_cursor"):
         _stderr().print(f"more tasks: --limit above {limit} shows them", style="dim")
+
+
+@click.command("retry")
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
+@client_options
+def retry_cmd(task_id: str, as_json: bool, url: str, token: str | None) -> None:
+    """Queue a failed or cancelled task (a dead letter) again, with fresh attempts."""
+    with _session(url, token) as client:
+        task = client.retry(task_id)
+    if as_json:
+        click.echo(_dumps(task))
+        return
+    _stdout().print(f"task {task.get('id')} is {task.get('state')} again "
+                    f"(preset {task.get('preset')})", markup=False)
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
+@client_options
+def status_cmd(as_json: bool, url: str, token: str | None) -> None:
+    """Show the node: draining or not, each preset's queue, its limit and drain rate."""
+    with _session(url, token) as client:
+        info = client.status()
+    if as_json:
+        click.echo(_dumps(info))
+        return
+    out = _stdout()
+    state = "[yellow]draining[/]" if info.get("draining") else "[green]taking tasks[/]"
+    out.print(f"node {info.get('node', '?')}: {state}, {info.get('queued', '?')} queued")
+    table = Table("preset", "queued", "max_queued", "drain /s")
+    for name, queue in sorted((info.get("presets") or {}).items()):
+        rate = queue.get("drain_per_s")
+        table.add_row(name, str(queue.get("queued", "?")), str(queue.get("max_queued", "?")),
+                      "-" if rate is None else f"{rate:g}")
+    out.print(table)
 
 
 def _mb(value: Any) -> str:
@@ -312,7 +357,7 @@ def gpus_cmd(as_json: bool, url: str, token: str | None) -> None:
                   markup=False)
 
 
-COMMANDS: tuple[click.Command, ...] = (run_cmd, tasks_cmd, gpus_cmd)
+COMMANDS: tuple[click.Command, ...] = (run_cmd, tasks_cmd, retry_cmd, gpus_cmd, status_cmd)
 
 
 def register(group: click.Group) -> None:

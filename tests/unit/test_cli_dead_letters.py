@@ -1,0 +1,72 @@
+"""`gpulane tasks --failed`, `gpulane retry ID` and `gpulane status`, against a mock server."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.unit.test_cli_client import invoke, task
+
+DEAD = task("failed", attempts=3, error={"code": "worker_died", "kind": "worker_died",
+                                         "message": "worker exited with code -9"})
+
+
+def test_tasks_failed_lists_dead_letters_with_their_errors(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"tasks": [DEAD], "next_cursor": None})
+
+    res = invoke(handler, monkeypatch, "tasks", "--failed")
+    assert res.exit_code == 0, res.output
+    assert seen[0].url.params["state"] == "failed"
+    assert "worker_died" in res.stdout and "t1" in res.stdout
+    clash = invoke(handler, monkeypatch, "tasks", "--failed", "--state", "queued")
+    assert clash.exit_code == 2 and "--failed" in clash.output
+
+
+def test_retry_queues_a_dead_letter_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=task("queued", attempts=0))
+
+    res = invoke(handler, monkeypatch, "retry", "t1")
+    assert res.exit_code == 0, res.output
+    assert (seen[0].method, seen[0].url.path) == ("POST", "/v1/tasks/t1/retry")
+    assert "t1 is queued again" in res.stdout
+
+
+def test_retry_of_a_task_that_is_no_dead_letter_is_a_usage_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(409, json={"error": {
+            "code": "not_retryable", "field": "id", "message": "task t1 is succeeded: only a "
+            "failed or cancelled task can be retried (submit a new one instead)"}})
+
+    res = invoke(handler, monkeypatch, "retry", "t1")
+    assert res.exit_code == 2
+    assert "409 not_retryable" in res.stderr
+
+
+def test_status_shows_queues_limits_and_drain_rates(monkeypatch: pytest.MonkeyPatch) -> None:
+    status = {"node": "n1", "started": True, "draining": True, "queued": 7,
+              "presets": {"embed": {"queued": 7, "max_queued": 100, "drain_per_s": 2.5},
+                          "sleep": {"queued": 0, "max_queued": 5, "drain_per_s": None}},
+              "housekeeping": None}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/status"
+        return httpx.Response(200, json=status)
+
+    res = invoke(handler, monkeypatch, "status")
+    assert res.exit_code == 0, res.output
+    assert "node n1: draining, 7 queued" in res.stdout
+    assert "embed" in res.stdout and "2.5" in res.stdout
+    raw = invoke(handler, monkeypatch, "status", "--json")
+    assert json.loads(raw.stdout) == status
