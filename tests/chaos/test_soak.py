@@ -1,8 +1,8 @@
-"""bench/soak.py's two scenarios, small enough for every test run (the full figures are
+"""bench/soak.py's scenarios, small enough for every test run (the full figures are
 ``make chaos``): a node killed -9 and restarted and workers killed -9 while tasks pour in with
-a poison input among them, and a node whose finished work outlives its retention.
+a poison input among them.
 
-Both run a real ``gpulane serve`` subprocess; the must-holds are the scenario's own
+It runs a real ``gpulane serve`` subprocess; the must-holds are the scenario's own
 ``problems`` (empty when every one held), so the bench and the suite judge alike.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.soak import ChaosConfig, RetentionConfig, chaos, retention
+from bench.soak import ChaosConfig, chaos
 
 
 def test_kills_with_a_poison_task_lose_nothing_and_isolate_it(tmp_path: Path) -> None:
@@ -22,10 +22,3 @@ def test_kills_with_a_poison_task_lose_nothing_and_isolate_it(tmp_path: Path) ->
     assert figures["acknowledged"] >= 100 and figures["submit_retries"] >= 1, figures
     assert figures["mates_succeeded"] == 7 and figures["poison_attempts"] == 3, figures
 
-
-def test_finished_work_is_purged_after_its_retention(tmp_path: Path) -> None:
-    figures = retention(RetentionConfig(tasks=3000, baseline=1000, retain_s=2, bulk=250,
-                                        leases=50, purge_timeout_s=30), tmp_path)
-    assert figures["problems"] == [], figures
-    assert figures["leases_taken"] == 50, figures
-    assert figures["purged_db"]["rows"]["tasks"] == 0, figures
