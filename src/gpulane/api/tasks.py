@@ -72,7 +72,7 @@ def _spec(request: Request, node: Node, item: TaskSubmit, key: str | None,
 
 @hot.post("", status_code=202, response_model=TaskView,
           responses={200: {"model": TaskView, "description": "the task ended within wait"},
-                     **errors(400, 404, 409, 413, 422)},
+                     **errors(400, 404, 409, 413, 422, 429, 503)},
           openapi_extra=json_body("TaskSubmit", header="Idempotency-Key"))
 async def submit_task(request: Request, wait: WaitQuery = None) -> JSON:
     """Queue a task. With ``?wait=S`` the answer waits up to S seconds for the task to end
@@ -98,7 +98,7 @@ async def task_result(request: Request, task_id: str, wait: WaitQuery = None) ->
     return JSON(task.to_json())
 
 
-@router.post("/bulk", status_code=202, responses=errors(400, 404, 409, 413, 422),
+@router.post("/bulk", status_code=202, responses=errors(400, 404, 409, 413, 422, 429, 503),
              openapi_extra=json_body("BulkSubmit"))
 async def submit_bulk(request: Request) -> JSON:
     """Queue many tasks in one request and one transaction (all or none)."""
