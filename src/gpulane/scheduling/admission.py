@@ -57,11 +57,15 @@ class Admission:
         self.default_max = default_max
         self.clock = clock
         self._meters: dict[str, _Meter] = {}
+        self._observed_at = -math.inf
 
     def observe(self, stats: Mapping[str, QueueCounts]) -> None:
         """Take a reading of every preset's claim counter (cheap; call it as often as you
         like: readings closer than SAMPLE_S are skipped)."""
         now = self.clock()
+        if now - self._observed_at < SAMPLE_S:
+            return  # every meter was read less than SAMPLE_S ago: nothing to do
+        self._observed_at = now
         for preset, counts in stats.items():
             meter = self._meters.get(preset)
             if meter is None:
