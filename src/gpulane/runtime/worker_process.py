@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,25 +23,13 @@ from typing import Any
 
 from gpulane.protocol import EventType, WorkerMessage, WorkerStatus, parse_line, shutdown_op
 from gpulane.runtime.launchers import DeviceAssignment, LaunchSpec
+from gpulane.runtime.spawn import die_with_parent
 
 log = logging.getLogger("gpulane.worker")
 
 STDOUT_LINE_LIMIT = 64 * 1024 * 1024
 READ_CHUNK_BYTES = 256 * 1024
 """Longest stdout line a worker may write (a result carrying a big output), in bytes."""
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGKILL it when the node dies, so a crashed
-    node never leaves workers holding GPU memory. A no-op where prctl is missing."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    # No libc or no prctl: the worker still exits when its stdin closes.
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class WorkerState(str, enum.Enum):
@@ -103,12 +92,18 @@ class WorkerProcess:
         return self.state not in (WorkerState.EXITED, WorkerState.STOPPING)
 
     async def spawn(self) -> None:
-        """Start the process; raises OSError when the executable cannot be run."""
+        """Start the process in its own session, wrapped so that it dies with the node
+        (runtime/spawn.py: no preexec_fn, which is unsafe while other threads run); raises
+        OSError when the executable cannot be found, as an unwrapped spawn would."""
+        argv = self.spec.argv
+        if argv and shutil.which(argv[0], path=self.spec.env.get("PATH", os.defpath)) is None \
+                and not os.access(os.path.join(self.spec.cwd or "", argv[0]), os.X_OK):
+            raise FileNotFoundError(errno.ENOENT, "no such executable", argv[0])
         self._proc = await asyncio.create_subprocess_exec(
-            *self.spec.argv, cwd=self.spec.cwd, env=self.spec.env,
+            *die_with_parent(argv), cwd=self.spec.cwd, env=self.spec.env,
             stdin=asyncio.subprocess.PIPE if self.session else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            limit=STDOUT_LINE_LIMIT, start_new_session=True, preexec_fn=_die_with_parent)
+            limit=STDOUT_LINE_LIMIT, start_new_session=True)
         self._readers = [asyncio.create_task(self._read_stdout(), name=f"{self.id}-stdout"),
                          asyncio.create_task(self._read_stderr(), name=f"{self.id}-stderr")]
 
