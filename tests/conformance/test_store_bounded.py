@@ -300,3 +300,15 @@ async def test_a_waiter_racing_a_finish_still_sees_the_final_task(store: Store) 
     final = await wait_final(store, task.id, timeout=0)
     assert final is not None and final.state is TaskState.SUCCEEDED
     assert len(store.notifier) == 0
+
+
+async def test_purge_with_max_batches_leaves_the_rest_for_the_next_call(store: Store) -> None:
+    n = 1100  # three batches' worth
+    await store.submit_many([spec("p", input=i) for i in range(n)])
+    claimed = await store.claim("p", "gpu", n, "n1", "gpu:0")
+    await store.finish_many([Finish(t.id, t.token, TaskState.SUCCEEDED) for t in claimed])
+    first = await store.purge(time.time() + 1, max_batches=1)
+    assert first.batches == 1 and 0 < first.tasks < n
+    assert first.rows["tasks"] == n - first.tasks
+    rest = await store.purge(time.time() + 1)
+    assert first.tasks + rest.tasks == n and rest.rows["tasks"] == 0

@@ -75,11 +75,11 @@ async def test_purge_runs_on_a_thread_of_its_own(store: SqliteStore,
     real = sqlite_upkeep.purge
 
     def spy(conn: sqlite3.Connection, finished_before: float,
-            stop: threading.Event | None = None,
-            batch: int = sqlite_upkeep.PURGE_BATCH_TASKS) -> PurgeReport:
+            stop: threading.Event | None = None, batch: int = sqlite_upkeep.PURGE_BATCH_TASKS,
+            max_batches: int | None = None) -> PurgeReport:
         threads.append(threading.get_ident())
         assert conn is not store.db  # a connection of its own
-        return real(conn, finished_before, stop, batch)
+        return real(conn, finished_before, stop, batch, max_batches)
 
     monkeypatch.setattr(sqlite_upkeep, "purge", spy)
     await store.purge(time.time())

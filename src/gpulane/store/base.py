@@ -177,10 +177,12 @@ class Store(Protocol):
         ``claim_expired``) once its attempts reach its preset's ``max_attempts``. Returns the
         tasks as they now stand."""
 
-    async def purge(self, finished_before: float) -> PurgeReport:
+    async def purge(self, finished_before: float, max_batches: int | None = None
+                    ) -> PurgeReport:
         """Delete finished tasks whose ``finished_at`` is older than ``finished_before``, with
         their events and idempotency keys, in small transactions that let the node's own
-        writes in between; off the event loop where the backend can."""
+        writes in between (at most ``max_batches`` of them this call); off the event loop
+        where the backend can."""
 
     async def recover(self, node: str) -> int:
         """Requeue the tasks a previous run of ``node`` left running, their attempts given

@@ -462,15 +462,17 @@ class SqliteStore:
                     out.append(await self.requeue(tid, token, error))
         return out
 
-    async def purge(self, finished_before: float) -> PurgeReport:
+    async def purge(self, finished_before: float, max_batches: int | None = None
+                    ) -> PurgeReport:
         if self.path == ":memory:":  # no second connection can see it: purge in place
-            return sqlite_upkeep.purge(self.db, finished_before)
-        return await asyncio.to_thread(self._purge_in_thread, finished_before)
+            return sqlite_upkeep.purge(self.db, finished_before, max_batches=max_batches)
+        return await asyncio.to_thread(self._purge_in_thread, finished_before, max_batches)
 
-    def _purge_in_thread(self, finished_before: float) -> PurgeReport:
+    def _purge_in_thread(self, finished_before: float, max_batches: int | None) -> PurgeReport:
         conn = sqlite_upkeep.connect(self.path)
         try:
-            return sqlite_upkeep.purge(conn, finished_before, stop=self._closing)
+            return sqlite_upkeep.purge(conn, finished_before, stop=self._closing,
+                                       max_batches=max_batches)
         finally:
             conn.close()
 

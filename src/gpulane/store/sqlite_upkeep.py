@@ -71,12 +71,14 @@ def checkpoint_until(conn: sqlite3.Connection, closing: threading.Event) -> None
 
 
 def purge(conn: sqlite3.Connection, finished_before: float, stop: threading.Event | None = None,
-          batch: int = PURGE_BATCH_TASKS) -> PurgeReport:
+          batch: int = PURGE_BATCH_TASKS, max_batches: int | None = None) -> PurgeReport:
     """Delete what finished before ``finished_before``, one batch per transaction, until none
-    is left or ``stop`` is set; then give back excess free pages and measure the database."""
+    is left, ``max_batches`` ran or ``stop`` is set; then give back excess free pages and
+    measure the database."""
     tasks = events = keys = batches = 0
     longest = 0.0
-    while stop is None or not stop.is_set():
+    while (stop is None or not stop.is_set()) and (max_batches is None
+                                                   or batches < max_batches):
         started = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
         try:
