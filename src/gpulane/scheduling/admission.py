@@ -99,11 +99,12 @@ class Admission:
             return None
         rate = self.drain_per_s(preset)
         after = self.retry_after_s(queued + adding - limit, rate)
-        shown = "not measured yet" if rate is None else f"{rate:.3g}/s"
+        pace = ("its drain rate is not measured yet" if rate is None
+                else f"it drains {rate:.3g} tasks/s")
         return TooManyRequestsError(
             "queue_full", f"preset {preset!r} has {queued} task(s) queued, its limit is "
-            f"{limit} and this request adds {adding}: retry after {after} s (the queue drains "
-            f"at {shown}), send fewer tasks at once, or raise max_queued",
+            f"{limit} and this request adds {adding}: retry after {after} s ({pace}), send "
+            "fewer tasks at once, or raise max_queued",
             field=f"{where}preset", headers={"Retry-After": str(after)},
             extra={"queued": queued, "max_queued": limit, "adding": adding,
                    "drain_per_s": None if rate is None else round(rate, 3)})
