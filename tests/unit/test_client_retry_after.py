@@ -73,8 +73,10 @@ def test_a_spent_budget_raises_with_retry_after() -> None:
     with c:
         with pytest.raises(APIError):
             c.get("t1")  # the budget's one retry (0.1/s over 10 s)
+        assert sleeps == [1.0]
         with pytest.raises(APIError) as info:
             c.get("t1")
+    assert sleeps == [1.0]  # no retry left: raised at once
     assert info.value.retry_after == 1.0 and info.value.attempts == 1
     assert c.stats()["retries_denied"] >= 1
 
