@@ -28,8 +28,19 @@ from gpulane.runtime.spawn import die_with_parent
 log = logging.getLogger("gpulane.worker")
 
 STDOUT_LINE_LIMIT = 64 * 1024 * 1024
-READ_CHUNK_BYTES = 256 * 1024
 """Longest stdout line a worker may write (a result carrying a big output), in bytes."""
+READ_CHUNK_BYTES = 256 * 1024
+"""How much of a worker's stdout is read at once, in bytes."""
+STDIN_HIGH_WATER_BYTES = 1024 * 1024
+"""Bytes written to a worker and not yet read by it above which the node watches them drain
+(a big batch, or a worker that stopped reading)."""
+STDIN_DRAIN_TIMEOUT_S = 60.0
+"""A worker that leaves more than STDIN_HIGH_WATER_BYTES unread for this long is stuck (a
+healthy one reads a run op as it parses it; a busy one is sent little but cancel ops): it is
+killed, and its exit settles what it held."""
+STDIN_CAP_BYTES = 64 * 1024 * 1024
+"""A worker sent more while this many bytes still wait for it is stuck: killed at once, so the
+node's buffer never holds more than this plus one op."""
 
 
 class WorkerState(str, enum.Enum):
@@ -77,6 +88,7 @@ class WorkerProcess:
         self._ready = asyncio.Event()
         self._exited = asyncio.Event()
         self._readers: list[asyncio.Task[None]] = []
+        self._drainer: asyncio.Task[None] | None = None  # watches a big stdin buffer drain
 
     @property
     def pid(self) -> int | None:
@@ -136,15 +148,42 @@ class WorkerProcess:
         return "\n".join(self.stderr_tail)
 
     def send(self, data: bytes) -> bool:
-        """Write one protocol line to the worker's stdin; False if it is gone."""
+        """Write one protocol line to the worker's stdin; False if it is gone, or stuck (it
+        left STDIN_CAP_BYTES unread: it is killed). Over STDIN_HIGH_WATER_BYTES unread, the
+        buffer is watched until it drains (``_watch_drain``)."""
         proc = self._proc
         if proc is None or proc.stdin is None or proc.stdin.is_closing():
             return False
+        stdin = proc.stdin
+        unread = stdin.transport.get_write_buffer_size()
+        if unread > STDIN_CAP_BYTES:
+            log.warning("worker %s left %d bytes of its stdin unread; killing it as stuck",
+                        self.id, unread)
+            self.kill()
+            return False
         try:
-            proc.stdin.write(data)
+            stdin.write(data)
         except (BrokenPipeError, ConnectionResetError, RuntimeError):
             return False
+        if self._drainer is None and \
+                stdin.transport.get_write_buffer_size() > STDIN_HIGH_WATER_BYTES:
+            self._drainer = asyncio.get_running_loop().create_task(
+                self._watch_drain(stdin), name=f"{self.id}-stdin")
         return True
+
+    async def _watch_drain(self, stdin: asyncio.StreamWriter) -> None:
+        """Wait for the worker to read what it was sent; kill it if it does not in time."""
+        try:
+            await asyncio.wait_for(stdin.drain(), STDIN_DRAIN_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("worker %s read none of %d bytes sent to it for %gs; killing it as "
+                        "stuck", self.id, stdin.transport.get_write_buffer_size(),
+                        STDIN_DRAIN_TIMEOUT_S)
+            self.kill()
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # it exited: its exit settles what it held
+        finally:
+            self._drainer = None
 
     async def stop(self, grace_s: float) -> None:
         """Ask a session worker to shut down, then terminate, then kill."""
@@ -267,6 +306,8 @@ class WorkerProcess:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._readers[1]), 1.0)
         self.state = WorkerState.EXITED
+        if self._drainer is not None:
+            self._drainer.cancel()
         self._exited.set()
         try:
             result = self._on_exit(self)
