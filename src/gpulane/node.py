@@ -35,6 +35,7 @@ from gpulane.presets import PresetRegistry, example_presets_dir, load_presets
 from gpulane.runtime.circuit import PresetCircuit
 from gpulane.runtime.supervisor import Supervisor
 from gpulane.scheduling.admission import Admission
+from gpulane.scheduling.housekeeping import Housekeeper
 from gpulane.scheduling.leases import Lease, LeaseManager, LeaseRequest
 from gpulane.scheduling.ledger import Ledger
 from gpulane.scheduling.router import route
@@ -80,6 +81,11 @@ class Node:
             stderr_tail_lines=settings.worker_stderr_lines,
             shutdown_grace_s=settings.worker_stop_grace_s,
             listener=CapacityEvents(self.ledger, self._on_capacity))
+        self.housekeeper = Housekeeper(
+            self.store, self.name, held=self.supervisor.held_runs,
+            max_attempts=lambda: {p.name: p.max_attempts for p in self.registry.values()},
+            retain_s=settings.retain, claim_ttl_s=settings.claim_ttl_s,
+            scratch_dir=settings.data_dir / "scratch")
         self.scheduler = Scheduler(self.store, self.registry, self.ledger, self.supervisor,
                                    self.name)
         self.leases = LeaseManager(self.ledger, on_change=self.scheduler.wake,
@@ -145,6 +151,7 @@ class Node:
         self.supervisor.start_reaper()
         self.scheduler.start()
         self.leases.start()
+        self.housekeeper.start()
         self._poller = asyncio.create_task(self._poll_devices(), name="gpulane-devices")
         self.started = True
         self.scheduler.wake()
@@ -156,6 +163,7 @@ class Node:
         if self._poller is not None:
             self._poller.cancel()
         await self.scheduler.stop()
+        await self.housekeeper.stop()
         await self.leases.stop()
         await self.supervisor.stop_all()
         await self.store.close()
