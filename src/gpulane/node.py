@@ -85,7 +85,7 @@ class Node:
             self.store, self.name, held=self.supervisor.held_runs,
             max_attempts=lambda: {p.name: p.max_attempts for p in self.registry.values()},
             retain_s=settings.retain, claim_ttl_s=settings.claim_ttl_s,
-            scratch_dir=settings.data_dir / "scratch")
+            scratch_dir=settings.data_dir / "scratch", on_reaped=lambda: self.scheduler.wake())
         self.scheduler = Scheduler(self.store, self.registry, self.ledger, self.supervisor,
                                    self.name)
         self.leases = LeaseManager(self.ledger, on_change=self.scheduler.wake,

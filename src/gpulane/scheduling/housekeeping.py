@@ -52,7 +52,8 @@ class Housekeeper:
                  held: Callable[[], Sequence[tuple[str, int]]],
                  max_attempts: Callable[[], Mapping[str, int]],
                  retain_s: float, claim_ttl_s: float, scratch_dir: str | Path | None = None,
-                 purge_every_s: float = PURGE_INTERVAL_S) -> None:
+                 purge_every_s: float = PURGE_INTERVAL_S,
+                 on_reaped: Callable[[], None] | None = None) -> None:
         self.store = store
         self.node = node
         self.held = held
@@ -61,6 +62,8 @@ class Housekeeper:
         self.claim_ttl_s = claim_ttl_s
         self.scratch_dir = Path(scratch_dir) if scratch_dir is not None else None
         self.purge_every_s = purge_every_s
+        self.on_reaped = on_reaped
+        """Called after a round that requeued something: the scheduler's wake."""
         self.clock: Callable[[], float] = time.time
         """The wall clock cutoffs are counted on (a test may set its own)."""
         self._stopping = asyncio.Event()
@@ -123,6 +126,8 @@ class Housekeeper:
             self.reaped_total += len(reaped)
             log.warning("reaped %d running task(s) unheard of for %.0f s (claim TTL): %s",
                         len(reaped), self.claim_ttl_s, ", ".join(t.id for t in reaped[:10]))
+            if self.on_reaped is not None:
+                self.on_reaped()
         return reaped
 
     # -- retention -----------------------------------------------------------------------------
