@@ -22,6 +22,8 @@ async def test_drain_refuses_submits_holds_the_queue_and_resume_lets_it_go(
         node: Node, api: httpx.AsyncClient) -> None:
     running = await submit(api, "sleep", {"ms": 300})
     await eventually(lambda: _state(api, running["id"], "running"))
+    keyed = await api.post("/v1/tasks", json={"preset": "sleep", "input": {"ms": 0}},
+                           headers={"Idempotency-Key": "before-the-drain"})
     r = await api.post("/v1/admin/drain")
     assert r.status_code == 200 and r.json()["draining"] is True
     # Submits are refused with a way back; readiness says why.
@@ -31,6 +33,10 @@ async def test_drain_refuses_submits_holds_the_queue_and_resume_lets_it_go(
     assert int(refused.headers["Retry-After"]) >= 1
     bulk = await api.post("/v1/tasks/bulk", json={"tasks": [{"preset": "sleep"}]})
     assert bulk.status_code == 503
+    # A repeat of a submit taken before the drain still gets its task.
+    again = await api.post("/v1/tasks", json={"preset": "sleep", "input": {"ms": 0}},
+                           headers={"Idempotency-Key": "before-the-drain"})
+    assert again.status_code in (200, 202) and again.json()["id"] == keyed.json()["id"]
     ready = await api.get("/readyz")
     assert ready.status_code == 503 and ready.json()["status"] == "draining"
     # Running work finishes.
