@@ -75,6 +75,7 @@ class Preset(pydantic.BaseModel):
     argv: tuple[str, ...] = ()
     image: str | None = None
     command: tuple[str, ...] = Field(default=(), validate_default=True)
+    user: str | None = Field(default=None, pattern=r"^\w[\w.-]*(:\w[\w.-]*)?$")  # docker --user
     env: dict[str, str] = Field(default_factory=dict)
     model_path: str | None = None
     mode: Mode = Mode.SESSION

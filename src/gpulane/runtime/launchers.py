@@ -3,6 +3,12 @@
 Launchers differ only in how they turn (preset, device, env) into an argv; everything after
 the spawn (protocol, health, restarts) is the same, so each variant overrides one method.
 Workers are always started from an argv list, never through a shell.
+
+A container gets only what its worker needs: the GPUs it was placed on (``--gpus device=N``,
+never all), a user that is not root (the preset's ``user``, else the node's uid:gid, else
+nobody when the node runs as root), no capabilities and no privilege gain. It carries labels
+naming its node, the node's data dir and its worker, by which a restarted node finds and kills
+what its dead predecessor left running (runtime/containers.py).
 """
 
 from __future__ import annotations
@@ -18,6 +24,14 @@ CONTAINER_MODEL_PATH = "/models"
 """Where a docker worker sees its preset's model_path."""
 CONTAINER_INPUT_FILE = "/gpulane/input.json"
 """Where a docker one-off sees its input file, when its input is too large for the env."""
+NOBODY = "65534:65534"
+"""The user a container runs as when the node runs as root and the preset names none."""
+LABEL_NODE = "gpulane.node"
+"""Container label: the name of the node that started it."""
+LABEL_DATA_DIR = "gpulane.data_dir"
+"""Container label: that node's data dir (one node holds it at a time: see locks.py)."""
+LABEL_WORKER = "gpulane.worker"
+"""Container label: the worker id it runs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,11 +127,20 @@ def node_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in NODE_ONLY_ENV}
 
 
+def container_user(preset: Preset) -> str:
+    """Who a container runs as: the preset's user, else the node's uid:gid, never root."""
+    if preset.user is not None:
+        return preset.user
+    uid = os.getuid()
+    return NOBODY if uid == 0 else f"{uid}:{os.getgid()}"
+
+
 class ProcessLauncher:
     """Runs the preset's argv as a child process; ``python`` means this interpreter."""
 
     def build(self, preset: Preset, device: DeviceAssignment, name: str,
-              extra_env: dict[str, str] | None = None) -> LaunchSpec:
+              extra_env: dict[str, str] | None = None, *,
+              labels: dict[str, str] | None = None) -> LaunchSpec:
         argv = list(preset.argv)
         if argv and argv[0] in ("python", "python3"):
             argv[0] = sys.executable
@@ -131,12 +154,18 @@ class DockerLauncher:
     docker = "docker"
 
     def build(self, preset: Preset, device: DeviceAssignment, name: str,
-              extra_env: dict[str, str] | None = None) -> LaunchSpec:
+              extra_env: dict[str, str] | None = None, *,
+              labels: dict[str, str] | None = None) -> LaunchSpec:
+        """``labels``: the node's (LABEL_NODE, LABEL_DATA_DIR); LABEL_WORKER is added."""
         if preset.image is None:  # the preset schema already refuses this
             raise ValueError(f"preset {preset.name!r} has runtime docker but no image")
         inner_model = CONTAINER_MODEL_PATH if preset.model_path else None
         env = worker_env(preset, device, inner_model, extra_env)
-        argv = [self.docker, "run", "--rm", "-i", "--name", container_name(name)]
+        argv = [self.docker, "run", "--rm", "-i", "--name", container_name(name),
+                "--user", container_user(preset), "--cap-drop", "ALL",
+                "--security-opt", "no-new-privileges"]
+        for key, value in sorted({**(labels or {}), LABEL_WORKER: name}.items()):
+            argv += ["--label", f"{key}={value}"]
         if device.kind == "gpu":
             # docker splits --gpus on commas, so a list of devices goes in double quotes.
             count = len(device.gpu_indexes)

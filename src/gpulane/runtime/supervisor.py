@@ -12,6 +12,7 @@ handed (runtime/view.py) and never touches the ledger itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -20,10 +21,17 @@ from collections.abc import Coroutine, Iterator
 
 from gpulane.errors import StaleTokenError
 from gpulane.model import ErrorKind, Task, TaskState, task_error
-from gpulane.presets import Preset
+from gpulane.presets import Preset, Runtime
 from gpulane.protocol import ENV_INPUT, ENV_INPUT_FILE, ENV_TASK_ID, cancel_op
 from gpulane.runtime.circuit import PresetCircuit
-from gpulane.runtime.launchers import DeviceAssignment, launcher_for
+from gpulane.runtime.containers import kill_leftovers
+from gpulane.runtime.launchers import (
+    LABEL_DATA_DIR,
+    LABEL_NODE,
+    DeviceAssignment,
+    DockerLauncher,
+    launcher_for,
+)
 from gpulane.runtime.pipeline import Pipeline
 from gpulane.runtime.taskrun import TaskRun
 from gpulane.runtime.view import RuntimeListener, WorkerView
@@ -59,6 +67,10 @@ class Supervisor:
         self._ids = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self._leftovers: asyncio.Task[list[str]] | None = None  # see runtime/containers.py
+        # What this node's containers carry (the scratch dir lives in the node's data dir).
+        self.labels = {LABEL_NODE: node,
+                       LABEL_DATA_DIR: os.path.dirname(os.path.abspath(scratch_dir))}
         self._closing = False
 
     # -- queries the scheduler asks ------------------------------------------------------------
@@ -192,7 +204,7 @@ class Supervisor:
 
     def _create(self, wid: str, preset: Preset, device: DeviceAssignment, *, session: bool,
                 extra_env: dict[str, str] | None) -> Worker:
-        spec = launcher_for(preset).build(preset, device, wid, extra_env)
+        spec = launcher_for(preset).build(preset, device, wid, extra_env, labels=self.labels)
         proc = WorkerProcess(wid, preset.name, device, spec, session=session,
                              stderr_tail_lines=self.stderr_tail_lines,
                              on_messages=self.pipeline.on_messages, on_exit=self._on_exit)
@@ -204,6 +216,11 @@ class Supervisor:
 
     async def _boot(self, worker: Worker) -> None:
         proc, preset = worker.proc, worker.preset
+        if preset.runtime is Runtime.DOCKER and self._leftovers is not None:
+            # A dead predecessor's containers go first: they hold GPU memory, and the
+            # cleanup must not take this node's own for theirs.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._leftovers)
         try:
             await proc.spawn()
         except OSError as exc:
@@ -311,7 +328,11 @@ class Supervisor:
         return True
 
     def start_reaper(self) -> None:
+        """Start the idle reaper, and kill the containers a dead predecessor of this node
+        left running (runtime/containers.py), in the background."""
         self._reaper = asyncio.create_task(self._reap_idle(), name="gpulane-reaper")
+        self._leftovers = asyncio.create_task(
+            kill_leftovers(self.labels, DockerLauncher.docker), name="gpulane-leftovers")
 
     async def _reap_idle(self) -> None:
         while True:
@@ -339,8 +360,9 @@ class Supervisor:
     async def stop_all(self) -> None:
         """Stop every worker; attempts still running go back to the queue for the next start."""
         self._closing = True
-        if self._reaper is not None:
-            self._reaper.cancel()
+        for chore in (self._reaper, self._leftovers):
+            if chore is not None:
+                chore.cancel()
         for w in self.workers.values():
             w.disarm_watchdog()
         await asyncio.gather(*(w.proc.stop(self.shutdown_grace_s)
