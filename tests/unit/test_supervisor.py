@@ -12,7 +12,7 @@ from gpulane.runtime.batcher import Batcher
 from gpulane.runtime.supervisor import Supervisor
 from gpulane.runtime.worker import Worker
 from gpulane.runtime.worker_process import WorkerState
-from tests.unit.test_pipeline import FakeProc, FakeStore, Listener, tasks
+from tests.unit.test_pipeline import FakeProc, FakeStore, Listener, finish, tasks
 
 
 class FailingStore(FakeStore):
@@ -175,3 +175,61 @@ async def test_held_runs_name_every_attempt_a_worker_holds_sent_or_next(
     assert sorted(sup.held_runs()) == [("a", 0), ("c", 0)]
     worker.close()
     assert sup.held_runs() == []
+
+
+class Killable(Stoppable):
+    """A worker process that counts the kills it is asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kills = 0
+
+    def kill(self) -> None:
+        self.kills += 1
+
+
+async def test_a_worker_preempted_while_it_boots_is_killed_at_once_and_its_tasks_requeued(
+        tmp_path: Path) -> None:
+    store = RecordingStore()
+    sup, worker, listener = registry(store, tmp_path)
+    worker.proc = proc = Killable()
+    proc.state = WorkerState.STARTING
+    proc._ready.clear()  # it has not said ready yet
+    sup.dispatch(worker.id, tasks("a", "b"))  # held for when it is ready
+    sup.preempt(worker.id, grace_s=3600)
+    await asyncio.sleep(0)  # the requeue runs in the background
+    assert proc.kills == 1 and proc.ops == []  # killed, not left to load and drain
+    assert store.requeued == ["a", "b"] and store.errors == {"a": None, "b": None}
+    assert not worker.runs and worker.grace_timer is None
+    # Its exit is no start failure: the preset's circuit does not count it.
+    proc.returncode = -9
+    await sup._on_exit(proc)
+    assert sup.circuit("batched").failures == 0 and "exited w-1" in listener.heard
+
+
+async def test_a_preempted_workers_grace_kill_goes_with_it(tmp_path: Path) -> None:
+    sup, worker, _ = registry(FakeStore(), tmp_path)
+    sup.dispatch(worker.id, tasks("a"))  # running: it drains
+    sup.preempt(worker.id, grace_s=3600)
+    timer = worker.grace_timer
+    assert timer is not None and not timer.cancelled()
+    worker.close()
+    assert timer.cancelled() and worker.grace_timer is None
+
+
+async def test_a_next_batch_formed_before_the_cap_fell_is_cut_to_it(tmp_path: Path) -> None:
+    # Claimed for a batch of 2, then a crash elsewhere cut the preset's batches to 1: the
+    # batch goes out at the new size, and what is over goes back to the queue unspent.
+    store = RecordingStore()
+    sup, worker, _ = registry(store, tmp_path)
+    ceiling = sup.pipeline.crash_ceiling("batched")
+    worker.batcher = Batcher(BatchSettings(max_size=2, adaptive=False), ceiling)
+    sup.dispatch(worker.id, tasks("a", "b"))  # sent
+    sup.dispatch(worker.id, tasks("c", "d"))  # the next batch, formed at size 2
+    ceiling.crashed(["x", "y"], 2)
+    await sup.pipeline.on_messages(worker.proc, [finish("a"), finish("b")])
+    await asyncio.sleep(0)  # the requeue runs in the background
+    assert [t["task"] for t in worker.proc.ops[-1]["tasks"]] == ["c"]  # type: ignore[attr-defined]
+    assert store.requeued == ["d"] and store.errors == {"d": None}
+    assert list(worker.runs) == ["c"]
+    worker.close()

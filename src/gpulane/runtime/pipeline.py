@@ -325,13 +325,14 @@ class Pipeline:
         await self.outcomes.finish_many([Finish(run.id, run.token, state, output=output,
                                                 error=error, events=events or [])])
 
-    def requeue_unsent(self, worker: Worker, kind: str) -> None:
-        """What the worker was never sent (its next batch, or a batch still forming) ends now
-        and goes back to the queue."""
+    def requeue_unsent(self, worker: Worker, kind: str, *, everything: bool = False) -> None:
+        """What the worker was never sent (its next batch, or a batch still forming; with
+        ``everything``, all it holds: a worker still booting) ends now and goes back to the
+        queue."""
         unsent = worker.take_next()
-        if worker.forming is not None:  # it is ready: all it holds waits for the batch to fill
+        if worker.forming is not None or everything:  # all it holds was never sent
             worker.stop_forming()
-            unsent += worker.runs.values()
+            unsent = list(worker.runs.values())
         runs = self._settle_unsent(unsent)
         if runs:
             self._spawn(self.outcomes.requeue_unspent(runs, {"kind": kind}))

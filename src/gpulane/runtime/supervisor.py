@@ -229,12 +229,16 @@ class Supervisor:
             self._start_failed(worker, proc.stderr_tail[-1])
             await self._on_exit(proc)
             return
+        if worker.preempted:  # drained while it was being spawned
+            proc.kill()
         try:
             if proc.session:
                 await proc.wait_ready(preset.start_timeout_s)
             else:
                 await proc.wait_connected(preset.start_timeout_s)
         except WorkerStartError as exc:
+            if worker.preempted:
+                return  # killed for a lease, not a start failure
             log.warning("worker %s failed to start: %s", worker.id, exc)
             self._start_failed(worker, str(exc))
             # Out of the pool first, so that a retry is not handed straight back to it.
@@ -244,6 +248,9 @@ class Supervisor:
                 await self.pipeline.attempt_failed(run, exc.kind, str(exc))
             return
         self.circuit(preset.name).started()
+        if worker.preempted:
+            proc.kill()  # it said ready as it was drained: it ran nothing yet
+            return
         if proc.session:
             proc.state = WorkerState.READY
             log.info("worker %s ready on %s (pid %s)", worker.id, worker.device.name, proc.pid)
@@ -259,7 +266,7 @@ class Supervisor:
         if worker is None:
             return
         rc = proc.returncode
-        if not proc.started and not self._closing:
+        if not proc.started and not self._closing and not worker.preempted:
             # Counted before its tasks are retried, so the retry already sees the circuit.
             self._start_failed(worker, f"worker exited with code {rc} before it was ready; "
                                        f"last stderr: {proc.stderr_text() or '(none)'}")
@@ -288,11 +295,17 @@ class Supervisor:
             return
         worker.proc.state = WorkerState.STOPPING
         worker.preempted = True
+        if not worker.proc.started:
+            # Still booting: it ran nothing, so it is stopped at once and what it holds goes
+            # back to the queue, instead of loading a model only to be drained.
+            self.pipeline.requeue_unsent(worker, "preempted", everything=True)
+            worker.proc.kill()  # before its spawn ended: _boot kills it once it has a pid
+            return
         if not worker.runs:
             self._stop_worker(worker)
         else:  # what it was never sent goes back to the queue now (the rest drains)
             self.pipeline.requeue_unsent(worker, "preempted")
-        asyncio.get_running_loop().call_later(grace_s, worker.proc.kill)
+        worker.grace_timer = asyncio.get_running_loop().call_later(grace_s, worker.proc.kill)
 
     # -- cancel, idle, shutdown --------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 A ``Worker`` owns its ``WorkerProcess``, its preset, its batcher (session workers), the task
 runs it holds, the batches sent to it, the next batch forming on the node, its timers (the
-watchdog, the forming batch's flush, the next batch's opening), the CPU slot it may hold, a
+watchdog, the forming batch's flush, the next batch's opening, a preempted worker's kill after
+its grace period), the CPU slot it may hold, a
 one-off's input file and whether it is being drained for a lease. It is created and dropped as
 a unit: ``close()`` cancels every timer, removes the input file and lets go of every run.
 
@@ -58,6 +59,7 @@ class Worker:
         self.watchdog: asyncio.TimerHandle | None = None  # on the oldest task it owes
         self.forming: asyncio.TimerHandle | None = None  # a waiting batch's flush
         self.next_timer: asyncio.TimerHandle | None = None  # when its next batch opens
+        self.grace_timer: asyncio.TimerHandle | None = None  # a preempted worker's kill
         self.next_open = False  # its next batch takes tasks (see Pipeline.dispatch)
         self.holds_cpu = False  # it holds a CPU slot for its current work
         self.input_file: str | None = None  # a one-off's input, when too big for the env
@@ -158,6 +160,8 @@ class Worker:
         self.disarm_watchdog()
         self.stop_forming()
         self.close_next()
+        _cancel(self.grace_timer)
+        self.grace_timer = None
         if self.input_file is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self.input_file)
