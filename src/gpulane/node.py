@@ -463,7 +463,7 @@ class Node:
                 "queued": sum(q["queued"] for q in queues.values()), "presets": queues,
                 "housekeeping": self.housekeeping_view()}
 
-    def housekeeping_view(self) -> dict[str, Any] | None:
-        """Retention and purges as the store's housekeeper reports them (None until it runs
-        in this node)."""
-        return None
+    def housekeeping_view(self) -> dict[str, Any]:
+        """Retention (last purge, purged counts, database size), heartbeats and the reaper,
+        as the housekeeper reports them."""
+        return self.housekeeper.view()
