@@ -62,3 +62,20 @@ async def test_batch_mates_of_a_poison_get_their_attempts_back_in_their_events(
     assert mate["state"] == "succeeded"
     events = (await api.get(f"/v1/tasks/{ids[1]}/events")).text
     assert "worker_died" in events and "no attempt spent" in events
+
+
+async def test_batch_mates_of_a_task_killed_for_its_timeout_run_again_unspent(
+        api: httpx.AsyncClient, node: Node) -> None:
+    # behave-batch: one batch of 8, run item by item, timeout_s 1, max_attempts 1. The hang
+    # is failed for its timeout and its worker killed; the two after it had not run, and
+    # succeed on the next worker without an attempt spent.
+    await node.scheduler.stop()
+    r = await api.post("/v1/tasks/bulk", json={"tasks": [
+        {"preset": "behave-batch", "input": {"action": action}}
+        for action in ("ok", "hang", "ok", "ok")]})
+    ids = [t["id"] for t in r.json()["tasks"]]
+    node.scheduler.start()
+    done = [await wait_done(api, tid, wait=60) for tid in ids]
+    assert [t["state"] for t in done] == ["succeeded", "failed", "succeeded", "succeeded"]
+    assert done[1]["error"]["kind"] == "timeout"
+    assert [t["attempts"] for t in done] == [1, 1, 1, 1]

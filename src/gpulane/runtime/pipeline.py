@@ -449,7 +449,9 @@ class Pipeline:
 
     def _on_timeout(self, run: TaskRun, worker: Worker) -> None:
         worker.watchdog = None
-        if not run.done:
+        # Once killed for one task, the rest of its batch goes back to the queue on its exit:
+        # a clock re-armed for the next task must not fail that one as well meanwhile.
+        if not run.done and not worker.timed_out:
             self._spawn(self._timeout(run, worker))
 
     async def _timeout(self, run: TaskRun, worker: Worker) -> None:
