@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,12 +75,11 @@ async def test_purge_runs_on_a_thread_of_its_own(store: SqliteStore,
     threads: list[int] = []
     real = sqlite_upkeep.purge
 
-    def spy(conn: sqlite3.Connection, finished_before: float,
-            stop: threading.Event | None = None, batch: int = sqlite_upkeep.PURGE_BATCH_TASKS,
-            max_batches: int | None = None) -> PurgeReport:
+    def spy(conn: sqlite3.Connection, finished_before: float, **kw: Any) -> PurgeReport:
         threads.append(threading.get_ident())
         assert conn is not store.db  # a connection of its own
-        return real(conn, finished_before, stop, batch, max_batches)
+        assert kw["gate"] is store._write_gate  # and the store's writers take turns
+        return real(conn, finished_before, **kw)
 
     monkeypatch.setattr(sqlite_upkeep, "purge", spy)
     await store.purge(time.time())

@@ -62,6 +62,7 @@ class SqliteStore:
         self._queued: Counter[str] = Counter()
         self._claimed: Counter[str] = Counter()
         self._closing = threading.Event()
+        self._write_gate = threading.Lock()  # this process's writers: the loop and the purge
         self._checkpointer: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -97,7 +98,7 @@ class SqliteStore:
             self._checkpointer.start()
 
     def _checkpoint_loop(self) -> None:
-        conn = sqlite_upkeep.connect(self.path)
+        conn = sqlite_upkeep.connect(self.path, self.synchronous)
         try:
             sqlite_upkeep.checkpoint_until(conn, self._closing)
         finally:
@@ -122,15 +123,19 @@ class SqliteStore:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; IMMEDIATE takes the write lock up front (no upgrade race)."""
+        """One write transaction; IMMEDIATE takes the write lock up front (no upgrade race).
+        The in-process write gate comes first: a purge batch in flight is waited for and
+        handed over at once, instead of by SQLite's busy handler, which sleeps in steps of
+        up to tens of milliseconds (an event-loop stall)."""
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        with self._write_gate:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     # -- submit ----------------------------------------------------------------------------
 
@@ -465,14 +470,15 @@ class SqliteStore:
     async def purge(self, finished_before: float, max_batches: int | None = None
                     ) -> PurgeReport:
         if self.path == ":memory:":  # no second connection can see it: purge in place
-            return sqlite_upkeep.purge(self.db, finished_before, max_batches=max_batches)
+            return sqlite_upkeep.purge(self.db, finished_before, max_batches=max_batches,
+                                       gate=self._write_gate)
         return await asyncio.to_thread(self._purge_in_thread, finished_before, max_batches)
 
     def _purge_in_thread(self, finished_before: float, max_batches: int | None) -> PurgeReport:
-        conn = sqlite_upkeep.connect(self.path)
+        conn = sqlite_upkeep.connect(self.path, self.synchronous)
         try:
             return sqlite_upkeep.purge(conn, finished_before, stop=self._closing,
-                                       max_batches=max_batches)
+                                       max_batches=max_batches, gate=self._write_gate)
         finally:
             conn.close()
 

@@ -17,12 +17,14 @@ the same way but the file never shrinks. The WAL file is truncated back to the s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 from gpulane.store.base import PurgeReport
 
@@ -34,7 +36,7 @@ CHECKPOINT_INTERVAL_S = 1.0
 BUSY_TIMEOUT_MS = 5000
 """How long a thread's connection waits for the write lock before giving up a round."""
 
-PURGE_BATCH_TASKS = 500
+PURGE_BATCH_TASKS = 200
 """Finished tasks deleted per write transaction (their events and keys in the same one)."""
 
 PURGE_PAUSE_S = 0.002
@@ -46,6 +48,9 @@ FREE_PAGES_KEPT = 2048
 VACUUM_PAGES_PER_PASS = 4096
 """At most this many free pages are given back to the file system per pass (16 MiB)."""
 
+VACUUM_PAGES_PER_STEP = 256
+"""Free pages given back per write transaction (1 MiB): a short hold of the write lock."""
+
 FINISHED = "state IN ('succeeded','failed','cancelled')"
 """Final states, spelled as the partial index ``tasks_finished`` is, so the planner uses it."""
 
@@ -53,10 +58,13 @@ TABLES = ("tasks", "events", "idempotency")
 """The tables whose rows a report counts."""
 
 
-def connect(path: str) -> sqlite3.Connection:
-    """A connection for a thread of its own (autocommit: transactions are explicit)."""
+def connect(path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
+    """A connection for a thread of its own (autocommit: transactions are explicit), syncing
+    as the store's own does: left at SQLite's default (FULL), its first commit would flush
+    the whole WAL to disk (some 30 ms on a 60 MiB WAL) with the write lock held."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
     return conn
 
 
@@ -71,58 +79,92 @@ def checkpoint_until(conn: sqlite3.Connection, closing: threading.Event) -> None
 
 
 def purge(conn: sqlite3.Connection, finished_before: float, stop: threading.Event | None = None,
-          batch: int = PURGE_BATCH_TASKS, max_batches: int | None = None) -> PurgeReport:
+          batch: int = PURGE_BATCH_TASKS, max_batches: int | None = None,
+          gate: AbstractContextManager[Any] | None = None) -> PurgeReport:
     """Delete what finished before ``finished_before``, one batch per transaction, until none
     is left, ``max_batches`` ran or ``stop`` is set; then give back excess free pages and
-    measure the database."""
+    measure the database. ``gate``, held around each write transaction, is the store's own
+    write lock: the loop's next write gets it the moment a batch commits."""
     tasks = events = keys = batches = 0
     longest = 0.0
     while (stop is None or not stop.is_set()) and (max_batches is None
                                                    or batches < max_batches):
-        started = time.perf_counter()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            rows: Sequence[tuple[int, str, str | None]] = conn.execute(
-                # INDEXED BY: without statistics the planner would read every task of the
-                # state and sort; this index holds the finished ones by finish time.
-                f"SELECT seq, id, idempotency_key FROM tasks INDEXED BY tasks_finished "
-                f"WHERE {FINISHED} "
-                "AND finished_at < ? ORDER BY finished_at LIMIT ?",
-                (finished_before, batch)).fetchall()
-            if rows:
-                events += conn.executemany("DELETE FROM events WHERE task_id=?",
-                                           [(r[1],) for r in rows]).rowcount
-                # Only the key's own task: a key re-used after a purge names a newer one.
-                keys += conn.executemany("DELETE FROM idempotency WHERE key=? AND task_id=?",
-                                         [(r[2], r[1]) for r in rows if r[2]]).rowcount
-                tasks += conn.executemany("DELETE FROM tasks WHERE seq=?",
-                                          [(r[0],) for r in rows]).rowcount
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        found, counts, took = _purge_batch(conn, finished_before, batch, gate)
+        if not found:
+            break
+        tasks, events, keys = tasks + counts[0], events + counts[1], keys + counts[2]
         batches += 1
-        longest = max(longest, time.perf_counter() - started)
-        if len(rows) < batch:
+        longest = max(longest, took)
+        if found < batch:
             break
         time.sleep(PURGE_PAUSE_S)
-    give_back_free_pages(conn)
+    give_back_free_pages(conn, gate)
     return PurgeReport(tasks=tasks, events=events, keys=keys, batches=batches,
                        longest_batch_s=longest, db_bytes=db_bytes(conn), rows=count_rows(conn))
 
 
-def give_back_free_pages(conn: sqlite3.Connection) -> int:
-    """Shrink the file by the free pages past ``FREE_PAGES_KEPT`` (bounded per call); 0 when
-    the database was made without incremental auto_vacuum. Returns pages given back."""
+def _purge_batch(conn: sqlite3.Connection, finished_before: float, batch: int,
+                 gate: AbstractContextManager[Any] | None
+                 ) -> tuple[int, tuple[int, int, int], float]:
+    """One batch: up to ``batch`` tasks, their events and keys. The candidates are found, and
+    their pages read into this connection's cache, before the write lock is taken (a cold
+    read of a big WAL costs tens of milliseconds); the deletes under it re-check that each
+    task is still finished (a dead-letter retry may have re-queued it meanwhile). Returns the
+    candidates found, what was deleted (tasks, events, keys) and how long the lock was held."""
+    found = conn.execute(
+        # INDEXED BY: without statistics the planner would read every task of the state and
+        # sort; this index holds the finished ones by finish time.
+        f"SELECT seq FROM tasks INDEXED BY tasks_finished WHERE {FINISHED} "
+        "AND finished_at < ? ORDER BY finished_at LIMIT ?", (finished_before, batch)).fetchall()
+    if not found:
+        return 0, (0, 0, 0), 0.0
+    seqs = [r[0] for r in found]
+    # Still finished (a dead-letter retry may have re-queued one since the read above).
+    doomed = (f"SELECT {{col}} FROM tasks WHERE seq IN ({','.join('?' * len(seqs))}) "
+              f"AND {FINISHED} AND finished_at < ?")
+    args = [*seqs, finished_before]
+    conn.execute(f"SELECT COUNT(*) FROM events WHERE task_id IN ({doomed.format(col='id')})",
+                 args).fetchone()  # reads their pages into the cache, outside the lock
+    with gate if gate is not None else contextlib.nullcontext():
+        started = time.perf_counter()
+        # One statement per table: each runs in SQLite without the GIL, so the event loop
+        # (waiting on the gate) and this thread do not trade the interpreter row by row.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # A key goes only with its own task: one re-used after a purge names a newer one.
+            keys = conn.execute(
+                f"DELETE FROM idempotency WHERE key IN ({doomed.format(col='idempotency_key')})"
+                f" AND task_id IN ({doomed.format(col='id')})", args + args).rowcount
+            events = conn.execute(
+                f"DELETE FROM events WHERE task_id IN ({doomed.format(col='id')})",
+                args).rowcount
+            gone = conn.execute(
+                f"DELETE FROM tasks WHERE seq IN ({doomed.format(col='seq')})", args).rowcount
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        held = time.perf_counter() - started
+    return len(found), (gone, events, keys), held
+
+
+def give_back_free_pages(conn: sqlite3.Connection,
+                         gate: AbstractContextManager[Any] | None = None) -> int:
+    """Shrink the file by the free pages past ``FREE_PAGES_KEPT`` (at most
+    ``VACUUM_PAGES_PER_PASS``), ``VACUUM_PAGES_PER_STEP`` per transaction under ``gate``; 0
+    when the database was made without incremental auto_vacuum. Returns pages given back."""
     if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: INCREMENTAL
         return 0
     excess = conn.execute("PRAGMA freelist_count").fetchone()[0] - FREE_PAGES_KEPT
-    if excess <= 0:
-        return 0
-    pages = min(excess, VACUUM_PAGES_PER_PASS)
-    # The pragma frees one page per step: fetchall() runs it to the end.
-    conn.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()
-    return int(pages)
+    done = 0
+    while done < min(excess, VACUUM_PAGES_PER_PASS):
+        step = min(VACUUM_PAGES_PER_STEP, excess - done)
+        with gate if gate is not None else contextlib.nullcontext():
+            # The pragma frees one page per step: fetchall() runs it to the end.
+            conn.execute(f"PRAGMA incremental_vacuum({int(step)})").fetchall()
+        done += step
+        time.sleep(PURGE_PAUSE_S)
+    return done
 
 
 def db_bytes(conn: sqlite3.Connection) -> int:
