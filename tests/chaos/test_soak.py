@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.soak import ChaosConfig, chaos
+from bench.soak_chaos import ChaosConfig, chaos
 
 
 def test_kills_with_a_poison_task_lose_nothing_and_isolate_it(tmp_path: Path) -> None:
