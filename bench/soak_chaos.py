@@ -33,6 +33,8 @@ POISON_PRESET = "poison-sleep"
 """The preset every chaos task uses: it sleeps, or dies on a poison input."""
 POISON_MAX_ATTEMPTS = 3
 """The poison preset's max_attempts (bench/presets/poison.yaml)."""
+WORKER_WAIT_S = 2.0
+"""How long a worker kill waits for a worker to be up (after a restart) before it is missed."""
 ORPHAN_GRACE_S = 10.0
 """How long a killed node's workers get to notice and exit before they count as orphans."""
 
@@ -106,17 +108,14 @@ def killer(node: SoakNode, cfg: ChaosConfig, stop: threading.Event,
         for at, what in plan:
             if stop.wait(max(0.0, began + at - time.monotonic())):
                 return
-            try:
-                pids = worker_pids(http)
-            except (httpx.HTTPError, ValueError, KeyError):
-                pids = []
+            pids = live_workers(http, WORKER_WAIT_S if what == "worker" else 0.0)
             if what == "worker":
                 if pids:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(rng.choice(pids), signal.SIGKILL)
                     out["worker_kills"] += 1
                 else:
-                    out["worker_kills_missed"] += 1  # none running (node restarting, idle)
+                    out["worker_kills_missed"] += 1  # none came up within WORKER_WAIT_S
                 continue
             node.kill_hard()
             out["node_kills"] += 1
@@ -128,6 +127,19 @@ def killer(node: SoakNode, cfg: ChaosConfig, stop: threading.Event,
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             out["restart_s"].append(round(node.start(), 2))
+
+
+def live_workers(http: httpx.Client, wait_s: float) -> list[int]:
+    """The node's worker pids, waiting up to ``wait_s`` for one to be up (after a restart
+    the first ones start with the first tasks)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            if pids := worker_pids(http):
+                return pids
+        if time.monotonic() >= deadline:
+            return []
+        time.sleep(0.05)
 
 
 def events_of(http: httpx.Client, task_id: str) -> list[tuple[str, dict[str, Any]]]:
