@@ -60,9 +60,10 @@ def print_figures(title: str, figures: dict[str, Any]) -> None:
     if figures.get("samples"):
         print_table(["done", "s", "rss_mb", "db_mb", "task_rows"],
                     [list(x.values()) for x in figures["samples"]])
-    for key in ("end_status", "purged_status"):
+    for key in ("end_status", "purged_status"):  # the node's own view, less the presets
         if figures.get(key) is not None:
-            print(f"{key}: {figures[key]}")
+            view = {k: v for k, v in figures[key].items() if k != "presets"}
+            print(f"{key}: {view}")
     for problem in figures["problems"]:
         print(f"MUST-HOLD FAILED: {problem}")
 
