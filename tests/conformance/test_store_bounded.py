@@ -312,3 +312,15 @@ async def test_purge_with_max_batches_leaves_the_rest_for_the_next_call(store: S
     assert first.rows["tasks"] == n - first.tasks
     rest = await store.purge(time.time() + 1)
     assert first.tasks + rest.tasks == n and rest.rows["tasks"] == 0
+
+
+async def test_a_late_event_for_a_finished_task_leaves_no_notifier_entry(store: Store) -> None:
+    """A cancelled or reaped attempt's worker may still stream an event after the end."""
+    task = await submit(store)
+    [claimed] = await store.claim("p", "gpu", 1, "n1", "gpu:0")
+    seen = store.notifier.version(task.id)
+    await store.finish(task.id, claimed.token, TaskState.CANCELLED, error={"message": "x"})
+    late = await store.append_events(task.id, [NewEvent("text_delta", {"delta": "late"})])
+    assert [e.type for e in late] == ["text_delta"]
+    assert len(store.notifier) == 0
+    assert store.notifier.version(task.id) != seen  # a follower that read before re-reads

@@ -294,11 +294,12 @@ class SqliteStore:
             self.notifier.notify(t.id, t)
         return tasks
 
-    def _append(self, task_id: str, events: Sequence[NewEvent]) -> list[Event]:
+    def _append(self, task_id: str, events: Sequence[NewEvent]) -> tuple[list[Event], bool]:
+        """Number and insert events; returns them, and whether the task is final."""
         if not events:
-            return []
+            return [], False
         row = self.db.execute(
-            "UPDATE tasks SET event_seq=event_seq+? WHERE id=? RETURNING event_seq",
+            "UPDATE tasks SET event_seq=event_seq+? WHERE id=? RETURNING event_seq, state",
             (len(events), task_id)).fetchone()
         if row is None:
             raise StoreError(f"no task {task_id!r} to append events to")
@@ -308,12 +309,15 @@ class SqliteStore:
         self.db.executemany(
             INSERT_EVENT,
             [(e.task_id, e.seq, e.type, dumps(e.data), e.ts) for e in out])
-        return out
+        return out, TaskState(row[1]).final
 
     async def append_events(self, task_id: str, events: Sequence[NewEvent]) -> list[Event]:
         with self._tx():
-            out = self._append(task_id, events)
-        self.notifier.notify(task_id)
+            out, final = self._append(task_id, events)
+        if out:
+            self.notifier.notify(task_id)
+            if final:  # a late event of an attempt that ended (cancelled, reaped): no entry
+                self.notifier.forget(task_id)
         return out
 
     async def events(self, task_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
