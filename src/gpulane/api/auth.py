@@ -115,9 +115,11 @@ class Guard:
         self.burst = settings.rate_burst
         self.limiter = limiter or RateLimiter()
         self.limited = rate_limited(keys, settings)
+        self.unguarded = not keys and not self.limited
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (self.unguarded and scope["method"] not in BODY_METHODS):
+            # The hot path of a node without keys or limits: a read passes at once.
             await self.app(scope, receive, send)
             return
         # The path as the route table matches it (Starlette's own helper): mounted under a
