@@ -9,6 +9,7 @@ labelled, and a node that starts kills those its dead predecessor left.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -183,3 +184,23 @@ async def test_a_failing_docker_is_logged_and_the_node_runs_on(
     caplog.set_level(logging.INFO, "gpulane.supervisor")
     assert await kill_leftovers({"gpulane.node": "box"}) == []
     assert "Cannot connect to the Docker daemon" in caplog.text
+
+
+async def test_a_hanging_docker_is_killed_and_reaped_when_the_node_stops(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pidfile = tmp_path / "docker.pid"
+    docker = tmp_path / "docker"
+    docker.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 3600\n")
+    docker.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    sup = Supervisor(object(), "box",  # type: ignore[arg-type]
+                     scratch_dir=str(tmp_path / "data" / "scratch"), stderr_tail_lines=5,
+                     shutdown_grace_s=1.0, listener=Listener())
+    sup.start_reaper()
+    deadline = asyncio.get_running_loop().time() + 20
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert asyncio.get_running_loop().time() < deadline, "docker ps never ran"
+        await asyncio.sleep(0.01)
+    pid = int(pidfile.read_text())
+    await sup.stop_all()  # cancels the cleanup mid-call
+    assert not Path(f"/proc/{pid}").exists()  # killed and reaped, not left behind

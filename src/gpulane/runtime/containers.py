@@ -34,10 +34,13 @@ async def _docker(argv: list[str]) -> tuple[bool, str]:
         return False, str(exc)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), DOCKER_CALL_TIMEOUT_S)
-    except TimeoutError:
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        # Not left running (nor its pipes open) past the node that asked: reaped here.
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
         return False, f"no answer within {DOCKER_CALL_TIMEOUT_S:g}s"
     if proc.returncode != 0:
         return False, err.decode("utf-8", "replace").strip() or f"exit {proc.returncode}"

@@ -373,9 +373,11 @@ class Supervisor:
     async def stop_all(self) -> None:
         """Stop every worker; attempts still running go back to the queue for the next start."""
         self._closing = True
-        for chore in (self._reaper, self._leftovers):
-            if chore is not None:
-                chore.cancel()
+        chores = [c for c in (self._reaper, self._leftovers) if c is not None]
+        for chore in chores:
+            chore.cancel()
+        # Awaited, so that a docker call of the cleanup is reaped before the loop ends.
+        await asyncio.gather(*chores, return_exceptions=True)
         for w in self.workers.values():
             w.disarm_watchdog()
         await asyncio.gather(*(w.proc.stop(self.shutdown_grace_s)
