@@ -8,6 +8,7 @@ the claim-TTL reaper (tasks stay ``running`` with nobody holding them)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -80,7 +81,8 @@ async def _bulk(api: httpx.AsyncClient, inputs: list[dict[str, Any]]) -> list[st
 @pytest.mark.parametrize("always", [False, True], ids=["once", "from-then-on"])
 @pytest.mark.parametrize("method", STORE_CALLS)
 async def test_a_store_that_raises_never_keeps_a_run_held(
-        api: httpx.AsyncClient, node: Node, method: str, always: bool) -> None:
+        api: httpx.AsyncClient, node: Node, method: str, always: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
     sup = node.supervisor
     faulty = FaultyStore(node.store, method, 2, always=always)
     sup.store = sup.pipeline.outcomes.store = faulty
@@ -112,6 +114,11 @@ async def test_a_store_that_raises_never_keeps_a_run_held(
     await _until(settled, "every run let go of, every worker idle, every CPU slot back")
 
     assert faulty.raised >= 1, f"the load never called {method} {faulty._nth} times"
+    if not always and method != "finish":  # a cancel's fault goes to its caller instead
+        # One fault, one log line, naming the task(s) whose write was lost.
+        [record] = [r for r in caplog.records if r.levelno >= logging.ERROR
+                    and r.name == "gpulane.supervisor"]
+        assert any(tid in record.getMessage() for tid in long_ids + ids), record.getMessage()
     assert all(w.state in (WorkerState.READY, WorkerState.EXITED)
                for w in sup.workers.values())
     # What the store took is right: no task that it recorded as ended ended wrongly.
