@@ -16,8 +16,9 @@ import httpx
 import pytest
 
 from gpulane.api.app import create_app
-from gpulane.api.bodies import DISCARD_MAX_BYTES
+from gpulane.api.bodies import DISCARD_MAX_BYTES, DISCARD_MAX_S
 from gpulane.node import Node
+from tests.conftest import LoopClock, settle
 from tests.integration.conftest import make_settings, stop_node
 
 
@@ -149,6 +150,25 @@ async def test_an_endless_body_is_cut_off_after_a_bounded_read(small: Node) -> N
     status, answer, pulled = await _raw(create_app(small, manage_node=False), [], endless())
     assert status == 413 and answer["error"]["code"] == "payload_too_large"
     assert pulled <= 4096 + DISCARD_MAX_BYTES + 2 * 65536
+
+
+async def test_a_sender_that_stalls_past_the_limit_is_answered_after_the_discard_bound(
+        small: Node, loop_clock: LoopClock) -> None:
+    stalled = asyncio.Event()
+
+    async def stalls() -> AsyncIterator[bytes]:
+        yield b"x" * 8192  # past the limit of 4096
+        stalled.set()
+        await asyncio.Event().wait()  # then nothing, ever
+        yield b""
+
+    call = asyncio.create_task(_raw(create_app(small, manage_node=False), [], stalls()))
+    await stalled.wait()
+    await settle()
+    assert not call.done()  # still throwing the body away
+    await loop_clock.advance(DISCARD_MAX_S)
+    status, answer, _ = await asyncio.wait_for(call, 10)
+    assert status == 413 and answer["error"]["code"] == "payload_too_large"
 
 
 async def test_a_declared_length_past_the_discard_bound_is_answered_unread(small: Node) -> None:
