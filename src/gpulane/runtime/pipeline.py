@@ -401,6 +401,7 @@ class Pipeline:
         never_ran = [r for r in runs if r.id not in owed]
         # Dead while it booted: nothing was sent, and what it held spends an attempt.
         unsent, booting = (never_ran, []) if proc.started else ([], never_ran)
+        returned = self._settle_unsent(unsent)  # settled before any store call
         ceiling = self.crash_ceiling(worker.preset_name)
         if len(owed) > 1:
             again = [(r.id, r.token) for r in ran if self._settle(r) and not r.cancelled]
@@ -416,10 +417,9 @@ class Pipeline:
             if alone:
                 ceiling.crashed(alone, 1)
             booting = ran + booting
-        again = self._settle_unsent(unsent)
         await self._crashed(worker, booting, f"{died} while running the task")
-        if again:
-            await self.outcomes.requeue_unspent(again, {
+        if returned:
+            await self.outcomes.requeue_unspent(returned, {
                 "kind": ErrorKind.WORKER_DIED.value,
                 "message": f"{died} before it started the task"})
 
