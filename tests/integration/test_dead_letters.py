@@ -93,6 +93,8 @@ async def test_the_sdk_retries_a_dead_letter(api: httpx.AsyncClient, live_url: s
             again = c.retry(bad["id"])
             done = c.result(bad["id"], wait=20)
             ok = c.run("sleep", {"ms": 0})
+            assert c.drain()["draining"] is True and c.status()["draining"] is True
+            assert c.resume()["draining"] is False
             try:
                 c.retry(ok["id"])
             except APIError as exc:

@@ -70,3 +70,30 @@ def test_status_shows_queues_limits_and_drain_rates(monkeypatch: pytest.MonkeyPa
     assert "embed" in res.stdout and "2.5" in res.stdout
     raw = invoke(handler, monkeypatch, "status", "--json")
     assert json.loads(raw.stdout) == status
+
+
+def test_drain_and_resume(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.path}")
+        draining = request.url.path.endswith("/drain")
+        return httpx.Response(200, json={"node": "n1", "draining": draining, "queued": 3,
+                                         "presets": {}, "housekeeping": {}})
+
+    res = invoke(handler, monkeypatch, "drain")
+    assert res.exit_code == 0, res.output
+    assert "node n1: draining, 3 queued" in res.stdout
+    res = invoke(handler, monkeypatch, "drain", "--resume")
+    assert "node n1: taking tasks" in res.stdout
+    assert seen == ["POST /v1/admin/drain", "POST /v1/admin/resume"]
+
+
+def test_drain_without_the_admin_scope_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(403, json={"error": {
+            "code": "forbidden", "field": "Authorization",
+            "message": "key 'app' lacks the 'admin' scope that POST /v1/admin/drain needs"}})
+
+    res = invoke(handler, monkeypatch, "drain")
+    assert res.exit_code == 2 and "403 forbidden" in res.stderr

@@ -1,5 +1,5 @@
 """The client commands of the ``gpulane`` CLI: ``run``, ``tasks``, ``retry``, ``gpus``,
-``status``.
+``status``, ``drain``.
 
 They are plain click commands; :func:`register` adds them to the ``main`` group in
 :mod:`gpulane.cli`, next to the server's own commands.
@@ -319,6 +319,19 @@ def status_cmd(as_json: bool, url: str, token: str | None) -> None:
     out.print(table)
 
 
+@click.command("drain")
+@click.option("--resume", is_flag=True, help="Take and start tasks again instead.")
+@client_options
+def drain_cmd(resume: bool, url: str, token: str | None) -> None:
+    """Stop the node starting queued work and taking submits (running work finishes); an
+    admin key's job."""
+    with _session(url, token) as client:
+        info = client.resume() if resume else client.drain()
+    state = "draining" if info.get("draining") else "taking tasks"
+    _stdout().print(f"node {info.get('node', '?')}: {state}, {info.get('queued', '?')} "
+                    "queued", markup=False)
+
+
 def _mb(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int | float) else "?"
 
@@ -357,7 +370,8 @@ def gpus_cmd(as_json: bool, url: str, token: str | None) -> None:
                   markup=False)
 
 
-COMMANDS: tuple[click.Command, ...] = (run_cmd, tasks_cmd, retry_cmd, gpus_cmd, status_cmd)
+COMMANDS: tuple[click.Command, ...] = (run_cmd, tasks_cmd, retry_cmd, gpus_cmd, status_cmd,
+                                       drain_cmd)
 
 
 def register(group: click.Group) -> None:

@@ -154,6 +154,11 @@ def events(task_id: str, last_event_id: int | None = None) -> Request:
     return Request("GET", f"/v1/tasks/{_segment(task_id)}/events", headers=headers, stream=True)
 
 
+def admin(action: str) -> Request:
+    """``POST /v1/admin/<action>`` (drain, resume: both safe to repeat)."""
+    return Request("POST", f"/v1/admin/{action}")
+
+
 def simple_get(path: str) -> Request:
     return Request("GET", path)
 

@@ -236,6 +236,15 @@ class AsyncClient(ClientBase):
         """The node: draining or not, each preset's queue, max_queued and drain rate."""
         return await self._call(core.simple_get("/v1/status"))
 
+    async def drain(self) -> JSON:
+        """Admin: the node stops starting queued work and refuses submits (503) until
+        ``resume()``; running work finishes. The status view as it stands after."""
+        return await self._call(core.admin("drain"))
+
+    async def resume(self) -> JSON:
+        """Admin: take and start tasks again after a drain."""
+        return await self._call(core.admin("resume"))
+
     async def health(self) -> JSON:
         response = await self._send(core.simple_get("/healthz"))
         return core.health(response.status_code, response.content)

@@ -262,6 +262,15 @@ class Client(ClientBase):
         """The node: draining or not, each preset's queue, max_queued and drain rate."""
         return self._call(core.simple_get("/v1/status"))
 
+    def drain(self) -> JSON:
+        """Admin: the node stops starting queued work and refuses submits (503) until
+        ``resume()``; running work finishes. The status view as it stands after."""
+        return self._call(core.admin("drain"))
+
+    def resume(self) -> JSON:
+        """Admin: take and start tasks again after a drain."""
+        return self._call(core.admin("resume"))
+
     def health(self) -> JSON:
         response = self._send(core.simple_get("/healthz"))
         return core.health(response.status_code, response.content)
