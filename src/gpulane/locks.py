@@ -107,7 +107,7 @@ class FileLock:
     def _open(self) -> int:
         folder = self.path.parent
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=LOCK_DIR_MODE, parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create lock folder {folder} ({exc.strerror}): create it "
                               "for this user, or point --data-dir / gpu_lock_dir at a folder "
