@@ -2,18 +2,21 @@
 
 Every request is answered (201 or 408), no device is ever promised more VRAM than it has
 (checked on the client side, from grants and releases, and on the node's ledger, sampled
-throughout), and everything is given back at the end.
+throughout), and everything is given back at the end: the ledger is empty, and once ended
+leases have lingered the lease table is back to idle.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter
 
 import httpx
 
 from gpulane.node import Node
+from gpulane.scheduling.leases import FINAL_KEPT, FINAL_LINGER_S
 
 REQUESTS = 200
 TOTAL_MB = 24 * 1024
@@ -81,3 +84,9 @@ async def test_lease_storm(node: Node, live_url: str) -> None:
         assert not acct.holdings, f"device {acct.index} still held: {acct.holdings}"
     assert node.leases.active() == []
     assert held_mb == {0: 0, 1: 0}
+    # Ended leases linger a while for their holders' reads, then the table is back to idle.
+    table = node.leases.table_size()
+    assert table["waiting"] == table["holding"] == 0 and table["ended"] <= FINAL_KEPT
+    node.leases.clock = lambda: time.time() + FINAL_LINGER_S
+    node.leases.expire_now()
+    assert node.leases.table_size() == {"waiting": 0, "holding": 0, "ended": 0, "notifier": 0}
