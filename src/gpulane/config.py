@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -70,6 +71,8 @@ DURABILITY_SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 """SQLite's synchronous pragma per durability: what a 202 can lose is in docs/reliability.md."""
 
 
+_ORIGIN = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:*\[\]]+)(:\d{1,5})?$")
+"""An origin as browsers send it in the Origin header (no path, no wildcard)."""
 _DURATION_UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 
@@ -141,6 +144,18 @@ class Settings(BaseSettings):
     def _split_origins(cls, v: Any) -> Any:
         if isinstance(v, str):
             return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        # A browser sends Origin as scheme://host[:port]; anything else would never match,
+        # and CORS would stay off without a word.
+        for origin in v:
+            if not _ORIGIN.match(origin):
+                raise ValueError(f"{origin!r} is not an origin: write it as a browser sends "
+                                 "it, scheme://host[:port] without a path, e.g. "
+                                 "https://app.example or http://localhost:3000")
         return v
 
     @property

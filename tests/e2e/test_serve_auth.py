@@ -91,3 +91,21 @@ def test_a_keyed_node_on_every_interface_answers_only_its_keys(
             assert client.gpus()["simulated"] is True
     finally:
         srv.kill(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("origin", ["app.example", "https://app.example/", "*"])
+def test_a_cors_origin_that_no_browser_sends_is_refused_in_one_line(
+        tmp_path: Path, origin: str) -> None:
+    done = gpulane("serve", "--cors-origin", "https://ok.example", "--cors-origin", origin,
+                   "--data-dir", str(tmp_path / "data"))
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert repr(origin) in done.stderr and "scheme://host[:port]" in done.stderr
+
+
+def test_keys_new_refuses_an_unknown_scope_or_a_bad_name() -> None:
+    for args in (["x", "--scopes", "tasks,gpus"], ["has space"]):
+        done = gpulane("keys", "new", *args)
+        assert done.returncode == 2 and not done.stdout, done.stdout
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert "use" in done.stderr
