@@ -3,8 +3,11 @@ checkpoints, and retention (finished tasks past the retention period go, with th
 idempotency keys, in small write transactions).
 
 The event loop's connection keeps serving meanwhile: reads never wait (WAL), and a write on the
-loop waits at most one batch's transaction for the write lock. Batches are small and a short
-pause between them lets the loop's writes go first.
+loop waits at most one batch's write transaction (about 2 ms for 200 tasks on an idle machine).
+The store's writers take turns on an in-process lock (the store's write gate) rather than on
+SQLite's busy handler, which sleeps in steps of up to tens of milliseconds; a batch finds and
+reads its rows before it takes the gate, deletes with one statement per table (no row-by-row
+trading of the interpreter lock), and a short pause between batches lets the loop's writes in.
 
 Space: a database made by this release uses ``auto_vacuum=INCREMENTAL``. Under steady load
 deleted pages are simply reused by new rows, so the file stops growing once retention keeps
@@ -52,7 +55,8 @@ VACUUM_PAGES_PER_STEP = 256
 """Free pages given back per write transaction (1 MiB): a short hold of the write lock."""
 
 FINISHED = "state IN ('succeeded','failed','cancelled')"
-"""Final states, spelled as the partial index ``tasks_finished`` is, so the planner uses it."""
+"""Final states, spelled as the partial index ``tasks_finished`` is (the planner then can use
+it)."""
 
 TABLES = ("tasks", "events", "idempotency")
 """The tables whose rows a report counts."""
