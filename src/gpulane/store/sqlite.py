@@ -42,9 +42,6 @@ from gpulane.store.sqlite_schema import (
 
 log = logging.getLogger("gpulane.store")
 
-WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
-"""A WAL file grown past this by a burst is truncated back to it once checkpointed."""
-
 
 class SqliteStore:
     """Store on one SQLite file (or ``:memory:`` for tests)."""
@@ -70,14 +67,7 @@ class SqliteStore:
     async def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        # First: it takes effect only on a new database (see sqlite_upkeep for why).
-        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={self.synchronous}")
-        db.execute("PRAGMA busy_timeout=5000")
-        db.execute("PRAGMA temp_store=MEMORY")
-        db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
+        db = sqlite_upkeep.connect_main(self.path, self.synchronous)
         db.executescript(SCHEMA)
         migrate(db)
         self._db = db

@@ -37,7 +37,10 @@ CHECKPOINT_INTERVAL_S = 1.0
 """How often the background thread folds the WAL back into the database file."""
 
 BUSY_TIMEOUT_MS = 5000
-"""How long a thread's connection waits for the write lock before giving up a round."""
+"""How long a connection waits for SQLite's write lock (another process's) before failing."""
+
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+"""A WAL file grown past this by a burst is truncated back to it once checkpointed."""
 
 PURGE_BATCH_TASKS = 200
 """Finished tasks deleted per write transaction (their events and keys in the same one)."""
@@ -60,6 +63,19 @@ it)."""
 
 TABLES = ("tasks", "events", "idempotency")
 """The tables whose rows a report counts."""
+
+
+def connect_main(path: str, synchronous: str) -> sqlite3.Connection:
+    """The store's own connection (the event loop's), set up to keep the file bounded."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # First: it takes effect only on a new database, before its first table.
+    db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    db.execute("PRAGMA temp_store=MEMORY")
+    db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
+    return db
 
 
 def connect(path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
