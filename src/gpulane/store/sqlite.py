@@ -2,7 +2,9 @@
 
 Calls run on the event loop's thread: each statement here takes tens of microseconds (WAL,
 no fsync per commit with synchronous=NORMAL), less than a hop to a thread pool would cost.
-The node's data-dir lock guarantees no other process writes this file.
+Only the upkeep runs on threads of its own (WAL checkpoints, the retention purge: see
+sqlite_upkeep.py). The node's data-dir lock guarantees no other process writes this file, so
+the store keeps its queue counters in memory: no read of the table answers how many are queued.
 """
 
 from __future__ import annotations
