@@ -92,16 +92,19 @@ def check_owner(request: Request, owner: str | None, what: str) -> None:
                     field="Authorization")
 
 
-UNAUTHORIZED = Unauthorized(
-    "unauthorized", "this node needs an API key: send 'Authorization: Bearer <key>' (the SDK "
-    "and CLI read GPULANE_TOKEN or --token)", field="Authorization",
-    headers={"WWW-Authenticate": 'Bearer realm="gpulane"'})
-"""The 401 for a request without a key."""
-UNKNOWN_KEY = Unauthorized(
-    "unauthorized", "this API key is not known to this node: check GPULANE_TOKEN, or ask for "
-    "a key ('gpulane keys new NAME')", field="Authorization",
-    headers={"WWW-Authenticate": 'Bearer realm="gpulane", error="invalid_token"'})
-"""The 401 for a key the node does not have."""
+NO_KEY_FIX = ("this node needs an API key: send 'Authorization: Bearer <key>' (the SDK and "
+              "CLI read GPULANE_TOKEN or --token)")
+"""The 401's message for a request without a key."""
+UNKNOWN_KEY_FIX = ("this API key is not known to this node: check GPULANE_TOKEN, or ask for a "
+                   "key ('gpulane keys new NAME')")
+"""The 401's message for a key the node does not have."""
+
+
+def unauthorized(message: str, challenge: str = 'Bearer realm="gpulane"') -> Unauthorized:
+    """A fresh 401 (a shared instance raised again and again would keep each raise's
+    frames alive through its traceback)."""
+    return Unauthorized("unauthorized", message, field="Authorization",
+                        headers={"WWW-Authenticate": challenge})
 
 
 class Guard:
@@ -143,14 +146,12 @@ class Guard:
 
     def _authorize(self, scope: Scope, path: str) -> Caller:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
-        if header is None:
-            raise UNAUTHORIZED
-        kind, _, given = header.partition(b" ")
+        kind, _, given = (header or b"").partition(b" ")
         if kind.lower() != b"bearer":
-            raise UNAUTHORIZED
+            raise unauthorized(NO_KEY_FIX)
         who = self.keys.find(given.strip())
         if who is None:
-            raise UNKNOWN_KEY
+            raise unauthorized(UNKNOWN_KEY_FIX, 'Bearer realm="gpulane", error="invalid_token"')
         method = scope["method"]
         need = scope_for(method, path)
         if need != ANY_KEY and not who.allows(need):
