@@ -124,10 +124,13 @@ class SqliteStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # A failed COMMIT (a full disk, an I/O error) can leave the transaction open:
+                # every later BEGIN would fail for good. SQLite may have rolled back already.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
 
     # -- submit ----------------------------------------------------------------------------
 

@@ -160,10 +160,11 @@ def _purge_batch(conn: sqlite3.Connection, finished_before: float, batch: int,
                 args).rowcount
             gone = conn.execute(
                 f"DELETE FROM tasks WHERE seq IN ({doomed.format(col='seq')})", args).rowcount
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # a failed COMMIT may leave it open (see SqliteStore._tx)
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
         held = time.perf_counter() - started
     return len(found), (gone, events, keys), held
 
