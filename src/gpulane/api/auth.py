@@ -16,10 +16,14 @@ at the Content-Type. Handlers learn who called with :func:`caller`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from starlette._utils import get_route_path
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gpulane.api.bodies import DISCARD_MAX_BYTES, DISCARD_MAX_S
 from gpulane.api.keys import Caller, KeyRing
 from gpulane.api.ratelimit import RateLimiter, retry_after_s
 from gpulane.api.responses import JSON
@@ -139,8 +143,7 @@ class Guard:
             if scope["method"] in BODY_METHODS and path.startswith("/v1/"):
                 _check_media_type(scope)
         except RequestError as exc:
-            await JSON(exc.to_json(), status_code=exc.status, headers=exc.headers)(
-                scope, receive, send)
+            await _refuse(exc, scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -201,3 +204,44 @@ def _check_media_type(scope: Scope) -> None:
     raise UnsupportedMediaTypeError(
         "unsupported_media_type", f"the request body is sent {shown}: send JSON with "
         "'Content-Type: application/json'", field="Content-Type")
+
+
+async def _refuse(exc: RequestError, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer ``exc`` before any handler runs. A body the request carries is read and thrown
+    away first (within api/bodies.py's bounds) and the connection closed after, as for a 413:
+    a client that sends its whole body before reading (urllib, ``requests``) then reads the
+    401, 403, 415 or 429 instead of a reset."""
+    headers = exc.headers
+    declared = _body_length(scope)
+    if declared != 0:
+        headers = {**headers, "Connection": "close"}
+        await _discard(receive, declared)
+    await JSON(exc.to_json(), status_code=exc.status, headers=headers)(scope, receive, send)
+
+
+def _body_length(scope: Scope) -> int | None:
+    """The request body's declared length: 0 when it has none, None when chunked."""
+    length = 0
+    for k, v in scope["headers"]:
+        if k == b"transfer-encoding":
+            return None
+        if k == b"content-length":
+            length = int(v) if v.strip().isdigit() else 0
+    return length
+
+
+async def _discard(receive: Receive, declared: int | None) -> None:
+    """Read and drop the body within DISCARD_MAX_BYTES and DISCARD_MAX_S; nothing when its
+    Content-Length already says it is longer than that (the sender is cut off)."""
+    if declared is not None and declared > DISCARD_MAX_BYTES:
+        return
+    thrown = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DISCARD_MAX_S):
+            while thrown <= DISCARD_MAX_BYTES:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client left
+                thrown += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return

@@ -1,0 +1,73 @@
+"""The guard's own refusals as a client that sends its whole body first meets them (a 401,
+403, 415 or 429 read, never a reset), on a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from gpulane.api.app import create_app
+from gpulane.node import Node
+from tests.conftest import free_port
+from tests.integration.conftest import make_settings, stop_node
+
+KEYS = "tasks:k-tasks:tasks,leases:k-leases:leases"
+BODY = b'{"preset": "sleep", "input": "' + b"x" * (11 * 1024 * 1024) + b'"}'
+"""11 MiB: far more than a socket's buffers take, so an unread body resets the connection."""
+
+
+@pytest.fixture
+async def keyed_url(tmp_path: Path) -> AsyncIterator[str]:
+    node = Node(make_settings(tmp_path, keys=KEYS))
+    await node.start()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(node, manage_node=False),
+                                           host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 5)
+        await stop_node(node)
+
+
+def _post(url: str, headers: dict[str, str]) -> tuple[int, dict[str, Any], str]:
+    """POST as urllib does: the whole body is sent before the answer is read."""
+    req = urllib.request.Request(url, data=BODY, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read()), r.headers.get("Connection", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), exc.headers.get("Connection", "")
+
+
+@pytest.mark.parametrize(("headers", "status", "code"), [
+    ({"Content-Type": "application/json"}, 401, "unauthorized"),
+    ({"Content-Type": "application/json", "Authorization": "Bearer nope"}, 401,
+     "unauthorized"),
+    ({"Content-Type": "application/json", "Authorization": "Bearer k-leases"}, 403,
+     "forbidden"),
+    ({"Content-Type": "text/plain", "Authorization": "Bearer k-tasks"}, 415,
+     "unsupported_media_type"),
+])
+async def test_a_whole_body_sender_reads_the_guards_refusal(
+        keyed_url: str, headers: dict[str, str], status: int, code: str) -> None:
+    got, answer, connection = await asyncio.to_thread(_post, f"{keyed_url}/v1/tasks", headers)
+    assert (got, answer["error"]["code"]) == (status, code)
+    assert connection.lower() == "close"
