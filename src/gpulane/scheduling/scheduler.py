@@ -198,8 +198,13 @@ class Scheduler:
             worker = self.supervisor.start_worker(preset, device, wid)
         if lane == CPU_LANE and not self.ledger.acquire_cpu():
             return 0
-        tasks = await self.store.claim(preset.name, lane, worker.batch_size, self.node,
-                                       worker.device.name)
+        try:
+            tasks = await self.store.claim(preset.name, lane, worker.batch_size, self.node,
+                                           worker.device.name)
+        except BaseException:  # a failing store must not keep the slot taken for good
+            if lane == CPU_LANE:
+                self.ledger.release_cpu()
+            raise
         if not tasks:
             if lane == CPU_LANE:
                 self.ledger.release_cpu()
@@ -228,17 +233,26 @@ class Scheduler:
         if reserved is None:
             return 0
         device, wid = reserved
-        tasks: list[Task] = await self.store.claim(preset.name, lane, 1, self.node, device.name)
+        try:
+            tasks: list[Task] = await self.store.claim(preset.name, lane, 1, self.node,
+                                                       device.name)
+        except BaseException:  # a failing store must not keep the room taken for good
+            self._unreserve(device, wid)
+            raise
         if not tasks:
-            if device.kind == GPU_LANE:
-                self.ledger.release(wid)
-            else:
-                self.ledger.release_cpu()
+            self._unreserve(device, wid)
             return 0
         self.supervisor.run_oneoff(preset, device, tasks[0], wid)
         if device.kind == CPU_LANE:
             self.supervisor.hold_cpu(wid)
         return 1
+
+    def _unreserve(self, device: DeviceAssignment, wid: str) -> None:
+        """Give back what ``_reserve`` took for a one-off that will not start."""
+        if device.kind == GPU_LANE:
+            self.ledger.release(wid)
+        else:
+            self.ledger.release_cpu()
 
     def _max_workers(self, preset: Preset, lane: str) -> int:
         if lane == CPU_LANE:
