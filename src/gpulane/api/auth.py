@@ -123,6 +123,7 @@ class Guard:
         self.limiter = limiter or RateLimiter()
         self.limited = rate_limited(keys, settings)
         self.unguarded = not keys and not self.limited
+        self.origins = frozenset(o.lower().encode() for o in settings.cors_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or (self.unguarded and scope["method"] not in BODY_METHODS):
@@ -137,6 +138,8 @@ class Guard:
             await self.app(scope, receive, send)
             return
         try:
+            if scope["method"] in BODY_METHODS:
+                _check_origin(scope, self.origins)
             who = self._authorize(scope, path) if self.keys else None
             if self.limited:
                 self._limit(who)
@@ -178,6 +181,29 @@ class Guard:
                 "rate_limited", f"{name} may make {rate:g} requests a second (burst "
                 f"{burst or 'one second'}): retry after {after} s, or ask for a higher "
                 "rate_per_s", field="Authorization", headers={"Retry-After": str(after)})
+
+
+def _check_origin(scope: Scope, allowed: frozenset[bytes]) -> None:
+    """403 for a write sent by a web page of another origin than the node's own or one named
+    in cors_origins. Browsers send Origin on every POST, PUT, PATCH and DELETE, even one
+    without a body (no Content-Type, so no 415, and no preflight): without this a page in a
+    local browser could drain a keyless node on loopback. Clients other than browsers send
+    no Origin and pass."""
+    origin = host = None
+    for k, v in scope["headers"]:
+        if k == b"origin":
+            origin = v.strip().lower()
+        elif k == b"host":
+            host = v.strip().lower()
+    if origin is None or origin in allowed:
+        return
+    _, sep, rest = origin.partition(b"://")
+    if sep and host is not None and rest == host:
+        return  # the node's own pages (/docs)
+    shown = origin.decode("latin-1")
+    raise Forbidden("cross_origin", f"a web page on {shown!r} may not send {scope['method']} "
+                    f"to this node: name its origin with --cors-origin {shown} if it should "
+                    "(docs/security.md)", field="Origin")
 
 
 def _check_media_type(scope: Scope) -> None:
