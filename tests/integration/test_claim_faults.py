@@ -56,3 +56,25 @@ async def test_a_failed_claim_gives_its_room_back(node: Node, preset: str, lane:
     assert await node.scheduler.run_pass() == 1
     done = await wait_final(node.store, task.id, WAIT_S)
     assert done is not None and done.state is TaskState.SUCCEEDED, done
+
+
+async def test_a_one_off_that_cannot_start_gives_its_room_and_task_back(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    await node.scheduler.stop()
+    (task, _), = await node.store.submit_many([TaskSpec("behave-oneoff", {"action": "ok"})])
+    real = node.supervisor.run_oneoff
+
+    def disk_full(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(node.supervisor, "run_oneoff", disk_full)
+    with pytest.raises(OSError):
+        await node.scheduler.run_pass()
+    assert not node.ledger.holders()
+    back = await node.store.get(task.id)
+    assert back is not None and back.state is TaskState.QUEUED and back.attempts == 0, back
+
+    monkeypatch.setattr(node.supervisor, "run_oneoff", real)
+    assert await node.scheduler.run_pass() == 1
+    done = await wait_final(node.store, task.id, WAIT_S)
+    assert done is not None and done.state is TaskState.SUCCEEDED, done

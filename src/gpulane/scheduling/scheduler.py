@@ -242,7 +242,15 @@ class Scheduler:
         if not tasks:
             self._unreserve(device, wid)
             return 0
-        self.supervisor.run_oneoff(preset, device, tasks[0], wid)
+        try:
+            self.supervisor.run_oneoff(preset, device, tasks[0], wid)
+        except Exception as exc:  # its input file could not be written (a full disk)...
+            self._unreserve(device, wid)
+            with contextlib.suppress(Exception):  # else the claim-TTL reaper requeues it
+                await self.store.requeue(tasks[0].id, tasks[0].token, {
+                    "kind": "internal", "message": f"the worker could not start: {exc}"},
+                    spent=False)
+            raise
         if device.kind == CPU_LANE:
             self.supervisor.hold_cpu(wid)
         return 1
