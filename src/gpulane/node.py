@@ -266,6 +266,14 @@ class Node:
             adding[spec.preset] = (n + 1, where)
         for preset, (n, where) in adding.items():
             found = self.registry.get(preset)
+            limit = self.admission.limit(found.max_queued if found else None)
+            if n > limit:
+                # Never fits, however long the caller waits: not a 429 to come back after.
+                return ValidationError(
+                    "exceeds_max_queued", f"this request adds {n} tasks of preset {preset!r}, "
+                    f"more than its max_queued of {limit} can ever hold: send at most {limit} "
+                    "at once, or raise max_queued", field=f"{where}preset",
+                    extra={"adding": n, "max_queued": limit})
             refusal = self.admission.refusal(preset, found.max_queued if found else None,
                                              stats[preset].queued if preset in stats else 0,
                                              n, where)

@@ -266,3 +266,17 @@ async def test_a_bulk_that_would_pass_the_limit_is_refused_whole(
     ok = await capped.post("/v1/tasks/bulk", json={"tasks": [
         {"preset": "capped"}, {"preset": "sleep"}, {"preset": "sleep"}]})
     assert ok.status_code == 202, ok.text
+
+
+async def test_a_bulk_larger_than_the_limit_itself_is_422_not_a_429_to_wait_out(
+        capped: httpx.AsyncClient) -> None:
+    # Three tasks of a preset whose queue holds two fit no matter how long one waits: a
+    # Retry-After would send the SDK back again and again for nothing.
+    r = await capped.post("/v1/tasks/bulk", json={"tasks": [{"preset": "sleep"}] + [
+        {"preset": "capped"}] * 3})
+    err = _error(r, 422, "exceeds_max_queued")
+    assert err["field"] == "tasks[1].preset"
+    assert (err["adding"], err["max_queued"]) == (3, 2)
+    assert "retry-after" not in r.headers
+    assert "send at most 2 at once" in err["message"]
+    assert (await capped.get("/v1/tasks")).json()["tasks"] == []
