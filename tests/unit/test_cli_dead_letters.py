@@ -97,3 +97,20 @@ def test_drain_without_the_admin_scope_says_so(monkeypatch: pytest.MonkeyPatch) 
 
     res = invoke(handler, monkeypatch, "drain")
     assert res.exit_code == 2 and "403 forbidden" in res.stderr
+
+
+def test_a_dead_letter_whose_stderr_looks_like_markup_is_listed_as_written(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker's last stderr lines end up in the error; Rich would take "[/tmp/in]" for a
+    # closing tag and fail the whole listing.
+    message = "worker exited with code 1; stderr: cannot open [/tmp/in] [bold]"
+    dead = task("failed", attempts=3, error={"code": "worker_died", "kind": "worker_died",
+                                             "message": message})
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"tasks": [dead], "next_cursor": None})
+
+    monkeypatch.setenv("COLUMNS", "400")
+    res = invoke(handler, monkeypatch, "tasks", "--failed")
+    assert res.exit_code == 0, res.output
+    assert "[/tmp/in] [bold]" in res.stdout

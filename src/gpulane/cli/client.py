@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import click
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gpulane.client import Client
@@ -277,7 +278,10 @@ def tasks_cmd(state: str | None, failed: bool, preset: str | None, limit: int, a
             str(task.get("priority", "")),
             str(placement.get("device") or task.get("device_wish") or ""),
             str(task.get("attempts", "")), _age(task.get("created_at"), now),
-            *([f"{error.get('kind', '?')}: {error.get('message', '')}"] if failed else []))
+            # Escaped: an error carries the worker's last stderr lines, and a "[/tmp/x]"
+            # there is a markup tag to Rich (a MarkupError, the listing lost).
+            *([escape(f"{error.get('kind', '?')}: {error.get('message', '')}")] if failed
+              else []))
     _stdout().print(table)
     if page.get("next_cursor"):
         _stderr().print(f"more tasks: --limit above {limit} shows them", style="dim")
@@ -310,7 +314,8 @@ def status_cmd(as_json: bool, url: str, token: str | None) -> None:
         return
     out = _stdout()
     state = "[yellow]draining[/]" if info.get("draining") else "[green]taking tasks[/]"
-    out.print(f"node {info.get('node', '?')}: {state}, {info.get('queued', '?')} queued")
+    out.print(f"node {escape(str(info.get('node', '?')))}: {state}, "
+              f"{info.get('queued', '?')} queued")
     table = Table("preset", "queued", "max_queued", "drain /s")
     for name, queue in sorted((info.get("presets") or {}).items()):
         rate = queue.get("drain_per_s")
