@@ -18,6 +18,7 @@ import re
 import sys
 from dataclasses import dataclass
 
+from gpulane.config import Settings
 from gpulane.presets import Preset, Runtime
 
 CONTAINER_MODEL_PATH = "/models"
@@ -118,8 +119,10 @@ def worker_env(preset: Preset, device: DeviceAssignment, model_path: str | None,
     return env
 
 
-NODE_ONLY_ENV = frozenset({"GPULANE_TOKEN"})
-"""The node's own secrets: never passed on to a worker."""
+NODE_ONLY_ENV = frozenset({"GPULANE_TOKEN",
+                           *(f"GPULANE_{name.upper()}" for name in Settings.model_fields)})
+"""The node's own settings, its secrets among them (GPULANE_KEYS holds API keys in clear,
+GPULANE_STORE may hold a password): never passed on to a worker, whose code is the model's."""
 
 
 def node_env() -> dict[str, str]:
