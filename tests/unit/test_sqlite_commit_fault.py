@@ -1,6 +1,7 @@
 """A write that fails inside SQLite (a full disk, an I/O error at COMMIT) loses that write only:
 the store's connection is left out of any transaction, so the next write goes through instead
-of failing for good with "cannot start a transaction within a transaction"."""
+of failing for good with "cannot start a transaction within a transaction". And a store closed
+and opened again runs its upkeep threads again."""
 
 from __future__ import annotations
 
@@ -93,3 +94,19 @@ async def test_a_failed_purge_commit_leaves_the_store_writable(store: SqliteStor
     report = await store.purge(finished_before=claimed.started_at + 3600)  # type: ignore[operator]
     assert report.tasks == 1
     assert await store.get(task.id) is None
+
+
+async def test_a_reopened_store_purges_and_checkpoints_again(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "gpulane.db")
+    await s.open()
+    await s.close()
+    await s.open()  # its close once stopped its threads: this open's must run
+    try:
+        await s.submit(TaskSpec("embed", {}, lane="cpu"))
+        (claimed,) = await s.claim("embed", "cpu", 1, "node-a", "cpu")
+        await s.finish_many([Finish(claimed.id, claimed.token, TaskState.SUCCEEDED)])
+        report = await s.purge(finished_before=claimed.started_at + 3600)  # type: ignore[operator]
+        assert report.tasks == 1
+        assert s._checkpointer is not None and not s._closing.is_set()
+    finally:
+        await s.close()

@@ -81,6 +81,7 @@ class SqliteStore:
             self._maybe_queued.add((preset, lane))
             self._queued[preset] += n
         self._claimed = Counter()
+        self._closing = threading.Event()  # a reopened store's threads must not see the close
         if self.path != ":memory:":
             # A checkpoint syncs the database file to disk: 15-20 ms that must not stall the
             # event loop. Commits stop checkpointing; a thread with its own connection does it.
@@ -365,8 +366,7 @@ class SqliteStore:
                 rows.extend((item.task_id, first + i, e.type, dumps(e.data), finished)
                             for i, e in enumerate(events))
                 out.append(row_to_task(row[:-1]))
-            db.executemany(
-                INSERT_EVENT, rows)
+            db.executemany(INSERT_EVENT, rows)
         for got in out:
             if isinstance(got, Task):
                 self.notifier.notify(got.id, got)
