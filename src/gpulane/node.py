@@ -258,12 +258,16 @@ class Node:
                 "draining", f"node {self.name} is draining and takes no new tasks: retry "
                 f"after {DRAINING_RETRY_S} s or send them to another node",
                 headers={"Retry-After": str(DRAINING_RETRY_S)})
+        return await self._queue_refusal([s.preset for s in specs], bulk)
+
+    async def _queue_refusal(self, presets: list[str], bulk: bool) -> RequestError | None:
+        """The refusal (422, 429) for queueing one task of each of ``presets``, or None."""
         stats = await self.store.queue_stats()
         self.admission.observe(stats)
         adding: dict[str, tuple[int, str]] = {}
-        for i, spec in enumerate(specs):
-            n, where = adding.get(spec.preset, (0, f"tasks[{i}]." if bulk else ""))
-            adding[spec.preset] = (n + 1, where)
+        for i, name in enumerate(presets):
+            n, where = adding.get(name, (0, f"tasks[{i}]." if bulk else ""))
+            adding[name] = (n + 1, where)
         for preset, (n, where) in adding.items():
             found = self.registry.get(preset)
             limit = self.admission.limit(found.max_queued if found else None)
@@ -325,11 +329,17 @@ class Node:
 
     async def retry(self, task_id: str) -> Task:
         """Put a dead letter (a failed or cancelled task) back in the queue with fresh
-        attempts; ConflictError (409) for a task in another state. Not counted against the
-        queue limit: the task was taken once already."""
+        attempts; ConflictError (409) for a task in another state. Held against the queue
+        limit like a submit (429 queue_full): else submit, cancel and retry would fill a
+        queue past it. While draining it is taken, and waits in the queue."""
+        found = await self.get(task_id)  # 404 when unknown
+        if found.state in (TaskState.FAILED, TaskState.CANCELLED):
+            refusal = await self._queue_refusal([found.preset], bulk=False)
+            if refusal is not None:
+                raise refusal
         task = await self.store.retry_failed(task_id)
         if task is None:
-            found = await self.get(task_id)  # 404 when unknown
+            found = await self.get(task_id)  # its state now
             raise ConflictError(
                 "not_retryable", f"task {task_id} is {found.state.value}: only a failed or "
                 "cancelled task can be retried (submit a new one instead)", field="id",

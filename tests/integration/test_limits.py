@@ -280,3 +280,20 @@ async def test_a_bulk_larger_than_the_limit_itself_is_422_not_a_429_to_wait_out(
     assert "retry-after" not in r.headers
     assert "send at most 2 at once" in err["message"]
     assert (await capped.get("/v1/tasks")).json()["tasks"] == []
+
+
+async def test_submit_cancel_and_retry_cannot_fill_a_queue_past_its_limit(
+        capped: httpx.AsyncClient) -> None:
+    first = await _queue(capped, "capped", 2)
+    for task_id in first:
+        assert (await capped.post(f"/v1/tasks/{task_id}/cancel")).json()["state"] == "cancelled"
+    await _queue(capped, "capped", 2)  # the queue is at its limit again
+    r = await capped.post(f"/v1/tasks/{first[0]}/retry")
+    err = _error(r, 429, "queue_full")
+    assert (err["queued"], err["max_queued"], err["adding"]) == (2, 2, 1)
+    assert int(r.headers["Retry-After"]) >= 1
+    assert (await capped.get("/v1/status")).json()["presets"]["capped"]["queued"] == 2
+    # Another preset's dead letter is not held up by this one's full queue.
+    other = (await _queue(capped, "sleep", 1))[0]
+    await capped.post(f"/v1/tasks/{other}/cancel")
+    assert (await capped.post(f"/v1/tasks/{other}/retry")).json()["state"] == "queued"
