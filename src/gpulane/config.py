@@ -156,7 +156,9 @@ class Settings(BaseSettings):
                 raise ValueError(f"{origin!r} is not an origin: write it as a browser sends "
                                  "it, scheme://host[:port] without a path, e.g. "
                                  "https://app.example or http://localhost:3000")
-        return v
+        # Browsers send scheme and host in lower case, and CORS compares exactly: as written,
+        # "https://App.example" would never match.
+        return [origin.lower() for origin in v]
 
     @property
     def sqlite_synchronous(self) -> str:

@@ -192,6 +192,12 @@ def test_cors_origins_split_on_commas(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings.load().cors_origins == ["https://a.example", "https://b.example"]
 
 
+def test_cors_origins_are_kept_as_browsers_send_them() -> None:
+    # A browser sends "https://app.example" whatever case the operator wrote.
+    assert Settings.load(cors_origins=["https://App.Example:8443"]).cors_origins == [
+        "https://app.example:8443"]
+
+
 @pytest.mark.parametrize(("name", "value", "field"), [
     ("GPULANE_PORT", "eighty", "port"),
     ("GPULANE_PORT", "99999", "port"),
