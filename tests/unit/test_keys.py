@@ -127,8 +127,23 @@ def test_two_keys_may_not_share_a_name_or_a_secret(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="same secret"):
         load_keys(settings(keys="a:s1:tasks,b:s1:leases"))
     # The old token is one more key: its name and secret are taken too.
-    with pytest.raises(ConfigError, match="same secret"):
+    with pytest.raises(ConfigError, match="unset GPULANE_TOKEN"):
         load_keys(settings(keys="a:s1:tasks", token="s1"))
+
+
+def test_a_client_key_left_in_gpulane_token_is_named_not_made_an_admin(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The shell that ran 'gpulane keys new' and tried the key as a client (GPULANE_TOKEN)
+    # then starts the node: that key is not made an admin named 'token'.
+    path = write(tmp_path, [{"name": "alice", "sha256": sha("k-alice"), "scopes": ["tasks"]}])
+    with pytest.raises(ConfigError) as info:
+        load_keys(settings(keys_file=path, token="k-alice"))
+    message = str(info.value)
+    assert "GPULANE_TOKEN" in message and "'alice'" in message and "admin" in message
+    # Another secret beside the keys file is taken, and said out loud.
+    with caplog.at_level(logging.WARNING):
+        ring = load_keys(settings(keys_file=path, token="k-other"))
+    assert len(ring) == 2 and "GPULANE_TOKEN" in caplog.text and "k-other" not in caplog.text
 
 
 @pytest.mark.parametrize(("text", "fix"), [

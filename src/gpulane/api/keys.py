@@ -33,6 +33,8 @@ ADMIN = "admin"
 """The scope that implies every other one (reload presets, drain, cancel anyone's task)."""
 TOKEN_KEY_NAME = "token"
 """Name of the key the single ``token`` setting stands for (every scope, for compatibility)."""
+TOKEN_SOURCE = "token (--token or GPULANE_TOKEN)"
+"""Where the ``token`` setting comes from, as errors and warnings name it."""
 KEY_PREFIX = "glk_"
 """Prefix of generated keys, so a leaked one is recognisable in logs and secret scanners."""
 KEY_BYTES = 32
@@ -113,8 +115,20 @@ def load_keys(settings: Settings) -> KeyRing:
         for d, caller, where in parse_keys_env(settings.keys):
             ring.add(d, caller, where)
     if settings.token:
-        ring.add(digest(settings.token.encode()),
-                 Caller(TOKEN_KEY_NAME, frozenset(SCOPES)), "token")
+        # GPULANE_TOKEN is also what the SDK and CLI send: a node started from a shell set up
+        # for a client would take that client's key as a second, admin one.
+        token_digest = digest(settings.token.encode())
+        clash = ring.find(settings.token.encode())
+        if clash is not None:
+            raise ConfigError(
+                f"{TOKEN_SOURCE}: it is key {clash.name!r}'s secret, and would make that key "
+                "an admin: unset GPULANE_TOKEN in the node's environment (it is the "
+                "client's variable) or drop --token")
+        if ring:
+            log.warning("%s adds key %r with every scope beside the other keys; if it was "
+                        "meant for a client, unset GPULANE_TOKEN where the node starts",
+                        TOKEN_SOURCE, TOKEN_KEY_NAME)
+        ring.add(token_digest, Caller(TOKEN_KEY_NAME, frozenset(SCOPES)), TOKEN_SOURCE)
     return ring
 
 
