@@ -100,5 +100,9 @@ async def test_a_page_of_another_origin_cannot_write_to_a_keyless_node(
                             {"Origin": "https://app.example"}, {}):
                 r = await api.request(method, path, headers=headers)
                 assert r.status_code != 403, (headers, r.text)
+            # The API description says so, on writes only.
+            spec = (await api.get("/openapi.json")).json()["paths"]
+            assert "403" in spec["/v1/admin/drain"]["post"]["responses"]
+            assert "403" not in spec["/v1/gpus"]["get"]["responses"]
     finally:
         await stop_node(node)

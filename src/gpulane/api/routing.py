@@ -165,10 +165,13 @@ def documented(schema: dict[str, Any], *, bodies: dict[str, Any],
             answers: dict[str, str] = {}
             if path.startswith("/v1/") and method.upper() in BODY_METHODS:
                 answers["415"] = "the request body is not application/json"
+            if method.upper() in BODY_METHODS:
+                answers["403"] = "a web page of another origin sent it (Origin)"
             if keyed and path not in open_paths:
                 operation["security"] = [{"bearer": []}]
                 answers["401"] = "no or an unknown API key"
-                answers["403"] = "the key lacks the scope, or does not own the task or lease"
+                answers["403"] = ("the key lacks the scope, or does not own the task or lease; "
+                                  "or a web page of another origin sent it")
             if limited and path not in open_paths:
                 answers["429"] = "the key's rate is spent: retry after Retry-After seconds"
             responses = operation.setdefault("responses", {})
