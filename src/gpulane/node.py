@@ -51,6 +51,8 @@ rates are read as often."""
 DRAINING_RETRY_S = 30
 """Retry-After of a submit refused while the node drains: a restart or a resume is usually
 a matter of tens of seconds."""
+ENV_HIDDEN = "(hidden)"
+"""What the presets view shows for the value of each of a preset's ``env`` variables."""
 
 
 class Node:
@@ -445,9 +447,12 @@ class Node:
     # -- views -------------------------------------------------------------------------------
 
     def presets_view(self) -> list[dict[str, Any]]:
-        """Every preset with the state of its circuit (closed when it never tripped)."""
+        """Every preset with the state of its circuit (closed when it never tripped). Its
+        ``env`` shows names only: a worker's credentials live there, and any key may read
+        this view."""
         circuits = self.supervisor.circuits
-        return [{**p.to_json(), "circuit": (circuits.get(p.name) or PresetCircuit()).to_json()}
+        return [{**p.to_json(), "env": dict.fromkeys(p.env, ENV_HIDDEN),
+                 "circuit": (circuits.get(p.name) or PresetCircuit()).to_json()}
                 for p in self.registry.values()]
 
     def gpus_view(self) -> dict[str, Any]:

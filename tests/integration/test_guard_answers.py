@@ -106,3 +106,21 @@ async def test_a_page_of_another_origin_cannot_write_to_a_keyless_node(
             assert "403" not in spec["/v1/gpus"]["get"]["responses"]
     finally:
         await stop_node(node)
+
+
+async def test_a_presets_env_is_shown_by_name_never_by_value(tmp_path: Path) -> None:
+    # Any key may read GET /v1/presets; a worker's credentials live in its preset's env.
+    presets = tmp_path / "p.yaml"
+    presets.write_text("presets:\n  - name: fetcher\n    argv: [python, w.py]\n"
+                       "    devices: [cpu]\n    env: {HF_TOKEN: hf_s3cr3t}\n")
+    node = Node(make_settings(tmp_path, keys=KEYS, presets=[str(presets)]))
+    await node.start()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(
+                app=create_app(node, manage_node=False)), base_url="http://t") as api:
+            r = await api.get("/v1/presets", headers={"Authorization": "Bearer k-tasks"})
+    finally:
+        await stop_node(node)
+    assert r.status_code == 200 and "hf_s3cr3t" not in r.text
+    fetcher = next(p for p in r.json()["presets"] if p["name"] == "fetcher")
+    assert list(fetcher["env"]) == ["HF_TOKEN"]
