@@ -404,8 +404,12 @@ class Pipeline:
         returned = self._settle_unsent(unsent)  # settled before any store call
         ceiling = self.crash_ceiling(worker.preset_name)
         if len(owed) > 1:
-            again = [(r.id, r.token) for r in ran if self._settle(r) and not r.cancelled]
-            cap = ceiling.crashed((task_id for task_id, _ in again), len(owed))
+            # One in many crashed batches (its suspicion lapsed between them) spends anyway.
+            worn = [r for r in ran if ceiling.worn(r.id) and not r.cancelled]
+            again = [(r.id, r.token) for r in ran
+                     if r not in worn and self._settle(r) and not r.cancelled]
+            cap = ceiling.crashed([*(r.id for r in worn), *(t for t, _ in again)], len(owed))
+            booting = worn + booting
             log.warning("%s owing %d tasks of its batch: they run again in batches of at most "
                         "%d to find the input that crashes it", died, len(owed), cap)
             await self.outcomes.requeue_unspent(again, {

@@ -19,6 +19,12 @@ A suspect that never comes back (cancelled in the queue, taken by another node) 
 SUSPECT_TTL_S after it was last suspected, so a vanished task cannot pin the cap for good.
 Bounded either way: the cap only ever halves while suspects remain, and it lifts at the latest
 SUSPECT_TTL_S after the last crash.
+
+A suspicion that lapses (the suspect waited in the queue, or its new worker took to boot, past
+SUSPECT_TTL_S) would let a poison input land in a full batch again after every crash, for ever,
+never spending an attempt. So the ceiling also counts each task's crashed batches beyond the
+TTL: past UNSPENT_CRASHES_MAX (more halvings than any batch size needs) the task is ``worn``
+and spends its attempt as if it stood alone. A batch-mate shares few of its crashes.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ from collections.abc import Callable, Iterable
 
 SUSPECT_TTL_S = 600.0
 """How long a suspect that never ran again keeps its preset's batches capped (seconds)."""
+UNSPENT_CRASHES_MAX = 16
+"""Crashed batches a task may be in without spending an attempt: halving 2**16 ends sooner."""
+CRASHES_REMEMBERED = 10_000
+"""Tasks whose crashes are counted at most (the oldest are forgotten first)."""
 
 
 class CrashCeiling:
@@ -37,6 +47,7 @@ class CrashCeiling:
         self._clock = clock
         self._cap: int | None = None
         self._suspects: dict[str, float] = {}  # task id -> when it stops being suspected
+        self._crashes_of: dict[str, int] = {}  # task id -> crashed batches it was in
         self.crashes = 0  # worker deaths this ceiling answered
 
     @property
@@ -63,6 +74,9 @@ class CrashCeiling:
         until = self._clock() + SUSPECT_TTL_S
         for task_id in task_ids:
             self._suspects[task_id] = until
+            self._crashes_of[task_id] = self._crashes_of.pop(task_id, 0) + 1  # newest last
+        while len(self._crashes_of) > CRASHES_REMEMBERED:
+            del self._crashes_of[next(iter(self._crashes_of))]
         half = max(1, owed // 2)
         current = self.cap
         if not self._suspects:
@@ -70,8 +84,13 @@ class CrashCeiling:
         self._cap = half if current is None else min(current, half)
         return self._cap
 
+    def worn(self, task_id: str) -> bool:
+        """The task was in UNSPENT_CRASHES_MAX crashed batches: its next crash spends."""
+        return self._crashes_of.get(task_id, 0) >= UNSPENT_CRASHES_MAX
+
     def resolved(self, task_id: str) -> None:
         """The task's run reached a final outcome: it is no longer suspected."""
+        self._crashes_of.pop(task_id, None)
         if self._suspects.pop(task_id, None) is not None and not self._suspects:
             self._cap = None
 
