@@ -124,3 +124,27 @@ async def test_a_presets_env_is_shown_by_name_never_by_value(tmp_path: Path) -> 
     assert r.status_code == 200 and "hf_s3cr3t" not in r.text
     fetcher = next(p for p in r.json()["presets"] if p["name"] == "fetcher")
     assert list(fetcher["env"]) == ["HF_TOKEN"]
+
+
+async def test_each_key_has_its_own_idempotency_keys(tmp_path: Path) -> None:
+    node = Node(make_settings(tmp_path, keys="a:k-a:tasks,b:k-b:tasks"))
+    await node.start()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(
+                app=create_app(node, manage_node=False)), base_url="http://t") as api:
+            async def send(key: str, ms: int) -> httpx.Response:
+                return await api.post("/v1/tasks", json={"preset": "sleep", "input": {"ms": ms}},
+                                      headers={"Authorization": f"Bearer {key}",
+                                               "Idempotency-Key": "order-42"})
+
+            a = await send("k-a", 1)
+            b = await send("k-b", 2)  # another app's order 42: its own task, no 409
+            assert (a.status_code, b.status_code) == (202, 202), b.text
+            assert a.json()["id"] != b.json()["id"]
+            assert b.json()["submitted_by"] == "b"
+            # Within one key the key still means one task, and a changed body is a 409.
+            assert (await send("k-a", 1)).json()["id"] == a.json()["id"]
+            again = await send("k-b", 3)
+            assert again.status_code == 409 and a.json()["id"] not in again.text
+    finally:
+        await stop_node(node)
