@@ -212,10 +212,6 @@ class Node:
                 "unsupported_content_type", f"{where}content_type={content_type!r} is not "
                 f"accepted by preset {found.name!r}: use one of {list(found.accepts)}",
                 field=f"{where}content_type")
-        if idempotency_key and submitted_by is not None:
-            # Each API key has its own idempotency keys (a key name holds no '/'): two apps
-            # that both send "order-42" mean two tasks, not a 409 showing one the other's.
-            idempotency_key = f"{submitted_by}/{idempotency_key}"
         wish = DeviceWish(device)
         r = route(found, wish, self.ledger.gpu_totals_mb())
         return TaskSpec(

@@ -148,3 +148,27 @@ async def test_each_key_has_its_own_idempotency_keys(tmp_path: Path) -> None:
             assert again.status_code == 409 and a.json()["id"] not in again.text
     finally:
         await stop_node(node)
+
+
+@pytest.mark.parametrize("key", ["", "  "])
+async def test_an_empty_idempotency_key_is_422_not_the_first_such_task_again(
+        tmp_path: Path, key: str) -> None:
+    node = Node(make_settings(tmp_path))
+    await node.start()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(
+                app=create_app(node, manage_node=False)), base_url="http://t") as api:
+            for ms in (1, 2):
+                r = await api.post("/v1/tasks", json={"preset": "sleep", "input": {"ms": ms}},
+                                   headers={"Idempotency-Key": key})
+                assert r.status_code == 422, r.text
+                err = r.json()["error"]
+                assert (err["code"], err["field"]) == ("invalid_idempotency_key",
+                                                       "Idempotency-Key")
+            bulk = await api.post("/v1/tasks/bulk", json={"tasks": [
+                {"preset": "sleep"}, {"preset": "sleep", "idempotency_key": key}]})
+            assert bulk.status_code == 422, bulk.text
+            assert bulk.json()["error"]["field"] == "tasks[1].idempotency_key"
+            assert (await api.get("/v1/tasks")).json()["tasks"] == []
+    finally:
+        await stop_node(node)

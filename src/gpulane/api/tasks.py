@@ -30,6 +30,7 @@ from gpulane.api.requests import (
 from gpulane.api.responses import JSON
 from gpulane.api.routing import HotRoute
 from gpulane.api.schemas import ErrorView, TaskPage, TaskView
+from gpulane.errors import ValidationError
 from gpulane.model import TaskSpec, TaskState
 from gpulane.node import Node
 
@@ -64,10 +65,26 @@ def _node(request: Request) -> Node:
 def _spec(request: Request, node: Node, item: TaskSubmit, key: str | None,
           where: str = "") -> TaskSpec:
     who = caller(request)
+    name = who.name if who is not None else None
     return node.build_spec(preset=item.preset, input=item.input, device=item.device,
                            priority=int(item.priority), timeout_s=item.timeout_s,
-                           content_type=item.content_type, idempotency_key=key, where=where,
-                           submitted_by=who.name if who is not None else None)
+                           content_type=item.content_type, where=where, submitted_by=name,
+                           idempotency_key=_idempotency_key(key, name, where))
+
+
+def _idempotency_key(key: str | None, owner: str | None, where: str) -> str | None:
+    """The key as stored: 422 when empty (it made no body hash, so every later submit with
+    one got the first such task back, its own work dropped without a word); on a node with
+    API keys, under the caller's name (a key name holds no '/'), so that two apps that both
+    send "order-42" get two tasks, not a 409 showing one the other's task."""
+    if key is None:
+        return None
+    if not key.strip():
+        name = f"{where}idempotency_key" if where else "Idempotency-Key"
+        raise ValidationError(
+            "invalid_idempotency_key", f"{name} is empty: send a key you choose (e.g. "
+            "order-42), the same for a retry of the same task, or none at all", field=name)
+    return key if owner is None else f"{owner}/{key}"
 
 
 @hot.post("", status_code=202, response_model=TaskView,
