@@ -81,10 +81,14 @@ def connect_main(path: str, synchronous: str) -> sqlite3.Connection:
 def connect(path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
     """A connection for a thread of its own (autocommit: transactions are explicit), syncing
     as the store's own does: left at SQLite's default (FULL), its first commit would flush
-    the whole WAL to disk (some 30 ms on a 60 MiB WAL) with the write lock held."""
+    the whole WAL to disk (some 30 ms on a 60 MiB WAL) with the write lock held. Nor do its
+    commits checkpoint (SQLite's default past 1,000 WAL pages): a purge batch's commit would
+    fold the WAL into the file and sync it (30 ms) holding the write gate the loop waits on;
+    the checkpoint thread does that, holding nothing the loop needs."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
     return conn
 
 
