@@ -180,13 +180,15 @@ def give_back_free_pages(conn: sqlite3.Connection,
     when the database was made without incremental auto_vacuum. Returns pages given back."""
     if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: INCREMENTAL
         return 0
-    excess = conn.execute("PRAGMA freelist_count").fetchone()[0] - FREE_PAGES_KEPT
+    wanted = min(conn.execute("PRAGMA freelist_count").fetchone()[0] - FREE_PAGES_KEPT,
+                 VACUUM_PAGES_PER_PASS)
     done = 0
-    while done < min(excess, VACUUM_PAGES_PER_PASS):
-        step = min(VACUUM_PAGES_PER_STEP, excess - done)
+    while done < wanted:
+        step = min(VACUUM_PAGES_PER_STEP, wanted - done)
         with gate if gate is not None else contextlib.nullcontext():
-            # The pragma frees one page per step: fetchall() runs it to the end.
-            conn.execute(f"PRAGMA incremental_vacuum({int(step)})").fetchall()
+            # The pragma frees one page per step of its statement, and returns no rows, so
+            # execute() would step it once (one page); executescript() runs it to the end.
+            conn.executescript(f"PRAGMA incremental_vacuum({int(step)})")
         done += step
         time.sleep(PURGE_PAUSE_S)
     return done
