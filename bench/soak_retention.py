@@ -169,6 +169,11 @@ def retention_verdict(cfg: RetentionConfig, figures: dict[str, Any], failed: int
                             f"{last['db_mb']} MB at the end)")
     else:
         figures["db_growth_steady"] = "not judged: run shorter than retain + 2 purge rounds"
+    tables = figures.get("purged_status", {}).get("tables")
+    if tables is not None:  # the in-memory tables are back to their idle size
+        live = tables["leases"]["waiting"] + tables["leases"]["holding"]
+        if live or tables["task_notifier"]:
+            problems.append(f"in-memory tables not idle at the end: {tables}")
     if figures.get("active_leases_end"):
         problems.append(f"{figures['active_leases_end']} lease(s) still active at the end")
     if failed:

@@ -35,7 +35,7 @@ from gpulane.presets import PresetRegistry, example_presets_dir, load_presets
 from gpulane.runtime.circuit import PresetCircuit
 from gpulane.runtime.supervisor import Supervisor
 from gpulane.scheduling.admission import Admission
-from gpulane.scheduling.housekeeping import Housekeeper
+from gpulane.scheduling.housekeeping import PURGE_INTERVAL_S, Housekeeper
 from gpulane.scheduling.leases import Lease, LeaseManager, LeaseRequest
 from gpulane.scheduling.ledger import Ledger
 from gpulane.scheduling.router import route
@@ -87,7 +87,9 @@ class Node:
             self.store, self.name, held=self.supervisor.held_runs,
             max_attempts=lambda: {p.name: p.max_attempts for p in self.registry.values()},
             retain_s=settings.retain, claim_ttl_s=settings.claim_ttl_s,
-            scratch_dir=settings.data_dir / "scratch", on_reaped=lambda: self.scheduler.wake())
+            scratch_dir=settings.data_dir / "scratch", on_reaped=lambda: self.scheduler.wake(),
+            # A short retention (a test, a soak) is purged within about half of it.
+            purge_every_s=min(PURGE_INTERVAL_S, settings.retain / 2))
         self.scheduler = Scheduler(self.store, self.registry, self.ledger, self.supervisor,
                                    self.name)
         self.leases = LeaseManager(self.ledger, on_change=self.scheduler.wake,
@@ -484,7 +486,10 @@ class Node:
             for p in self.registry.values()}
         return {"node": self.name, "started": self.started, "draining": self.draining,
                 "queued": sum(q["queued"] for q in queues.values()), "presets": queues,
-                "housekeeping": self.housekeeping_view()}
+                "housekeeping": self.housekeeping_view(),
+                # In-memory tables that must return to their idle size (nothing grows unbounded).
+                "tables": {"leases": self.leases.table_size(),
+                           "task_notifier": len(self.store.notifier)}}
 
     def housekeeping_view(self) -> dict[str, Any]:
         """Retention (last purge, purged counts, database size), heartbeats and the reaper,
