@@ -7,6 +7,7 @@ Time is a fake clock set on the manager (``mgr.clock``), never waited out.
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -124,3 +125,12 @@ async def test_the_tick_and_grant_read_live_leases_only(mgr: LeaseManager,
     clock.now += 6
     mgr.expire_now()
     assert held.state is LeaseState.EXPIRED and list(mgr._live()) == []
+
+
+def test_tokens_rise_stay_exact_in_javascript_and_are_not_consecutive(
+        mgr: LeaseManager) -> None:
+    tokens = [mgr._next_token() for _ in range(2_000)]
+    assert tokens == sorted(set(tokens))  # strictly rising: a fencing token
+    assert max(tokens) < 2**53  # a JSON number a browser reads exactly
+    # Not the previous holder's token plus one: the low bits are random.
+    assert sum(b - a == 1 for a, b in itertools.pairwise(tokens)) < 50

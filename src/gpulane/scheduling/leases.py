@@ -22,6 +22,7 @@ import itertools
 import logging
 import math
 import os
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -36,6 +37,9 @@ from gpulane.scheduling.ledger import GpuAccount, Holding, Ledger
 
 log = logging.getLogger("gpulane.leases")
 
+TOKEN_RANDOM_BITS = 11
+"""Random low bits of a lease token: milliseconds since the epoch stay below 2**42 until the
+year 2109, so shifted by 11 the token stays below 2**53, JavaScript's largest exact integer."""
 EXPIRY_TICK_S = 0.1
 """How often TTLs and grace deadlines are checked."""
 
@@ -134,7 +138,7 @@ class LeaseManager:
         self.clock: Callable[[], float] = time.time
         """The wall clock of TTLs, graces and the linger (a test may set its own)."""
         self.notifier = Notifier()
-        self._tokens = itertools.count(int(time.time() * 1000) << 16)
+        self._last_token_ms = 0  # the millisecond part of the last token given out
         self._seq = itertools.count(1)
         self._reserved: dict[int, str] = {}  # device -> the urgent lease it is cleared for
         self._ticker: asyncio.Task[None] | None = None
@@ -236,7 +240,7 @@ class LeaseManager:
             lease.devices = devices
             lease.uuids = [self.ledger.gpus[d].uuid for d in devices]
             lease.simulated = any(self.ledger.gpus[d].simulated for d in devices)
-            lease.token = next(self._tokens)
+            lease.token = self._next_token()
             lease.state = LeaseState.GRANTED
             del self._waiting[lease.id]
             self._held[lease.id] = lease
@@ -259,6 +263,15 @@ class LeaseManager:
             if d in usable:
                 return [d]
         return None
+
+    def _next_token(self) -> int:
+        """A fencing token above every one given before: milliseconds since the epoch (one
+        more than the last when grants come faster) with TOKEN_RANDOM_BITS random low bits.
+        Below 2**53, so JavaScript reads it exactly; the random bits keep a neighbour's
+        token from being the next integer down (ownership itself rests on the API key)."""
+        ms = max(int(time.time() * 1000), self._last_token_ms + 1)
+        self._last_token_ms = ms
+        return (ms << TOKEN_RANDOM_BITS) | secrets.randbits(TOKEN_RANDOM_BITS)
 
     def reserved_devices(self) -> set[int]:
         """Devices being cleared for an urgent lease: task placement keeps off them."""
