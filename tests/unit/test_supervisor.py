@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from gpulane.presets import BatchSettings, DeviceKind, Preset
 from gpulane.runtime.batcher import Batcher
 from gpulane.runtime.supervisor import Supervisor
@@ -233,3 +235,21 @@ async def test_a_next_batch_formed_before_the_cap_fell_is_cut_to_it(tmp_path: Pa
     assert store.requeued == ["d"] and store.errors == {"d": None}
     assert list(worker.runs) == ["c"]
     worker.close()
+
+
+async def test_a_failing_background_step_is_logged_at_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    sup = Supervisor(FakeStore(), "n", scratch_dir="/nonexistent",  # type: ignore[arg-type]
+                     stderr_tail_lines=5,
+                     shutdown_grace_s=0.1, listener=Listener())
+
+    async def broken() -> None:
+        raise RuntimeError("a bug in a background step")
+
+    with caplog.at_level("ERROR", logger="gpulane.supervisor"):
+        sup._spawn_bg(broken())
+        deadline = asyncio.get_running_loop().time() + 5
+        while sup._background:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0)
+    assert "a bug in a background step" in caplog.text

@@ -389,4 +389,11 @@ class Supervisor:
     def _spawn_bg(self, coro: Coroutine[object, object, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        """Forget a finished background step; a bug in one is logged with its traceback at
+        once, not when the task is collected (or never, if it is kept)."""
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a background step of the supervisor failed", exc_info=task.exception())
