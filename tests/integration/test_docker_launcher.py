@@ -46,9 +46,9 @@ assert args[:4] == ["run", "--rm", "-i", "--name"], args
 i, env = 5, {{}}
 while args[i].startswith("-"):
     flag, value = args[i], args[i + 1]
-    if flag == "-e":
-        k, _, v = value.partition("=")
-        env[k] = v
+    if flag == "-e":  # KEY=VALUE, or KEY alone: taken from this client's environment
+        k, eq, v = value.partition("=")
+        env[k] = v if eq else os.environ[k]
     i += 2
 image, cmd = args[i], args[i + 1:]
 cmd = [c.replace("/app/", {workers!r} + "/") for c in cmd]
@@ -80,7 +80,9 @@ def test_docker_argv_shape() -> None:
     assert argv[:6] == ["docker", "run", "--rm", "-i", "--name", "gpulane-whisper-gpu1-7"]
     assert argv[argv.index("--gpus") + 1] == "device=1"
     assert argv[argv.index("-v") + 1] == "/srv/models/whisper:/models"
-    envs = dict(a.split("=", 1) for a, flag in zip(argv[1:], argv, strict=False) if flag == "-e")
+    passed = [a for a, flag in zip(argv[1:], argv, strict=False) if flag == "-e"]
+    assert all("=" not in a for a in passed)  # no value on the command line (ps shows it)
+    envs = {k: spec.env[k] for k in passed}  # docker copies them from its own environment
     assert envs["MODEL_PATH"] == "/models" and envs["MODEL_NAME"] == "whisper"
     assert envs["CUDA_VISIBLE_DEVICES"] == "0" and envs["HF_HOME"] == "/cache"
     assert argv[-3:] == ["org/whisper:1", "python", "serve.py"]
@@ -204,3 +206,15 @@ async def test_a_hanging_docker_is_killed_and_reaped_when_the_node_stops(
     pid = int(pidfile.read_text())
     await sup.stop_all()  # cancels the cleanup mid-call
     assert not Path(f"/proc/{pid}").exists()  # killed and reaped, not left behind
+
+
+def test_docker_values_travel_in_the_clients_environment_not_its_argv() -> None:
+    preset = Preset(name="w", runtime="docker", image="img", env={"HF_TOKEN": "hf_secret"})
+    spec = DockerLauncher().build(preset, DeviceAssignment("cpu"), "w-cpu-1",
+                                  {"GPULANE_INPUT_FILE": "/data/scratch/t1.input.json"})
+    assert not [a for a in spec.argv if "hf_secret" in a]  # ps would show it to anyone
+    assert spec.argv[spec.argv.index("HF_TOKEN") - 1] == "-e"
+    assert spec.env["HF_TOKEN"] == "hf_secret"
+    # A large one-off input: the file is mounted read-only where the variable points inside.
+    assert "/data/scratch/t1.input.json:/gpulane/input.json:ro" in spec.argv
+    assert spec.env["GPULANE_INPUT_FILE"] == "/gpulane/input.json"

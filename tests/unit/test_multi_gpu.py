@@ -149,9 +149,11 @@ def test_worker_env_names_every_gpu() -> None:
 
 def test_docker_gets_every_gpu_quoted_and_renumbered() -> None:
     p = Preset(name="trainer", runtime="docker", image="img", gpus=2)
-    argv = DockerLauncher().build(p, DeviceAssignment.gpus([1, 2], ["a", "b"]), "t-1").argv
+    spec = DockerLauncher().build(p, DeviceAssignment.gpus([1, 2], ["a", "b"]), "t-1")
+    argv = spec.argv
     assert argv[argv.index("--gpus") + 1] == '"device=1,2"'  # docker splits on bare commas
-    assert "CUDA_VISIBLE_DEVICES=0,1" in argv and "GPULANE_DEVICE=gpu:1,2" in argv
+    assert "CUDA_VISIBLE_DEVICES" in argv and "GPULANE_DEVICE" in argv  # -e KEY: from env
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "0,1" and spec.env["GPULANE_DEVICE"] == "gpu:1,2"
 
 
 # -- scheduler placement ----------------------------------------------------------------------

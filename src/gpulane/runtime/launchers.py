@@ -176,22 +176,26 @@ class DockerLauncher:
             argv += ["--gpus", wanted if count == 1 else f'"{wanted}"']
             # Inside the container the GPUs it sees are numbered from 0.
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(count))
-        for key in sorted(env):
-            if key == "PYTHONUNBUFFERED" or key.startswith(("GPULANE_", "MODEL_", "GPU_",
-                                                            "CUDA_")) or key in preset.env:
-                argv += ["-e", f"{key}={env[key]}"]
-        if preset.model_path:
-            argv += ["-v", f"{preset.model_path}:{CONTAINER_MODEL_PATH}"]
         input_file = env.get("GPULANE_INPUT_FILE")
         if input_file:  # a large one-off input: the container sees the file read-only
+            env["GPULANE_INPUT_FILE"] = CONTAINER_INPUT_FILE
+        # ``-e KEY`` without a value: docker copies it from its client's environment, so the
+        # values (a preset's credentials among them) never stand on a command line that any
+        # local user can read with ps.
+        passed = {key: value for key, value in env.items()
+                  if key == "PYTHONUNBUFFERED" or key in preset.env
+                  or key.startswith(("GPULANE_", "MODEL_", "GPU_", "CUDA_"))}
+        for key in sorted(passed):
+            argv += ["-e", key]
+        if preset.model_path:
+            argv += ["-v", f"{preset.model_path}:{CONTAINER_MODEL_PATH}"]
+        if input_file:
             argv += ["-v", f"{input_file}:{CONTAINER_INPUT_FILE}:ro"]
-            argv[argv.index(f"GPULANE_INPUT_FILE={input_file}")] = (
-                f"GPULANE_INPUT_FILE={CONTAINER_INPUT_FILE}")
         argv.append(preset.image)
         argv += list(preset.command)
         # Killing the docker client does not stop its container; ``docker kill`` does.
         kill = [self.docker, "kill", container_name(name)]
-        return LaunchSpec(argv, node_env(), preset.workdir, kill_argv=kill)
+        return LaunchSpec(argv, {**node_env(), **passed}, preset.workdir, kill_argv=kill)
 
 
 def container_name(worker_id: str) -> str:
