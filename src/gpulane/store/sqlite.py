@@ -33,6 +33,7 @@ from gpulane.store.base import (
     TaskNotifier,
     new_task_id,
 )
+from gpulane.store.sqlite_listing import PageReader, read_page
 from gpulane.store.sqlite_schema import (
     COLUMNS,
     INSERT_EVENT,
@@ -63,6 +64,7 @@ class SqliteStore:
         self._closing = threading.Event()
         self._write_gate = threading.Lock()  # this process's writers: the loop and the purge
         self._checkpointer: threading.Thread | None = None
+        self._pages: PageReader | None = None  # listings, off the loop (sqlite_listing.py)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -89,6 +91,7 @@ class SqliteStore:
             self._checkpointer = threading.Thread(target=self._checkpoint_loop,
                                                   name="gpulane-sqlite-checkpoint", daemon=True)
             self._checkpointer.start()
+            self._pages = PageReader(self.path, self.synchronous)
 
     def _checkpoint_loop(self) -> None:
         conn = sqlite_upkeep.connect(self.path, self.synchronous)
@@ -102,6 +105,9 @@ class SqliteStore:
         if self._checkpointer is not None:
             self._checkpointer.join(timeout=5)
             self._checkpointer = None
+        if self._pages is not None:
+            self._pages.close()
+            self._pages = None
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -206,26 +212,9 @@ class SqliteStore:
     async def list_tasks(self, state: TaskState | None = None, preset: str | None = None,
                          limit: int = 50, cursor: str | None = None
                          ) -> tuple[list[Task], str | None]:
-        where: list[str] = []
-        args: list[object] = []
-        if state is not None:
-            # Inlined (an enum value, never user text) so the partial indexes can serve it.
-            where.append(f"state='{state.value}'")
-        if preset is not None:
-            where.append("preset=?")
-            args.append(preset)
-        if cursor:
-            where.append("seq<?")
-            args.append(int(cursor))
-        sql = f"SELECT {COLUMNS} FROM tasks"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC LIMIT ?"
-        args.append(limit + 1)
-        rows = self.db.execute(sql, args).fetchall()
-        tasks = [row_to_task(r) for r in rows[:limit]]
-        next_cursor = str(tasks[-1].seq) if len(rows) > limit else None
-        return tasks, next_cursor
+        if self._pages is None:  # in memory: no second connection sees it
+            return read_page(self.db, state, preset, limit, cursor)
+        return await self._pages.page(state, preset, limit, cursor)
 
     async def queue_heads(self, lanes: Iterable[tuple[str, str]]) -> list[QueueHead]:
         heads = []
@@ -392,10 +381,14 @@ class SqliteStore:
                        "heartbeat_at=NULL, attempts=attempts-? WHERE id=?",
                        (dumps(error) if error else None, 0 if spent else 1, task_id))
             task = self._get(task_id)
+        return self._queued_again(task)
+
+    def _queued_again(self, task: Task | None) -> Task:
+        """A task just put back in its queue (committed): count it, wake its waiters."""
         assert task is not None
         self._maybe_queued.add((task.preset, task.lane))
         self._queued[task.preset] += 1
-        self.notifier.notify(task_id, task)
+        self.notifier.notify(task.id, task)
         return task
 
     async def cancel_queued(self, task_id: str) -> Task | None:
@@ -426,11 +419,7 @@ class SqliteStore:
                        "node=NULL, device=NULL, started_at=NULL, finished_at=NULL, "
                        "heartbeat_at=NULL WHERE id=?", (task_id,))
             task = self._get(task_id)
-        assert task is not None
-        self._maybe_queued.add((task.preset, task.lane))
-        self._queued[task.preset] += 1
-        self.notifier.notify(task_id, task)
-        return task
+        return self._queued_again(task)
 
     async def heartbeat(self, node: str, held: Sequence[tuple[str, int]]) -> int:
         if not held:
