@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
+from fastapi.routing import iter_route_contexts
 
 from gpulane.api.app import create_app
 from gpulane.config import Settings
@@ -62,6 +65,13 @@ async def api(node: Node) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 async def live_url(node: Node) -> AsyncIterator[str]:
     """The node served by a real uvicorn on a free loopback port (for SSE and the SDK)."""
+    async with serve_live(node) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def serve_live(node: Node) -> AsyncIterator[str]:
+    """Serve a started node with a real uvicorn on a free loopback port; its base URL."""
     port = free_port()
     config = uvicorn.Config(create_app(node, manage_node=False), host="127.0.0.1", port=port,
                             log_level="warning", lifespan="off")
@@ -77,6 +87,32 @@ async def live_url(node: Node) -> AsyncIterator[str]:
         server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 5)
+
+
+@contextlib.asynccontextmanager
+async def node_api(tmp_path: Path, *, paused: bool = False,
+                   **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A node started with these settings (its scheduler paused if asked, so tasks stay
+    queued) and an in-process client of its app; the node is stopped after."""
+    n = Node(make_settings(tmp_path, **settings))
+    await n.start()
+    n.scheduler.paused = paused
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(
+                app=create_app(n, manage_node=False)), base_url="http://t") as api:
+            yield api
+    finally:
+        await stop_node(n)
+
+
+def route_table(app: FastAPI) -> list[tuple[str, str]]:
+    """(method, path) for every route of the app, path parameters filled in."""
+    out = []
+    for route in iter_route_contexts(app.routes):
+        assert route.path is not None and route.methods, route
+        path = re.sub(r"\{[^}]+\}", "x", route.path)
+        out.extend((method, path) for method in sorted(route.methods) if method != "HEAD")
+    return out
 
 
 async def submit(api: httpx.AsyncClient, preset: str, inp: Any = None,

@@ -10,20 +10,18 @@ Scopes, per-key ownership and rate limits are in test_keys_scopes.py.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from fastapi.routing import iter_route_contexts
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from gpulane.api.app import create_app
 from gpulane.node import Node
-from tests.integration.conftest import make_settings, stop_node
+from tests.integration.conftest import make_settings, route_table, stop_node
 
 TOKEN = "s3cret"
 OPEN = {"/healthz", "/readyz"}
@@ -40,18 +38,8 @@ async def app(tmp_path: Path) -> AsyncIterator[FastAPI]:
         await stop_node(node)
 
 
-def _table(app: FastAPI) -> list[tuple[str, str]]:
-    """(method, path) for every route of the app, path parameters filled in."""
-    out = []
-    for route in iter_route_contexts(app.routes):
-        assert route.path is not None and route.methods, route
-        path = re.sub(r"\{[^}]+\}", "x", route.path)
-        out.extend((method, path) for method in sorted(route.methods) if method != "HEAD")
-    return out
-
-
 async def test_every_route_but_health_needs_the_token(app: FastAPI) -> None:
-    table = _table(app)
+    table = route_table(app)
     # The walk sees the hot task routes and the included routers alike.
     for route in [("POST", "/v1/tasks"), ("GET", "/v1/tasks/x"), ("GET", "/v1/tasks/x/result"),
                   ("POST", "/v1/tasks/bulk"), ("GET", "/v1/tasks/x/events"),

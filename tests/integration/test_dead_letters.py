@@ -9,9 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gpulane.api.app import create_app
-from gpulane.node import Node
-from tests.integration.conftest import make_settings, stop_node, submit, wait_done
+from tests.integration.conftest import node_api, submit, wait_done
 
 KEYS = "alice:k-alice:tasks,bob:k-bob:tasks,ops:k-ops:admin"
 
@@ -49,14 +47,8 @@ async def test_only_a_dead_letter_can_be_retried(api: httpx.AsyncClient) -> None
 
 @pytest.fixture
 async def keyed(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    node = Node(make_settings(tmp_path, keys=KEYS))
-    await node.start()
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(
-                app=create_app(node, manage_node=False)), base_url="http://t") as api:
-            yield api
-    finally:
-        await stop_node(node)
+    async with node_api(tmp_path, keys=KEYS) as api:
+        yield api
 
 
 async def test_a_tasks_key_retries_only_its_own_tasks(keyed: httpx.AsyncClient) -> None:

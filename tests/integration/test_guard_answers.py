@@ -5,7 +5,6 @@ that sends a write without a body (no Content-Type, no preflight) to a keyless n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import urllib.error
 import urllib.request
@@ -15,12 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from gpulane.api.app import create_app
 from gpulane.node import Node
-from tests.conftest import free_port
-from tests.integration.conftest import make_settings, stop_node
+from tests.integration.conftest import make_settings, serve_live, stop_node
 
 KEYS = "tasks:k-tasks:tasks,leases:k-leases:leases"
 BODY = b'{"preset": "sleep", "input": "' + b"x" * (11 * 1024 * 1024) + b'"}'
@@ -31,21 +28,10 @@ BODY = b'{"preset": "sleep", "input": "' + b"x" * (11 * 1024 * 1024) + b'"}'
 async def keyed_url(tmp_path: Path) -> AsyncIterator[str]:
     node = Node(make_settings(tmp_path, keys=KEYS))
     await node.start()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(node, manage_node=False),
-                                           host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        async with serve_live(node) as url:
+            yield url
     finally:
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 5)
         await stop_node(node)
 
 

@@ -6,8 +6,6 @@ CORS answers only the origins named."""
 
 from __future__ import annotations
 
-import contextlib
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,12 +13,11 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from fastapi.routing import iter_route_contexts
 
 from gpulane.api.app import create_app
 from gpulane.api.auth import ANY_KEY, OPEN_PATHS, scope_for
 from gpulane.node import Node
-from tests.integration.conftest import make_settings, stop_node
+from tests.integration.conftest import make_settings, node_api, route_table, stop_node
 
 KEYS = {"tasks": "k-tasks", "leases": "k-leases", "admin": "k-admin", "tasks2": "k-tasks2",
         "leases2": "k-leases2"}
@@ -46,16 +43,6 @@ async def keyed(tmp_path: Path) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClien
         await stop_node(node)
 
 
-def table(app: FastAPI) -> list[tuple[str, str]]:
-    """(method, path) for every route of the app, path parameters filled in."""
-    out = []
-    for route in iter_route_contexts(app.routes):
-        assert route.path is not None and route.methods, route
-        path = re.sub(r"\{[^}]+\}", "x", route.path)
-        out.extend((method, path) for method in sorted(route.methods) if method != "HEAD")
-    return out
-
-
 def test_the_scope_table_names_what_each_part_of_the_api_needs() -> None:
     assert scope_for("POST", "/v1/tasks") == "tasks"
     assert scope_for("GET", "/v1/tasks/x/events") == "tasks"
@@ -73,7 +60,7 @@ def test_the_scope_table_names_what_each_part_of_the_api_needs() -> None:
 async def test_every_route_answers_401_without_a_key_403_out_of_scope_and_lets_a_scope_in(
         keyed: tuple[FastAPI, httpx.AsyncClient]) -> None:
     app, api = keyed
-    routes = table(app)
+    routes = route_table(app)
     for route in [("POST", "/v1/tasks"), ("POST", "/v1/tasks/bulk"), ("POST", "/v1/leases"),
                   ("GET", "/v1/leases/x/events"), ("GET", "/openapi.json")]:
         assert route in routes
@@ -182,21 +169,9 @@ async def test_a_lease_token_is_seen_only_by_its_taker_who_alone_renews_and_rele
     no_token(released.json())
 
 
-@contextlib.asynccontextmanager
-async def app_with(tmp_path: Path, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
-    node = Node(make_settings(tmp_path, **settings))
-    await node.start()
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(
-                app=create_app(node, manage_node=False)), base_url="http://t") as api:
-            yield api
-    finally:
-        await stop_node(node)
-
-
 @pytest.fixture
 async def open_api(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    async with app_with(tmp_path) as api:
+    async with node_api(tmp_path) as api:
         yield api
 
 
@@ -208,7 +183,7 @@ async def test_a_key_past_its_rate_gets_429_with_retry_after_and_others_go_on(
         "keys:\n"
         "  - {name: slow, key: k-slow, scopes: [tasks], rate_per_s: 0.001, burst: 2}\n"
         "  - {name: fast, key: k-fast, scopes: [tasks]}\n")
-    async with app_with(tmp_path, keys_file=keys_file) as api:
+    async with node_api(tmp_path, keys_file=keys_file) as api:
         slow = {"Authorization": "Bearer k-slow"}
         assert [(await api.get("/v1/presets", headers=slow)).status_code
                 for _ in range(2)] == [200, 200]
@@ -229,7 +204,7 @@ async def test_a_key_past_its_rate_gets_429_with_retry_after_and_others_go_on(
 
 
 async def test_with_no_keys_one_bucket_limits_everyone(tmp_path: Path) -> None:
-    async with app_with(tmp_path, rate_limit_per_s=0.001, rate_burst=3) as api:
+    async with node_api(tmp_path, rate_limit_per_s=0.001, rate_burst=3) as api:
         codes = [(await api.get("/v1/gpus")).status_code for _ in range(4)]
         assert codes == [200, 200, 200, 429]
         assert (await api.get("/readyz")).status_code == 200

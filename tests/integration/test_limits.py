@@ -19,7 +19,7 @@ from gpulane.api.app import create_app
 from gpulane.api.bodies import DISCARD_MAX_BYTES, DISCARD_MAX_S
 from gpulane.node import Node
 from tests.conftest import LoopClock, settle
-from tests.integration.conftest import make_settings, stop_node
+from tests.integration.conftest import make_settings, node_api, stop_node
 
 
 def _error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -195,15 +195,8 @@ async def capped(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     presets = tmp_path / "capped.yaml"
     presets.write_text(f"presets:\n  - name: capped\n    argv: [python, {SLEEP_WORKER}]\n"
                        "    devices: [cpu]\n    max_queued: 2\n")
-    n = Node(make_settings(tmp_path, max_queued=3, presets=[str(presets)]))
-    await n.start()
-    n.scheduler.paused = True
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(
-                app=create_app(n, manage_node=False)), base_url="http://t") as c:
-            yield c
-    finally:
-        await stop_node(n)
+    async with node_api(tmp_path, paused=True, max_queued=3, presets=[str(presets)]) as api:
+        yield api
 
 
 async def _queue(api: httpx.AsyncClient, preset: str, n: int) -> list[str]:
