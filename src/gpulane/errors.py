@@ -28,10 +28,10 @@ How the SDK treats its errors (``gpulane.client.resilience``): *transient* ones 
 are retried with backoff and count against the circuit breaker; *permanent* ones (an
 ``APIError`` with another 4xx status, e.g. ``PERMANENT_STATUSES``) are never retried and never
 count against the circuit; any other 5xx counts against the circuit but is not retried. A 429
-or 503 with ``Retry-After`` (a full queue, a spent rate, a drain) is retried after exactly
-that delay and never counts against the circuit. A ``ClientError`` reaches the caller only
-once retrying is over; ``Client.run(fallback=...)`` calls the fallback instead for a
-``CircuitOpenError`` or a transient error.
+or 503 with ``Retry-After`` (a full queue, a spent rate, a drain) is retried after that
+delay (never sooner, up to a fifth later at random) and never counts against the circuit.
+A ``ClientError`` reaches the caller only once retrying is over; ``Client.run(fallback=...)``
+calls the fallback instead for a ``CircuitOpenError`` or a transient error.
 
 Each ``RequestError`` renders to the wire as
 ``{"error": {"code": ..., "message": ..., "field": ...}}`` with its ``status`` and ``headers``.

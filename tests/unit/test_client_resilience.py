@@ -126,7 +126,7 @@ def test_retry_after_is_honoured() -> None:
     c, sleeps = client(script)
     with c:
         c.get("t1")
-    assert sleeps == [1.5]
+    assert len(sleeps) == 1 and 1.5 <= sleeps[0] <= 1.8, sleeps
 
 
 def test_a_long_retry_after_is_not_waited_out() -> None:

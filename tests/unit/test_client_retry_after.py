@@ -26,7 +26,8 @@ def test_a_full_queue_is_submitted_again_after_retry_after() -> None:
     c, sleeps = client(script)
     with c:
         assert c.submit("echo", 1)["id"] == "t1"
-    assert sleeps == [3.0, 2.0]  # what the server said, not the backoff's jitter
+    # What the server said, never sooner, spread up to a fifth later (not the backoff's).
+    assert len(sleeps) == 2 and 3.0 <= sleeps[0] <= 3.6 and 2.0 <= sleeps[1] <= 2.4, sleeps
     keys = {r.headers["idempotency-key"] for r in script.requests}
     assert len(keys) == 1  # the same submit each time
 
@@ -73,10 +74,10 @@ def test_a_spent_budget_raises_with_retry_after() -> None:
     with c:
         with pytest.raises(APIError):
             c.get("t1")  # the budget's one retry (0.1/s over 10 s)
-        assert sleeps == [1.0]
+        assert len(sleeps) == 1 and 1.0 <= sleeps[0] <= 1.2
         with pytest.raises(APIError) as info:
             c.get("t1")
-    assert sleeps == [1.0]  # no retry left: raised at once
+    assert len(sleeps) == 1  # no retry left: raised at once
     assert info.value.retry_after == 1.0 and info.value.attempts == 1
     assert c.stats()["retries_denied"] >= 1
 
@@ -87,4 +88,18 @@ async def test_the_async_client_waits_out_retry_after_too() -> None:
     assert isinstance(c, AsyncClient)
     async with c:
         answer: dict[str, Any] = await c.submit("echo", 1)
-    assert answer["id"] == "t1" and sleeps == [4.0]
+    assert answer["id"] == "t1" and len(sleeps) == 1 and 4.0 <= sleeps[0] <= 4.8
+
+
+def test_clients_refused_together_come_back_spread_out() -> None:
+    """Retry-After is whole seconds: without a spread, every client refused in one second
+    would come back in one instant, into the queue that refused them."""
+    sleeps: list[float] = []
+    for _ in range(20):
+        script = Script(full("2"), httpx.Response(202, json=task()))
+        c, got = client(script)
+        with c:
+            c.submit("echo", 1)
+        sleeps += got
+    assert all(2.0 <= s <= 2.4 for s in sleeps), sleeps
+    assert max(sleeps) - min(sleeps) > 0.1  # spread, not in step (20 draws in [0, 0.4))

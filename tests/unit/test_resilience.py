@@ -430,8 +430,9 @@ def test_permanent_errors_are_not_retried_and_not_held_against_the_circuit(
 
 
 def test_retry_after_is_honoured_or_the_call_gives_up(clock: FakeClock) -> None:
-    res = make(clock, rng=Script(0.0))
-    assert drive(res, iter([APIError(429, "slow_down", "x", retry_after=2.5), None])) == [2.5]
+    # The backoff's draw (0.0) is ignored; the second (0.5) spreads the wait a tenth later.
+    res = make(clock, rng=Script(0.0, 0.5, 0.0, 0.0))
+    assert drive(res, iter([APIError(429, "slow_down", "x", retry_after=2.5), None])) == [2.75]
     with pytest.raises(APIError):  # longer than max_retry_after_s: fail (or fall back) now
         drive(res, iter([APIError(503, "maintenance", "x", retry_after=120.0), None]))
 

@@ -118,8 +118,8 @@ class Call:
         if retry_after is not None:
             if retry_after > policy.max_retry_after_s:
                 return self._give_up()
-            # The server said when: no sooner (its own estimate already spreads clients out).
-            delay = retry_after
+            # The server said when: no sooner, and a little later at random (see the policy).
+            delay = policy.after(retry_after, res.rng())
         if self._long_poll:
             delay = max(delay, policy.long_poll_min_s)
         if self._deadline is not None and now + delay >= self._deadline:
