@@ -50,7 +50,7 @@ class OutcomeWriter:
         try:
             await self.store.append_events(run.id, [event])
         except StaleTokenError:
-            pass
+            pass  # the attempt was ended elsewhere (cancelled, reaped): its events are moot
         except Exception:
             if not run.store_failed:
                 run.store_failed = True
@@ -82,7 +82,7 @@ class OutcomeWriter:
                 await self.store.requeue(task_id, token, None, events=[NewEvent(
                     EventType.ERROR.value, {**event, "retrying": True})], spent=False)
             except StaleTokenError:
-                pass
+                pass  # ended elsewhere (cancelled, reaped): nothing left to put back
             except Exception as exc:
                 first = first or exc
                 failed.append(task_id)
