@@ -89,7 +89,8 @@ class Node:
             retain_s=settings.retain, claim_ttl_s=settings.claim_ttl_s,
             scratch_dir=settings.data_dir / "scratch", on_reaped=lambda: self.scheduler.wake(),
             # A short retention (a test, a soak) is purged within about half of it.
-            purge_every_s=min(PURGE_INTERVAL_S, settings.retain / 2))
+            purge_every_s=min(PURGE_INTERVAL_S, settings.retain / 2),
+            on_lost=self.supervisor.abandon_lost)
         self.scheduler = Scheduler(self.store, self.registry, self.ledger, self.supervisor,
                                    self.name)
         self.leases = LeaseManager(self.ledger, on_change=self.scheduler.wake,

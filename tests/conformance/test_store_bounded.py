@@ -148,11 +148,13 @@ async def test_heartbeat_stamps_only_the_attempts_a_node_holds(store: Store) -> 
     c = await submit(store, input=3)
     await store.claim("p", "gpu", 2, "n1", "gpu:0")  # a, b
     await claim_one(store, node="n2")  # c
-    assert await store.heartbeat("n1", []) == 0
-    # b's token is wrong, c is another node's, and an unknown id matches nothing.
-    assert await store.heartbeat("n1", [(a.id, 1), (b.id, 9), (c.id, 1), ("0" * 24, 1)]) == 1
+    assert await store.heartbeat("n1", []) == []
+    # b's token is wrong, c is another node's, and an unknown id matches nothing: held in
+    # vain, and said so (the runtime stops working on them).
+    held = [(a.id, 1), (b.id, 9), (c.id, 1), ("0" * 24, 1)]
+    assert await store.heartbeat("n1", held) == held[1:]
     await store.finish(a.id, 1, TaskState.SUCCEEDED)
-    assert await store.heartbeat("n1", [(a.id, 1)]) == 0  # finished: nothing to stamp
+    assert await store.heartbeat("n1", [(a.id, 1)]) == [(a.id, 1)]  # finished: not held
 
 
 def _after(moment: float) -> None:
@@ -169,7 +171,7 @@ async def test_reap_requeues_attempts_unheard_of_past_the_ttl_and_spends_them(
     cutoff = max(t.started_at or 0 for t in claimed) + 1e-6
     assert await store.reap(cutoff - 3600) == []  # nobody is that late
     _after(cutoff)
-    assert await store.heartbeat("n1", [(alive.id, 1)]) == 1  # its node still holds it
+    assert await store.heartbeat("n1", [(alive.id, 1)]) == []  # its node still holds it
     reaped = await store.reap(cutoff)
     assert [t.id for t in reaped] == [quiet.id]
     [back] = reaped

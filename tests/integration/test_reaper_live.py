@@ -5,6 +5,8 @@ again, its lost attempt spent."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -68,3 +70,24 @@ async def test_an_outcome_the_store_lost_is_reaped_and_run_again(node: Node) -> 
     assert (done.attempts, done.token) == (2, 2)
     assert node.housekeeper.view()["reaper"]["reaped_total"] == 1
     assert not node.supervisor.held_runs()
+
+
+async def test_a_run_reaped_behind_its_nodes_back_is_called_off(node: Node) -> None:
+    """As after a stall longer than the claim TTL: the running attempt is reaped while its
+    worker still works on it. The next heartbeat finds it held in vain and calls it off; the
+    task's new attempt is the one whose outcome is recorded."""
+    task, _ = await node.submit(node.build_spec(
+        preset="behave", input={"action": "slow", "s": 2.5 * CLAIM_TTL_S}))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while (task.id, 1) not in node.supervisor.held_runs():
+        assert loop.time() < deadline
+        await asyncio.sleep(0.01)
+    assert [t.id for t in await node.store.reap(time.time() + 1)] == [task.id]
+    while node.housekeeper.view()["reaper"]["lost_total"] < 1:
+        assert loop.time() < deadline
+        await asyncio.sleep(0.01)
+    assert (task.id, 1) not in node.supervisor.held_runs()  # no longer heartbeat
+    done = await wait_final(node.store, task.id, WAIT_S)
+    assert done is not None and done.state is TaskState.SUCCEEDED, done
+    assert done.token == 2  # the attempt claimed after the reap owns the outcome

@@ -55,6 +55,21 @@ async def test_beat_heartbeats_what_is_held_and_reaps_what_is_not(store: SqliteS
     assert (await store.get(a.id)).state is TaskState.RUNNING  # type: ignore[union-attr]
 
 
+async def test_attempts_held_in_vain_are_handed_to_the_runtime(store: SqliteStore) -> None:
+    """A run reaped while this node still held it (a stall longer than the claim TTL): the
+    next heartbeat finds it is no longer the task's attempt, and the runtime is told."""
+    await store.submit_many([TaskSpec(preset="p", input=i) for i in range(2)])
+    a, b = await store.claim("p", "gpu", 2, "n1", "gpu:0")
+    told: list[list[tuple[str, int]]] = []
+    hk = keeper(store, held=[(a.id, a.token), (b.id, b.token)], on_lost=told.append)
+    await store.reap(time.time() + 1)  # both reaped behind the node's back
+    again = await store.claim("p", "gpu", 1, "n2", "gpu:0")  # a runs on another node now
+    assert [t.id for t in again] == [a.id]
+    await hk.beat()
+    assert told == [[(a.id, a.token), (b.id, b.token)]]
+    assert hk.heartbeats_sent == 0 and hk.view()["reaper"]["lost_total"] == 2
+
+
 async def test_a_reaped_last_attempt_fails_by_the_presets_max_attempts(
         store: SqliteStore) -> None:
     await store.submit(TaskSpec(preset="p", input=1))
@@ -112,7 +127,8 @@ class FailingStore:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def heartbeat(self, node: str, held: Sequence[tuple[str, int]]) -> int:
+    async def heartbeat(self, node: str, held: Sequence[tuple[str, int]]
+                        ) -> list[tuple[str, int]]:
         self.calls += 1
         raise StoreError("disk I/O error")
 

@@ -253,3 +253,20 @@ async def test_a_failing_background_step_is_logged_at_once(
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0)
     assert "a bug in a background step" in caplog.text
+
+
+async def test_an_attempt_held_in_vain_is_called_off_and_its_outcome_never_stored(
+        tmp_path: Path) -> None:
+    """The heartbeat found "a" is no longer this attempt's (reaped after a stall): its worker
+    is told to stop it, it is no longer heartbeat, and its late finish stores nothing; "b",
+    named with another token, is some other attempt's business and runs on."""
+    store = FakeStore()
+    sup, worker, _ = registry(store, tmp_path)
+    sup.dispatch(worker.id, tasks("a", "b"))
+    assert worker.proc.ops[-1]["op"] == "run"
+    sup.abandon_lost([("a", 0), ("b", 7)])
+    assert worker.proc.ops[-1] == {"op": "cancel", "task": "a"}
+    assert sup.held_runs() == [("b", 0)]
+    await sup.pipeline.on_messages(worker.proc, [finish("a"), finish("b")])
+    assert [f.task_id for f in store.finished] == ["b"]
+    assert not worker.runs

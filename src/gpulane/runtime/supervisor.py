@@ -332,13 +332,31 @@ class Supervisor:
             run.cancelled = False
             raise
         self.pipeline.resolved(run)
+        self._call_off(run)
+        return True
+
+    def abandon_lost(self, lost: list[tuple[str, int]]) -> None:
+        """Stop working on attempts this node held in vain (task id, token): the store no
+        longer has them as the tasks' running attempts (reaped after a stall longer than the
+        claim TTL, perhaps running elsewhere now), so their outcome could not be recorded.
+        They are called off as a cancel is, with nothing stored: the task's current attempt
+        owns its outcome."""
+        wanted = dict(lost)
+        for worker in list(self.workers.values()):
+            for run in list(worker.runs.values()):
+                if wanted.get(run.id) == run.token and not run.cancelled:
+                    run.cancelled = True
+                    self._call_off(run)
+
+    def _call_off(self, run: TaskRun) -> None:
+        """Tell a cancelled run's worker to stop it: a session worker gets the cancel op, a
+        one-off is stopped. The run stays held until the worker lets go (see cancel)."""
         worker = self.workers.get(run.worker_id)
         if worker is not None:  # else it exited meanwhile, and let go of the run as it did
             if worker.session:
-                worker.proc.send(cancel_op(task_id))
+                worker.proc.send(cancel_op(run.id))
             else:
                 worker.proc.kill()
-        return True
 
     def start_reaper(self) -> None:
         """Start the idle reaper, and kill the containers a dead predecessor of this node

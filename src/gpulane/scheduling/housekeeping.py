@@ -53,7 +53,8 @@ class Housekeeper:
                  max_attempts: Callable[[], Mapping[str, int]],
                  retain_s: float, claim_ttl_s: float, scratch_dir: str | Path | None = None,
                  purge_every_s: float = PURGE_INTERVAL_S,
-                 on_reaped: Callable[[], None] | None = None) -> None:
+                 on_reaped: Callable[[], None] | None = None,
+                 on_lost: Callable[[list[tuple[str, int]]], None] | None = None) -> None:
         self.store = store
         self.node = node
         self.held = held
@@ -64,12 +65,16 @@ class Housekeeper:
         self.purge_every_s = purge_every_s
         self.on_reaped = on_reaped
         """Called after a round that requeued something: the scheduler's wake."""
+        self.on_lost = on_lost
+        """Called with the attempts this node held in vain (reaped meanwhile, say after a
+        stall longer than the claim TTL): the runtime stops working on them."""
         self.clock: Callable[[], float] = time.time
         """The wall clock cutoffs are counted on (a test may set its own)."""
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         # What the status view shows.
         self.heartbeats_sent = 0
+        self.lost_total = 0
         self.reaped_total = 0
         self.last_reap_at: float | None = None
         self.last_purge_at: float | None = None
@@ -115,7 +120,10 @@ class Housekeeper:
         ``claim_ttl_s``. Returns the reaped tasks; a store error is logged, not raised."""
         try:
             held = self.held()
-            self.heartbeats_sent += await self.store.heartbeat(self.node, held)
+            lost = await self.store.heartbeat(self.node, held)
+            self.heartbeats_sent += len(held) - len(lost)
+            if lost:
+                self._lose(lost)
             reaped = await self.store.reap(self.clock() - self.claim_ttl_s,
                                            self.max_attempts())
         except Exception as exc:  # the store may fail; the next round tries again
@@ -129,6 +137,14 @@ class Housekeeper:
             if self.on_reaped is not None:
                 self.on_reaped()
         return reaped
+
+    def _lose(self, lost: list[tuple[str, int]]) -> None:
+        self.lost_total += len(lost)
+        log.warning("%d running attempt(s) held here are no longer the tasks' own (reaped "
+                    "after a stall longer than the claim TTL?); stopping them: %s", len(lost),
+                    ", ".join(f"{tid} (token {token})" for tid, token in lost[:10]))
+        if self.on_lost is not None:
+            self.on_lost(lost)
 
     # -- retention -----------------------------------------------------------------------------
 
@@ -210,6 +226,7 @@ class Housekeeper:
                           "total": dict(self.purged_total), "db_bytes": self.db_bytes,
                           "rows": dict(self.rows)},
             "reaper": {"last_run_at": self.last_reap_at, "reaped_total": self.reaped_total,
-                       "heartbeats_total": self.heartbeats_sent},
+                       "heartbeats_total": self.heartbeats_sent,
+                       "lost_total": self.lost_total},
             "errors": self.errors, "last_error": self.last_error,
         }

@@ -165,9 +165,12 @@ class Store(Protocol):
         attempts reset to 0 and a ``queued`` state event saying so; None when the task is
         unknown or not failed/cancelled (``get`` tells the two apart)."""
 
-    async def heartbeat(self, node: str, held: Sequence[tuple[str, int]]) -> int:
+    async def heartbeat(self, node: str, held: Sequence[tuple[str, int]]
+                        ) -> list[tuple[str, int]]:
         """``node`` still holds these running attempts (task id, fencing token): stamp their
-        heartbeat. Returns how many matched (a stale token or a finished task does not)."""
+        heartbeat. Returns those it held in vain: no longer the task's running attempt on
+        ``node`` (reaped meanwhile, perhaps claimed again elsewhere; ended): the runtime stops
+        working on them, since their outcome can no longer be recorded."""
 
     async def reap(self, stale_before: float,
                    max_attempts: Mapping[str, int] | None = None) -> list[Task]:

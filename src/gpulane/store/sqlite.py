@@ -421,13 +421,19 @@ class SqliteStore:
             task = self._get(task_id)
         return self._queued_again(task)
 
-    async def heartbeat(self, node: str, held: Sequence[tuple[str, int]]) -> int:
+    async def heartbeat(self, node: str, held: Sequence[tuple[str, int]]
+                        ) -> list[tuple[str, int]]:
         if not held:
-            return 0
+            return []
+        at = now()
+        lost = []
         with self._tx() as db:
-            return db.executemany(
-                "UPDATE tasks SET heartbeat_at=? WHERE id=? AND token=? AND state='running' "
-                "AND node=?", [(now(), tid, token, node) for tid, token in held]).rowcount
+            for tid, token in held:
+                if db.execute("UPDATE tasks SET heartbeat_at=? WHERE id=? AND token=? AND "
+                              "state='running' AND node=?", (at, tid, token, node)
+                              ).rowcount == 0:
+                    lost.append((tid, token))
+        return lost
 
     async def reap(self, stale_before: float,
                    max_attempts: Mapping[str, int] | None = None) -> list[Task]:
