@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,6 @@ from gpulane.store.sqlite import SqliteStore
 
 GUARD_S = 10.0
 """Failure guard for what should end at once: never the assertion."""
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "gpulane.db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 def keeper(store: Store, held: Sequence[tuple[str, int]] = (), **kw: Any) -> Housekeeper:

@@ -7,7 +7,6 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +16,6 @@ from gpulane.model import TaskSpec, TaskState
 from gpulane.store import Finish, PurgeReport, sqlite_upkeep
 from gpulane.store.sqlite import SqliteStore
 from gpulane.store.sqlite_schema import COLUMNS
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "gpulane.db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 def plan(store: SqliteStore, sql: str) -> str:

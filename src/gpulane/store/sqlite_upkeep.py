@@ -200,10 +200,8 @@ def db_bytes(conn: sqlite3.Connection) -> int:
         conn.execute("PRAGMA page_size").fetchone()[0])
     path = conn.execute("PRAGMA database_list").fetchone()[2]
     if path:
-        try:
+        with contextlib.suppress(OSError):  # no WAL file right now
             size += os.path.getsize(path + "-wal")
-        except OSError:  # no WAL file right now
-            pass
     return size
 
 
