@@ -67,6 +67,17 @@ DEFAULT_RATE_LIMIT_PER_S = 0.0
 file may set its own."""
 DEFAULT_RATE_BURST = 0
 """Requests a key may make at once above its rate (0: one second's worth)."""
+DEFAULT_NODE_TTL_S = 5.0
+"""A fleet node unheard of for this long is dead: another node requeues its running tasks, its
+leases end and its devices leave GET /v1/gpus. A node heartbeats three times per TTL."""
+DEFAULT_WARM_WINDOW_S = 0.25
+"""For this long after a task is queued, a node with no warm worker for its preset leaves it
+to a node that has one (a cold start costs seconds); after it any node with room takes it."""
+DEFAULT_DRAIN_GRACE_S = 30.0
+"""On SIGTERM or ``gpulane drain``: how long running work may take to finish before what is
+left goes back to the queue (its attempts given back)."""
+DEFAULT_EVENTS_MAX = 10_000
+"""Most events kept per task in a Redis store (the stream is capped; SQLite keeps all)."""
 DURABILITY_SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 """SQLite's synchronous pragma per durability: what a 202 can lose is in docs/reliability.md."""
 
@@ -119,6 +130,11 @@ class Settings(BaseSettings):
     rate_burst: int = Field(DEFAULT_RATE_BURST, ge=0)  # 0: one second's worth
     retain: float = Field(DEFAULT_RETAIN_S, gt=0)  # seconds ("7d", "12h" too) finished work is kept
     claim_ttl_s: float = Field(DEFAULT_CLAIM_TTL_S, ge=1)  # requeue running tasks unheard of
+    node_ttl_s: float = Field(DEFAULT_NODE_TTL_S, ge=1)  # fleet: a node unheard of is dead
+    warm_window_s: float = Field(DEFAULT_WARM_WINDOW_S, ge=0)  # fleet: warm nodes claim first
+    drain_grace_s: float = Field(DEFAULT_DRAIN_GRACE_S, ge=0)  # SIGTERM/drain: finish within
+    events_max: int = Field(DEFAULT_EVENTS_MAX, ge=100)  # redis: events kept per task
+    advertise_url: str | None = None  # fleet: this node's API URL as others reach it
     durability: str = "normal"  # normal: survives a process crash; full: power loss too
     log_level: str = "info"
     ageing_s: float = Field(DEFAULT_AGEING_S, ge=0)  # +1 priority per this many s queued; 0: off

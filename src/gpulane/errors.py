@@ -6,7 +6,8 @@
     ├── ConfigError                   bad settings or flags (startup refuses)
     ├── PresetError                   a preset file is invalid (carries every problem found)
     ├── StoreError                    the store failed or refused a write
-    │   └── StaleTokenError           a fencing token is no longer the task's current one
+    │   ├── StaleTokenError           a fencing token is no longer the task's current one
+    │   └── StoreUnavailableError     the store cannot be reached (Redis down): 503 + Retry-After
     ├── RequestError                  a caller's request is wrong; has code, field and HTTP status
     │   ├── NotFoundError             404: unknown task, preset, lease or device
     │   ├── ConflictError             409: idempotency key reused with another body, stale token
@@ -114,6 +115,21 @@ class TooManyRequestsError(RequestError):
 
 class UnavailableError(RequestError):
     status = 503
+
+
+class StoreUnavailableError(StoreError, UnavailableError):
+    """The store cannot be reached (Redis down, a broken connection): the call may not have
+    been applied. The API answers it 503 with Retry-After (a RequestError like any other);
+    the store reconnects with backoff by itself."""
+
+    RETRY_AFTER_S = 2
+    """What the 503 asks a client to wait: about one reconnect backoff step."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("store_unavailable",
+                         f"{message}: the store cannot be reached; retry after "
+                         f"{self.RETRY_AFTER_S} s (the node reconnects by itself)",
+                         headers={"Retry-After": str(self.RETRY_AFTER_S)})
 
 
 TRANSIENT_STATUSES = frozenset({408, 429, 502, 503, 504})

@@ -30,7 +30,7 @@ from gpulane.errors import (
     ValidationError,
 )
 from gpulane.locks import FileLock, gpu_lock_dir
-from gpulane.model import FINAL_STATES, DeviceWish, Event, Priority, Task, TaskSpec, TaskState
+from gpulane.model import DeviceWish, Event, Priority, Task, TaskSpec, TaskState
 from gpulane.presets import PresetRegistry, example_presets_dir, load_presets
 from gpulane.runtime.circuit import PresetCircuit
 from gpulane.runtime.supervisor import Supervisor
@@ -314,23 +314,8 @@ class Node:
                      ) -> AsyncIterator[list[Event]]:
         """The task's events after number ``after``, in batches as they land; an empty batch
         after ``quiet_s`` without one. Ends after the task's final state event."""
-        store = self.store
-        while True:
-            seen = store.notifier.version(task_id)
-            events = await store.events(task_id, after)
-            for i, e in enumerate(events):
-                if e.type == "state" and e.data.get("state") in FINAL_STATES:
-                    yield events[:i + 1]
-                    return
-            if events:
-                after = events[-1].seq
-                yield events
-                continue
-            task = await store.get(task_id)
-            if task is None or task.state.final:
-                return
-            if not await store.notifier.wait(task_id, seen, quiet_s):
-                yield []
+        async for batch in self.store.follow(task_id, after, quiet_s):
+            yield batch
 
     async def retry(self, task_id: str) -> Task:
         """Put a dead letter (a failed or cancelled task) back in the queue with fresh

@@ -13,14 +13,14 @@ import asyncio
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 
 from gpulane.errors import StaleTokenError
-from gpulane.model import Event, Task, TaskSpec, TaskState
+from gpulane.model import FINAL_STATES, Event, Task, TaskSpec, TaskState
 from gpulane.notify import Notifier, Waiters
 
 
@@ -98,6 +98,9 @@ class Store(Protocol):
     """What the node needs of a store. Every method is atomic."""
 
     notifier: TaskNotifier
+    on_work: Callable[[], None]
+    """Called when another node (sharing this store) queued or requeued work: the node sets
+    it to wake its scheduler. A store that only this process writes never calls it."""
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -191,6 +194,22 @@ class Store(Protocol):
         """Requeue the tasks a previous run of ``node`` left running, their attempts given
         back (a restart is not the task's fault); returns how many."""
 
+    async def running_nodes(self) -> set[str]:
+        """Every node that holds at least one running attempt now (a fleet's live nodes
+        compare it with the node registry to find the dead ones)."""
+
+    async def reap_node(self, node: str, max_attempts: Mapping[str, int] | None = None
+                        ) -> list[Task]:
+        """Take back every running attempt of ``node`` (dead: its registration expired) at
+        once, without waiting for the claim TTL. Spent, as ``reap`` spends them: the task is
+        requeued, or failed (``worker_died``, code ``node_lost``) past its max_attempts.
+        Returns the tasks as they now stand."""
+
+    def follow(self, task_id: str, after: int, quiet_s: float) -> AsyncIterator[list[Event]]:
+        """The task's events after number ``after``, in batches as they land (whichever node
+        writes them); an empty batch after ``quiet_s`` without one. Ends after the task's
+        final state event, or at once for an unknown task."""
+
 
 class TaskNotifier(Notifier):
     """A store's wake-ups: :class:`~gpulane.notify.Notifier` per task id, plus result waits.
@@ -234,6 +253,28 @@ class TaskNotifier(Notifier):
         except TimeoutError:
             return False
         return True if task is None else task
+
+
+async def follow_by_notifier(store: Store, task_id: str, after: int, quiet_s: float
+                             ) -> AsyncIterator[list[Event]]:
+    """``Store.follow`` for a store whose every write this process sees (its notifier hears
+    of each one): read, then sleep on the notifier until the next change."""
+    while True:
+        seen = store.notifier.version(task_id)
+        events = await store.events(task_id, after)
+        for i, e in enumerate(events):
+            if e.type == "state" and e.data.get("state") in FINAL_STATES:
+                yield events[:i + 1]
+                return
+        if events:
+            after = events[-1].seq
+            yield events
+            continue
+        task = await store.get(task_id)
+        if task is None or task.state.final:
+            return
+        if not await store.notifier.wait(task_id, seen, quiet_s):
+            yield []
 
 
 async def wait_final(store: Store, task_id: str, timeout: float) -> Task | None:

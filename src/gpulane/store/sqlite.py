@@ -15,7 +15,7 @@ import logging
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from gpulane.store.base import (
     QueueHead,
     QueueStats,
     TaskNotifier,
+    follow_by_notifier,
     new_task_id,
 )
 from gpulane.store.sqlite_listing import PageReader, read_page
@@ -53,6 +54,7 @@ class SqliteStore:
         self.path = str(path)
         self.synchronous = synchronous
         self.notifier = TaskNotifier()
+        self.on_work = _nothing  # only this process writes the file: nobody else queues
         self._db: sqlite3.Connection | None = None
         # (preset, lane) queues that may hold queued tasks: this node owns the file, so it
         # knows every insert; queue_heads skips the rest instead of querying each one.
@@ -305,6 +307,9 @@ class SqliteStore:
                 self.notifier.forget(task_id)
         return out
 
+    def follow(self, task_id: str, after: int, quiet_s: float) -> AsyncIterator[list[Event]]:
+        return follow_by_notifier(self, task_id, after, quiet_s)
+
     async def events(self, task_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
         rows = self.db.execute(
             "SELECT seq, type, data, ts FROM events WHERE task_id=? AND seq>? "
@@ -437,20 +442,35 @@ class SqliteStore:
 
     async def reap(self, stale_before: float,
                    max_attempts: Mapping[str, int] | None = None) -> list[Task]:
-        limits = max_attempts or {}
         at = now()
         # The running index holds only running tasks: this reads them, not the table.
         rows = self.db.execute(
             "SELECT id, token, attempts, preset, node, COALESCE(heartbeat_at, started_at, 0) "
             "FROM tasks WHERE state='running' AND node IS NOT NULL "
             "AND COALESCE(heartbeat_at, started_at, 0) < ?", (stale_before,)).fetchall()
-        out: list[Task] = []
-        for tid, token, attempts, preset, node, seen in rows:
-            error = task_error(
+        return await self._take_back(
+            [(tid, token, attempts, preset, task_error(
                 ErrorKind.WORKER_DIED,
                 f"node {node} stopped heartbeating this attempt ({at - seen:.0f} s without a "
                 "word, past the claim TTL): its owner died or no longer holds it",
-                code="claim_expired")
+                code="claim_expired"))
+             for tid, token, attempts, preset, node, seen in rows], max_attempts or {})
+
+    async def reap_node(self, node: str, max_attempts: Mapping[str, int] | None = None
+                        ) -> list[Task]:
+        rows = self.db.execute(
+            "SELECT id, token, attempts, preset FROM tasks WHERE state='running' AND node=?",
+            (node,)).fetchall()
+        error = task_error(ErrorKind.WORKER_DIED,
+                           f"node {node} died (its registration expired) while running this "
+                           "attempt", code="node_lost")
+        return await self._take_back([(*r, error) for r in rows], max_attempts or {})
+
+    async def _take_back(self, rows: list[tuple[str, int, int, str, dict[str, Any]]],
+                         limits: Mapping[str, int]) -> list[Task]:
+        """Requeue (or fail, past max_attempts) each running attempt, spent."""
+        out: list[Task] = []
+        for tid, token, attempts, preset, error in rows:
             # Each one fenced by its token: one that moved on since the read is left alone.
             if attempts >= limits.get(preset, attempts + 1):
                 got = await self.finish_many([Finish(tid, token, TaskState.FAILED,
@@ -460,6 +480,10 @@ class SqliteStore:
                 with contextlib.suppress(StaleTokenError):
                     out.append(await self.requeue(tid, token, error))
         return out
+
+    async def running_nodes(self) -> set[str]:
+        return {r[0] for r in self.db.execute(
+            "SELECT DISTINCT node FROM tasks WHERE state='running' AND node IS NOT NULL")}
 
     async def purge(self, finished_before: float, max_batches: int | None = None
                     ) -> PurgeReport:
@@ -493,3 +517,7 @@ class SqliteStore:
             self._queued[preset] += 1
             self.notifier.notify(tid)
         return len(rows)
+
+
+def _nothing() -> None:
+    """``on_work`` of a store no other process writes."""
