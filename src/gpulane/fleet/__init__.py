@@ -1,0 +1,5 @@
+"""What nodes sharing one store know of each other: the registry, calls, the lease book."""
+
+from gpulane.fleet.base import Fleet, Handler, NodeInfo
+
+__all__ = ["Fleet", "Handler", "NodeInfo"]
