@@ -401,6 +401,8 @@ class Supervisor:
         await asyncio.gather(*(w.proc.stop(self.shutdown_grace_s)
                                for w in list(self.workers.values())),
                              return_exceptions=True)
+        # Outcomes kept through a store outage get the workers' grace to land.
+        await self.pipeline.outcomes.close(self.shutdown_grace_s)
         for task in list(self._background):
             task.cancel()
 
