@@ -59,6 +59,9 @@ class Fleet(Protocol):
     """What a node needs to know of, and say to, the other nodes. ``name`` is this node."""
 
     name: str
+    shared: bool
+    """True when other nodes may share this fleet (Redis): only then may a node that holds
+    running work but is not registered be taken for dead and its work taken over."""
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
