@@ -20,7 +20,6 @@ import contextlib
 import enum
 import itertools
 import logging
-import math
 import os
 import secrets
 import time
@@ -30,10 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpulane.config import DEFAULT_LEASE_GRACE_S, DEFAULT_LEASE_TTL_S
-from gpulane.errors import ConflictError, NotFoundError, RequestError
+from gpulane.errors import ConflictError, NotFoundError, RequestError, UnavailableError
 from gpulane.model import Priority
 from gpulane.notify import Notifier
-from gpulane.scheduling.ledger import GpuAccount, Holding, Ledger
+from gpulane.scheduling.lease_plans import cheapest as _cheapest
+from gpulane.scheduling.lease_plans import plan_device as _plan_device
+from gpulane.scheduling.ledger import Holding, Ledger
 
 log = logging.getLogger("gpulane.leases")
 
@@ -101,6 +102,7 @@ class Lease:
     awaiting_resume: bool = False  # preempted, and its preemptor has not ended yet
     events: list[dict[str, Any]] = field(default_factory=list)
     granted: asyncio.Event = field(default_factory=asyncio.Event)
+    end_reason: str | None = None  # why the node ended it (a drain), not its holder or TTL
 
     def to_json(self) -> dict[str, Any]:
         r = self.request
@@ -142,6 +144,9 @@ class LeaseManager:
         self._seq = itertools.count(1)
         self._reserved: dict[int, str] = {}  # device -> the urgent lease it is cleared for
         self._ticker: asyncio.Task[None] | None = None
+        self.mirror: Callable[[Lease], None] | None = None
+        """Told of every change to a lease (the fleet's lease book copies them); None on a
+        node of its own."""
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -183,6 +188,11 @@ class LeaseManager:
                     self._unreserve(lease.id)
                     self._resume_paused(lease)
                 raise
+        if not lease.state.holds and lease.state.final:  # ended while it waited (a drain)
+            raise UnavailableError(
+                "lease_ended", f"lease {lease.id} was ended before it was granted: "
+                f"{lease.end_reason}; ask again (another node can serve it)", field="wait_s",
+                headers={"Retry-After": "1"})
         if not lease.state.holds:
             self._set_final(lease, LeaseState.TIMED_OUT)
             self._unreserve(lease.id)
@@ -196,6 +206,8 @@ class LeaseManager:
     def renew(self, lease_id: str, token: object) -> Lease:
         lease = self._holding(lease_id, token)
         lease.expires_at = self.clock() + lease.request.ttl_s
+        if self.mirror is not None:
+            self.mirror(lease)
         return lease
 
     def release(self, lease_id: str, token: object) -> Lease:
@@ -227,29 +239,71 @@ class LeaseManager:
             devices = self._place(lease)
             if devices is None:
                 continue
-            req = lease.request
-            if req.gpus:
-                ok = self.ledger.acquire_whole(lease.id, devices, priority=req.priority,
-                                               preemptible=req.preemptible, kind="lease")
-            else:
-                ok = self.ledger.acquire(lease.id, devices[0], req.vram_mb,
-                                         priority=req.priority, preemptible=req.preemptible,
-                                         kind="lease")
-            if not ok:  # pragma: no cover - _place only offers devices with room
+            if not self._take(lease, devices):  # pragma: no cover - _place offers room
                 continue
-            lease.devices = devices
-            lease.uuids = [self.ledger.gpus[d].uuid for d in devices]
-            lease.simulated = any(self.ledger.gpus[d].simulated for d in devices)
             lease.token = self._next_token()
-            lease.state = LeaseState.GRANTED
             del self._waiting[lease.id]
-            self._held[lease.id] = lease
             lease.granted_at = self.clock()
-            lease.expires_at = lease.granted_at + req.ttl_s
+            lease.expires_at = lease.granted_at + lease.request.ttl_s
             self._unreserve(lease.id)
             self._event(lease, "granted", {"devices": devices, "uuids": lease.uuids})
             lease.granted.set()
-            log.info("lease %s granted to %s on %s", lease.id, req.holder, devices)
+            log.info("lease %s granted to %s on %s", lease.id, lease.request.holder, devices)
+
+    def _take(self, lease: Lease, devices: list[int]) -> bool:
+        """Hold ``devices`` in the ledger for ``lease`` and mark it granted there."""
+        req = lease.request
+        if req.gpus:
+            ok = self.ledger.acquire_whole(lease.id, devices, priority=req.priority,
+                                           preemptible=req.preemptible, kind="lease")
+        else:
+            ok = self.ledger.acquire(lease.id, devices[0], req.vram_mb, priority=req.priority,
+                                     preemptible=req.preemptible, kind="lease")
+        if ok:
+            lease.devices = devices
+            lease.uuids = [self.ledger.gpus[d].uuid for d in devices]
+            lease.simulated = any(self.ledger.gpus[d].simulated for d in devices)
+            lease.state = LeaseState.GRANTED
+            self._held[lease.id] = lease
+        return ok
+
+    def fits_now(self, req: LeaseRequest) -> bool:
+        """Whether ``req`` would be granted at once (no preemption, no wait)."""
+        return self._place(Lease("", req, 0)) is not None
+
+    def adopt(self, lease_id: str, req: LeaseRequest, *, devices: list[int], token: int,
+              created_at: float, granted_at: float | None, expires_at: float,
+              events: list[dict[str, Any]]) -> Lease | None:
+        """Hold again a lease that this node granted before it restarted: same id, token,
+        devices and expiry, its events kept (new ones number on). None when its devices are
+        not here or have no room for it now."""
+        if not devices or any(d not in self.ledger.gpus for d in devices):
+            return None
+        lease = Lease(lease_id, req, next(self._seq), created_at=created_at,
+                      events=list(events))
+        if not self._take(lease, devices):
+            return None
+        lease.token, lease.granted_at, lease.expires_at = token, granted_at, expires_at
+        # Tokens given from now on stay above the adopted one.
+        self._last_token_ms = max(self._last_token_ms, token >> TOKEN_RANDOM_BITS)
+        self.leases[lease_id] = lease
+        lease.granted.set()
+        return lease
+
+    def end_all(self, reason: str) -> int:
+        """End every live lease, the waiting ones (timed out) before the held ones (revoked),
+        each with ``reason`` in its event: the node drains to exit. How many ended."""
+        waiting, held = list(self._waiting.values()), list(self._held.values())
+        for lease in waiting:
+            lease.end_reason = reason
+            self._set_final(lease, LeaseState.TIMED_OUT, reason)
+            self._unreserve(lease.id)
+            self._resume_paused(lease)
+            lease.granted.set()  # its acquire returns now, refused
+        for lease in held:
+            lease.end_reason = reason
+            self._end(lease, LeaseState.REVOKED, reason)
+        return len(waiting) + len(held)
 
     def _place(self, lease: Lease) -> list[int] | None:
         req = lease.request
@@ -332,9 +386,9 @@ class LeaseManager:
 
     # -- endings -----------------------------------------------------------------------------
 
-    def _end(self, lease: Lease, state: LeaseState) -> None:
+    def _end(self, lease: Lease, state: LeaseState, reason: str | None = None) -> None:
         self.ledger.release(lease.id)
-        self._set_final(lease, state)
+        self._set_final(lease, state, reason)
         self._unreserve(lease.id)
         self._resume_paused(lease)
         self.on_change()
@@ -355,12 +409,12 @@ class LeaseManager:
                 self._event(paused, "resume", {"after": lease.id})
         lease.paused.clear()
 
-    def _set_final(self, lease: Lease, state: LeaseState) -> None:
+    def _set_final(self, lease: Lease, state: LeaseState, reason: str | None = None) -> None:
         lease.state = state
         self._waiting.pop(lease.id, None)
         self._held.pop(lease.id, None)
         self._ended.append((self.clock(), lease.id))
-        self._event(lease, state.value, {})
+        self._event(lease, state.value, {"reason": reason} if reason else {})
         self._drop_ended(self.clock())
 
     def _drop_ended(self, now: float) -> None:
@@ -419,6 +473,8 @@ class LeaseManager:
                              "data": {"lease": lease.id, "state": lease.state.value, **data},
                              "ts": time.time()})
         self.notifier.notify(lease.id)
+        if self.mirror is not None:
+            self.mirror(lease)
 
     def holders_summary(self) -> list[dict[str, Any]]:
         return [{"device": h.device, "holder": h.holder, "kind": h.kind, "vram_mb": h.vram_mb,
@@ -433,58 +489,6 @@ class LeaseManager:
         return {"waiting": len(self._waiting), "holding": len(self._held),
                 "ended": len(self.leases) - len(self._waiting) - len(self._held),
                 "notifier": len(self.notifier)}
-
-
-def _plan_device(acct: GpuAccount, req: LeaseRequest) -> list[Holding] | None:
-    """The holders to pause so that one device can take ``req``; None if it cannot.
-
-    A slice needs vram_mb free: the lowest-priority preemptible holders below the request's
-    priority go first (workers before leases among equals) until it fits. A whole device
-    needs every holder gone, so each must be preemptible and of lower priority.
-    """
-    held = list(acct.holdings.values())
-    victims = sorted((h for h in held if h.preemptible and h.priority < req.priority),
-                     key=lambda h: (h.priority, h.kind == "lease"))
-    if req.gpus:
-        if len(victims) < len(held) or acct.total_vram_mb <= 0:
-            return None
-        if acct.free_mb + sum(h.vram_mb for h in held) < acct.total_vram_mb - acct.slack_mb:
-            return None  # used outside gpulane too: pausing its holders would not clear it
-        return victims
-    free, chosen = acct.free_mb, []
-    for h in victims:
-        if free >= req.vram_mb:
-            break
-        chosen.append(h)
-        free += h.vram_mb
-    return chosen if free >= req.vram_mb else None
-
-
-CHEAPEST_EXACT_MAX = 20_000
-"""Most device sets _cheapest compares one by one; beyond it, it chooses greedily."""
-
-
-def _cheapest(plans: dict[int, list[Holding]],
-              count: int) -> tuple[list[int], list[Holding]] | None:
-    """The ``count`` devices whose plans together pause the cheapest set of holders."""
-    if len(plans) < count:
-        return None
-
-    def cost(devices: Iterable[int]) -> tuple[tuple[int, int], dict[str, Holding]]:
-        union = {h.holder: h for d in devices for h in plans[d]}
-        return (sum(h.priority for h in union.values()), len(union)), union
-
-    candidates = sorted(plans)
-    if math.comb(len(candidates), count) <= CHEAPEST_EXACT_MAX:
-        combos = itertools.combinations(candidates, count)  # in lowest-index-first order
-        best = min(combos, key=lambda ds: cost(ds)[0])
-    else:  # a very large node: add the device that adds the least cost, one at a time
-        best_list: list[int] = []
-        for _ in range(count):
-            rest = [d for d in candidates if d not in best_list]
-            best_list.append(min(rest, key=lambda d: cost([*best_list, d])[0]))
-        best = tuple(sorted(best_list))
-    return list(best), list(cost(best)[1].values())
 
 
 def _describe(req: LeaseRequest) -> str:
