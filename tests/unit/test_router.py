@@ -122,3 +122,30 @@ def test_route_is_decided_by_totals_not_by_gpu_count() -> None:
     assert route(preset(vram_mb=4096), GPU, many_small) == Route(GPU_LANE)
     with pytest.raises(RequestError):
         route(preset(vram_mb=4097), GPU, many_small)
+
+
+# -- a fleet ------------------------------------------------------------------------------------
+
+
+def test_auto_on_a_gpu_less_node_goes_to_another_nodes_gpu() -> None:
+    assert route(preset(), AUTO, [], elsewhere=[TWO_GPUS]) == Route(GPU_LANE)
+    assert route(preset(devices="gpu"), GPU, [], elsewhere=[[], TWO_GPUS]) == Route(GPU_LANE)
+
+
+def test_auto_goes_to_a_bigger_gpu_elsewhere_before_the_cpu() -> None:
+    assert route(preset(vram_mb=40000), AUTO, TWO_GPUS, elsewhere=[[81920]]) == Route(GPU_LANE)
+
+
+def test_gpus_n_must_fit_on_one_node_of_the_fleet() -> None:
+    two = Preset(name="p", argv=("w",), devices="gpu,cpu", vram_mb=8000, gpus=2)
+    assert route(two, AUTO, [24576], elsewhere=[[24576]]) == Route(
+        CPU_LANE, FallbackReason.NOT_ENOUGH_GPUS)
+    assert route(two, AUTO, [24576], elsewhere=[[24576, 24576]]) == Route(GPU_LANE)
+
+
+def test_no_gpu_in_the_fleet_big_enough_names_the_largest() -> None:
+    assert route(preset(vram_mb=90000), AUTO, [], elsewhere=[[24576], [81920]]) == Route(
+        CPU_LANE, FallbackReason.VRAM_EXCEEDS_LARGEST_GPU)
+    with pytest.raises(RequestError) as exc:
+        route(preset(devices="gpu", vram_mb=90000), GPU, [], elsewhere=[[81920]])
+    assert exc.value.code == "vram_exceeds_devices"

@@ -2,6 +2,10 @@
 
 Decided once, at submit, so the answer (and any fallback reason) is recorded with the task and
 a caller learns at once when no device could ever run it.
+
+In a fleet any node takes any task: a GPU task waits in the GPU lane when a GPU of any live
+node can hold it (``elsewhere``: the other nodes' GPU totals), so it goes to another node's GPU
+before it falls back to this node's CPU. Only a node that can place it claims it.
 """
 
 from __future__ import annotations
@@ -31,11 +35,20 @@ class Route:
     fallback_reason: str | None = None
 
 
-def route(preset: Preset, wish: DeviceWish, gpu_totals_mb: Sequence[int]) -> Route:
-    """Pick the lane for a task of ``preset`` on a node whose GPUs have these VRAM totals."""
+def route(preset: Preset, wish: DeviceWish, gpu_totals_mb: Sequence[int],
+          elsewhere: Sequence[Sequence[int]] = ()) -> Route:
+    """Pick the lane for a task of ``preset`` on a node whose GPUs have these VRAM totals,
+    in a fleet whose other live nodes have the GPUs in ``elsewhere`` (one list per node)."""
+    if not _fits(preset, gpu_totals_mb):
+        # Another node's GPUs that could hold it stand in for this node's: the reasons and
+        # errors below then describe the best of them.
+        fitting = [totals for totals in elsewhere if _fits(preset, totals)]
+        if fitting:
+            gpu_totals_mb = fitting[0]
+        elif not gpu_totals_mb and any(elsewhere):
+            gpu_totals_mb = max(elsewhere, key=lambda totals: max(totals, default=0))
     largest = max(gpu_totals_mb, default=0)
-    # gpus: N wants N devices that can each hold vram_mb (whole ones when N >= 2).
-    fits = bool(gpu_totals_mb) and _big_enough(preset, gpu_totals_mb) >= preset.gpus
+    fits = _fits(preset, gpu_totals_mb)
     if wish is DeviceWish.CPU:
         if not preset.allows_cpu:
             raise ValidationError(
@@ -93,6 +106,11 @@ def _require_fit(preset: Preset, gpu_totals_mb: Sequence[int], fits: bool,
         f"preset {preset.name!r} needs vram_mb={preset.vram_mb} but the largest GPU here "
         f"has {largest} MB: lower the preset's vram_mb or run it where a bigger GPU is",
         field="vram_mb", extra={"largest_device_mb": largest})
+
+
+def _fits(preset: Preset, gpu_totals_mb: Sequence[int]) -> bool:
+    """gpus: N wants N devices of one node that can each hold vram_mb (whole ones when N >= 2)."""
+    return bool(gpu_totals_mb) and _big_enough(preset, gpu_totals_mb) >= preset.gpus
 
 
 def _big_enough(preset: Preset, gpu_totals_mb: Sequence[int]) -> int:

@@ -10,6 +10,12 @@ The scheduler sees workers only through the read-only views the supervisor's que
 (runtime/view.py), and owns capacity: it takes ledger room before a worker starts, gives it
 back when runtime reports an exit or a freed CPU slot (``CapacityEvents``), and decides which
 idle workers to unload when a new one needs room (``evict_idle``).
+
+In a fleet, a node claims only what it can place now (room is reserved before the claim; a
+node without GPUs never looks at GPU lanes), and warm goes first: before starting a new
+session worker for a queue head, a node leaves a head younger than ``warm_window_s`` to
+another node that has that preset's worker idle (``warm_elsewhere``), and looks again when the
+window ends. Alone (no fleet) the check is one call that answers False.
 """
 
 from __future__ import annotations
@@ -37,6 +43,20 @@ PASS_ROUNDS_MAX = 256
 rounds so that one pass cannot hold the event loop for long while work keeps arriving."""
 SAFETY_TICK_S = 1.0
 """A pass runs at least this often even with no wake-up, so nothing can be forgotten."""
+
+
+def _nowhere(preset: str, lane: str) -> bool:
+    """No other node has anything warm (a node alone)."""
+    return False
+
+
+def task_created_at(task_id: str) -> float:
+    """When a task was created (time.time()): the first 12 hex digits of its id are its
+    creation in milliseconds (store/base.py new_task_id)."""
+    try:
+        return int(task_id[:12], 16) / 1000
+    except ValueError:
+        return 0.0  # not an id of ours: as if old, so it is never held back
 
 
 class CapacityEvents:
@@ -75,6 +95,10 @@ class Scheduler:
         self._aged_at = 0.0
         self.reserved: Callable[[], set[int]] = set  # devices kept clear for urgent leases
         self.paused = False  # a draining node claims nothing (running work finishes)
+        # Fleet: another node has (preset, lane) warm, and gets the first claim for this long.
+        self.warm_elsewhere: Callable[[str, str], bool] = _nowhere
+        self.warm_window_s = 0.0
+        self._window_wake: asyncio.TimerHandle | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -86,6 +110,8 @@ class Scheduler:
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        if self._window_wake is not None:
+            self._window_wake.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):  # the cancel we just asked for
@@ -152,6 +178,8 @@ class Scheduler:
         preset = self.registry.get(preset_name)
         if preset is None:
             return False
+        if lane == GPU_LANE and not self.ledger.gpus:
+            return False  # work for another node's GPUs: never claimed here
         if preset.mode is Mode.SESSION:
             if self.supervisor.forming_worker(preset_name, lane) is not None:
                 return True  # a top-up: the batch holds its CPU slot already
@@ -171,10 +199,11 @@ class Scheduler:
         if preset is None:
             return 0
         if preset.mode is Mode.SESSION:
-            return await self._place_session(preset, head.lane)
+            return await self._place_session(preset, head)
         return await self._place_oneoff(preset, head.lane)
 
-    async def _place_session(self, preset: Preset, lane: str) -> int:
+    async def _place_session(self, preset: Preset, head: QueueHead) -> int:
+        lane = head.lane
         forming = self.supervisor.forming_worker(preset.name, lane)
         if forming is not None:
             # A batch waiting to fill (max_wait_ms) takes what has come in since.
@@ -190,7 +219,8 @@ class Scheduler:
             reserved = None
             # A preset whose workers keep failing to start gets no new one (its circuit).
             if (len(live) < self._max_workers(preset, lane)
-                    and self.supervisor.may_start(preset.name)):
+                    and self.supervisor.may_start(preset.name)
+                    and not self._left_to_warm(preset, head)):
                 reserved = self._reserve(preset, lane)
             if reserved is None:
                 return await self._top_up_next(preset, lane)
@@ -254,6 +284,25 @@ class Scheduler:
         if device.kind == CPU_LANE:
             self.supervisor.hold_cpu(wid)
         return 1
+
+    def _left_to_warm(self, preset: Preset, head: QueueHead) -> bool:
+        """Whether to leave ``head`` to another node that has its preset warm: only while
+        the head is younger than warm_window_s (then a pass looks again)."""
+        if self.warm_window_s <= 0 or not self.warm_elsewhere(preset.name, head.lane):
+            return False
+        left = self.warm_window_s - (time.time() - task_created_at(head.task_id))
+        if left <= 0:
+            return False
+        if self._window_wake is None or self._window_wake.when() > (
+                asyncio.get_running_loop().time() + left):
+            if self._window_wake is not None:
+                self._window_wake.cancel()
+            self._window_wake = asyncio.get_running_loop().call_later(left, self._window_ended)
+        return True
+
+    def _window_ended(self) -> None:
+        self._window_wake = None
+        self.wake()
 
     def _unreserve(self, device: DeviceAssignment, wid: str) -> None:
         """Give back what ``_reserve`` took for a one-off that will not start."""
