@@ -1,0 +1,242 @@
+"""The fleet of many nodes on one Redis: the node registry, calls between nodes, the lease
+book.
+
+Data layout (``gl:`` is the prefix):
+
+- ``gl:node:{name}``: the node's NodeInfo as JSON, with a PX TTL its heartbeat renews (set
+  again at every beat, so a Redis that lost its data has every live node back within one
+  beat); ``gl:nodes``: the set of names. ``nodes()`` reads the set, MGETs the keys, and drops
+  the names whose key expired (a script that removes a name only while its key is absent,
+  so a node re-registering at that instant is not dropped).
+- ``gl:call:{node}``: the channel a node's calls arrive on; ``gl:reply:{id}``: one answer
+  (see ``redis_calls.py``).
+- ``gl:lease:{id}``: the lease as JSON; ``gl:lease:{id}:ev``: its events, a stream whose
+  entry ids are the event numbers (``n-0``), capped near ``LEASE_EVENTS_MAX``;
+  ``gl:leases`` and ``gl:leases:{node}``: sorted sets of the live leases by first save time
+  (oldest first). ``save_lease`` is one script (lease, new events, live sets: all or
+  nothing; events already in the stream are skipped, so a retried save adds none); an ended
+  lease (``keep_s``) gets PEXPIRE on both keys and leaves the live sets.
+
+Two connection pools to the store's URL: ``client`` for short commands (a command times out
+after ``COMMAND_TIMEOUT_S``) and ``blocking`` for BLPOP, XREAD BLOCK and the subscriber (no
+socket timeout; each blocking call has its own guard). Redis unreachable: every method
+raises StoreUnavailableError within about ``CONNECT_TIMEOUT_S``, never hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gpulane.errors import StoreUnavailableError
+from gpulane.fleet.base import Handler, NodeInfo
+from gpulane.fleet.redis_calls import BLOCK_GUARD_S, Calls
+
+CONNECT_TIMEOUT_S = 1.0
+"""How long a connection attempt to Redis may take before the call fails as unavailable."""
+
+COMMAND_TIMEOUT_S = 5.0
+"""How long a short command may wait for its answer."""
+
+LEASE_EVENTS_MAX = 1000
+"""Events kept per lease (about: the stream is trimmed approximately)."""
+
+PREFIX = "gl:"
+"""The prefix of every key and channel of the fleet (the store's keys share it)."""
+
+_PRUNE_NODES = """
+for i, name in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then redis.call('SREM', KEYS[1], name) end
+end
+return 0
+"""
+"""Drop from the set of names the nodes whose key is absent (KEYS: set, then one key per
+name in ARGV)."""
+
+_SAVE_LEASE = """
+local last = 0
+local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
+for i = 6, #ARGV, 2 do
+  local n = tonumber(ARGV[i])
+  if n > last then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], ARGV[i] .. '-0', 'e', ARGV[i + 1])
+    last = n
+  end
+end
+local keep = tonumber(ARGV[3])
+if keep >= 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', math.max(1, keep))
+  redis.call('PEXPIRE', KEYS[2], math.max(1, keep))
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+  redis.call('PERSIST', KEYS[2])
+  redis.call('ZADD', KEYS[3], 'NX', ARGV[4], ARGV[1])
+  redis.call('ZADD', KEYS[4], 'NX', ARGV[4], ARGV[1])
+end
+return last
+"""
+"""Save a lease and its new events in one step (KEYS: lease, events, live, live of its node;
+ARGV: id, JSON, keep_ms or -1, first-save score, events cap, then number, JSON per event)."""
+
+
+class RedisFleet:
+    """Many nodes on one Redis (see the module docstring)."""
+
+    shared = True
+    """Other nodes share this fleet: one holding work without a registration is dead."""
+
+    def __init__(self, url: str, name: str, *, prefix: str = PREFIX) -> None:
+        self.url = url
+        self.name = name
+        self.prefix = prefix
+        # One retry at once: a pooled socket may be stale after a Redis restart.
+        opts: dict[str, Any] = {"decode_responses": True,
+                                "socket_connect_timeout": CONNECT_TIMEOUT_S,
+                                "retry": Retry(NoBackoff(), 1)}
+        self.client: aioredis.Redis = aioredis.from_url(
+            url, socket_timeout=COMMAND_TIMEOUT_S, **opts)
+        self.blocking: aioredis.Redis = aioredis.from_url(url, socket_timeout=None, **opts)
+        self.calls = Calls(self)
+        self._open = False
+        self._prune = self.client.register_script(_PRUNE_NODES)
+        self._save = self.client.register_script(_SAVE_LEASE)
+
+    def node_key(self, node: str) -> str:
+        return f"{self.prefix}node:{node}"
+
+    def _lease_key(self, lease_id: str) -> str:
+        return f"{self.prefix}lease:{lease_id}"
+
+    def _live_key(self, node: str | None = None) -> str:
+        return f"{self.prefix}leases" if node is None else f"{self.prefix}leases:{node}"
+
+    @contextlib.asynccontextmanager
+    async def reaching(self, what: str) -> AsyncIterator[None]:
+        """Run Redis commands; a lost or refused connection raises StoreUnavailableError."""
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
+            raise StoreUnavailableError(f"fleet {what} failed ({type(exc).__name__}: "
+                                        f"{exc})") from exc
+
+    async def open(self) -> None:
+        async with self.reaching("open"):
+            await self.client.ping()
+        self._open = True
+        self.calls.start()
+        await self.calls.wait_subscribed()
+
+    async def close(self) -> None:
+        self._open = False
+        await self.calls.stop()
+        await self.client.aclose()
+        await self.blocking.aclose()
+
+    # -- the node registry ---------------------------------------------------------------------
+
+    async def register(self, info: NodeInfo, ttl_s: float) -> None:
+        async with self.reaching("register"), self.client.pipeline(transaction=True) as p:
+            p.set(self.node_key(info.name), json.dumps(info.to_json()),
+                  px=max(1, int(ttl_s * 1000)))
+            p.sadd(f"{self.prefix}nodes", info.name)
+            await p.execute()
+
+    async def deregister(self) -> None:
+        async with self.reaching("deregister"), self.client.pipeline(transaction=True) as p:
+            p.delete(self.node_key(self.name))
+            p.srem(f"{self.prefix}nodes", self.name)
+            await p.execute()
+
+    async def nodes(self) -> list[NodeInfo]:
+        names_key = f"{self.prefix}nodes"
+        async with self.reaching("nodes"):
+            members: Any = await self.client.smembers(names_key)
+            names: list[str] = sorted(members)
+            if not names:
+                return []
+            raw = await self.client.mget([self.node_key(n) for n in names])
+            gone = [n for n, r in zip(names, raw, strict=True) if r is None]
+            if gone:
+                await self._prune(keys=[names_key, *(self.node_key(n) for n in gone)],
+                                  args=gone)
+        return [NodeInfo.from_json(json.loads(r)) for r in raw if r is not None]
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def serve(self, handler: Handler) -> None:
+        self.calls.handler = handler
+        if self._open:
+            self.calls.start()
+
+    async def call(self, node: str, op: str, payload: dict[str, Any],
+                   timeout_s: float) -> dict[str, Any]:
+        return await self.calls.call(node, op, payload, timeout_s)
+
+    # -- the lease book ------------------------------------------------------------------------
+
+    async def save_lease(self, lease: dict[str, Any], events: list[dict[str, Any]],
+                         keep_s: float | None = None) -> None:
+        lease_id = str(lease["id"])
+        node = str(lease.get("node") or self.name)
+        args: list[Any] = [lease_id, json.dumps(lease),
+                           -1 if keep_s is None else int(keep_s * 1000), time.time(),
+                           LEASE_EVENTS_MAX]
+        for e in events:
+            args += [int(e["id"]), json.dumps(e)]
+        key = self._lease_key(lease_id)
+        async with self.reaching("save_lease"):
+            await self._save(keys=[key, f"{key}:ev", self._live_key(), self._live_key(node)],
+                             args=args)
+
+    async def lease(self, lease_id: str) -> dict[str, Any] | None:
+        async with self.reaching("lease"):
+            raw = await self.client.get(self._lease_key(lease_id))
+        return json.loads(raw) if raw is not None else None
+
+    async def leases(self, node: str | None = None) -> list[dict[str, Any]]:
+        async with self.reaching("leases"):
+            ids: Any = await self.client.zrange(self._live_key(node), 0, -1)
+            if not ids:
+                return []
+            raw = await self.client.mget([self._lease_key(i) for i in ids])
+        return [json.loads(r) for r in raw if r is not None]
+
+    async def lease_events(self, lease_id: str, after: int = 0) -> list[dict[str, Any]]:
+        async with self.reaching("lease_events"):
+            entries: Any = await self.client.xrange(f"{self._lease_key(lease_id)}:ev",
+                                               min=f"({after}-0", max="+")
+        return [json.loads(fields["e"]) for _, fields in entries]
+
+    async def follow_lease(self, lease_id: str, after: int, quiet_s: float
+                           ) -> AsyncIterator[list[dict[str, Any]]]:
+        key = self._lease_key(lease_id)
+        block_ms = max(1, int(quiet_s * 1000))  # XREAD's BLOCK 0 would wait for ever
+        while True:
+            async with self.reaching("follow_lease"):
+                if not await self.client.exists(key):
+                    return
+                got: Any = await asyncio.wait_for(
+                    self.blocking.xread({f"{key}:ev": f"{after}-0"}, block=block_ms),
+                    quiet_s + BLOCK_GUARD_S)
+            batch = [json.loads(fields["e"]) for _, entries in got or [] for _, fields
+                     in entries]
+            if batch:
+                after = int(batch[-1]["id"])
+            yield batch
+
+    def view(self) -> dict[str, Any]:
+        """The calls' counters, for the node's status view."""
+        return {"backend": "redis", "calls": self.calls.view()}
