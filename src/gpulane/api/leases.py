@@ -4,13 +4,17 @@ A lease's fencing token is its holder's secret: it is in the 201 answer to the a
 nowhere else (listings, reads and renew/release answers show holder, owner, devices and
 priority, never the token). A lease belongs to the key that took it: another key may read it
 but not renew or release it (403), an admin key aside.
+
+In a fleet any node answers for any lease: a lease names its ``node`` (the one whose GPUs it
+holds), an acquire may name the node it wants, and renew, release and the event stream work
+through every node (the node routes them to the lease's own).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Header, Request
@@ -44,55 +48,48 @@ def _node(request: Request) -> Node:
     return node
 
 
-def public(lease: Any) -> dict[str, Any]:
-    """The lease (as the node gives it) as anyone with the leases scope may see it: its
-    owner, never its token."""
-    view: dict[str, Any] = lease.to_json()
-    del view["token"]
-    view["owner"] = lease.request.owner
-    return view
-
-
-def _owned(request: Request, lease_id: str) -> None:
+async def _owned(request: Request, lease_id: str) -> None:
     """403 unless the caller took the lease (or is admin); 404 for an unknown lease."""
     if caller(request) is not None:
-        check_owner(request, _node(request).lease(lease_id).request.owner, f"lease {lease_id}")
+        lease = await _node(request).lease(lease_id)
+        check_owner(request, lease["owner"], f"lease {lease_id}")
 
 
 @router.post("", status_code=201, responses=errors(400, 404, 408, 413, 422),
              openapi_extra=json_body("LeaseBody"))
 async def acquire(request: Request) -> JSON:
-    """Take a lease: ``{holder, vram_mb | gpus, device?, priority, ttl_s, wait_s, preemptible,
-    grace_s}``. 201 with the granted lease, or 408 after wait_s with the holders."""
+    """Take a lease: ``{holder, vram_mb | gpus, device?, node?, priority, ttl_s, wait_s,
+    preemptible, grace_s}``. 201 with the granted lease, or 408 after wait_s with the
+    holders."""
     body = await read_body(request, LeaseBody, LEASE_EXAMPLE)
     who = caller(request)
     lease = await _node(request).acquire_lease(
         holder=body.holder, vram_mb=body.vram_mib(), gpus=body.gpus, device=body.device,
         priority=int(body.priority), ttl_s=float(body.ttl_s), preemptible=body.preemptible,
         grace_s=float(body.grace_s), wait_s=float(body.wait_s),
-        owner=who.name if who is not None else None)
+        owner=who.name if who is not None else None, node=body.node)
     # The one answer that carries the token: renew and release need it.
-    return JSON({**public(lease), "token": lease.to_json()["token"]}, status_code=201)
+    return JSON(lease, status_code=201)
 
 
 @router.get("")
 async def list_leases(request: Request) -> JSON:
     """Leases that are waiting or held (holders, owners, devices; never a token)."""
-    return JSON({"leases": [public(lz) for lz in _node(request).active_leases()]})
+    return JSON({"leases": await _node(request).fleet_active_leases()})
 
 
 @router.get("/{lease_id}", responses=errors(404))
 async def get_lease(request: Request, lease_id: str) -> JSON:
-    return JSON(public(_node(request).lease(lease_id)))
+    return JSON(await _node(request).lease(lease_id))
 
 
 @router.post("/{lease_id}/renew", responses=errors(403, 404, 409, 413, 422),
              openapi_extra=json_body("RenewBody"))
 async def renew(request: Request, lease_id: str) -> JSON:
     """Push the lease's expiry ttl_s into the future; 409 if the token no longer holds it."""
-    _owned(request, lease_id)
+    await _owned(request, lease_id)
     body = await read_body(request, RenewBody, '{"token": 123}')
-    return JSON(public(_node(request).renew_lease(lease_id, body.token)))
+    return JSON(await _node(request).renew_lease(lease_id, body.token))
 
 
 @router.delete("/{lease_id}", responses=errors(403, 404, 409, 422))
@@ -103,8 +100,8 @@ async def release(request: Request, lease_id: str, token: LeaseTokenQuery = None
     if given is None:
         code, message = RELEASE_TOKEN_FIX
         raise ValidationError(code, message.format(), field="token")
-    _owned(request, lease_id)
-    return JSON(public(_node(request).release_lease(lease_id, given)))
+    await _owned(request, lease_id)
+    return JSON(await _node(request).release_lease(lease_id, given))
 
 
 @router.get("/{lease_id}/events", responses={
@@ -116,7 +113,7 @@ async def lease_events(request: Request, lease_id: str, last_event_id: Annotated
                        ) -> StreamingResponse:
     """The lease's events (granted, preempt, resume, released, expired, revoked) as SSE."""
     node = _node(request)
-    node.lease(lease_id)  # 404 before the stream starts
+    await node.lease(lease_id)  # 404 before the stream starts
     after = int(last_event_id) if last_event_id and _EVENT_ID.match(last_event_id) else 0
     return StreamingResponse(_sse(node, lease_id, after), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})

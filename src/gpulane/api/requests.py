@@ -45,6 +45,9 @@ TIMEOUT_MAX_S = 7 * 86400
 TASK_EXAMPLE = '{"preset": "sleep", "input": {}}'
 """A valid submit body, shown when a body is not a JSON object."""
 
+NODE_NAME_MAX = 253
+"""Longest node name a request may give (a host name's limit)."""
+
 LEASE_EXAMPLE = '{"holder": "ml-service", "vram_mb": 4096}'
 """A valid lease request, shown when a body is not a JSON object."""
 
@@ -222,6 +225,10 @@ class LeaseBody(BaseModel):
     grace_s: GraceSeconds = DEFAULT_LEASE_GRACE_S
     preemptible: Annotated[bool, Field(strict=True), fix(
         "invalid_preemptible", "preemptible must be true or false")] = True
+    node: Annotated[str | None, Field(min_length=1, max_length=NODE_NAME_MAX), fix(
+        "invalid_node", "{field}={value!r} must be the name of a live node (GET /v1/nodes "
+        "lists them), or left out for any node that can serve it")] = Field(
+        None, description="the node whose GPUs to lease (default: this node, else any)")
 
     @model_validator(mode="after")
     def _one_shape(self) -> LeaseBody:
