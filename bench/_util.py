@@ -341,16 +341,18 @@ GPULANE_READY_TIMEOUT_S = 60.0
 """How long a benchmark waits for a fresh ``gpulane serve`` to answer /readyz."""
 
 
-def start_gpulane(procs: Procs, data_dir: Path, log_dir: Path) -> tuple[Proc, str]:
-    """Start ``gpulane serve`` (2 simulated 24 GiB GPUs) on a free port; wait until ready."""
+def start_gpulane(procs: Procs, data_dir: Path, log_dir: Path, *extra: str,
+                  name: str = "gpulane") -> tuple[Proc, str]:
+    """Start ``gpulane serve`` (2 simulated 24 GiB GPUs, then ``extra`` flags) on a free port;
+    wait until ready."""
     import httpx
 
     port = free_port()
     exe = Path(sys.executable).with_name("gpulane")
     argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "gpulane"]
     argv += ["serve", "--data-dir", str(data_dir), "--port", str(port),
-             "--simulate-gpus", "2x24GiB", "--log-level", "warning"]
-    proc = procs.add(start_proc("gpulane", argv, log_dir=log_dir, env=child_env()))
+             "--simulate-gpus", "2x24GiB", "--log-level", "warning", *extra]
+    proc = procs.add(start_proc(name, argv, log_dir=log_dir, env=child_env()))
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200,
                timeout=GPULANE_READY_TIMEOUT_S, what="gpulane /readyz", proc=proc)

@@ -1,6 +1,7 @@
 """Dispatch benchmark: gpulane against Celery 5 on no-op tasks, on this machine, in one run.
 
     .venv/bin/python bench/dispatch.py [--tasks 5000] [--rtt 500] [--warmup 50]
+                                       [--store URL] [--gpulane-only]
                                        [--out bench/results/dispatch.json]
 
 Both systems run their no-op ``sleep(ms=0)`` on two worker processes and are driven by one
@@ -16,6 +17,10 @@ is measured with the ways its users get many results (described in the JSON); th
 is the headline figure. Round trip: ``--rtt`` sequential submit-and-wait calls after
 ``--warmup`` unmeasured ones. Goals: gpulane throughput >= 2x Celery's, gpulane p50 round trip
 <= 0.5x Celery's. Every subprocess is stopped however the run ends.
+
+``--store redis://HOST:PORT/DB`` runs the gpulane node on that store instead of its embedded
+SQLite (a fleet's store; bench/cluster.py compares the two in one sitting with these methods);
+``--gpulane-only`` skips Celery and the comparison.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import math
 import os
 import shutil
 import sys
@@ -222,12 +228,14 @@ def bench_gpulane(args: argparse.Namespace, procs: Procs, tmp: Path,
                   log_dir: Path) -> dict[str, Any]:
     from gpulane.client import Client
 
-    proc, url = start_gpulane(procs, tmp / "gpulane-data", log_dir)
+    store = ("--store", args.store) if args.store else ()
+    proc, url = start_gpulane(procs, tmp / "gpulane-data", log_dir, *store)
     print(f"gpulane: serving at {url} (pid {proc.pid}); warming up", flush=True)
     workers = warm_gpulane(url, proc, args.warmup)
     print(f"gpulane: {len(workers)} sleep workers up: "
           f"{', '.join(w['id'] + '@' + w['device'] for w in workers)}", flush=True)
-    out: dict[str, Any] = {"url": url, "workers_after_warmup": workers, "throughput": {}}
+    out: dict[str, Any] = {"url": url, "store": args.store or "sqlite (the node's own)",
+                           "workers_after_warmup": workers, "throughput": {}}
     out["throughput"]["bulk+list"] = _timed(
         "gpulane bulk+list", lambda: gpulane_bulk_list(url, args.tasks, args.chunk))
     if not args.skip_slow:
@@ -402,6 +410,19 @@ def report(g: dict[str, Any], c: dict[str, Any]) -> dict[str, Any]:
             "goals": goals, "all_goals_met": all(gl["met"] for gl in goals.values())}
 
 
+def gpulane_report(g: dict[str, Any]) -> dict[str, Any]:
+    """gpulane's figures alone (``--gpulane-only``): every method, no goals."""
+    headers = ["method", "tasks/s", "p50 ms", "p99 ms"]
+    rt = g["round_trip"]
+    rows = [[name, r["tasks_per_s"], math.nan, math.nan] for name, r in g["throughput"].items()]
+    rows.append(["round_trip", math.nan, rt["p50_ms"], rt["p99_ms"]])
+    print()
+    table = print_table(headers, rows)
+    name, top = best(g["throughput"])
+    return {"table": table, "markdown": markdown_table(headers, rows),
+            "headline": {"gpulane": {"throughput_method": name, **_row(top, rt)}}}
+
+
 def _row(tp: dict[str, Any], rt: dict[str, Any]) -> dict[str, Any]:
     return {"tasks_per_s": tp["tasks_per_s"], "p50_ms": rt["p50_ms"], "p99_ms": rt["p99_ms"],
             "mean_ms": rt["mean_ms"]}
@@ -418,6 +439,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="gpulane long-polls in flight (bulk+longpoll method)")
     p.add_argument("--skip-slow", action="store_true",
                    help="skip gpulane's per-task long-poll method (slowest here)")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help="the gpulane node's store, e.g. redis://127.0.0.1:6379/0 "
+                        "[its own SQLite]")
+    p.add_argument("--gpulane-only", action="store_true",
+                   help="measure gpulane alone: no Celery, no comparison")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "dispatch.json",
                    help="where to write the JSON")
     p.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
@@ -448,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         with Procs() as procs:  # every server is stopped here, however the block ends
             results["gpulane"] = bench_gpulane(args, procs, tmp, log_dir)
             procs.stop_all()  # one system at a time on the machine
-            results["celery"] = bench_celery(args, procs, log_dir)
+            if not args.gpulane_only:
+                results["celery"] = bench_celery(args, procs, log_dir)
     except BaseException as exc:
         traceback.print_exc()
         print(f"\nthe run failed; the servers' logs are in {log_dir}", file=sys.stderr)
@@ -461,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"logs: {log_dir}", file=sys.stderr)
     else:
         shutil.rmtree(tmp, ignore_errors=True)
-    summary = report(results["gpulane"], results["celery"])
+    summary = (gpulane_report(results["gpulane"]) if args.gpulane_only
+               else report(results["gpulane"], results["celery"]))
     methods = {system: {k: v.format(chunk=args.chunk, concurrency=args.concurrency)
                         for k, v in m.items()} for system, m in METHODS.items()}
     data = {
@@ -469,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": {"tasks": args.tasks, "rtt": args.rtt, "warmup": args.warmup,
                        "chunk": args.chunk, "concurrency": args.concurrency,
                        "task": "sleep(ms=0): a no-op returning {'slept_ms': 0}",
-                       "gpulane_node": "gpulane serve --simulate-gpus 2x24GiB, SQLite store, "
-                                       "2 session workers of preset 'sleep' (batch max 64)",
+                       "gpulane_node": "gpulane serve --simulate-gpus 2x24GiB, "
+                                       f"{args.store or 'SQLite'} store, 2 session workers "
+                                       "of preset 'sleep' (batch max 64)",
                        "celery_node": "redis-server (broker+backend, no persistence), celery "
                                       "worker --pool prefork --concurrency 2"},
         "methods": methods,
