@@ -5,7 +5,8 @@ Data layout (``gl:`` is the prefix):
 
 - ``gl:node:{name}``: the node's NodeInfo as JSON, with a PX TTL its heartbeat renews (set
   again at every beat, so a Redis that lost its data has every live node back within one
-  beat); ``gl:nodes``: the set of names. ``nodes()`` reads the set, MGETs the keys, and drops
+  beat); ``gl:registry``: the set of names (not the store's ``gl:nodes``: the nodes that
+  hold running tasks). ``nodes()`` reads the set, MGETs the keys, and drops
   the names whose key expired (a script that removes a name only while its key is absent,
   so a node re-registering at that instant is not dropped).
 - ``gl:call:{node}``: the channel a node's calls arrive on; ``gl:reply:{id}``: one answer
@@ -109,6 +110,9 @@ class RedisFleet:
         self.client: aioredis.Redis = aioredis.from_url(
             url, socket_timeout=COMMAND_TIMEOUT_S, **opts)
         self.blocking: aioredis.Redis = aioredis.from_url(url, socket_timeout=None, **opts)
+        self.registry_key = f"{prefix}registry"
+        """The set of registered names (the store's ``gl:nodes`` is another thing: the nodes
+        holding running tasks)."""
         self.calls = Calls(self)
         self._open = False
         self._prune = self.client.register_script(_PRUNE_NODES)
@@ -151,17 +155,17 @@ class RedisFleet:
         async with self.reaching("register"), self.client.pipeline(transaction=True) as p:
             p.set(self.node_key(info.name), json.dumps(info.to_json()),
                   px=max(1, int(ttl_s * 1000)))
-            p.sadd(f"{self.prefix}nodes", info.name)
+            p.sadd(self.registry_key, info.name)
             await p.execute()
 
     async def deregister(self) -> None:
         async with self.reaching("deregister"), self.client.pipeline(transaction=True) as p:
             p.delete(self.node_key(self.name))
-            p.srem(f"{self.prefix}nodes", self.name)
+            p.srem(self.registry_key, self.name)
             await p.execute()
 
     async def nodes(self) -> list[NodeInfo]:
-        names_key = f"{self.prefix}nodes"
+        names_key = self.registry_key
         async with self.reaching("nodes"):
             members: Any = await self.client.smembers(names_key)
             names: list[str] = sorted(members)
