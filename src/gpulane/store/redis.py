@@ -1,0 +1,496 @@
+"""The fleet's store: every node of a fleet on one Redis server (redis.asyncio, hiredis).
+
+Each store method is one round trip: a Lua script (redis_scripts.py) that checks and writes
+atomically on the server, fencing every finish, requeue, heartbeat and takeover by the task's
+token. Tasks are hashes (redis_codec.py), queues sorted sets ordered by effective priority
+then seq, events a stream per task whose entry ids are the event numbers, so ``events(after)``
+and a ``Last-Event-ID`` resume are one XRANGE, and ``follow`` tails a task that another node
+runs with ``XREAD BLOCK`` on a pool of connections of its own.
+
+Wake-ups: this store's writes notify its TaskNotifier as the SQLite store's do; the other
+stores' writes arrive by pub/sub (redis_wakeups.py). Retention: a task that ends gets a TTL
+(``retain_s`` and half again: the purge normally deletes it first and exactly, the TTL is the
+backstop when no node purges), and ``purge`` deletes what finished before its cutoff in small
+batches. Redis unreachable: every method raises StoreUnavailableError within about a second
+(connect timeout 1 s, two quick retries of a refused connection), and the next call after
+the server is back reconnects by itself.
+
+What fails how (for docs/fleet.md): a write that the server applied but whose answer was lost
+raises StoreUnavailableError too; a claim lost so is reaped after the claim TTL, a submit is
+made safe by its idempotency key. The ``rows`` of a purge report count what the scripts kept
+count of: a task that expired under its TTL before any purge leaves its events in the count.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import orjson
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gpulane.errors import ConflictError, StaleTokenError, StoreError, StoreUnavailableError
+from gpulane.model import FINAL_STATES, ErrorKind, Event, Task, TaskSpec, TaskState, task_error
+from gpulane.store import redis_scripts as lua
+from gpulane.store.base import (
+    Finish,
+    NewEvent,
+    PurgeReport,
+    QueueHead,
+    QueueStats,
+    TaskNotifier,
+    new_task_id,
+)
+from gpulane.store.redis_codec import (
+    decode_entries,
+    decode_task,
+    event_args,
+    new_task,
+    spec_fields,
+    task_from_hash,
+)
+from gpulane.store.redis_wakeups import Wakeups
+
+DEFAULT_RETAIN_S = 7 * 24 * 3600.0
+"""How long a finished task is kept when the caller does not say (config's default)."""
+
+DEFAULT_EVENTS_MAX = 10_000
+"""Events kept per task when the caller does not say (config's default)."""
+
+TTL_FACTOR = 1.5
+"""A finished task's keys expire after this many retention periods (the purge, run every half
+period, deletes them first)."""
+
+CONNECT_TIMEOUT_S = 1.0
+"""How long a call waits for a TCP connection to Redis before it answers 503."""
+
+SOCKET_TIMEOUT_S = 5.0
+"""How long a call waits for Redis's answer (every script is short) before it answers 503."""
+
+FOLLOW_CONNECTIONS = 256
+"""Connections for blocking reads (followers tailing streams, the subscriber); a follower
+past them waits for one to come free."""
+
+PURGE_BATCH_TASKS = 200
+"""Finished tasks deleted per script call: each call holds the server a millisecond or so."""
+
+READ_COUNT = 1000
+"""Most events one XREAD hands a follower."""
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _guarded(fn: Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, R]]
+             ) -> Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, R]]:
+    """Redis that cannot be reached (refused, reset, timed out) is StoreUnavailableError."""
+    @functools.wraps(fn)
+    async def guarded(self: RedisStore, /, *args: P.args, **kw: P.kwargs) -> R:
+        try:
+            return await fn(self, *args, **kw)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailableError(f"Redis at {self.url} failed ({exc})") from exc
+    return guarded
+
+
+def _num(x: float) -> str:
+    """A float as the scripts take it: exact (repr) and parsed back to the same value."""
+    return repr(float(x))
+
+
+class RedisStore:
+    """Store on a Redis server that many nodes share (``redis://host:port/db``)."""
+
+    def __init__(self, url: str, *, retain_s: float = DEFAULT_RETAIN_S,
+                 events_max: int = DEFAULT_EVENTS_MAX) -> None:
+        self.url = url
+        self.notifier = TaskNotifier()
+        self.on_work: Callable[[], None] = _nothing
+        self.events_max = events_max
+        self._ttl = str(max(1, math.ceil(retain_s * TTL_FACTOR)))
+        self._instance = os.urandom(6).hex()  # tells this store's messages from the others'
+        self._redis = Redis.from_url(
+            url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S,
+            # A refused or dropped connection is retried at once, on a new one: the first
+            # call after a server restart finds its pooled connection dead.
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2,
+                        supported_errors=(RedisConnectionError,)))
+        # Blocking reads wait as long as their BLOCK says: no socket timeout of their own.
+        self._blocking = Redis(connection_pool=BlockingConnectionPool.from_url(
+            url, max_connections=FOLLOW_CONNECTIONS, timeout=None,
+            socket_connect_timeout=CONNECT_TIMEOUT_S, socket_keepalive=True))
+        self._wakeups = Wakeups(self._blocking, self._instance, self.notifier,
+                                lambda: self.on_work)
+        self._scripts: dict[str, AsyncScript] = {
+            name: self._redis.register_script(getattr(lua, name))
+            for name in ("SUBMIT", "BY_KEY", "QUEUE_HEADS", "AGE", "CLAIM", "APPEND", "FINISH",
+                         "REQUEUE", "TAKE_BACK", "RUNNING", "HEARTBEAT", "RECOVER", "CANCEL",
+                         "RETRY", "PAGE", "PURGE", "COUNTS")}
+
+    async def _run(self, name: str, *args: Any, at: float | None = None) -> Any:
+        """Call one script; the prelude's arguments (instance, now, events cap, TTL) first."""
+        now = time.time() if at is None else at
+        return await self._scripts[name](
+            args=[self._instance, _num(now), self.events_max, self._ttl, *args])
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @_guarded
+    async def open(self) -> None:
+        await self._redis.ping()
+        await self._wakeups.start()
+
+    async def close(self) -> None:
+        await self._wakeups.stop()
+        await self._blocking.aclose()
+        await self._redis.aclose()
+
+    # -- submit ----------------------------------------------------------------------------
+
+    async def submit(self, spec: TaskSpec) -> tuple[Task, bool]:
+        return (await self.submit_many([spec]))[0]
+
+    @_guarded
+    async def submit_many(self, specs: Sequence[TaskSpec]) -> list[tuple[Task, bool]]:
+        if not specs:
+            return []
+        now = time.time()
+        ids = [new_task_id() for _ in specs]
+        args: list[Any] = [len(specs)]
+        for tid, spec in zip(ids, specs, strict=True):
+            fields = spec_fields(tid, spec)
+            first = {"state": "queued", "lane": spec.lane,
+                     "fallback_reason": spec.fallback_reason}
+            args += [tid, spec.idempotency_key or "", spec.body_hash or "", spec.preset,
+                     spec.lane, spec.priority, orjson.dumps(first), len(fields),
+                     *fields]
+        got = await self._run("SUBMIT", *args, at=now)
+        if got[0] == b"conflict":
+            key, owner = got[1].decode(), got[2].decode()
+            raise ConflictError(
+                "idempotency_key_reused",
+                f"Idempotency-Key {key!r} was already used for a different request (task "
+                f"{owner}): send a new key for a new task, or the identical body to get that "
+                "task back", field="Idempotency-Key", extra={"task_id": owner})
+        out: list[tuple[Task, bool]] = []
+        for tid, spec, (created, value) in zip(ids, specs, got[1], strict=True):
+            if created:
+                task = new_task(tid, spec, int(value), now)
+                self.notifier.notify(task.id, task)
+                out.append((task, True))
+            else:
+                out.append((decode_task(value), False))
+        return out
+
+    @_guarded
+    async def task_for_key(self, key: str) -> Task | None:
+        flat = await self._run("BY_KEY", key)
+        return decode_task(flat) if flat else None
+
+    # -- reads -----------------------------------------------------------------------------
+
+    @_guarded
+    async def get(self, task_id: str) -> Task | None:
+        h: Any = await self._redis.hgetall(lua.PREFIX + "t:" + task_id)
+        return task_from_hash(h) if h else None
+
+    @_guarded
+    async def list_tasks(self, state: TaskState | None = None, preset: str | None = None,
+                         limit: int = 50, cursor: str | None = None
+                         ) -> tuple[list[Task], str | None]:
+        # The smallest index that holds the page: a state's own (all but succeeded have
+        # one), else the preset's, else every task's; the script filters the rest.
+        if state is not None and state is not TaskState.SUCCEEDED:
+            index = "s:" + state.value
+        elif preset is not None:
+            index = "p:" + preset
+        else:
+            index = "all"
+        below = "+inf" if not cursor else "(" + str(int(cursor))
+        flats = await self._run("PAGE", index, below, limit + 1,
+                                state.value if state else "", preset or "")
+        tasks = [decode_task(f) for f in flats[:limit]]
+        return tasks, str(tasks[-1].seq) if len(flats) > limit else None
+
+    @_guarded
+    async def queue_heads(self, lanes: Iterable[tuple[str, str]]) -> list[QueueHead]:
+        args = [x for pair in lanes for x in pair]
+        if not args:
+            return []
+        rows = await self._run("QUEUE_HEADS", *args)
+        return [QueueHead(p.decode(), lane.decode(), int(prio), int(seq), tid.decode())
+                for p, lane, prio, seq, tid in rows]
+
+    @_guarded
+    async def age_queued(self, step_s: float, at: float | None = None) -> int:
+        return int(await self._run("AGE", _num(step_s), at=at))
+
+    async def queued_count(self) -> int:
+        return sum(s.queued for s in (await self.queue_stats()).values())
+
+    @_guarded
+    async def queue_stats(self) -> Mapping[str, QueueStats]:
+        raw: Any = await self._redis.hgetall(lua.PREFIX + "stats")
+        queued: dict[str, int] = {}
+        claimed: dict[str, int] = {}
+        for k, v in raw.items():
+            kind, _, preset = k.decode().partition(":")
+            if kind == "q":
+                queued[preset] = int(v)
+            elif kind == "c":
+                claimed[preset] = int(v)
+        return {p: QueueStats(queued.get(p, 0), claimed.get(p, 0))
+                for p in queued.keys() | claimed.keys()}
+
+    # -- claim, events, finish ---------------------------------------------------------------
+
+    @_guarded
+    async def claim(self, preset: str, lane: str, limit: int, node: str,
+                    device: str) -> list[Task]:
+        flats = await self._run("CLAIM", preset, lane, limit, node, device)
+        tasks = [decode_task(f) for f in flats]
+        for t in tasks:
+            self.notifier.notify(t.id, t)
+        return tasks
+
+    @_guarded
+    async def append_events(self, task_id: str, events: Sequence[NewEvent]) -> list[Event]:
+        if not events:
+            return []
+        now = time.time()
+        got = await self._run("APPEND", task_id,
+                              *event_args([(e.type, e.data) for e in events]), at=now)
+        if got is None:
+            raise StoreError(f"no task {task_id!r} to append events to")
+        first = int(got[0]) - len(events) + 1
+        out = [Event(task_id, first + i, e.type, e.data, now) for i, e in enumerate(events)]
+        self.notifier.notify(task_id)
+        if TaskState(got[1].decode()).final:  # a late event of an attempt that ended
+            self.notifier.forget(task_id)
+        return out
+
+    @_guarded
+    async def events(self, task_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
+        entries: Any = await self._redis.xrange(lua.PREFIX + "e:" + task_id,
+                                                f"{after + 1}-0", "+", count=limit)
+        return decode_entries(task_id, entries)
+
+    async def follow(self, task_id: str, after: int, quiet_s: float
+                     ) -> AsyncIterator[list[Event]]:
+        stream = lua.PREFIX + "e:" + task_id
+        block_ms = max(1, int(quiet_s * 1000))
+        events = await self.events(task_id, after, READ_COUNT)
+        quiet = False
+        while True:
+            if events:
+                for i, e in enumerate(events):
+                    if e.type == "state" and e.data.get("state") in FINAL_STATES:
+                        yield events[:i + 1]
+                        return
+                after = events[-1].seq
+                yield events
+            else:
+                task = await self.get(task_id)
+                if task is None:
+                    return
+                if task.state.final:  # its final event may have landed after the last read
+                    events = await self.events(task_id, after, READ_COUNT)
+                    if not events:
+                        return
+                    continue
+                if quiet:
+                    yield []
+            # Whichever node appends next wakes this read (a blocking connection of its own).
+            events = await self._xread(stream, task_id, after, block_ms)
+            quiet = not events
+
+    async def _xread(self, stream: str, task_id: str, after: int, block_ms: int
+                     ) -> list[Event]:
+        got = await self._guard_read(self._blocking.xread({stream: f"{after}-0"},
+                                                          count=READ_COUNT, block=block_ms))
+        return decode_entries(task_id, got[0][1]) if got else []
+
+    async def _guard_read(self, call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailableError(f"Redis at {self.url} failed ({exc})") from exc
+
+    async def finish(self, task_id: str, token: int, state: TaskState, output: Any = None,
+                     error: dict[str, Any] | None = None,
+                     events: Sequence[NewEvent] = ()) -> Task:
+        (got,) = await self.finish_many([Finish(task_id, token, state, output, error, events)])
+        if isinstance(got, StaleTokenError):
+            raise got
+        return got
+
+    @_guarded
+    async def finish_many(self, items: Sequence[Finish]) -> list[Task | StaleTokenError]:
+        for item in items:
+            if not item.state.final:
+                raise StoreError(f"finish() needs a final state, not {item.state.value}")
+        if not items:
+            return []
+        args: list[Any] = [len(items)]
+        for item in items:
+            evs = [(e.type, e.data) for e in item.events]
+            evs.append(("state", {"state": item.state.value, "error": item.error}))
+            args += [item.task_id, item.token, item.state.value, orjson.dumps(item.output),
+                     orjson.dumps(item.error) if item.error else "", len(evs),
+                     *event_args(evs)]
+        answers = await self._run("FINISH", *args)
+        out = [self._answer(item.task_id, item.token, a) for item, a in zip(items, answers,
+                                                                          strict=True)]
+        for got in out:
+            if isinstance(got, Task):
+                self.notifier.notify(got.id, got)
+        return out
+
+    @staticmethod
+    def _answer(task_id: str, token: int, answer: list[Any]) -> Task | StaleTokenError:
+        """A fenced write's answer: the task as it now stands, or why nothing changed."""
+        if answer[0] == b"ok":
+            return decode_task(answer[1])
+        if answer[0] == b"missing":
+            return StaleTokenError(f"no task {task_id!r}")
+        return StaleTokenError(
+            f"task {task_id} token {token} is stale: the task is {answer[1].decode()} with "
+            f"token {answer[2].decode()}")
+
+    @_guarded
+    async def requeue(self, task_id: str, token: int, error: dict[str, Any] | None,
+                      events: Sequence[NewEvent] = (), *, spent: bool = True) -> Task:
+        evs = [(e.type, e.data) for e in events]
+        evs.append(("state", {"state": "queued", "retry_after_error": error}))
+        answer = await self._run("REQUEUE", task_id, token,
+                                 orjson.dumps(error) if error else "", "1" if spent else "0",
+                                 *event_args(evs))
+        if answer[0] == b"missing":
+            raise StoreError(f"no task {task_id!r}")
+        got = self._answer(task_id, token, answer)
+        if isinstance(got, StaleTokenError):
+            raise got
+        self.notifier.notify(got.id, got)
+        return got
+
+    @_guarded
+    async def cancel_queued(self, task_id: str) -> Task | None:
+        error = task_error(ErrorKind.CANCELLED, "cancelled by request")
+        flat = await self._run("CANCEL", task_id, orjson.dumps(error),
+                               orjson.dumps({"state": "cancelled", "error": error}))
+        if not flat:
+            return None
+        task = decode_task(flat)
+        self.notifier.notify(task_id, task)
+        return task
+
+    @_guarded
+    async def retry_failed(self, task_id: str) -> Task | None:
+        flat = await self._run("RETRY", task_id)
+        if not flat:
+            return None
+        task = decode_task(flat)
+        self.notifier.notify(task_id, task)
+        return task
+
+    # -- heartbeats, takeovers, retention -----------------------------------------------------
+
+    @_guarded
+    async def heartbeat(self, node: str, held: Sequence[tuple[str, int]]
+                        ) -> list[tuple[str, int]]:
+        if not held:
+            return []
+        lost = await self._run("HEARTBEAT", node, *[x for pair in held for x in pair])
+        return [held[int(i) - 1] for i in lost]
+
+    @_guarded
+    async def reap(self, stale_before: float,
+                   max_attempts: Mapping[str, int] | None = None) -> list[Task]:
+        at = time.time()
+        rows = await self._run("RUNNING", "stale", _num(stale_before))
+        return await self._take_back(
+            [(tid, token, attempts, preset, task_error(
+                ErrorKind.WORKER_DIED,
+                f"node {node.decode()} stopped heartbeating this attempt ({at - float(seen):.0f}"
+                " s without a word, past the claim TTL): its owner died or no longer holds it",
+                code="claim_expired"))
+             for tid, token, attempts, preset, node, seen in rows], max_attempts or {})
+
+    @_guarded
+    async def reap_node(self, node: str, max_attempts: Mapping[str, int] | None = None
+                        ) -> list[Task]:
+        rows = await self._run("RUNNING", "node", node)
+        error = task_error(ErrorKind.WORKER_DIED,
+                           f"node {node} died (its registration expired) while running this "
+                           "attempt", code="node_lost")
+        return await self._take_back([(*r[:4], error) for r in rows], max_attempts or {})
+
+    async def _take_back(self, rows: list[tuple[Any, ...]], limits: Mapping[str, int]
+                         ) -> list[Task]:
+        """Requeue, or fail past max_attempts, each running attempt (spent), in one script
+        call that fences each one by its token: one that moved on since the read is left
+        alone."""
+        if not rows:
+            return []
+        args: list[Any] = [len(rows)]
+        for tid, token, attempts, preset, error in rows:
+            fail = int(attempts) >= limits.get(preset.decode(), int(attempts) + 1)
+            ev = ({"state": "failed", "error": error} if fail
+                  else {"state": "queued", "retry_after_error": error})
+            args += [tid, token, "1" if fail else "0", orjson.dumps(error), orjson.dumps(ev)]
+        answers = await self._run("TAKE_BACK", *args)
+        out = [decode_task(a[1]) for a in answers if a[0] == b"ok"]
+        for task in out:
+            self.notifier.notify(task.id, task)
+        return out
+
+    @_guarded
+    async def running_nodes(self) -> set[str]:
+        nodes: Any = await self._redis.smembers(lua.PREFIX + "nodes")
+        return {n.decode() for n in nodes}
+
+    @_guarded
+    async def recover(self, node: str) -> int:
+        return int(await self._run("RECOVER", node))
+
+    @_guarded
+    async def purge(self, finished_before: float, max_batches: int | None = None
+                    ) -> PurgeReport:
+        tasks = events = keys = batches = 0
+        longest = 0.0
+        while max_batches is None or batches < max_batches:
+            started = time.perf_counter()
+            found, t, e, k = await self._run("PURGE", _num(finished_before), PURGE_BATCH_TASKS)
+            if not found:
+                break
+            longest = max(longest, time.perf_counter() - started)
+            tasks, events, keys, batches = tasks + t, events + e, keys + k, batches + 1
+            if found < PURGE_BATCH_TASKS:
+                break
+        n_tasks, n_events, n_keys = await self._run("COUNTS")
+        memory = await self._redis.info("memory")
+        return PurgeReport(tasks=tasks, events=events, keys=keys, batches=batches,
+                           longest_batch_s=longest, db_bytes=int(memory["used_memory"]),
+                           rows={"tasks": int(n_tasks), "events": int(n_events),
+                                 "idempotency": int(n_keys)})
+
+
+def _nothing() -> None:
+    """``on_work`` until the node sets its own."""

@@ -1,0 +1,490 @@
+"""The Redis store's Lua: one script per store method, each one atomic on the server.
+
+Every script is ``PRELUDE`` (the key layout and the steps several methods share) followed by
+its own body, and is called with EVALSHA (redis-py's Script objects load it again after a
+server restart). Keys are not declared in KEYS: the store runs on one Redis server (or a
+primary), never on a cluster. Numbers that must come back exact (timestamps) travel as
+strings: Lua hands a number back to Redis as an integer.
+
+Key layout (prefix ``gl:``):
+
+- ``t:<id>`` hash, one task: id seq p(reset) s(tate) in out err bp (base priority) ep
+  (effective priority) w(ish) l(ane) to (timeout) ct fr k (idempotency key) by c(reated)
+  st(arted) f(inished) a(ttempts) tk (token) n(ode) d(evice) ev (events numbered so far).
+- ``e:<id>`` stream, its events; entry id ``<event number>-0``, fields t (type), d (JSON), ts.
+- ``k:<key>`` string, an idempotency key: ``<body hash> <task id>``.
+- ``q:<lane>:<preset>`` sorted set, a queue: score (100 - effective priority) * 2**40 + seq.
+- ``queues`` set of ``<lane>:<preset>``: the queues that may hold tasks (ageing walks them).
+- ``all``, ``p:<preset>``, ``s:<state>`` (queued, running, failed, cancelled) sorted sets by
+  seq: the listings; ``done`` sorted set of ``<id><preset>`` by finish time: retention.
+- ``running`` sorted set by last heartbeat; ``n:<node>`` set of a node's running tasks;
+  ``nodes`` set of the nodes holding at least one.
+- ``stats`` hash: ``q:<preset>`` queued now, ``c:<preset>`` claims ever, ``events``, ``keys``.
+- channel ``ch``: ``f<TAB>instance<TAB>id id ...`` (tasks that ended), ``w<TAB>instance``
+  (work was queued or put back).
+"""
+
+from __future__ import annotations
+
+PREFIX = "gl:"
+"""Every key and the channel start with it."""
+
+CHANNEL = PREFIX + "ch"
+"""Where the scripts publish final transitions and new work, for the other stores."""
+
+PRELUDE = r"""
+local P = 'gl:'
+local inst = ARGV[1]
+local now = ARGV[2]
+local evmax = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+local finals = {}
+local work = false
+
+local function qkey(lane, preset) return P .. 'q:' .. lane .. ':' .. preset end
+local function score(prio, seq) return (100 - tonumber(prio)) * 1099511627776 + tonumber(seq) end
+
+local function hgetall(id) return redis.call('HGETALL', P .. 't:' .. id) end
+
+-- Append events (pairs of type, JSON data) to a task's stream, numbered from its counter.
+local function xadd(id, evs)
+  local n = #evs / 2
+  if n == 0 then return 0 end
+  local last = redis.call('HINCRBY', P .. 't:' .. id, 'ev', n)
+  local e = P .. 'e:' .. id
+  for i = 1, n do
+    redis.call('XADD', e, (last - n + i) .. '-0', 't', evs[2 * i - 1], 'd', evs[2 * i],
+               'ts', now)
+  end
+  local trimmed = 0
+  if redis.call('XLEN', e) > evmax then trimmed = redis.call('XTRIM', e, 'MAXLEN', evmax) end
+  redis.call('HINCRBY', P .. 'stats', 'events', n - trimmed)
+  return last
+end
+
+local function enqueue(id, preset, lane, prio, seq)
+  local q = qkey(lane, preset)
+  if redis.call('ZADD', q, score(prio, seq), id) == 1 then
+    redis.call('ZADD', P .. 's:queued', seq, id)
+    redis.call('HINCRBY', P .. 'stats', 'q:' .. preset, 1)
+    redis.call('SADD', P .. 'queues', lane .. ':' .. preset)
+    work = true
+  end
+end
+
+local function leave_running(id, node)
+  redis.call('ZREM', P .. 'running', id)
+  redis.call('ZREM', P .. 's:running', id)
+  if node then
+    redis.call('SREM', P .. 'n:' .. node, id)
+    if redis.call('SCARD', P .. 'n:' .. node) == 0 then redis.call('SREM', P .. 'nodes', node) end
+  end
+end
+
+-- A task reached a final state: index it for listings and retention, and let its keys expire
+-- (the purge normally deletes them first; the TTL is the backstop when no node purges).
+local function ended(id, state, preset, seq, key)
+  if state == 'failed' or state == 'cancelled' then
+    redis.call('ZADD', P .. 's:' .. state, seq, id)
+  end
+  redis.call('ZADD', P .. 'done', now, id .. preset)
+  redis.call('EXPIRE', P .. 't:' .. id, ttl)
+  redis.call('EXPIRE', P .. 'e:' .. id, ttl)
+  if key then
+    local k = P .. 'k:' .. key
+    local v = redis.call('GET', k)
+    if v and string.sub(v, -24) == id then redis.call('EXPIRE', k, ttl) end
+  end
+  finals[#finals + 1] = id
+end
+
+-- End the running attempt holding `token`: {'ok', task} or {'stale', state, token} or
+-- {'missing'}. evs: its events, the final state event last.
+local function finish(id, token, state, output, err, evs)
+  local t = P .. 't:' .. id
+  local cur = redis.call('HMGET', t, 's', 'tk', 'p', 'n', 'seq', 'k')
+  if not cur[1] then return {'missing'} end
+  if cur[1] ~= 'running' or cur[2] ~= token then return {'stale', cur[1], cur[2]} end
+  redis.call('HSET', t, 's', state, 'out', output, 'f', now)
+  if err ~= '' then redis.call('HSET', t, 'err', err) else redis.call('HDEL', t, 'err') end
+  xadd(id, evs)
+  leave_running(id, cur[4])
+  ended(id, state, cur[3], cur[5], cur[6])
+  return {'ok', hgetall(id)}
+end
+
+-- Put the running attempt holding `token` back in its queue; spent = '1' keeps the attempt
+-- counted. Same answers as finish.
+local function requeue(id, token, err, spent, evs)
+  local t = P .. 't:' .. id
+  local cur = redis.call('HMGET', t, 's', 'tk', 'p', 'n', 'seq', 'l', 'ep')
+  if not cur[1] then return {'missing'} end
+  if cur[1] ~= 'running' or cur[2] ~= token then return {'stale', cur[1], cur[2]} end
+  xadd(id, evs)
+  redis.call('HSET', t, 's', 'queued')
+  if err ~= '' then redis.call('HSET', t, 'err', err) else redis.call('HDEL', t, 'err') end
+  redis.call('HDEL', t, 'n', 'd')
+  if spent ~= '1' then redis.call('HINCRBY', t, 'a', -1) end
+  leave_running(id, cur[4])
+  enqueue(id, cur[3], cur[6], cur[7], cur[5])
+  work = true
+  return {'ok', hgetall(id)}
+end
+
+local function publish()
+  if #finals > 0 then
+    redis.call('PUBLISH', P .. 'ch', 'f\t' .. inst .. '\t' .. table.concat(finals, ' '))
+  end
+  if work then redis.call('PUBLISH', P .. 'ch', 'w\t' .. inst) end
+end
+"""
+
+SUBMIT = PRELUDE + r"""
+-- ARGV[5]: how many specs; each: id key bodyhash preset lane prio firstevent nfields fields...
+local count = tonumber(ARGV[5])
+local specs = {}
+local i = 6
+for s = 1, count do
+  local nf = tonumber(ARGV[i + 7])
+  specs[s] = {i, nf}
+  i = i + 8 + nf
+end
+-- First pass, nothing written: a key used before (or earlier in this batch) with another
+-- body refuses the whole batch.
+local seen = {}
+for s = 1, count do
+  local b = specs[s][1]
+  local key, hash = ARGV[b + 1], ARGV[b + 2]
+  if key ~= '' then
+    local prev = seen[key]
+    if not prev then
+      local v = redis.call('GET', P .. 'k:' .. key)
+      if v and redis.call('EXISTS', P .. 't:' .. string.sub(v, -24)) == 1 then
+        prev = {string.sub(v, 1, -26), string.sub(v, -24)}
+      else
+        prev = {hash, ARGV[b]}
+      end
+      seen[key] = prev
+    end
+    if prev[1] ~= hash then return {'conflict', key, prev[2]} end
+  end
+end
+local out = {}
+for s = 1, count do
+  local b, nf = specs[s][1], specs[s][2]
+  local id, key = ARGV[b], ARGV[b + 1]
+  local owner = nil
+  if key ~= '' then owner = string.sub(seen[key][2], 1, 24) end
+  if owner and owner ~= id and redis.call('EXISTS', P .. 't:' .. owner) == 1 then
+    out[s] = {0, hgetall(owner)}
+  else
+    local preset, lane, prio = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
+    local seq = redis.call('INCR', P .. 'seq')
+    local t = P .. 't:' .. id
+    redis.call('HSET', t, 'seq', seq, 's', 'queued', 'ep', prio, 'c', now,
+               unpack(ARGV, b + 8, b + 7 + nf))
+    redis.call('ZADD', P .. 'all', seq, id)
+    redis.call('ZADD', P .. 'p:' .. preset, seq, id)
+    xadd(id, {'state', ARGV[b + 6]})
+    enqueue(id, preset, lane, prio, seq)
+    if key ~= '' then
+      redis.call('SET', P .. 'k:' .. key, ARGV[b + 2] .. ' ' .. id)
+      redis.call('HINCRBY', P .. 'stats', 'keys', 1)
+    end
+    out[s] = {1, seq}
+  end
+end
+publish()
+return {'ok', out}
+"""
+
+BY_KEY = PRELUDE + r"""
+local v = redis.call('GET', P .. 'k:' .. ARGV[5])
+if not v then return nil end
+return hgetall(string.sub(v, -24))
+"""
+
+QUEUE_HEADS = PRELUDE + r"""
+-- ARGV[5..]: preset, lane pairs. Answers preset lane priority seq id per non-empty queue.
+local out = {}
+for i = 5, #ARGV, 2 do
+  local got = redis.call('ZRANGE', qkey(ARGV[i + 1], ARGV[i]), 0, 0, 'WITHSCORES')
+  if #got > 0 then
+    local sc = tonumber(got[2])
+    local rank = math.floor(sc / 1099511627776)
+    out[#out + 1] = {ARGV[i], ARGV[i + 1], 100 - rank, sc - rank * 1099511627776, got[1]}
+  end
+end
+return out
+"""
+
+AGE = PRELUDE + r"""
+-- ARGV[5]: step_s. Lift each queued task's effective priority to base + waited / step.
+local step = tonumber(ARGV[5])
+local at = tonumber(now)
+local changed = 0
+for _, name in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
+  local q = P .. 'q:' .. name
+  local ids = redis.call('ZRANGE', q, 0, -1)
+  if #ids == 0 then redis.call('SREM', P .. 'queues', name) end
+  for _, id in ipairs(ids) do
+    local h = redis.call('HMGET', P .. 't:' .. id, 'bp', 'ep', 'c', 'seq')
+    local lifted = tonumber(h[1]) + math.floor((at - tonumber(h[3])) / step)
+    if lifted > 100 then lifted = 100 end
+    if lifted > tonumber(h[2]) then
+      redis.call('HSET', P .. 't:' .. id, 'ep', lifted)
+      redis.call('ZADD', q, score(lifted, h[4]), id)
+      changed = changed + 1
+    end
+  end
+end
+return changed
+"""
+
+CLAIM = PRELUDE + r"""
+-- ARGV[5..9]: preset lane limit node device. Answers the claimed tasks in queue order.
+local preset, lane, node, device = ARGV[5], ARGV[6], ARGV[8], ARGV[9]
+local q = qkey(lane, preset)
+local ids = redis.call('ZRANGE', q, 0, tonumber(ARGV[7]) - 1)
+local out = {}
+for i, id in ipairs(ids) do
+  local t = P .. 't:' .. id
+  redis.call('ZREM', q, id)
+  redis.call('ZREM', P .. 's:queued', id)
+  local attempt = redis.call('HINCRBY', t, 'a', 1)
+  redis.call('HINCRBY', t, 'tk', 1)
+  redis.call('HSET', t, 's', 'running', 'st', now, 'n', node, 'd', device)
+  local h = redis.call('HMGET', t, 'seq', 'fr')
+  local data = {state = 'running', attempt = attempt, node = node, device = device,
+                fallback_reason = h[2] or cjson.null}
+  xadd(id, {'state', cjson.encode(data)})
+  redis.call('ZADD', P .. 's:running', h[1], id)
+  redis.call('ZADD', P .. 'running', now, id)
+  redis.call('SADD', P .. 'n:' .. node, id)
+  out[i] = hgetall(id)
+end
+if #ids > 0 then
+  redis.call('SADD', P .. 'nodes', node)
+  redis.call('HINCRBY', P .. 'stats', 'q:' .. preset, -#ids)
+  redis.call('HINCRBY', P .. 'stats', 'c:' .. preset, #ids)
+end
+return out
+"""
+
+APPEND = PRELUDE + r"""
+-- ARGV[5]: id; ARGV[6..]: type, data pairs. Answers {last number, state} or nil.
+local id = ARGV[5]
+local state = redis.call('HGET', P .. 't:' .. id, 's')
+if not state then return nil end
+local evs = {}
+for i = 6, #ARGV do evs[#evs + 1] = ARGV[i] end
+return {xadd(id, evs), state}
+"""
+
+FINISH = PRELUDE + r"""
+-- ARGV[5]: count; each item: id token state output error nevents (type data)...
+local out = {}
+local i = 6
+for s = 1, tonumber(ARGV[5]) do
+  local ne = tonumber(ARGV[i + 5])
+  local evs = {}
+  for j = 1, 2 * ne do evs[j] = ARGV[i + 5 + j] end
+  out[s] = finish(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], evs)
+  i = i + 6 + 2 * ne
+end
+publish()
+return out
+"""
+
+REQUEUE = PRELUDE + r"""
+-- ARGV[5..8]: id token error spent; ARGV[9..]: type, data pairs.
+local evs = {}
+for i = 9, #ARGV do evs[#evs + 1] = ARGV[i] end
+local got = requeue(ARGV[5], ARGV[6], ARGV[7], ARGV[8], evs)
+publish()
+return got
+"""
+
+TAKE_BACK = PRELUDE + r"""
+-- ARGV[5]: count; each item: id token fail(1/0) error stateevent. Spent takeovers.
+local out = {}
+local i = 6
+for s = 1, tonumber(ARGV[5]) do
+  local id, token, err, ev = ARGV[i], ARGV[i + 1], ARGV[i + 3], ARGV[i + 4]
+  if ARGV[i + 2] == '1' then
+    out[s] = finish(id, token, 'failed', 'null', err, {'state', ev})
+  else
+    out[s] = requeue(id, token, err, '1', {'state', ev})
+  end
+  i = i + 5
+end
+publish()
+return out
+"""
+
+RUNNING = PRELUDE + r"""
+-- ARGV[5]: 'stale' (ARGV[6]: heartbeat cutoff) or 'node' (ARGV[6]: node). Answers rows of
+-- id token attempts preset node heartbeat.
+local ids
+if ARGV[5] == 'stale' then
+  ids = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', '(' .. ARGV[6], 'LIMIT', 0, 1000)
+else
+  ids = redis.call('SMEMBERS', P .. 'n:' .. ARGV[6])
+end
+local out = {}
+for _, id in ipairs(ids) do
+  local h = redis.call('HMGET', P .. 't:' .. id, 'tk', 'a', 'p', 'n', 's')
+  if h[5] == 'running' then
+    out[#out + 1] = {id, h[1], h[2], h[3], h[4],
+                     redis.call('ZSCORE', P .. 'running', id) or '0'}
+  end
+end
+return out
+"""
+
+HEARTBEAT = PRELUDE + r"""
+-- ARGV[5]: node; ARGV[6..]: id, token pairs. Answers the indexes (1-based) held in vain.
+local node = ARGV[5]
+local lost = {}
+for i = 6, #ARGV, 2 do
+  local h = redis.call('HMGET', P .. 't:' .. ARGV[i], 's', 'tk', 'n')
+  if h[1] == 'running' and h[2] == ARGV[i + 1] and h[3] == node then
+    redis.call('ZADD', P .. 'running', 'XX', now, ARGV[i])
+  else
+    lost[#lost + 1] = (i - 4) / 2
+  end
+end
+return lost
+"""
+
+RECOVER = PRELUDE + r"""
+-- ARGV[5]: node. Requeue what it left running, the attempt given back. Answers how many.
+local node = ARGV[5]
+local ev = cjson.encode({state = 'queued', reason = 'node restarted'})
+local n = 0
+for _, id in ipairs(redis.call('SMEMBERS', P .. 'n:' .. node)) do
+  local t = P .. 't:' .. id
+  local h = redis.call('HMGET', t, 's', 'p', 'l', 'ep', 'seq', 'a')
+  if h[1] == 'running' then
+    xadd(id, {'state', ev})
+    redis.call('HSET', t, 's', 'queued')
+    redis.call('HDEL', t, 'n', 'd')
+    if tonumber(h[6]) > 0 then redis.call('HINCRBY', t, 'a', -1) end
+    leave_running(id, node)
+    enqueue(id, h[2], h[3], h[4], h[5])
+    n = n + 1
+  else
+    redis.call('SREM', P .. 'n:' .. node, id)
+  end
+end
+if redis.call('SCARD', P .. 'n:' .. node) == 0 then redis.call('SREM', P .. 'nodes', node) end
+if n > 0 then work = true end
+publish()
+return n
+"""
+
+CANCEL = PRELUDE + r"""
+-- ARGV[5..7]: id error stateevent. Answers the cancelled task, or nil if it was not queued.
+local id = ARGV[5]
+local t = P .. 't:' .. id
+local h = redis.call('HMGET', t, 's', 'p', 'l', 'seq', 'k')
+if h[1] ~= 'queued' then return nil end
+redis.call('ZREM', qkey(h[3], h[2]), id)
+redis.call('ZREM', P .. 's:queued', id)
+redis.call('HINCRBY', P .. 'stats', 'q:' .. h[2], -1)
+xadd(id, {'state', ARGV[7]})
+redis.call('HSET', t, 's', 'cancelled', 'err', ARGV[6], 'f', now)
+ended(id, 'cancelled', h[2], h[4], h[5])
+publish()
+return hgetall(id)
+"""
+
+RETRY = PRELUDE + r"""
+-- ARGV[5]: id. A dead letter back in its queue with fresh attempts, or nil.
+local id = ARGV[5]
+local t = P .. 't:' .. id
+local h = redis.call('HMGET', t, 's', 'p', 'l', 'seq', 'k', 'ep')
+if h[1] ~= 'failed' and h[1] ~= 'cancelled' then return nil end
+xadd(id, {'state', cjson.encode({state = 'queued', reason = 'retried after ' .. h[1]})})
+redis.call('HSET', t, 's', 'queued', 'a', 0)
+redis.call('HDEL', t, 'out', 'err', 'n', 'd', 'st', 'f')
+redis.call('ZREM', P .. 's:' .. h[1], id)
+redis.call('ZREM', P .. 'done', id .. h[2])
+redis.call('PERSIST', t)
+redis.call('PERSIST', P .. 'e:' .. id)
+if h[5] then redis.call('PERSIST', P .. 'k:' .. h[5]) end
+enqueue(id, h[2], h[3], h[6], h[4])
+publish()
+return hgetall(id)
+"""
+
+PAGE = PRELUDE + r"""
+-- ARGV[5..9]: index key, below (seq, exclusive; '+inf' for the first page), limit + 1, state
+-- filter, preset filter ('' for none). Answers up to limit + 1 tasks, newest first.
+local index, want, state, preset = P .. ARGV[5], tonumber(ARGV[7]), ARGV[8], ARGV[9]
+local below = ARGV[6]
+local out = {}
+while #out < want do
+  local ids = redis.call('ZREVRANGEBYSCORE', index, below, '-inf', 'WITHSCORES', 'LIMIT', 0, 200)
+  if #ids == 0 then break end
+  for i = 1, #ids, 2 do
+    local h = hgetall(ids[i])
+    if #h == 0 then
+      redis.call('ZREM', index, ids[i])  -- expired under its TTL: prune the entry
+    else
+      local ok = true
+      for j = 1, #h, 2 do
+        if (h[j] == 's' and state ~= '' and h[j + 1] ~= state)
+            or (h[j] == 'p' and preset ~= '' and h[j + 1] ~= preset) then ok = false end
+      end
+      if ok then
+        out[#out + 1] = h
+        if #out >= want then break end
+      end
+    end
+    below = '(' .. ids[i + 1]
+  end
+end
+return out
+"""
+
+PURGE = PRELUDE + r"""
+-- ARGV[5..6]: cutoff (finished before), batch. Deletes one batch of finished tasks, their
+-- streams and keys, and their listing entries. Answers found, tasks, events, keys.
+local members = redis.call('ZRANGEBYSCORE', P .. 'done', '-inf', '(' .. ARGV[5],
+                           'LIMIT', 0, tonumber(ARGV[6]))
+local tasks, events, keys = 0, 0, 0
+for _, m in ipairs(members) do
+  local id, preset = string.sub(m, 1, 24), string.sub(m, 25)
+  local t = P .. 't:' .. id
+  local h = redis.call('HMGET', t, 's', 'k')
+  if h[1] then
+    local n = redis.call('XLEN', P .. 'e:' .. id)
+    events = events + n
+    redis.call('HINCRBY', P .. 'stats', 'events', -n)
+    redis.call('DEL', t, P .. 'e:' .. id)
+    tasks = tasks + 1
+    if h[2] then
+      local k = P .. 'k:' .. h[2]
+      local v = redis.call('GET', k)
+      if v and string.sub(v, -24) == id then
+        redis.call('DEL', k)
+        redis.call('HINCRBY', P .. 'stats', 'keys', -1)
+        keys = keys + 1
+      end
+    end
+  end
+  -- Gone either way now (deleted here, or expired under its TTL): drop every index entry.
+  redis.call('ZREM', P .. 'done', m)
+  redis.call('ZREM', P .. 'all', id)
+  redis.call('ZREM', P .. 'p:' .. preset, id)
+  redis.call('ZREM', P .. 's:failed', id)
+  redis.call('ZREM', P .. 's:cancelled', id)
+end
+return {#members, tasks, events, keys}
+"""
+
+COUNTS = PRELUDE + r"""
+local s = redis.call('HMGET', P .. 'stats', 'events', 'keys')
+return {redis.call('ZCARD', P .. 'all'), tonumber(s[1] or '0'), tonumber(s[2] or '0')}
+"""
