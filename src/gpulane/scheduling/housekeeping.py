@@ -17,6 +17,25 @@ Two loops, each surviving any error of the store (logged, tried again next round
 
 It knows the runtime only through the ``held`` callable it is handed, and the presets through
 ``max_attempts``, so that a reaped last attempt ends ``failed`` as the pipeline would end it.
+
+Given a fleet and a ``node_info`` callable, it also keeps the node in the fleet:
+
+- it registers the node (``announce``) at start and every ``node_ttl_s / 3``, and
+  deregisters it at stop (after the loops end: stop it after the runtime, so that nothing it
+  still runs is taken over);
+- on a shared fleet (Redis; ``fleet.shared``) every ``takeover_every_s`` it takes over the
+  dead nodes: a node that holds running attempts (``store.running_nodes()``) or live leases
+  but is not registered (its key expired ``node_ttl_s`` after its last heartbeat) gets its
+  attempts reaped at once (``store.reap_node``: spent, ``node_lost`` past max_attempts; a late
+  finish of theirs is refused by its stale token), then ``on_node_dead(name)`` (its leases)
+  and the scheduler's wake. So a node killed with kill -9 has its tasks claimable elsewhere
+  within about ``node_ttl_s + takeover_every_s``. Never this node; never on a fleet that is
+  not shared (a LocalFleet sees no other node, so an unregistered one proves nothing).
+  Running nodes are read before the registry: a node registers before it claims, so one
+  that claims meanwhile is seen registered. After any failure of its own registration (Redis
+  away), a node takes nothing over until it has registered without a failure for a whole
+  ``node_ttl_s``: the others re-register within that time once Redis is back, and are not
+  taken for dead because their keys expired while nobody could renew them.
 """
 
 from __future__ import annotations
@@ -26,10 +45,11 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gpulane.fleet import Fleet, NodeInfo
 from gpulane.model import Task
 from gpulane.store import PurgeReport, Store
 
@@ -44,6 +64,12 @@ PURGE_BATCHES_PER_CALL = 20
 PURGE_ERROR_BACKOFF_S = 5.0
 """Wait after a failed purge call before the next round tries again."""
 
+NODE_TTL_S = 5.0
+"""A node unheard of this long is dead (Settings.node_ttl_s; its heartbeat runs 3x per TTL)."""
+
+TAKEOVER_INTERVAL_S = 1.0
+"""How often a node looks for dead nodes to take over from."""
+
 
 class Housekeeper:
     """Heartbeats, reaper and retention for one node (see the module docstring)."""
@@ -54,7 +80,10 @@ class Housekeeper:
                  retain_s: float, claim_ttl_s: float, scratch_dir: str | Path | None = None,
                  purge_every_s: float = PURGE_INTERVAL_S,
                  on_reaped: Callable[[], None] | None = None,
-                 on_lost: Callable[[list[tuple[str, int]]], None] | None = None) -> None:
+                 on_lost: Callable[[list[tuple[str, int]]], None] | None = None,
+                 fleet: Fleet | None = None, node_info: Callable[[], NodeInfo] | None = None,
+                 node_ttl_s: float = NODE_TTL_S, takeover_every_s: float = TAKEOVER_INTERVAL_S,
+                 on_node_dead: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.store = store
         self.node = node
         self.held = held
@@ -68,6 +97,13 @@ class Housekeeper:
         self.on_lost = on_lost
         """Called with the attempts this node held in vain (reaped meanwhile, say after a
         stall longer than the claim TTL): the runtime stops working on them."""
+        self.fleet = fleet
+        self.node_info = node_info
+        """This node as it registers (called at each registration heartbeat)."""
+        self.node_ttl_s = node_ttl_s
+        self.takeover_every_s = takeover_every_s
+        self.on_node_dead = on_node_dead
+        """Awaited with each dead node's name after its attempts were taken: its leases."""
         self.clock: Callable[[], float] = time.time
         """The wall clock cutoffs are counted on (a test may set its own)."""
         self._stopping = asyncio.Event()
@@ -84,6 +120,17 @@ class Housekeeper:
         self.rows: dict[str, int] = {}
         self.errors = 0
         self.last_error: str | None = None
+        self.registrations = 0
+        self.registered_since: float | None = None
+        """Monotonic time of the first registration since the last failed one."""
+        self.takeovers_total = 0
+        """Dead nodes taken over (a node counts again only when it had new work taken)."""
+        self._dead: set[str] = set()
+        """Nodes found dead and still unregistered: told to ``on_node_dead`` each round (their
+        leases may take more than one) but counted and logged once."""
+        self.taken_over_total = 0
+        """Running attempts of dead nodes reaped."""
+        self.last_takeover: dict[str, Any] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -93,15 +140,27 @@ class Housekeeper:
             asyncio.create_task(self._heartbeat_loop(), name="gpulane-heartbeats"),
             asyncio.create_task(self._purge_loop(), name="gpulane-retention"),
         ]
+        if self.fleet is not None and self.node_info is not None:
+            self._tasks.append(asyncio.create_task(self._register_loop(),
+                                                   name="gpulane-node-heartbeat"))
+            if self.fleet.shared:
+                self._tasks.append(asyncio.create_task(self._takeover_loop(),
+                                                       name="gpulane-takeover"))
 
     async def stop(self) -> None:
-        """Stop both loops; a purge call in flight is let finish (its thread writes to the
-        store, which must stay open until it is done)."""
+        """Stop the loops (a purge call in flight is let finish: its thread writes to the
+        store, which must stay open until it is done), then leave the fleet."""
         self._stopping.set()
         for task in self._tasks:
             with contextlib.suppress(Exception):
                 await task
         self._tasks = []
+        if self.fleet is not None and self.registered_since is not None:
+            try:
+                await self.fleet.deregister()
+            except Exception as exc:  # Redis away: the registration lapses after its TTL
+                self._failed("deregister", exc)
+            self.registered_since = None
 
     async def _sleep(self, seconds: float) -> bool:
         """Wait ``seconds``; False once stopping (at once, not at the end of the wait)."""
@@ -145,6 +204,78 @@ class Housekeeper:
                     ", ".join(f"{tid} (token {token})" for tid, token in lost[:10]))
         if self.on_lost is not None:
             self.on_lost(lost)
+
+    # -- the node in its fleet -------------------------------------------------------------------
+
+    async def _register_loop(self) -> None:
+        await self.announce()
+        while await self._sleep(self.node_ttl_s / 3):
+            await self.announce()
+
+    async def announce(self) -> bool:
+        """Register this node (again) for ``node_ttl_s``: the node awaits it once before it
+        claims anything, then the loop repeats it. False when the fleet failed (logged)."""
+        if self.fleet is None or self.node_info is None:
+            return False
+        try:
+            await self.fleet.register(self.node_info(), self.node_ttl_s)
+        except Exception as exc:  # Redis away: the next heartbeat tries again
+            self.registered_since = None
+            self._failed("node registration", exc)
+            return False
+        self.registrations += 1
+        if self.registered_since is None:
+            self.registered_since = time.monotonic()
+        return True
+
+    async def _takeover_loop(self) -> None:
+        while await self._sleep(self.takeover_every_s):
+            await self.take_over()
+
+    def _steady(self) -> bool:
+        """Registered without a failure for a whole node TTL (see the module docstring)."""
+        since = self.registered_since
+        return since is not None and time.monotonic() - since >= self.node_ttl_s
+
+    async def dead_nodes(self) -> set[str]:
+        """Nodes that hold running attempts or live leases but are not registered."""
+        if self.fleet is None or not self.fleet.shared:
+            return set()
+        holding = await self.store.running_nodes()  # before the registry: see the docstring
+        holding |= {str(lease["node"]) for lease in await self.fleet.leases()
+                    if lease.get("node")}
+        live = {n.name for n in await self.fleet.nodes()}
+        return holding - live - {self.node}
+
+    async def take_over(self, *, force: bool = False) -> list[Task]:
+        """One round: reap every dead node's attempts and tell ``on_node_dead``. Returns the
+        tasks taken; a failure is logged, not raised. Skipped until this node is steady
+        (``force`` skips that wait: a test's)."""
+        if not (force or self._steady()):
+            return []
+        taken: list[Task] = []
+        try:
+            dead_now = await self.dead_nodes()
+            self._dead &= dead_now  # one that came back is news again if it dies again
+            for dead in sorted(dead_now):
+                tasks = await self.store.reap_node(dead, self.max_attempts())
+                taken += tasks
+                self.taken_over_total += len(tasks)
+                if dead not in self._dead or tasks:
+                    self._dead.add(dead)
+                    self.takeovers_total += 1
+                    self.last_takeover = {"node": dead, "tasks": len(tasks),
+                                          "at": self.clock()}
+                    log.warning("node %s is not registered any more (no heartbeat for "
+                                "%.0f s): took over its %d running task(s)", dead,
+                                self.node_ttl_s, len(tasks))
+                if self.on_node_dead is not None:
+                    await self.on_node_dead(dead)
+        except Exception as exc:  # the store or the fleet may fail; the next round tries
+            self._failed("takeover", exc)
+        if taken and self.on_reaped is not None:
+            self.on_reaped()
+        return taken
 
     # -- retention -----------------------------------------------------------------------------
 
@@ -228,5 +359,11 @@ class Housekeeper:
             "reaper": {"last_run_at": self.last_reap_at, "reaped_total": self.reaped_total,
                        "heartbeats_total": self.heartbeats_sent,
                        "lost_total": self.lost_total},
+            "fleet": {"node_ttl_s": self.node_ttl_s, "registrations": self.registrations,
+                      "registered": self.registered_since is not None,
+                      "shared": bool(self.fleet is not None and self.fleet.shared),
+                      "takeovers_total": self.takeovers_total,
+                      "taken_over_total": self.taken_over_total,
+                      "last_takeover": self.last_takeover},
             "errors": self.errors, "last_error": self.last_error,
         }
