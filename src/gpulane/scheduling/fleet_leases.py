@@ -96,6 +96,9 @@ class FleetLeases:
         self.manager.start()
 
     async def stop(self) -> None:
+        """Stop, refusing the waiting requests (their callers get a 503 now); held leases
+        stay in the book for this node to take back when it starts again."""
+        self.manager.end_all(f"node {self.name} stopped", held_too=False)
         await self.manager.stop()
         if self.mirror is not None:
             await self.mirror.stop(STOP_FLUSH_S)
@@ -259,16 +262,15 @@ class FleetLeases:
             await self.mirror.settled(None, STOP_FLUSH_S)
         return ended
 
-    async def on_node_dead(self, name: str) -> int:
-        """Node ``name`` is lost: its live leases end ``expired`` in the book with an event
-        that says so, for their holders following from other nodes. How many ended."""
+    async def on_node_dead(self, name: str) -> None:
+        """Node ``name`` is lost (the housekeeper took its work over): its live leases end
+        ``expired`` in the book with an event that says so, for their holders following
+        from other nodes."""
         if not self.shared or name == self.name:
-            return 0
-        records = await self.fleet.leases(node=name)
-        for record in records:
+            return
+        for record in await self.fleet.leases(node=name):
             await self._end_in_book(record, LeaseState.EXPIRED,
                                     {"reason": "node_lost", "node": name})
-        return len(records)
 
     async def _restore(self) -> None:
         """Take back the leases this node held before it restarted; end the others."""

@@ -290,10 +290,11 @@ class LeaseManager:
         lease.granted.set()
         return lease
 
-    def end_all(self, reason: str) -> int:
-        """End every live lease, the waiting ones (timed out) before the held ones (revoked),
-        each with ``reason`` in its event: the node drains to exit. How many ended."""
-        waiting, held = list(self._waiting.values()), list(self._held.values())
+    def end_all(self, reason: str, *, held_too: bool = True) -> int:
+        """End every waiting lease (timed out), then unless ``held_too`` is False every held
+        one (revoked), ``reason`` in each one's event: the node drains or stops. How many."""
+        waiting = list(self._waiting.values())
+        held = list(self._held.values()) if held_too else []
         for lease in waiting:
             lease.end_reason = reason
             self._set_final(lease, LeaseState.TIMED_OUT, reason)
