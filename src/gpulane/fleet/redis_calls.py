@@ -63,6 +63,9 @@ POLL_S = 1.0
 SUBSCRIBE_WAIT_S = 2.0
 """How long ``open`` waits for the first subscription before going on (it keeps trying)."""
 
+STOP_GRACE_S = 5.0
+"""How long a stopping node lets the answers it is working on finish before it cancels them."""
+
 BLOCK_GUARD_S = 2.0
 """Margin over a blocking command's own timeout before the client gives it up."""
 
@@ -119,7 +122,7 @@ class Calls:
                 await asyncio.wait_for(self.subscribed.wait(), SUBSCRIBE_WAIT_S)
 
     async def stop(self) -> None:
-        """Stop listening; answers being worked on are let finish."""
+        """Stop listening; answers being worked on get ``STOP_GRACE_S`` to finish."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -127,7 +130,11 @@ class Calls:
                 await task
         self.subscribed.clear()
         if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+            _, late = await asyncio.wait(self._running, timeout=STOP_GRACE_S)
+            for t in late:
+                t.cancel()
+            if late:
+                await asyncio.wait(late)
 
     async def _serve(self) -> None:
         backoff = RESUBSCRIBE_BACKOFF_S
