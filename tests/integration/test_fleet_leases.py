@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from gpulane.api.app import create_app
+from gpulane.client import AsyncClient
 from gpulane.node import Node
 from tests.conftest import eventually
 from tests.integration.conftest import make_settings, serve_live, stop_node
@@ -200,3 +201,18 @@ async def test_a_drain_ends_every_lease_of_the_node(tmp_path: Path, redis_url: s
         assert seen["state"] == "revoked"
         events = await fleet["a"][0].fleet.lease_events(held["id"])
         assert events[-1]["data"]["reason"] == "node b drains"
+
+
+async def test_the_sdk_holds_a_lease_on_another_node(tmp_path: Path, redis_url: str) -> None:
+    async with fleet_of(tmp_path, redis_url, "a", "b") as fleet:
+        (node_a, _), (node_b, _) = fleet["a"], fleet["b"]
+        async with serve_live(node_a) as url, AsyncClient(url) as client:
+            async with client.gpu(vram=1024, node="b", ttl_s=1) as lease:
+                assert lease.lease["node"] == "b"
+
+                async def renewed() -> bool:  # past its TTL, kept by renewals through a
+                    held = node_b.leases.get(lease.lease["id"])
+                    return bool(held.expires_at and held.granted_at
+                                and held.expires_at > held.granted_at + 1.5)
+                await eventually(renewed)
+            assert node_b.leases.get(lease.lease["id"]).state.value == "released"

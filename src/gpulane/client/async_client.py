@@ -215,12 +215,13 @@ class AsyncClient(ClientBase):
     def gpu(self, vram: str | int | None = None, *, gpus: int = 0,
             priority: str | int = "normal", holder: str = "gpulane-sdk", ttl_s: float = 30.0,
             wait_s: float = 600.0, grace_s: float = 10.0, preemptible: bool = True,
-            device: int | None = None,
-            on_preempt: PreemptCallback | None = None) -> AsyncGpuLease:
+            device: int | None = None, on_preempt: PreemptCallback | None = None,
+            node: str | None = None) -> AsyncGpuLease:
         """``async with client.gpu(vram="4GiB", priority="background") as lease:``; renews in
-        the background, releases on exit, calls on_preempt or raises LeasePreempted."""
+        the background, releases on exit, calls on_preempt or raises LeasePreempted. ``node``
+        names the fleet's node whose GPUs to lease (else any that can serve it)."""
         request = acquire_request(vram, gpus, priority, holder, ttl_s, wait_s, grace_s,
-                                  preemptible, device)
+                                  preemptible, device, node)
         return AsyncGpuLease(self._call, request, on_preempt)
 
     async def presets(self) -> JSON:

@@ -243,10 +243,12 @@ class Client(ClientBase):
     def gpu(self, vram: str | int | None = None, *, gpus: int = 0,
             priority: str | int = "normal", holder: str = "gpulane-sdk", ttl_s: float = 30.0,
             wait_s: float = 600.0, grace_s: float = 10.0, preemptible: bool = True,
-            device: int | None = None, on_preempt: PreemptCallback | None = None) -> GpuLease:
-        """Hold a GPU lease for a ``with`` block: ``with client.gpu(vram="4GiB") as lease:``."""
+            device: int | None = None, on_preempt: PreemptCallback | None = None,
+            node: str | None = None) -> GpuLease:
+        """Hold a GPU lease for a ``with`` block: ``with client.gpu(vram="4GiB") as lease:``;
+        ``node`` names the fleet's node whose GPUs to lease."""
         request = acquire_request(vram, gpus, priority, holder, ttl_s, wait_s, grace_s,
-                                  preemptible, device)
+                                  preemptible, device, node)
         return GpuLease(self._call, request, on_preempt)
 
     def presets(self) -> JSON:

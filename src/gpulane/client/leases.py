@@ -34,7 +34,7 @@ POLL_MAX_S = 1.0
 
 def acquire_request(vram: str | int | None, gpus: int, priority: str | int, holder: str,
                     ttl_s: float, wait_s: float, grace_s: float, preemptible: bool,
-                    device: int | None) -> core.Request:
+                    device: int | None, node: str | None = None) -> core.Request:
     body: JSON = {"holder": holder, "priority": priority, "ttl_s": ttl_s, "wait_s": wait_s,
                   "grace_s": grace_s, "preemptible": preemptible}
     if gpus:
@@ -43,6 +43,8 @@ def acquire_request(vram: str | int | None, gpus: int, priority: str | int, hold
         body["vram_mb"] = vram
     if device is not None:
         body["device"] = device
+    if node is not None:
+        body["node"] = node  # a fleet's node whose GPUs to lease (else any that can)
     # Not idempotent: a retried acquire could take a second lease.
     return core.Request("POST", "/v1/leases", json=body, hold_s=wait_s, idempotent=False)
 
