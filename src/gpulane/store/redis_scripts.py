@@ -64,11 +64,12 @@ end
 
 local function enqueue(id, preset, lane, prio, seq)
   local q = qkey(lane, preset)
+  -- Other nodes hear of a queue that was empty: one that was not keeps them busy already.
+  if redis.call('ZCARD', q) == 0 then work = true end
   if redis.call('ZADD', q, score(prio, seq), id) == 1 then
     redis.call('ZADD', P .. 's:queued', seq, id)
     redis.call('HINCRBY', P .. 'stats', 'q:' .. preset, 1)
     redis.call('SADD', P .. 'queues', lane .. ':' .. preset)
-    work = true
   end
 end
 
