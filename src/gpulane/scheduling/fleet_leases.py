@@ -32,7 +32,10 @@ LeaseManager as before.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -48,6 +51,8 @@ from gpulane.scheduling.leases import (
     LeaseState,
 )
 
+log = logging.getLogger("gpulane.leases")
+
 CALL_SLACK_S = 5.0
 """Added to wait_s for an acquire forwarded to another node: its answer's time on the way."""
 CALL_TIMEOUT_S = 10.0
@@ -56,6 +61,8 @@ SETTLE_S = 2.0
 """Longest an acquire or release waits for the book to have the lease before answering."""
 STOP_FLUSH_S = 5.0
 """Longest a stopping node spends saving its last lease changes."""
+RESTORE_RETRY_MAX_S = 5.0
+"""Longest wait between tries to read this node's leases back while the book is away."""
 BOOK_ONLY = ("token", "awaiting_resume", "event_count", "asked_device")
 """Fields the book keeps that no API answer shows (the token is the holder's secret)."""
 HOLDING = (LeaseState.GRANTED.value, LeaseState.PREEMPTING.value)
@@ -84,6 +91,7 @@ class FleetLeases:
         self.name = name
         self.shared = bool(getattr(fleet, "shared", False))
         self.mirror = LeaseMirror(fleet, self.record) if self.shared else None
+        self._restorer: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -92,12 +100,34 @@ class FleetLeases:
         if self.mirror is not None:
             self.manager.mirror = self.mirror.mark
             self.mirror.start()
-            await self._restore()
+            try:
+                await self._restore()
+            except Exception as exc:  # the book is away: start anyway, read them back later
+                log.warning("could not read this node's leases back from the book (%s): "
+                            "trying again in the background", exc)
+                self._restorer = asyncio.create_task(self._restore_later(),
+                                                     name="gpulane-lease-restore")
         self.manager.start()
+
+    async def _restore_later(self) -> None:
+        wait_s = 0.1
+        while True:
+            await asyncio.sleep(wait_s)
+            try:
+                await self._restore()
+            except Exception:  # still away
+                wait_s = min(wait_s * 2, RESTORE_RETRY_MAX_S)
+            else:
+                log.info("leases of node %s read back from the book", self.name)
+                return
 
     async def stop(self) -> None:
         """Stop, refusing the waiting requests (their callers get a 503 now); held leases
         stay in the book for this node to take back when it starts again."""
+        if self._restorer is not None:
+            self._restorer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restorer
         self.manager.end_all(f"node {self.name} stopped", held_too=False)
         await self.manager.stop()
         if self.mirror is not None:
@@ -276,6 +306,8 @@ class FleetLeases:
         """Take back the leases this node held before it restarted; end the others."""
         now = self.manager.clock()
         for record in await self.fleet.leases(node=self.name):
+            if record["id"] in self.manager.leases:
+                continue  # taken back by an earlier try
             if record["state"] in HOLDING and float(record.get("expires_at") or 0) > now:
                 events = await self.fleet.lease_events(record["id"])
                 lease = self.manager.adopt(
