@@ -198,6 +198,11 @@ class Settings(BaseSettings):
         return self.store or f"sqlite:///{(self.data_dir / 'gpulane.db').resolve()}"
 
     @property
+    def node_url(self) -> str:
+        """This node's API as other hosts reach it: advertise_url, else its bind address."""
+        return self.advertise_url or f"http://{self.host}:{self.port}"
+
+    @property
     def node(self) -> str:
         import socket
 

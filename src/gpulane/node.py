@@ -3,8 +3,14 @@
 Lifecycle: ``start()`` takes the data-dir lock, opens the store, requeues what a previous run
 left running, and starts the scheduler; ``stop()`` stops workers (their tasks go back to the
 queue) and closes the store. ``drain()`` stops claiming queued work (running work finishes)
-and refuses submits until ``resume()``; ``reload_presets()`` swaps the preset registry. The
-API layer talks to the node only through its methods.
+and refuses submits until ``resume()``; ``drain(exit=True)`` then waits up to a grace for
+running work and asks the process to exit: its stop requeues the rest unspent, ends its leases
+and leaves the fleet. ``reload_presets()`` swaps the preset registry. The API layer talks to
+the node only through its methods.
+
+In a fleet (nodes on one Redis) a node registers with a heartbeat TTL, reads the others into
+``fleet_view`` on each device poll (routing, warm first), and serves other nodes' calls by op
+(``calls``: drain, resume, the lease ops), so that any node accepts any request.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,21 +32,26 @@ from gpulane.errors import (
     ConflictError,
     NotFoundError,
     PresetError,
-    RequestError,
-    UnavailableError,
+    StoreUnavailableError,
     ValidationError,
 )
+from gpulane.fleet import Fleet, NodeInfo
+from gpulane.fleet.factory import open_fleet
 from gpulane.locks import FileLock, gpu_lock_dir
 from gpulane.model import DeviceWish, Event, Priority, Task, TaskSpec, TaskState
 from gpulane.presets import PresetRegistry, example_presets_dir, load_presets
-from gpulane.runtime.circuit import PresetCircuit
 from gpulane.runtime.supervisor import Supervisor
 from gpulane.scheduling.admission import Admission
+from gpulane.scheduling.drain import Drain
+from gpulane.scheduling.fleet_leases import FleetLeases, Op
+from gpulane.scheduling.fleet_view import FleetView, describe_node, nodes_view
 from gpulane.scheduling.housekeeping import PURGE_INTERVAL_S, Housekeeper
+from gpulane.scheduling.intake import Intake
 from gpulane.scheduling.leases import Lease, LeaseManager, LeaseRequest
 from gpulane.scheduling.ledger import Ledger
 from gpulane.scheduling.router import route
 from gpulane.scheduling.scheduler import CapacityEvents, Scheduler
+from gpulane.scheduling.views import devices_view, fleet_nodes_view, presets_view
 from gpulane.store import Store, open_store, wait_final
 from gpulane.store.base import body_hash
 
@@ -48,11 +60,6 @@ log = logging.getLogger("gpulane.node")
 DEVICE_POLL_S = 2.0
 """How often device readings (measured free VRAM, utilisation) are refreshed; queue drain
 rates are read as often."""
-DRAINING_RETRY_S = 30
-"""Retry-After of a submit refused while the node drains: a restart or a resume is usually
-a matter of tens of seconds."""
-ENV_HIDDEN = "(hidden)"
-"""What the presets view shows for the value of each of a preset's ``env`` variables."""
 
 
 class Node:
@@ -73,7 +80,9 @@ class Node:
         self.provider = provider
         self.provider_reason = reason
         self.cpu: CpuPool = cpu_pool(settings.cpu_concurrency)
-        self.store: Store = open_store(settings.store_url, settings.sqlite_synchronous)
+        self.store: Store = open_store(settings.store_url, settings.sqlite_synchronous,
+                                       retain_s=settings.retain, events_max=settings.events_max)
+        self.fleet: Fleet = open_fleet(settings.store_url, self.name)
         self.gpus: list[DeviceSnapshot] = provider.snapshot()
         self.ledger = Ledger(self.gpus, self.cpu.concurrency)
         # Runtime reports freed capacity; scheduling's handler gives it back to the ledger
@@ -90,7 +99,9 @@ class Node:
             scratch_dir=settings.data_dir / "scratch", on_reaped=lambda: self.scheduler.wake(),
             # A short retention (a test, a soak) is purged within about half of it.
             purge_every_s=min(PURGE_INTERVAL_S, settings.retain / 2),
-            on_lost=self.supervisor.abandon_lost)
+            on_lost=self.supervisor.abandon_lost, fleet=self.fleet, node_info=self.node_info,
+            node_ttl_s=settings.node_ttl_s,
+            on_node_dead=lambda name: self.fleet_leases.on_node_dead(name))
         self.scheduler = Scheduler(self.store, self.registry, self.ledger, self.supervisor,
                                    self.name)
         self.leases = LeaseManager(self.ledger, on_change=self.scheduler.wake,
@@ -103,8 +114,19 @@ class Node:
         self._poller: asyncio.Task[None] | None = None
         self.started = False
         self.admission = Admission(settings.max_queued)
-        self.draining = False
+        self.drains = Drain(self.name, self.scheduler, self.supervisor, settings.drain_grace_s,
+                            fleet=self.fleet, status=self.status_view)
+        self.intake = Intake(self.name, self.store, self.admission, lambda: self.registry,
+                             lambda: self.drains.draining)
         self._reloading = asyncio.Lock()
+        self.fleet_view = FleetView(self.fleet, self.name)
+        self.fleet_leases = FleetLeases(self.leases, self.fleet, self.name)
+        self.scheduler.warm_elsewhere = self.fleet_view.warm_elsewhere
+        self.scheduler.warm_window_s = settings.warm_window_s
+        self.calls: dict[str, Op] = {"drain": self.drains.call_drain,
+                                              "resume": self.drains.call_resume}
+        self.calls.update(self.fleet_leases.ops())  # lease.acquire, .renew, .release
+        self.started_at = time.time()
 
     @staticmethod
     def _load_registry(settings: Settings) -> PresetRegistry:
@@ -144,9 +166,18 @@ class Node:
         try:
             await self.store.open()
             recovered = await self.store.recover(self.name)
+            await self.fleet.open()
         except BaseException:
+            with contextlib.suppress(Exception):
+                await self.store.close()
             self._unlock()
             raise
+        self.fleet.serve(self._serve_call)
+        self.store.on_work = self.scheduler.wake
+        self.started_at = time.time()
+        await self.housekeeper.announce()  # registered before it claims (housekeeping.py)
+        with contextlib.suppress(StoreUnavailableError):  # read again on each device poll
+            await self.fleet_view.refresh()
         if recovered:
             log.info("requeued %d task(s) left running by a previous run of node %s",
                      recovered, self.name)
@@ -155,7 +186,7 @@ class Node:
         log.info("presets: %s", ", ".join(self.registry.names()) or "(none)")
         self.supervisor.start_reaper()
         self.scheduler.start()
-        self.leases.start()
+        await self.fleet_leases.start()
         self.housekeeper.start()
         self._poller = asyncio.create_task(self._poll_devices(), name="gpulane-devices")
         self.started = True
@@ -167,10 +198,16 @@ class Node:
         self.started = False
         if self._poller is not None:
             self._poller.cancel()
+        await self.drains.close()
         await self.scheduler.stop()
-        await self.housekeeper.stop()
-        await self.leases.stop()
+        if self.drains.exiting:  # a drain to exit hands its leases back; a restart keeps them
+            with contextlib.suppress(StoreUnavailableError):
+                await self.fleet_leases.release_all("node_drained")
+        await self.fleet_leases.stop()
         await self.supervisor.stop_all()
+        # After the runtime: the node leaves the fleet once nothing it runs can be taken over.
+        await self.housekeeper.stop()
+        await self.fleet.close()
         await self.store.close()
         self.provider.close()
         self._unlock()
@@ -182,8 +219,13 @@ class Node:
             self._lock.release()
             self._locked = False
 
+    @property
+    def draining(self) -> bool:
+        return self.drains.draining
+
     def _on_capacity(self) -> None:
         self.scheduler.wake()
+        self.drains.capacity_changed()
         self.leases.grant()
 
     async def _poll_devices(self) -> None:
@@ -195,6 +237,8 @@ class Node:
                 snaps = await asyncio.to_thread(self.provider.snapshot)
                 self.gpus = snaps
                 self.ledger.observe(snaps)
+            with contextlib.suppress(Exception):  # an unreachable store: the last reading
+                await self.fleet_view.refresh()
 
     # -- tasks -------------------------------------------------------------------------------
 
@@ -216,7 +260,7 @@ class Node:
                 f"accepted by preset {found.name!r}: use one of {list(found.accepts)}",
                 field=f"{where}content_type")
         wish = DeviceWish(device)
-        r = route(found, wish, self.ledger.gpu_totals_mb())
+        r = route(found, wish, self.ledger.gpu_totals_mb(), self.fleet_view.gpu_totals())
         return TaskSpec(
             preset=found.name, input=input, device_wish=wish, priority=priority,
             timeout_s=float(timeout_s) if timeout_s is not None else None,
@@ -247,48 +291,16 @@ class Node:
     async def _admit(self, specs: list[TaskSpec], *, bulk: bool) -> None:
         """Refuse new tasks while draining (503) or past a queue limit (429). A repeated
         keyed submit was taken before: it still gets its task (the store answers it)."""
-        refusal = await self._refusal(specs, bulk)
+        refusal = await self.intake.refusal([s.preset for s in specs], bulk)
         if refusal is None:
             return
         fresh = [s for s in specs if s.idempotency_key is None
                  or await self.store.task_for_key(s.idempotency_key) is None]
         if len(fresh) < len(specs):
-            refusal = await self._refusal(fresh, bulk) if fresh else None
+            refusal = (await self.intake.refusal([s.preset for s in fresh], bulk)
+                       if fresh else None)
         if refusal is not None:
             raise refusal
-
-    async def _refusal(self, specs: list[TaskSpec], bulk: bool) -> RequestError | None:
-        if self.draining:
-            return UnavailableError(
-                "draining", f"node {self.name} is draining and takes no new tasks: retry "
-                f"after {DRAINING_RETRY_S} s or send them to another node",
-                headers={"Retry-After": str(DRAINING_RETRY_S)})
-        return await self._queue_refusal([s.preset for s in specs], bulk)
-
-    async def _queue_refusal(self, presets: list[str], bulk: bool) -> RequestError | None:
-        """The refusal (422, 429) for queueing one task of each of ``presets``, or None."""
-        stats = await self.store.queue_stats()
-        self.admission.observe(stats)
-        adding: dict[str, tuple[int, str]] = {}
-        for i, name in enumerate(presets):
-            n, where = adding.get(name, (0, f"tasks[{i}]." if bulk else ""))
-            adding[name] = (n + 1, where)
-        for preset, (n, where) in adding.items():
-            found = self.registry.get(preset)
-            limit = self.admission.limit(found.max_queued if found else None)
-            if n > limit:
-                # Never fits, however long the caller waits: not a 429 to come back after.
-                return ValidationError(
-                    "exceeds_max_queued", f"this request adds {n} tasks of preset {preset!r}, "
-                    f"more than its max_queued of {limit} can ever hold: send at most {limit} "
-                    "at once, or raise max_queued", field=f"{where}preset",
-                    extra={"adding": n, "max_queued": limit})
-            refusal = self.admission.refusal(preset, found.max_queued if found else None,
-                                             stats[preset].queued if preset in stats else 0,
-                                             n, where)
-            if refusal is not None:
-                return refusal
-        return None
 
     async def get(self, task_id: str) -> Task:
         task = await self.store.get(task_id)
@@ -324,7 +336,7 @@ class Node:
         queue past it. While draining it is taken, and waits in the queue."""
         found = await self.get(task_id)  # 404 when unknown
         if found.state in (TaskState.FAILED, TaskState.CANCELLED):
-            refusal = await self._queue_refusal([found.preset], bulk=False)
+            refusal = await self.intake.queue_refusal([found.preset], bulk=False)
             if refusal is not None:
                 raise refusal
         task = await self.store.retry_failed(task_id)
@@ -349,18 +361,21 @@ class Node:
 
     # -- admin -------------------------------------------------------------------------------
 
-    def drain(self) -> None:
-        """Stop claiming queued work (running batches finish) and refuse submits (503)."""
-        self.draining = True
-        self.scheduler.paused = True
-        log.info("draining: no new tasks are taken or started")
+    def drain(self, *, exit: bool = False, grace_s: float | None = None) -> None:
+        """Stop claiming work and refuse submits (503); with ``exit``, then exit (drain.py)."""
+        self.drains.start(exit=exit, grace_s=grace_s)
 
     def resume(self) -> None:
-        """Take and start tasks again after ``drain()``."""
-        self.draining = False
-        self.scheduler.paused = False
-        self.scheduler.wake()
-        log.info("resumed after a drain")
+        """Take and start tasks again after ``drain()`` (ConflictError once it exits)."""
+        self.drains.resume()
+
+    async def _serve_call(self, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """A call from another node (fleet.serve): dispatched by op to ``calls``."""
+        handler = self.calls.get(op)
+        if handler is None:
+            raise ValidationError("unknown_op", f"node {self.name} serves no op {op!r}: use "
+                                  f"one of {sorted(self.calls)}", field="op")
+        return await handler(payload)
 
     async def reload_presets(self) -> dict[str, list[str]]:
         """Read the preset files again and swap the registry; PresetError lists every
@@ -391,73 +406,78 @@ class Node:
                     "changed": changed, "removed": removed, "retired_workers": sorted(retired)}
 
     # -- leases ------------------------------------------------------------------------------
+    # Served by FleetLeases: this node's LeaseManager for leases on its GPUs, the lease's own
+    # node (a fleet call) for the others. Answers are the API's views, the token only in the
+    # acquire's.
 
     async def acquire_lease(self, *, holder: str, vram_mb: int, gpus: int, device: int | None,
                             priority: int, ttl_s: float, preemptible: bool, grace_s: float,
-                            wait_s: float, owner: str | None = None) -> Lease:
-        """Grant a lease now or within ``wait_s`` (LeaseTimeout after); refuse one this node
-        cannot serve (an unknown device, more than its GPUs hold)."""
+                            wait_s: float, owner: str | None = None,
+                            node: str | None = None) -> dict[str, Any]:
+        """Grant a lease on this node's GPUs, or on ``node``'s (or on the live node that can
+        serve it when this one cannot), now or within ``wait_s`` (LeaseTimeout after);
+        refuse one no node can serve. The lease with its token."""
         req = LeaseRequest(holder, vram_mb, gpus, device, priority, ttl_s, preemptible, grace_s,
                            owner)
-        self.leases.check(req)
-        return await self.leases.acquire(req, wait_s)
+        return await self.fleet_leases.acquire(req, wait_s, node)
 
-    def lease(self, lease_id: str) -> Lease:
-        return self.leases.get(lease_id)
+    async def lease(self, lease_id: str) -> dict[str, Any]:
+        """A lease of any node (NotFoundError when unknown)."""
+        return await self.fleet_leases.get(lease_id)
 
     def active_leases(self) -> list[Lease]:
+        """This node's waiting and held leases."""
         return self.leases.active()
 
-    def renew_lease(self, lease_id: str, token: int) -> Lease:
-        return self.leases.renew(lease_id, token)
+    async def fleet_active_leases(self) -> list[dict[str, Any]]:
+        """Waiting and held leases of every node."""
+        return await self.fleet_leases.active()
 
-    def release_lease(self, lease_id: str, token: int) -> Lease:
-        return self.leases.release(lease_id, token)
+    async def renew_lease(self, lease_id: str, token: int) -> dict[str, Any]:
+        return await self.fleet_leases.renew(lease_id, token)
 
-    async def follow_lease(self, lease_id: str, after: int, quiet_s: float
-                           ) -> AsyncIterator[list[dict[str, Any]]]:
+    async def release_lease(self, lease_id: str, token: int) -> dict[str, Any]:
+        return await self.fleet_leases.release(lease_id, token)
+
+    def follow_lease(self, lease_id: str, after: int, quiet_s: float
+                     ) -> AsyncIterator[list[dict[str, Any]]]:
         """The lease's events after number ``after`` in batches, an empty batch after
         ``quiet_s`` without one; ends once the lease is final (a preempted holder's stream
         stays open until its ``resume``)."""
-        leases = self.leases
-        while True:
-            seen = leases.notifier.version(lease_id)
-            lease = leases.get(lease_id)
-            fresh = lease.events[after:]
-            if fresh:
-                after = fresh[-1]["id"]
-                yield fresh
-            if lease.state.final and after >= len(lease.events) and not lease.awaiting_resume:
-                return
-            if not await leases.notifier.wait(lease_id, seen, quiet_s):
-                yield []
+        return self.fleet_leases.follow(lease_id, after, quiet_s)
 
     # -- views -------------------------------------------------------------------------------
 
     def presets_view(self) -> list[dict[str, Any]]:
-        """Every preset with the state of its circuit (closed when it never tripped). Its
-        ``env`` shows names only: a worker's credentials live there, and any key may read
-        this view."""
-        circuits = self.supervisor.circuits
-        return [{**p.to_json(), "env": dict.fromkeys(p.env, ENV_HIDDEN),
-                 "circuit": (circuits.get(p.name) or PresetCircuit()).to_json()}
-                for p in self.registry.values()]
+        """Every preset with its circuit; ``env`` values hidden (any key reads this)."""
+        return presets_view(self.registry, self.supervisor.circuits)
 
     def gpus_view(self) -> dict[str, Any]:
-        devices = []
-        for snap in self.gpus:
-            acct = self.ledger.gpus.get(snap.index)
-            d = snap.to_json()
-            if acct is not None:
-                d["declared_vram_mb"] = acct.declared_mb
-                d["schedulable_free_vram_mb"] = acct.free_mb
-                d["holders"] = [{"holder": h.holder, "vram_mb": h.vram_mb}
-                                for h in acct.holdings.values()]
-            devices.append(d)
         return {"node": self.name, "provider": self.provider.name,
                 "simulated": self.provider.simulated, "reason": self.provider_reason,
-                "devices": devices,
+                "devices": devices_view(self.gpus, self.ledger),
                 "cpu": {**self.cpu.to_json(), "in_use": self.ledger.cpu_used}}
+
+    async def fleet_gpus_view(self) -> dict[str, Any]:
+        """``GET /v1/gpus``: this node's view (its keys unchanged) plus ``nodes``: every live
+        node's devices, CPU pool and what it runs."""
+        return {**self.gpus_view(), "nodes": fleet_nodes_view(await self.live_nodes())}
+
+    async def live_nodes(self) -> list[NodeInfo]:
+        """Every live node of the fleet, this one as it stands now first; ``GET /v1/nodes``
+        shows them with their heartbeat's age (fleet_view.nodes_view)."""
+        others = [n for n in await self.fleet_view.refresh() if n.name != self.name]
+        return [self.node_info(), *others]
+
+    async def nodes_view(self) -> list[dict[str, Any]]:
+        return nodes_view(await self.live_nodes())
+
+    def node_info(self) -> NodeInfo:
+        """This node as the fleet's registry holds it (its heartbeat writes this)."""
+        return describe_node(self.name, self.settings.node_url, self.started_at,
+                             draining=self.draining,
+                             gpus=self.gpus, ledger=self.ledger, cpu=self.cpu.to_json(),
+                             supervisor=self.supervisor, simulated=self.provider.simulated)
 
     def workers_view(self) -> list[dict[str, Any]]:
         return [w.to_json() for w in self.supervisor.workers.values()]
@@ -472,12 +492,8 @@ class Node:
             for p in self.registry.values()}
         return {"node": self.name, "started": self.started, "draining": self.draining,
                 "queued": sum(q["queued"] for q in queues.values()), "presets": queues,
-                "housekeeping": self.housekeeping_view(),
+                # Retention, heartbeats and the reaper, as the housekeeper reports them.
+                "housekeeping": self.housekeeper.view(),
                 # In-memory tables that must return to their idle size (nothing grows unbounded).
                 "tables": {"leases": self.leases.table_size(),
                            "task_notifier": len(self.store.notifier)}}
-
-    def housekeeping_view(self) -> dict[str, Any]:
-        """Retention (last purge, purged counts, database size), heartbeats and the reaper,
-        as the housekeeper reports them."""
-        return self.housekeeper.view()

@@ -1,4 +1,5 @@
-"""Node-wide endpoints: presets, GPUs, workers, health and readiness."""
+"""Node-wide endpoints: presets, GPUs (of every node of the fleet), nodes, workers, health
+and readiness."""
 
 from __future__ import annotations
 
@@ -24,8 +25,17 @@ async def presets(request: Request) -> JSON:
 
 @router.get("/v1/gpus")
 async def gpus(request: Request) -> JSON:
-    """Devices as this node sees them, what gpulane has placed on each, and the CPU pool."""
-    return JSON(_node(request).gpus_view())
+    """Devices as this node sees them, what gpulane has placed on each, and the CPU pool;
+    ``nodes``: every live node of the fleet (this one included) with its devices, CPU pool,
+    warm presets and running count."""
+    return JSON(await _node(request).fleet_gpus_view())
+
+
+@router.get("/v1/nodes")
+async def nodes(request: Request) -> JSON:
+    """Every live node of the fleet: name, url, heartbeat age, draining, devices, warm
+    presets (``preset/lane`` of its idle workers), running tasks."""
+    return JSON({"nodes": await _node(request).nodes_view()})
 
 
 @router.get("/v1/workers")

@@ -5,13 +5,21 @@ round trip: the router asks for the other nodes' GPU totals (a GPU task goes to 
 GPU before it falls back to a CPU) and the scheduler asks whether another node has a preset
 warm (``warm_elsewhere``: that node gets the first claim for a short window). A node alone, or
 one on the SQLite store, sees an empty fleet here: both answers then cost nothing.
+
+``describe_node`` is what this node writes to the registry at each heartbeat; ``nodes_view``
+is ``GET /v1/nodes``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import Any
 
+from gpulane.devices import DeviceSnapshot
 from gpulane.fleet import Fleet, NodeInfo
+from gpulane.runtime.supervisor import Supervisor
+from gpulane.scheduling.ledger import Ledger
 
 
 class FleetView:
@@ -44,3 +52,31 @@ class FleetView:
         ``lane``."""
         key = f"{preset}/{lane}"
         return any(key in n.warm for n in self.others if not n.draining)
+
+
+def describe_node(name: str, url: str | None, started_at: float, *, draining: bool,
+                  gpus: Sequence[DeviceSnapshot], ledger: Ledger, cpu: dict[str, Any],
+                  supervisor: Supervisor, simulated: bool) -> NodeInfo:
+    """This node as the fleet's registry holds it (written at each heartbeat): its GPUs with
+    the VRAM its ledger can still place, its CPU pool, the ``preset/lane`` of each idle
+    session worker (warm: that work should come here first) and how many tasks it runs."""
+    devices = []
+    for snap in gpus:
+        d = snap.to_json()
+        acct = ledger.gpus.get(snap.index)
+        if acct is not None:
+            d["schedulable_free_vram_mb"] = acct.free_mb
+        devices.append(d)
+    warm = sorted({f"{w.preset_name}/{w.device.kind}" for w in supervisor.workers.values()
+                   if w.session and w.alive and w.idle})
+    return NodeInfo(name=name, url=url, started_at=started_at, heartbeat_at=time.time(),
+                    draining=draining, devices=devices,
+                    cpu={**cpu, "in_use": ledger.cpu_used}, warm=warm,
+                    running=len(supervisor.held_runs()), simulated=simulated)
+
+
+def nodes_view(nodes: Sequence[NodeInfo], now: float | None = None) -> list[dict[str, Any]]:
+    """Every live node for ``GET /v1/nodes``: its registry entry and its heartbeat's age."""
+    now = time.time() if now is None else now
+    return [{**n.to_json(), "heartbeat_age_s": round(max(0.0, now - n.heartbeat_at), 3)}
+            for n in sorted(nodes, key=lambda n: n.name)]
