@@ -131,42 +131,66 @@ class RedisServer:
             self.proc.wait(15)
 
 
+BIND_FAILED = "address already in use"
+"""What uvicorn logs when the node's port was taken before it could bind it."""
+
+
+class NodeExited(Exception):
+    """The node process ended before it was ready."""
+
+
 class Node:
     """One ``gpulane serve`` of the fleet, with its own data dir, port and log."""
 
     def __init__(self, name: str, store_url: str, workdir: Path, *extra: str,
                  env: dict[str, str] | None = None) -> None:
         self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"{name}.log"
         self.argv = [sys.executable, "-m", "gpulane", "serve", "--store", store_url,
-                     "--data-dir", str(workdir / name), "--port", str(self.port),
+                     "--data-dir", str(workdir / name),
                      "--simulate-gpus", "1x24GiB", "--presets", str(PRESETS),
                      "--log-level", "warning", *extra]
-        # Settings from the environment: the node's name, its TTL and how others reach it.
+        # Fleet settings from the environment (GPULANE_NODE_NAME is --node-name): the node's
+        # name, its TTL, and how others reach it (set at each spawn).
         self.env = {**os.environ, "GPULANE_NODE_NAME": name,
-                    "GPULANE_NODE_TTL_S": str(NODE_TTL_S), "GPULANE_ADVERTISE_URL": self.url,
-                    **(env or {})}
+                    "GPULANE_NODE_TTL_S": str(NODE_TTL_S), **(env or {})}
+        self.port = 0
+        self.url = ""
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._workers: set[int] = set()
+        self._bind_failures = 0
 
     def spawn(self) -> None:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        """Start the node on a free port (picked now: a restart gets a fresh one)."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        if self._log is None:
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._bind_failures = self.log_path.read_text(errors="replace").count(BIND_FAILED)
+        self.proc = subprocess.Popen(
+            [*self.argv, "--port", str(self.port)],
+            env={**self.env, "GPULANE_ADVERTISE_URL": self.url}, stdin=subprocess.DEVNULL,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, tries: int = 3) -> None:
+        """Until /readyz answers 200. A free port taken by another process between its pick
+        and the bind (other test runs share the machine) is picked again."""
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"node {self.name} exited:\n{self.log_tail()}")
+                raise NodeExited(self.name)
             return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
 
         try:
             poll(ready, READY_TIMEOUT_S, f"node {self.name} /readyz")
+        except NodeExited:
+            log = self.log_path.read_text(errors="replace")
+            if tries > 1 and log.count(BIND_FAILED) > self._bind_failures:
+                self.spawn()
+                self.wait_ready(tries - 1)
+                return
+            raise AssertionError(f"node {self.name} exited:\n{self.log_tail()}") from None
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.log_tail()}") from None
 

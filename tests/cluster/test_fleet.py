@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -75,12 +76,15 @@ def test_a_backlog_submitted_to_one_node_spreads_over_all(cluster: Cluster) -> N
     assert len(idle) <= max(1, len(samples) // 10), (idle, len(samples))
 
 
-def _sse(http: httpx.Client, path: str, last_event_id: int | None = None,
-         stop_after: int | None = None) -> list[tuple[int, str, dict[str, Any]]]:
-    """Read an SSE stream: (id, event, data) until it closes, or until ``stop_after`` events
-    (then the connection is dropped, as a client that goes away does)."""
+SseEvent = tuple[int, str, dict[str, Any]]
+"""One Server-Sent Event: its id, its type, its data."""
+
+
+def _sse_events(http: httpx.Client, path: str,
+                last_event_id: int | None = None) -> Iterator[SseEvent]:
+    """An SSE stream's events as they come, until it closes (or the caller stops: the
+    connection is then dropped, as a client that goes away drops it)."""
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
-    out: list[tuple[int, str, dict[str, Any]]] = []
     with http.stream("GET", path, headers=headers, timeout=30) as r:
         assert r.status_code == 200, r.read()
         event_id, kind = 0, ""
@@ -90,9 +94,17 @@ def _sse(http: httpx.Client, path: str, last_event_id: int | None = None,
             elif line.startswith("event: "):
                 kind = line[7:]
             elif line.startswith("data: "):
-                out.append((event_id, kind, json.loads(line[6:])))
-                if stop_after is not None and len(out) >= stop_after:
-                    break
+                yield event_id, kind, json.loads(line[6:])
+
+
+def _sse(http: httpx.Client, path: str, last_event_id: int | None = None,
+         stop_after: int | None = None) -> list[SseEvent]:
+    """The first ``stop_after`` events of a stream, or all of them until it closes."""
+    out: list[SseEvent] = []
+    for event in _sse_events(http, path, last_event_id):
+        out.append(event)
+        if stop_after is not None and len(out) >= stop_after:
+            break
     return out
 
 
@@ -154,11 +166,11 @@ def test_an_urgent_lease_preempts_a_holder_on_another_node(cluster: Cluster) -> 
                                           "grace_s": 20, **share})
         assert r.status_code == 201, r.text
         held = r.json()
-    events: list[tuple[int, str, dict[str, Any]]] = []
+    events: list[SseEvent] = []
 
     def follow() -> None:  # the holder watches its lease through the node it asked
         with n1.client() as http:
-            for e in _sse(http, f"/v1/leases/{held['id']}/events"):
+            for e in _sse_events(http, f"/v1/leases/{held['id']}/events"):
                 events.append(e)
                 if e[1] in ("resume", "released", "expired", "revoked"):
                     return
