@@ -11,9 +11,10 @@ Wake-ups: this store's writes notify its TaskNotifier as the SQLite store's do; 
 stores' writes arrive by pub/sub (redis_wakeups.py). Retention: a task that ends gets a TTL
 (``retain_s`` and half again: the purge normally deletes it first and exactly, the TTL is the
 backstop when no node purges), and ``purge`` deletes what finished before its cutoff in small
-batches. Redis unreachable: every method raises StoreUnavailableError within about a second
-(connect timeout 1 s, two quick retries of a refused connection), and the next call after
-the server is back reconnects by itself.
+batches. Calls go through one pipelined connection of the store's own (redis_conn.py says
+why). Redis unreachable: every method raises StoreUnavailableError within about a second (a
+refused connection at once, a connect timeout of 1 s), and the next call after the server is
+back connects again by itself.
 
 What fails how (for docs/fleet.md): a write that the server applied but whose answer was lost
 raises StoreUnavailableError too; a claim lost so is reaped after the claim TTL, a submit is
@@ -40,9 +41,6 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -64,8 +62,8 @@ from gpulane.store.redis_codec import (
     event_args,
     new_task,
     spec_fields,
-    task_from_hash,
 )
+from gpulane.store.redis_conn import CONNECT_TIMEOUT_S, RedisDown, RedisReplyError, RespConnection
 from gpulane.store.redis_wakeups import Wakeups
 
 DEFAULT_RETAIN_S = 7 * 24 * 3600.0
@@ -77,12 +75,6 @@ DEFAULT_EVENTS_MAX = 10_000
 TTL_FACTOR = 1.5
 """A finished task's keys expire after this many retention periods (the purge, run every half
 period, deletes them first)."""
-
-CONNECT_TIMEOUT_S = 1.0
-"""How long a call waits for a TCP connection to Redis before it answers 503."""
-
-SOCKET_TIMEOUT_S = 5.0
-"""How long a call waits for Redis's answer (every script is short) before it answers 503."""
 
 FOLLOW_CONNECTIONS = 256
 """Connections for blocking reads (followers tailing streams, the subscriber); a follower
@@ -105,8 +97,10 @@ def _guarded(fn: Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, R]]
     async def guarded(self: RedisStore, /, *args: P.args, **kw: P.kwargs) -> R:
         try:
             return await fn(self, *args, **kw)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisDown, RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StoreUnavailableError(f"Redis at {self.url} failed ({exc})") from exc
+        except RedisReplyError as exc:
+            raise StoreError(f"Redis at {self.url} refused a call ({exc})") from exc
     return guarded
 
 
@@ -126,41 +120,31 @@ class RedisStore:
         self.events_max = events_max
         self._ttl = str(max(1, math.ceil(retain_s * TTL_FACTOR)))
         self._instance = os.urandom(6).hex()  # tells this store's messages from the others'
-        self._redis = Redis.from_url(
-            url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S,
-            # A refused or dropped connection is retried at once, on a new one: the first
-            # call after a server restart finds its pooled connection dead.
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2,
-                        supported_errors=(RedisConnectionError,)))
+        self._conn = RespConnection(url)  # every call but the blocking ones (redis_conn.py)
         # Blocking reads wait as long as their BLOCK says: no socket timeout of their own.
         self._blocking = Redis(connection_pool=BlockingConnectionPool.from_url(
             url, max_connections=FOLLOW_CONNECTIONS, timeout=None,
             socket_connect_timeout=CONNECT_TIMEOUT_S, socket_keepalive=True))
         self._wakeups = Wakeups(self._blocking, self._instance, self.notifier,
                                 lambda: self.on_work)
-        self._scripts: dict[str, AsyncScript] = {
-            name: self._redis.register_script(getattr(lua, name))
-            for name in ("SUBMIT", "BY_KEY", "QUEUE_HEADS", "AGE", "CLAIM", "APPEND", "FINISH",
-                         "REQUEUE", "TAKE_BACK", "RUNNING", "HEARTBEAT", "RECOVER", "CANCEL",
-                         "RETRY", "PAGE", "PURGE", "COUNTS")}
 
-    async def _run(self, name: str, *args: Any, at: float | None = None) -> Any:
+    async def _run(self, script: str, *args: Any, at: float | None = None) -> Any:
         """Call one script; the prelude's arguments (instance, now, events cap, TTL) first."""
         now = time.time() if at is None else at
-        return await self._scripts[name](
-            args=[self._instance, _num(now), self.events_max, self._ttl, *args])
+        return await self._conn.script(script, self._instance, _num(now), self.events_max,
+                                       self._ttl, *args)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     @_guarded
     async def open(self) -> None:
-        await self._redis.ping()
+        await self._conn.call("PING")
         await self._wakeups.start()
 
     async def close(self) -> None:
         await self._wakeups.stop()
         await self._blocking.aclose()
-        await self._redis.aclose()
+        self._conn.close()
 
     # -- submit ----------------------------------------------------------------------------
 
@@ -181,7 +165,7 @@ class RedisStore:
             args += [tid, spec.idempotency_key or "", spec.body_hash or "", spec.preset,
                      spec.lane, spec.priority, orjson.dumps(first), len(fields),
                      *fields]
-        got = await self._run("SUBMIT", *args, at=now)
+        got = await self._run(lua.SUBMIT, *args, at=now)
         if got[0] == b"conflict":
             key, owner = got[1].decode(), got[2].decode()
             raise ConflictError(
@@ -201,15 +185,15 @@ class RedisStore:
 
     @_guarded
     async def task_for_key(self, key: str) -> Task | None:
-        flat = await self._run("BY_KEY", key)
+        flat = await self._run(lua.BY_KEY, key)
         return decode_task(flat) if flat else None
 
     # -- reads -----------------------------------------------------------------------------
 
     @_guarded
     async def get(self, task_id: str) -> Task | None:
-        h: Any = await self._redis.hgetall(lua.PREFIX + "t:" + task_id)
-        return task_from_hash(h) if h else None
+        flat = await self._conn.call("HGETALL", lua.PREFIX + "t:" + task_id)
+        return decode_task(flat) if flat else None
 
     @_guarded
     async def list_tasks(self, state: TaskState | None = None, preset: str | None = None,
@@ -224,7 +208,7 @@ class RedisStore:
         else:
             index = "all"
         below = "+inf" if not cursor else "(" + str(int(cursor))
-        flats = await self._run("PAGE", index, below, limit + 1,
+        flats = await self._run(lua.PAGE, index, below, limit + 1,
                                 state.value if state else "", preset or "")
         tasks = [decode_task(f) for f in flats[:limit]]
         return tasks, str(tasks[-1].seq) if len(flats) > limit else None
@@ -234,23 +218,23 @@ class RedisStore:
         args = [x for pair in lanes for x in pair]
         if not args:
             return []
-        rows = await self._run("QUEUE_HEADS", *args)
+        rows = await self._run(lua.QUEUE_HEADS, *args)
         return [QueueHead(p.decode(), lane.decode(), int(prio), int(seq), tid.decode())
                 for p, lane, prio, seq, tid in rows]
 
     @_guarded
     async def age_queued(self, step_s: float, at: float | None = None) -> int:
-        return int(await self._run("AGE", _num(step_s), at=at))
+        return int(await self._run(lua.AGE, _num(step_s), at=at))
 
     async def queued_count(self) -> int:
         return sum(s.queued for s in (await self.queue_stats()).values())
 
     @_guarded
     async def queue_stats(self) -> Mapping[str, QueueStats]:
-        raw: Any = await self._redis.hgetall(lua.PREFIX + "stats")
+        flat = await self._conn.call("HGETALL", lua.PREFIX + "stats")
         queued: dict[str, int] = {}
         claimed: dict[str, int] = {}
-        for k, v in raw.items():
+        for k, v in zip(flat[::2], flat[1::2], strict=True):
             kind, _, preset = k.decode().partition(":")
             if kind == "q":
                 queued[preset] = int(v)
@@ -264,7 +248,7 @@ class RedisStore:
     @_guarded
     async def claim(self, preset: str, lane: str, limit: int, node: str,
                     device: str) -> list[Task]:
-        flats = await self._run("CLAIM", preset, lane, limit, node, device)
+        flats = await self._run(lua.CLAIM, preset, lane, limit, node, device)
         tasks = [decode_task(f) for f in flats]
         for t in tasks:
             self.notifier.notify(t.id, t)
@@ -275,7 +259,7 @@ class RedisStore:
         if not events:
             return []
         now = time.time()
-        got = await self._run("APPEND", task_id,
+        got = await self._run(lua.APPEND, task_id,
                               *event_args([(e.type, e.data) for e in events]), at=now)
         if got is None:
             raise StoreError(f"no task {task_id!r} to append events to")
@@ -288,8 +272,8 @@ class RedisStore:
 
     @_guarded
     async def events(self, task_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
-        entries: Any = await self._redis.xrange(lua.PREFIX + "e:" + task_id,
-                                                f"{after + 1}-0", "+", count=limit)
+        entries = await self._conn.call("XRANGE", lua.PREFIX + "e:" + task_id,
+                                         f"{after + 1}-0", "+", "COUNT", limit)
         return decode_entries(task_id, entries)
 
     async def follow(self, task_id: str, after: int, quiet_s: float
@@ -355,7 +339,7 @@ class RedisStore:
             args += [item.task_id, item.token, item.state.value, orjson.dumps(item.output),
                      orjson.dumps(item.error) if item.error else "", len(evs),
                      *event_args(evs)]
-        answers = await self._run("FINISH", *args)
+        answers = await self._run(lua.FINISH, *args)
         out = [self._answer(item.task_id, item.token, a) for item, a in zip(items, answers,
                                                                           strict=True)]
         for got in out:
@@ -379,7 +363,7 @@ class RedisStore:
                       events: Sequence[NewEvent] = (), *, spent: bool = True) -> Task:
         evs = [(e.type, e.data) for e in events]
         evs.append(("state", {"state": "queued", "retry_after_error": error}))
-        answer = await self._run("REQUEUE", task_id, token,
+        answer = await self._run(lua.REQUEUE, task_id, token,
                                  orjson.dumps(error) if error else "", "1" if spent else "0",
                                  *event_args(evs))
         if answer[0] == b"missing":
@@ -393,7 +377,7 @@ class RedisStore:
     @_guarded
     async def cancel_queued(self, task_id: str) -> Task | None:
         error = task_error(ErrorKind.CANCELLED, "cancelled by request")
-        flat = await self._run("CANCEL", task_id, orjson.dumps(error),
+        flat = await self._run(lua.CANCEL, task_id, orjson.dumps(error),
                                orjson.dumps({"state": "cancelled", "error": error}))
         if not flat:
             return None
@@ -403,7 +387,7 @@ class RedisStore:
 
     @_guarded
     async def retry_failed(self, task_id: str) -> Task | None:
-        flat = await self._run("RETRY", task_id)
+        flat = await self._run(lua.RETRY, task_id)
         if not flat:
             return None
         task = decode_task(flat)
@@ -417,14 +401,14 @@ class RedisStore:
                         ) -> list[tuple[str, int]]:
         if not held:
             return []
-        lost = await self._run("HEARTBEAT", node, *[x for pair in held for x in pair])
+        lost = await self._run(lua.HEARTBEAT, node, *[x for pair in held for x in pair])
         return [held[int(i) - 1] for i in lost]
 
     @_guarded
     async def reap(self, stale_before: float,
                    max_attempts: Mapping[str, int] | None = None) -> list[Task]:
         at = time.time()
-        rows = await self._run("RUNNING", "stale", _num(stale_before))
+        rows = await self._run(lua.RUNNING, "stale", _num(stale_before))
         return await self._take_back(
             [(tid, token, attempts, preset, task_error(
                 ErrorKind.WORKER_DIED,
@@ -436,7 +420,7 @@ class RedisStore:
     @_guarded
     async def reap_node(self, node: str, max_attempts: Mapping[str, int] | None = None
                         ) -> list[Task]:
-        rows = await self._run("RUNNING", "node", node)
+        rows = await self._run(lua.RUNNING, "node", node)
         error = task_error(ErrorKind.WORKER_DIED,
                            f"node {node} died (its registration expired) while running this "
                            "attempt", code="node_lost")
@@ -455,7 +439,7 @@ class RedisStore:
             ev = ({"state": "failed", "error": error} if fail
                   else {"state": "queued", "retry_after_error": error})
             args += [tid, token, "1" if fail else "0", orjson.dumps(error), orjson.dumps(ev)]
-        answers = await self._run("TAKE_BACK", *args)
+        answers = await self._run(lua.TAKE_BACK, *args)
         out = [decode_task(a[1]) for a in answers if a[0] == b"ok"]
         for task in out:
             self.notifier.notify(task.id, task)
@@ -463,12 +447,11 @@ class RedisStore:
 
     @_guarded
     async def running_nodes(self) -> set[str]:
-        nodes: Any = await self._redis.smembers(lua.PREFIX + "nodes")
-        return {n.decode() for n in nodes}
+        return {n.decode() for n in await self._conn.call("SMEMBERS", lua.PREFIX + "nodes")}
 
     @_guarded
     async def recover(self, node: str) -> int:
-        return int(await self._run("RECOVER", node))
+        return int(await self._run(lua.RECOVER, node))
 
     @_guarded
     async def purge(self, finished_before: float, max_batches: int | None = None
@@ -477,17 +460,18 @@ class RedisStore:
         longest = 0.0
         while max_batches is None or batches < max_batches:
             started = time.perf_counter()
-            found, t, e, k = await self._run("PURGE", _num(finished_before), PURGE_BATCH_TASKS)
+            found, t, e, k = await self._run(lua.PURGE, _num(finished_before), PURGE_BATCH_TASKS)
             if not found:
                 break
             longest = max(longest, time.perf_counter() - started)
             tasks, events, keys, batches = tasks + t, events + e, keys + k, batches + 1
             if found < PURGE_BATCH_TASKS:
                 break
-        n_tasks, n_events, n_keys = await self._run("COUNTS")
-        memory = await self._redis.info("memory")
+        n_tasks, n_events, n_keys = await self._run(lua.COUNTS)
+        info: bytes = await self._conn.call("INFO", "memory")
+        used = next(line for line in info.splitlines() if line.startswith(b"used_memory:"))
         return PurgeReport(tasks=tasks, events=events, keys=keys, batches=batches,
-                           longest_batch_s=longest, db_bytes=int(memory["used_memory"]),
+                           longest_batch_s=longest, db_bytes=int(used.split(b":")[1]),
                            rows={"tasks": int(n_tasks), "events": int(n_events),
                                  "idempotency": int(n_keys)})
 

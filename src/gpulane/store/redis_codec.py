@@ -86,9 +86,15 @@ def event_args(events: Sequence[tuple[str, Any]]) -> list[str | bytes]:
     return out
 
 
-def decode_entries(task_id: str, entries: Sequence[tuple[bytes, dict[bytes, bytes]]]
+def decode_entries(task_id: str,
+                   entries: Sequence[tuple[bytes, Sequence[bytes] | dict[bytes, bytes]]]
                    ) -> list[Event]:
-    """Stream entries (id ``<number>-0``; fields t, d, ts) as events."""
-    return [Event(task_id, int(eid.split(b"-", 1)[0]), f[b"t"].decode(), orjson.loads(f[b"d"]),
-                  float(f[b"ts"]))
-            for eid, f in entries]
+    """Stream entries (id ``<number>-0``; fields t, d, ts, as a flat list or a dict) as
+    events."""
+    out = []
+    for eid, fields in entries:
+        f = fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2],
+                                                                 strict=True))
+        out.append(Event(task_id, int(eid.split(b"-", 1)[0]), f[b"t"].decode(),
+                         orjson.loads(f[b"d"]), float(f[b"ts"])))
+    return out
