@@ -155,6 +155,14 @@ class Settings(BaseSettings):
     def _retain(cls, v: Any) -> Any:
         return parse_duration_s(v) if isinstance(v, str) else v
 
+    @field_validator("advertise_url")
+    @classmethod
+    def _advertise_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"{v!r} is not a URL other hosts can reach: write it as "
+                             "http(s)://HOST:PORT, e.g. http://gpu-a.lan:8765")
+        return v.rstrip("/") if v is not None else v
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, v: Any) -> Any:

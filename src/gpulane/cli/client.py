@@ -325,16 +325,56 @@ def status_cmd(as_json: bool, url: str, token: str | None) -> None:
 
 
 @click.command("drain")
+@click.argument("node", required=False)
 @click.option("--resume", is_flag=True, help="Take and start tasks again instead.")
+@click.option("--exit", "exit_", is_flag=True,
+              help="Exit once drained, as SIGTERM does: running work gets --grace-s, the rest "
+                   "goes back to the queue unspent.")
+@click.option("--grace-s", type=click.FloatRange(0, 86400), default=None,
+              help="With --exit: seconds running work may take [the node's drain_grace_s].")
 @client_options
-def drain_cmd(resume: bool, url: str, token: str | None) -> None:
-    """Stop the node starting queued work and taking submits (running work finishes); an
-    admin key's job."""
+def drain_cmd(node: str | None, resume: bool, exit_: bool, grace_s: float | None, url: str,
+              token: str | None) -> None:
+    """Stop NODE (the server's own node when omitted; any node of its fleet) starting queued
+    work and taking submits (running work finishes); an admin key's job."""
+    if resume and (exit_ or grace_s is not None):
+        raise click.UsageError("--resume takes neither --exit nor --grace-s: resume, or "
+                               "drain with --exit")
+    if grace_s is not None and not exit_:
+        raise click.UsageError("--grace-s is for a drain that exits: add --exit")
     with _session(url, token) as client:
-        info = client.resume() if resume else client.drain()
-    state = "draining" if info.get("draining") else "taking tasks"
+        info = client.resume(node) if resume else client.drain(node, exit=exit_,
+                                                              grace_s=grace_s)
+    state = ("draining to exit" if exit_ else "draining") if info.get("draining") \
+        else "taking tasks"
     _stdout().print(f"node {info.get('node', '?')}: {state}, {info.get('queued', '?')} "
                     "queued", markup=False)
+
+
+def _age_s(value: Any) -> str:
+    return f"{value:.1f}s" if isinstance(value, int | float) else "?"
+
+
+@click.command("nodes")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
+@client_options
+def nodes_cmd(as_json: bool, url: str, token: str | None) -> None:
+    """Show the live nodes of the server's fleet: devices, warm presets, running tasks."""
+    with _session(url, token) as client:
+        info = client.nodes()
+    if as_json:
+        click.echo(_dumps(info))
+        return
+    table = Table("node", "url", "heartbeat", "state", "GPUs (free / total MiB)", "running",
+                  "warm")
+    for n in info.get("nodes") or []:
+        gpus = ", ".join(f"{_mb(d.get('schedulable_free_vram_mb'))} / "
+                         f"{_mb(d.get('total_vram_mb'))}" for d in n.get("devices") or [])
+        table.add_row(escape(str(n.get("name", "?"))), escape(str(n.get("url") or "-")),
+                      _age_s(n.get("heartbeat_age_s")),
+                      "draining" if n.get("draining") else "ready", gpus or "none",
+                      str(n.get("running", "?")), escape(", ".join(n.get("warm") or [])))
+    _stdout().print(table)
 
 
 def _mb(value: Any) -> str:
@@ -373,10 +413,20 @@ def gpus_cmd(as_json: bool, url: str, token: str | None) -> None:
     if cpu:
         out.print(f"CPU: {cpu.get('cores', '?')} cores, concurrency {cpu.get('concurrency', '?')}",
                   markup=False)
+    others = [n for n in info.get("nodes") or [] if n.get("name") != info.get("node")]
+    if others:  # a fleet: the other nodes' GPUs too
+        table = Table("node", "index", "name", "free / total (MiB)", "running")
+        for n in others:
+            for dev in n.get("devices") or [{}]:
+                table.add_row(escape(str(n.get("name", "?"))), str(dev.get("index", "-")),
+                              escape(str(dev.get("name", "no GPU"))),
+                              f"{_mb(dev.get('schedulable_free_vram_mb'))} / "
+                              f"{_mb(dev.get('total_vram_mb'))}", str(n.get("running", "?")))
+        out.print(table)
 
 
 COMMANDS: tuple[click.Command, ...] = (run_cmd, tasks_cmd, retry_cmd, gpus_cmd, status_cmd,
-                                       drain_cmd)
+                                       drain_cmd, nodes_cmd)
 
 
 def register(group: click.Group) -> None:

@@ -1,4 +1,11 @@
-"""Server-side commands: ``gpulane serve``, ``gpulane presets check`` and ``gpulane keys``."""
+"""Server-side commands: ``gpulane serve``, ``gpulane presets check`` and ``gpulane keys``.
+
+``gpulane serve`` drains on SIGTERM: it stops claiming, lets running work finish within
+drain_grace_s, requeues the rest without spending attempts, releases its leases, leaves the
+fleet and exits 0 (a second SIGTERM, or SIGINT, stops it at once: running work is requeued
+all the same). A ``redis://`` store is checked before anything starts: a malformed URL or a
+Redis that does not answer is one line naming --store and the fix, and exit code 2.
+"""
 
 from __future__ import annotations
 
@@ -42,7 +49,14 @@ def bind_refusal(host: str, keyed: bool, insecure_no_auth: bool) -> str | None:
 @click.option("--port", type=int, default=None, help="TCP port [8765]")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="database, locks and scratch files [./.gpulane]")
-@click.option("--store", default=None, help="store URL [sqlite:///<data-dir>/gpulane.db]")
+@click.option("--store", default=None,
+              help="store URL: sqlite:///PATH (one host) or redis://HOST:6379/0 (a fleet: "
+                   "every node on one Redis) [sqlite:///<data-dir>/gpulane.db]")
+@click.option("--node-name", default=None,
+              help="this node's name in the fleet, unique per node [the host name]")
+@click.option("--advertise-url", default=None, metavar="URL",
+              help="this node's API as other hosts reach it, shown by 'gpulane nodes' "
+                   "[http://HOST:PORT of its bind]")
 @click.option("--presets", "presets", multiple=True,
               help="preset file or folder, added to the examples (repeatable)")
 @click.option("--no-examples", is_flag=True, default=None,
@@ -67,22 +81,26 @@ def bind_refusal(host: str, keyed: bool, insecure_no_auth: bool) -> str | None:
               help="queued tasks per preset before 429 queue_full [100000]")
 @click.option("--log-level", default=None, help="debug, info, warning [info]")
 def serve(config_file: str | None, host: str | None, port: int | None,
-          data_dir: Path | None, store: str | None, presets: tuple[str, ...],
+          data_dir: Path | None, store: str | None, node_name: str | None,
+          advertise_url: str | None, presets: tuple[str, ...],
           no_examples: bool | None, simulate_gpus: str | None, cpu_concurrency: int | None,
           token: str | None, keys_file: Path | None, insecure_no_auth: bool | None,
           cors_origins: tuple[str, ...], durability: str | None, retain: str | None,
           max_queued: int | None, log_level: str | None) -> None:
-    """Start a node: API, scheduler and workers for this host's devices."""
+    """Start a node: API, scheduler and workers for this host's devices. SIGTERM drains it
+    (running work finishes within drain_grace_s, the rest is requeued) and exits 0."""
     import uvicorn
 
     from gpulane.api.app import create_app
     from gpulane.api.keys import load_keys
+    from gpulane.cli.serving import DrainingServer, store_refusal
     from gpulane.config import Settings
     from gpulane.node import Node
 
     try:
         settings = Settings.load(
             config_file, host=host, port=port, data_dir=data_dir, store=store,
+            node_name=node_name, advertise_url=advertise_url,
             presets=list(presets) or None, examples=False if no_examples else None,
             simulate_gpus=simulate_gpus, cpu_concurrency=cpu_concurrency, token=token,
             keys_file=keys_file, insecure_no_auth=insecure_no_auth,
@@ -93,6 +111,9 @@ def serve(config_file: str | None, host: str | None, port: int | None,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         api_keys = load_keys(settings)
         refusal = bind_refusal(settings.host, bool(api_keys), settings.insecure_no_auth)
+        if refusal is not None:
+            raise ConfigError(refusal)
+        refusal = store_refusal(settings.store_url)
         if refusal is not None:
             raise ConfigError(refusal)
         node = Node(settings)
@@ -108,7 +129,7 @@ def serve(config_file: str | None, host: str | None, port: int | None,
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(), access_log=False,
                             lifespan="on")
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, node)
     server.run()
     if not server.started:
         sys.exit(1)

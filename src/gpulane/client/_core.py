@@ -154,9 +154,23 @@ def events(task_id: str, last_event_id: int | None = None) -> Request:
     return Request("GET", f"/v1/tasks/{_segment(task_id)}/events", headers=headers, stream=True)
 
 
-def admin(action: str) -> Request:
-    """``POST /v1/admin/<action>`` (drain, resume: both safe to repeat)."""
-    return Request("POST", f"/v1/admin/{action}")
+def admin(action: str, body: dict[str, Any] | None = None) -> Request:
+    """``POST /v1/admin/<action>`` (drain, resume: both safe to repeat); ``body``: the fleet's
+    node to act on, and a drain's exit and grace_s."""
+    return Request("POST", f"/v1/admin/{action}", json=body or None)
+
+
+def drain_body(node: str | None, exit: bool = False,
+               grace_s: float | None = None) -> dict[str, Any]:
+    """The body of a drain (or a resume: node only), without the defaults."""
+    body: dict[str, Any] = {}
+    if node is not None:
+        body["node"] = node
+    if exit:
+        body["exit"] = True
+    if grace_s is not None:
+        body["grace_s"] = grace_s
+    return body
 
 
 def simple_get(path: str) -> Request:

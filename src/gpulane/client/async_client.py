@@ -237,14 +237,20 @@ class AsyncClient(ClientBase):
         """The node: draining or not, each preset's queue, max_queued and drain rate."""
         return await self._call(core.simple_get("/v1/status"))
 
-    async def drain(self) -> JSON:
-        """Admin: the node stops starting queued work and refuses submits (503) until
-        ``resume()``; running work finishes. The status view as it stands after."""
-        return await self._call(core.admin("drain"))
+    async def nodes(self) -> JSON:
+        """Every live node of the fleet: name, url, heartbeat age, devices, warm, running."""
+        return await self._call(core.simple_get("/v1/nodes"))
 
-    async def resume(self) -> JSON:
+    async def drain(self, node: str | None = None, *, exit: bool = False,
+                    grace_s: float | None = None) -> JSON:
+        """Admin: the node (this one, or the fleet's ``node``) stops starting queued work and
+        refuses submits (503) until ``resume()``; with ``exit`` it then exits (see
+        Client.drain). Its status view as it stands after."""
+        return await self._call(core.admin("drain", core.drain_body(node, exit, grace_s)))
+
+    async def resume(self, node: str | None = None) -> JSON:
         """Admin: take and start tasks again after a drain."""
-        return await self._call(core.admin("resume"))
+        return await self._call(core.admin("resume", core.drain_body(node)))
 
     async def health(self) -> JSON:
         response = await self._send(core.simple_get("/healthz"))

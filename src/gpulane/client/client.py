@@ -264,14 +264,21 @@ class Client(ClientBase):
         """The node: draining or not, each preset's queue, max_queued and drain rate."""
         return self._call(core.simple_get("/v1/status"))
 
-    def drain(self) -> JSON:
-        """Admin: the node stops starting queued work and refuses submits (503) until
-        ``resume()``; running work finishes. The status view as it stands after."""
-        return self._call(core.admin("drain"))
+    def nodes(self) -> JSON:
+        """Every live node of the fleet: name, url, heartbeat age, devices, warm, running."""
+        return self._call(core.simple_get("/v1/nodes"))
 
-    def resume(self) -> JSON:
+    def drain(self, node: str | None = None, *, exit: bool = False,
+              grace_s: float | None = None) -> JSON:
+        """Admin: the node (this one, or the fleet's ``node``) stops starting queued work and
+        refuses submits (503) until ``resume()``; running work finishes. With ``exit`` it
+        then exits (running work gets ``grace_s``, the rest is requeued unspent). Its status
+        view as it stands after."""
+        return self._call(core.admin("drain", core.drain_body(node, exit, grace_s)))
+
+    def resume(self, node: str | None = None) -> JSON:
         """Admin: take and start tasks again after a drain."""
-        return self._call(core.admin("resume"))
+        return self._call(core.admin("resume", core.drain_body(node)))
 
     def health(self) -> JSON:
         response = self._send(core.simple_get("/healthz"))

@@ -1,0 +1,95 @@
+"""How ``gpulane serve`` runs its node: the store checked before anything starts, and uvicorn
+with a SIGTERM that drains the node and exits 0.
+
+Imported only by ``gpulane serve`` (uvicorn and redis-py are slow to import for the client
+commands).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+import socket
+from types import FrameType
+from urllib.parse import urlsplit
+
+import uvicorn
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gpulane.node import Node
+
+log = logging.getLogger("gpulane.serve")
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+"""Store URLs of a Redis (a fleet's store)."""
+REDIS_CHECK_TIMEOUT_S = 3.0
+"""How long ``gpulane serve`` waits for Redis to answer before it gives up at start."""
+
+
+def store_refusal(url: str) -> str | None:
+    """Why the node cannot start on the store at ``url`` (one line, with the fix), or None:
+    a malformed ``redis://`` URL, or a Redis that does not answer a PING."""
+    if not url.startswith(REDIS_SCHEMES):
+        return None
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 6379
+    except ValueError as exc:
+        return (f"--store {url!r} is not a Redis URL ({exc}): use redis://HOST:PORT/DB, "
+                "e.g. redis://127.0.0.1:6379/0")
+    db = parts.path.strip("/") if parts.scheme != "unix" else ""
+    if db and not db.isdigit():
+        return (f"--store {url!r}: the database {db!r} must be a number: use "
+                "redis://HOST:PORT/DB, e.g. redis://127.0.0.1:6379/0")
+    where = parts.path if parts.scheme == "unix" else f"{parts.hostname or 'localhost'}:{port}"
+    try:
+        asyncio.run(_ping(url))
+    except (RedisError, OSError, TimeoutError) as exc:
+        return (f"--store {url!r}: Redis at {where} does not answer ({exc or type(exc).__name__})"
+                ": start it, or point --store at a running one")
+    return None
+
+
+async def _ping(url: str) -> None:
+    client = Redis.from_url(url, socket_connect_timeout=REDIS_CHECK_TIMEOUT_S,
+                            socket_timeout=REDIS_CHECK_TIMEOUT_S)
+    try:
+        async with asyncio.timeout(REDIS_CHECK_TIMEOUT_S):
+            await client.ping()
+    finally:
+        await client.aclose()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn whose first SIGTERM drains the node and then exits cleanly (exit code 0).
+
+    uvicorn's own handling stops at once and then raises the signal again once it has shut
+    down, so the process would die of its SIGTERM; here the first one asks the node to drain
+    to exit (node.drain(exit=True)), and the drain's end sets ``should_exit``. A second
+    SIGTERM, or SIGINT, is uvicorn's usual stop."""
+
+    def __init__(self, config: uvicorn.Config, node: Node) -> None:
+        super().__init__(config)
+        self.node = node
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_asked = False
+        node.drains.on_exit = self._exit
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if (sig == signal.SIGTERM and not self._drain_asked and self._loop is not None
+                and self.node.started):
+            self._drain_asked = True
+            log.info("SIGTERM: draining, then exiting (send it again to stop at once)")
+            self._loop.call_soon_threadsafe(functools.partial(self.node.drain, exit=True))
+            return
+        super().handle_exit(sig, frame)
+
+    def _exit(self) -> None:
+        self.should_exit = True
