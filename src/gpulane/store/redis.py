@@ -77,8 +77,8 @@ TTL_FACTOR = 1.5
 period, deletes them first)."""
 
 FOLLOW_CONNECTIONS = 256
-"""Connections for blocking reads (followers tailing streams, the subscriber); a follower
-past them waits for one to come free."""
+"""Connections for blocking reads (followers tailing streams); a follower past them waits
+for one to come free."""
 
 PURGE_BATCH_TASKS = 200
 """Finished tasks deleted per script call: each call holds the server a millisecond or so."""
@@ -125,7 +125,7 @@ class RedisStore:
         self._blocking = Redis(connection_pool=BlockingConnectionPool.from_url(
             url, max_connections=FOLLOW_CONNECTIONS, timeout=None,
             socket_connect_timeout=CONNECT_TIMEOUT_S, socket_keepalive=True))
-        self._wakeups = Wakeups(self._blocking, self._instance, self.notifier,
+        self._wakeups = Wakeups(self._conn, self._instance, self.notifier,
                                 lambda: self.on_work)
 
     async def _run(self, script: str, *args: Any, at: float | None = None) -> Any:

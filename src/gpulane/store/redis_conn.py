@@ -19,6 +19,7 @@ import asyncio
 import collections
 import hashlib
 import ssl
+from collections.abc import Callable
 from typing import Any, cast
 
 import hiredis
@@ -66,6 +67,35 @@ class _Protocol(asyncio.Protocol):
             fut = self.pending.popleft()
             if not fut.done():
                 fut.set_exception(RedisDown(str(self.lost)))
+
+
+class _Subscriber(asyncio.Protocol):
+    """A connection in subscribe mode: each message's data goes to ``on_message``; ``ready``
+    resolves once subscribed, ``lost`` when the connection ends."""
+
+    def __init__(self, on_message: Callable[[bytes], None]) -> None:
+        self.reader = hiredis.Reader()
+        self.on_message = on_message
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            if isinstance(reply, list) and reply and reply[0] == b"message":
+                self.on_message(reply[2])
+            elif not self.ready.done():
+                if isinstance(reply, hiredis.ReplyError):
+                    self.ready.set_exception(RedisReplyError(str(reply)))
+                elif isinstance(reply, list) and reply and reply[0] == b"subscribe":
+                    self.ready.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(RedisDown(f"the connection dropped ({exc!r})"))
+        if not self.lost.done():
+            self.lost.set_result(None)
 
 
 def _pack(args: tuple[Any, ...]) -> bytes:
@@ -153,6 +183,29 @@ class RespConnection:
                 raise
         await self.call("SCRIPT", "LOAD", source)
         return await self.call("EVALSHA", sha, 0, *args)
+
+    async def subscribe(self, channel: str, on_message: Callable[[bytes], None]
+                        ) -> tuple[asyncio.Transport, asyncio.Future[None]]:
+        """A connection of its own subscribed to ``channel``: its transport (close it to
+        stop) and a future that resolves when it ends. RedisDown when it cannot be made."""
+        loop = asyncio.get_running_loop()
+        try:
+            transport, sub = await asyncio.wait_for(loop.create_connection(
+                lambda: _Subscriber(on_message), self.host, self.port,
+                ssl=ssl.create_default_context() if self.tls else None), CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            raise RedisDown(f"cannot connect to {self.host}:{self.port} ({exc!r})") from exc
+        auth = () if self.password is None else (
+            ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
+        transport.write((_pack(auth) if auth else b"") + _pack(("SUBSCRIBE", channel)))
+        try:
+            await asyncio.wait_for(asyncio.shield(sub.ready), REPLY_TIMEOUT_S)
+        except BaseException as exc:
+            transport.abort()
+            if isinstance(exc, TimeoutError):
+                raise RedisDown(f"{self.host}:{self.port} did not subscribe in time") from exc
+            raise
+        return transport, sub.lost
 
     def _stalled(self, proto: _Protocol) -> None:
         """A call went unanswered for REPLY_TIMEOUT_S: replies pair with calls by order, so

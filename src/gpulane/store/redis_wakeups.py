@@ -3,9 +3,13 @@
 The store's scripts publish the tasks that ended and that work was queued (redis_scripts.py).
 Messages from this store itself are skipped (its writes notify locally, with the task in
 hand); from any other store they wake this process: result waiters of an ended task re-read
-it, and ``on_work`` wakes the node's scheduler. The subscriber reconnects with backoff and
-resubscribes when the server goes away, and then calls ``on_work`` once, since work queued
-while it was away was announced to nobody.
+it, and ``on_work`` wakes the node's scheduler. Every store hears every message (its own
+too), so a message costs a few microseconds here: a connection of its own read with hiredis
+(redis_conn.py), not redis-py's PubSub. When the server goes away the subscriber connects
+again with backoff, and then calls ``on_work`` once, since work queued while it was away was
+announced to nobody. The channel is the server's, not the database's: stores on other
+databases of one server hear each other's messages, which wake nothing of theirs but a
+scheduler's look at its queues.
 """
 
 from __future__ import annotations
@@ -15,11 +19,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
-
 from gpulane.store.base import TaskNotifier
+from gpulane.store.redis_conn import RedisDown, RespConnection
 from gpulane.store.redis_scripts import CHANNEL
 
 log = logging.getLogger("gpulane.store")
@@ -32,20 +33,21 @@ BACKOFF_MAX_S = 2.0
 
 
 class Wakeups:
-    """The subscriber: ``start`` subscribes (raising when Redis cannot be reached), then a
-    task listens until ``stop``."""
+    """The subscriber: ``start`` subscribes (RedisDown when Redis cannot be reached), then a
+    task keeps it subscribed until ``stop``."""
 
-    def __init__(self, client: Redis, instance: str, notifier: TaskNotifier,
+    def __init__(self, conn: RespConnection, instance: str, notifier: TaskNotifier,
                  on_work: Callable[[], Callable[[], None]]) -> None:
-        self._client = client
+        self._conn = conn
         self._instance = instance.encode()
         self._notifier = notifier
         self._on_work = on_work  # read at each message: the node sets store.on_work later
+        self._transport: asyncio.Transport | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        pubsub = await self._subscribe()
-        self._task = asyncio.create_task(self._run(pubsub), name="gpulane-redis-wakeups")
+        lost = await self._subscribe()
+        self._task = asyncio.create_task(self._run(lost), name="gpulane-redis-wakeups")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -53,38 +55,29 @@ class Wakeups:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._transport is not None:
+            self._transport.abort()
+            self._transport = None
 
-    async def _subscribe(self) -> PubSub:
-        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(CHANNEL)
-        except BaseException:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
-            raise
-        return pubsub
+    async def _subscribe(self) -> asyncio.Future[None]:
+        self._transport, lost = await self._conn.subscribe(CHANNEL, self._handle)
+        return lost
 
-    async def _run(self, pubsub: PubSub | None) -> None:
-        backoff = BACKOFF_FIRST_S
+    async def _run(self, lost: asyncio.Future[None]) -> None:
         while True:
-            try:
-                if pubsub is None:
-                    pubsub = await self._subscribe()
-                    backoff = BACKOFF_FIRST_S
-                    log.info("store: subscribed again to %s after losing Redis", CHANNEL)
-                    self._on_work()()
-                async for msg in pubsub.listen():
-                    if msg["type"] == "message":
-                        self._handle(msg["data"])
-            except (RedisError, OSError) as exc:
-                log.warning("store: lost the wake-up channel (%s); retrying in %.2f s",
-                            exc, backoff)
-            finally:
-                if pubsub is not None:
-                    with contextlib.suppress(RedisError, OSError):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
-                    pubsub = None
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+            await lost
+            backoff = BACKOFF_FIRST_S
+            log.warning("store: lost the wake-up channel; subscribing again")
+            while True:
+                await asyncio.sleep(backoff)
+                try:
+                    lost = await self._subscribe()
+                except RedisDown:
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                    continue
+                break
+            log.info("store: subscribed again to %s", CHANNEL)
+            self._on_work()()
 
     def _handle(self, data: bytes) -> None:
         kind, _, rest = data.partition(b"\t")
