@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from gpulane.errors import StoreUnavailableError
 from gpulane.model import Task
 from gpulane.presets import Mode, Preset, PresetRegistry
 from gpulane.runtime.launchers import DeviceAssignment
@@ -99,6 +100,7 @@ class Scheduler:
         self.warm_elsewhere: Callable[[str, str], bool] = _nowhere
         self.warm_window_s = 0.0
         self._window_wake: asyncio.TimerHandle | None = None
+        self._store_down = False  # the last pass met an unreachable store (logged once)
 
     def wake(self) -> None:
         self._wake.set()
@@ -137,8 +139,17 @@ class Scheduler:
             try:
                 await self._age()
                 await self.run_pass()
+            except StoreUnavailableError as exc:  # Redis away: passes go on, logged once
+                if not self._store_down:
+                    self._store_down = True
+                    log.warning("the store is unreachable (%s): nothing is claimed until it "
+                                "answers again", exc)
+                continue
             except Exception:  # a bad pass must not stop scheduling for good
                 log.exception("scheduler pass failed")
+            if self._store_down:
+                self._store_down = False
+                log.info("the store answers again: claiming resumes")
 
     async def _age(self) -> None:
         """Apply priority ageing at most a few times per ageing step."""
