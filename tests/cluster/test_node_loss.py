@@ -80,7 +80,7 @@ def test_a_drained_node_exits_0_and_its_share_runs_elsewhere(cluster: Cluster) -
         ids = _backlog(http, "drain", 300)
         poll(lambda: _running_on(http, leaving.name), 60, "n2 running a task")
         drain = subprocess.run([sys.executable, "-m", "gpulane", "drain", leaving.name,
-                                "--url", entry.url], capture_output=True, text=True,
+                                "--exit", "--url", entry.url], capture_output=True, text=True,
                                timeout=60)
         assert drain.returncode == 0, drain.stdout + drain.stderr
         assert leaving.proc is not None
