@@ -50,7 +50,8 @@ async def healthz() -> JSON:
     return JSON({"status": "ok", "version": __version__})
 
 
-@router.get("/readyz", responses={503: {"description": "the node is starting or draining"}})
+@router.get("/readyz", responses={503: {
+    "description": "the node is starting or draining, or its store cannot be reached"}})
 async def readyz(request: Request) -> JSON:
     """The node is started, not draining, and its store answers."""
     node = _node(request)
