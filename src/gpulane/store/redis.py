@@ -61,7 +61,7 @@ from gpulane.store.redis_codec import (
     decode_task,
     event_args,
     new_task,
-    spec_fields,
+    spec_args,
 )
 from gpulane.store.redis_conn import CONNECT_TIMEOUT_S, RedisDown, RedisReplyError, RespConnection
 from gpulane.store.redis_wakeups import Wakeups
@@ -159,12 +159,7 @@ class RedisStore:
         ids = [new_task_id() for _ in specs]
         args: list[Any] = [len(specs)]
         for tid, spec in zip(ids, specs, strict=True):
-            fields = spec_fields(tid, spec)
-            first = {"state": "queued", "lane": spec.lane,
-                     "fallback_reason": spec.fallback_reason}
-            args += [tid, spec.idempotency_key or "", spec.body_hash or "", spec.preset,
-                     spec.lane, spec.priority, orjson.dumps(first), len(fields),
-                     *fields]
+            args += spec_args(tid, spec)
         got = await self._run(lua.SUBMIT, *args, at=now)
         if got[0] == b"conflict":
             key, owner = got[1].decode(), got[2].decode()
@@ -334,11 +329,10 @@ class RedisStore:
             return []
         args: list[Any] = [len(items)]
         for item in items:
-            evs = [(e.type, e.data) for e in item.events]
-            evs.append(("state", {"state": item.state.value, "error": item.error}))
+            # The final state event is the script's to add (it has the state and error).
             args += [item.task_id, item.token, item.state.value, orjson.dumps(item.output),
-                     orjson.dumps(item.error) if item.error else "", len(evs),
-                     *event_args(evs)]
+                     orjson.dumps(item.error) if item.error else "", len(item.events),
+                     *event_args([(e.type, e.data) for e in item.events])]
         answers = await self._run(lua.FINISH, *args)
         out = [self._answer(item.task_id, item.token, a) for item, a in zip(items, answers,
                                                                           strict=True)]

@@ -15,24 +15,15 @@ import orjson
 from gpulane.model import DeviceWish, Event, Placement, Task, TaskSpec, TaskState
 
 
-def spec_fields(task_id: str, spec: TaskSpec) -> list[str | bytes]:
-    """A new task's fields that the submit script writes as they are (it adds seq, state,
-    effective priority, created_at and the event counter)."""
-    fields: list[str | bytes] = [
-        "id", task_id, "p", spec.preset, "in", orjson.dumps(spec.input),
-        "bp", str(spec.priority), "w", spec.device_wish.value, "l", spec.lane,
-        "a", "0", "tk", "0"]
-    if spec.timeout_s is not None:
-        fields += ["to", repr(float(spec.timeout_s))]
-    if spec.content_type is not None:
-        fields += ["ct", spec.content_type]
-    if spec.fallback_reason is not None:
-        fields += ["fr", spec.fallback_reason]
-    if spec.idempotency_key is not None:
-        fields += ["k", spec.idempotency_key]
-    if spec.submitted_by is not None:
-        fields += ["by", spec.submitted_by]
-    return fields
+def spec_args(task_id: str, spec: TaskSpec) -> list[str | bytes]:
+    """A new task as the submit script takes it (redis_scripts.SUBMIT says the order): it
+    writes the hash, adding seq, state, effective priority, created_at and the counters."""
+    first = {"state": "queued", "lane": spec.lane, "fallback_reason": spec.fallback_reason}
+    return [task_id, spec.idempotency_key or "", spec.body_hash or "", spec.preset, spec.lane,
+            str(spec.priority), orjson.dumps(first), orjson.dumps(spec.input),
+            spec.device_wish.value,
+            "" if spec.timeout_s is None else repr(float(spec.timeout_s)),
+            spec.content_type or "", spec.fallback_reason or "", spec.submitted_by or ""]
 
 
 def new_task(task_id: str, spec: TaskSpec, seq: int, created: float) -> Task:
@@ -43,6 +34,10 @@ def new_task(task_id: str, spec: TaskSpec, seq: int, created: float) -> Task:
                 content_type=spec.content_type, idempotency_key=spec.idempotency_key,
                 lane=spec.lane, fallback_reason=spec.fallback_reason,
                 submitted_by=spec.submitted_by)
+
+
+_STATES = {s.value.encode(): s for s in TaskState}
+_WISHES = {w.value.encode(): w for w in DeviceWish}
 
 
 def _s(v: bytes | None) -> str | None:
@@ -58,24 +53,22 @@ def _j(v: bytes | None) -> Any:
 
 
 def decode_task(flat: Sequence[bytes]) -> Task:
-    """A task from a script's HGETALL answer (field, value, field, value ...)."""
-    it = iter(flat)
-    h: dict[bytes, bytes] = dict(zip(it, it, strict=True))
-    return task_from_hash(h)
-
-
-def task_from_hash(h: dict[bytes, bytes]) -> Task:
-    node, device, reason = _s(h.get(b"n")), _s(h.get(b"d")), _s(h.get(b"fr"))
+    """A task from an HGETALL answer (field, value, field, value ...)."""
+    h: dict[bytes, bytes] = dict(zip(flat[::2], flat[1::2], strict=True))
+    get = h.get
+    node, device, reason = get(b"n"), get(b"d"), get(b"fr")
+    reason_s = None if reason is None else reason.decode()
     return Task(
-        id=h[b"id"].decode(), preset=h[b"p"].decode(), state=TaskState(h[b"s"].decode()),
-        input=_j(h.get(b"in")), priority=int(h[b"bp"]),
-        device_wish=DeviceWish(h[b"w"].decode()), created_at=float(h[b"c"]),
-        seq=int(h[b"seq"]), output=_j(h.get(b"out")), error=_j(h.get(b"err")),
-        attempts=int(h.get(b"a", 0)), timeout_s=_f(h.get(b"to")), content_type=_s(h.get(b"ct")),
-        placement=Placement(node or "", device, reason) if device else None,
-        started_at=_f(h.get(b"st")), finished_at=_f(h.get(b"f")),
-        idempotency_key=_s(h.get(b"k")), lane=h[b"l"].decode(), fallback_reason=reason,
-        token=int(h.get(b"tk", 0)), submitted_by=_s(h.get(b"by")))
+        id=h[b"id"].decode(), preset=h[b"p"].decode(), state=_STATES[h[b"s"]],
+        input=_j(get(b"in")), priority=int(h[b"bp"]), device_wish=_WISHES[h[b"w"]],
+        created_at=float(h[b"c"]), seq=int(h[b"seq"]), output=_j(get(b"out")),
+        error=_j(get(b"err")), attempts=int(get(b"a", 0)), timeout_s=_f(get(b"to")),
+        content_type=_s(get(b"ct")),
+        placement=(Placement("" if node is None else node.decode(), device.decode(), reason_s)
+                   if device is not None else None),
+        started_at=_f(get(b"st")), finished_at=_f(get(b"f")),
+        idempotency_key=_s(get(b"k")), lane=h[b"l"].decode(), fallback_reason=reason_s,
+        token=int(get(b"tk", 0)), submitted_by=_s(get(b"by")))
 
 
 def event_args(events: Sequence[tuple[str, Any]]) -> list[str | bytes]:

@@ -38,38 +38,52 @@ local inst = ARGV[1]
 local now = ARGV[2]
 local evmax = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4])
+-- What this call changed, applied once at its end by flush(): counters, and what to publish.
 local finals = {}
 local work = false
+local added = 0
+local queued = {}
+local qseen = {}
+local left = {}
 
 local function qkey(lane, preset) return P .. 'q:' .. lane .. ':' .. preset end
 local function score(prio, seq) return (100 - tonumber(prio)) * 1099511627776 + tonumber(seq) end
 
 local function hgetall(id) return redis.call('HGETALL', P .. 't:' .. id) end
 
--- Append events (pairs of type, JSON data) to a task's stream, numbered from its counter.
+-- Write events (pairs of type, JSON data) to a task's stream numbered from `first`; the
+-- caller has set the task's counter `ev` to the last number already.
+local function xadd_from(id, evs, first)
+  local n = #evs / 2
+  local e = P .. 'e:' .. id
+  for i = 1, n do
+    redis.call('XADD', e, (first + i - 1) .. '-0', 't', evs[2 * i - 1], 'd', evs[2 * i],
+               'ts', now)
+  end
+  added = added + n
+  if first + n - 1 > evmax then added = added - redis.call('XTRIM', e, 'MAXLEN', evmax) end
+end
+
+-- Append events, numbered by the task's counter. Answers the last number.
 local function xadd(id, evs)
   local n = #evs / 2
   if n == 0 then return 0 end
   local last = redis.call('HINCRBY', P .. 't:' .. id, 'ev', n)
-  local e = P .. 'e:' .. id
-  for i = 1, n do
-    redis.call('XADD', e, (last - n + i) .. '-0', 't', evs[2 * i - 1], 'd', evs[2 * i],
-               'ts', now)
-  end
-  local trimmed = 0
-  if redis.call('XLEN', e) > evmax then trimmed = redis.call('XTRIM', e, 'MAXLEN', evmax) end
-  redis.call('HINCRBY', P .. 'stats', 'events', n - trimmed)
+  xadd_from(id, evs, last - n + 1)
   return last
 end
 
 local function enqueue(id, preset, lane, prio, seq)
   local q = qkey(lane, preset)
-  -- Other nodes hear of a queue that was empty: one that was not keeps them busy already.
-  if redis.call('ZCARD', q) == 0 then work = true end
+  if not qseen[q] then
+    qseen[q] = true
+    -- Other nodes hear of a queue that was empty: one that was not keeps them busy already.
+    if redis.call('ZCARD', q) == 0 then work = true end
+    redis.call('SADD', P .. 'queues', lane .. ':' .. preset)
+  end
   if redis.call('ZADD', q, score(prio, seq), id) == 1 then
     redis.call('ZADD', P .. 's:queued', seq, id)
-    redis.call('HINCRBY', P .. 'stats', 'q:' .. preset, 1)
-    redis.call('SADD', P .. 'queues', lane .. ':' .. preset)
+    queued[preset] = (queued[preset] or 0) + 1
   end
 end
 
@@ -78,7 +92,7 @@ local function leave_running(id, node)
   redis.call('ZREM', P .. 's:running', id)
   if node then
     redis.call('SREM', P .. 'n:' .. node, id)
-    if redis.call('SCARD', P .. 'n:' .. node) == 0 then redis.call('SREM', P .. 'nodes', node) end
+    left[node] = true
   end
 end
 
@@ -103,12 +117,18 @@ end
 -- {'missing'}. evs: its events, the final state event last.
 local function finish(id, token, state, output, err, evs)
   local t = P .. 't:' .. id
-  local cur = redis.call('HMGET', t, 's', 'tk', 'p', 'n', 'seq', 'k')
+  local cur = redis.call('HMGET', t, 's', 'tk', 'p', 'n', 'seq', 'k', 'ev', 'err')
   if not cur[1] then return {'missing'} end
   if cur[1] ~= 'running' or cur[2] ~= token then return {'stale', cur[1], cur[2]} end
-  redis.call('HSET', t, 's', state, 'out', output, 'f', now)
-  if err ~= '' then redis.call('HSET', t, 'err', err) else redis.call('HDEL', t, 'err') end
-  xadd(id, evs)
+  local first = tonumber(cur[7]) + 1
+  local last = first + #evs / 2 - 1
+  if err ~= '' then
+    redis.call('HSET', t, 's', state, 'out', output, 'f', now, 'ev', last, 'err', err)
+  else
+    redis.call('HSET', t, 's', state, 'out', output, 'f', now, 'ev', last)
+    if cur[8] then redis.call('HDEL', t, 'err') end
+  end
+  xadd_from(id, evs, first)
   leave_running(id, cur[4])
   ended(id, state, cur[3], cur[5], cur[6])
   return {'ok', hgetall(id)}
@@ -132,7 +152,16 @@ local function requeue(id, token, err, spent, evs)
   return {'ok', hgetall(id)}
 end
 
-local function publish()
+-- The end of every writing script: counters, the node index, then the messages.
+local function flush()
+  local stats = P .. 'stats'
+  if added ~= 0 then redis.call('HINCRBY', stats, 'events', added) end
+  for preset, n in pairs(queued) do
+    if n ~= 0 then redis.call('HINCRBY', stats, 'q:' .. preset, n) end
+  end
+  for node in pairs(left) do
+    if redis.call('SCARD', P .. 'n:' .. node) == 0 then redis.call('SREM', P .. 'nodes', node) end
+  end
   if #finals > 0 then
     redis.call('PUBLISH', P .. 'ch', 'f\t' .. inst .. '\t' .. table.concat(finals, ' '))
   end
@@ -141,15 +170,11 @@ end
 """
 
 SUBMIT = PRELUDE + r"""
--- ARGV[5]: how many specs; each: id key bodyhash preset lane prio firstevent nfields fields...
+-- ARGV[5]: how many specs; each (SPEC_ARGS of them): id key bodyhash preset lane priority
+-- firstevent input wish timeout contenttype fallbackreason submittedby ('' for none).
 local count = tonumber(ARGV[5])
 local specs = {}
-local i = 6
-for s = 1, count do
-  local nf = tonumber(ARGV[i + 7])
-  specs[s] = {i, nf}
-  i = i + 8 + nf
-end
+for s = 1, count do specs[s] = {6 + (s - 1) * 13} end
 -- First pass, nothing written: a key used before (or earlier in this batch) with another
 -- body refuses the whole batch.
 local seen = {}
@@ -171,8 +196,10 @@ for s = 1, count do
   end
 end
 local out = {}
+local seq = redis.call('INCRBY', P .. 'seq', count) - count
+local all = {}
 for s = 1, count do
-  local b, nf = specs[s][1], specs[s][2]
+  local b = specs[s][1]
   local id, key = ARGV[b], ARGV[b + 1]
   local owner = nil
   if key ~= '' then owner = string.sub(seen[key][2], 1, 24) end
@@ -180,13 +207,24 @@ for s = 1, count do
     out[s] = {0, hgetall(owner)}
   else
     local preset, lane, prio = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
-    local seq = redis.call('INCR', P .. 'seq')
-    local t = P .. 't:' .. id
-    redis.call('HSET', t, 'seq', seq, 's', 'queued', 'ep', prio, 'c', now,
-               unpack(ARGV, b + 8, b + 7 + nf))
-    redis.call('ZADD', P .. 'all', seq, id)
+    seq = seq + 1
+    local f = {'id', id, 'seq', seq, 'p', preset, 's', 'queued', 'in', ARGV[b + 7], 'bp', prio,
+               'ep', prio, 'w', ARGV[b + 8], 'l', lane, 'c', now, 'a', 0, 'tk', 0, 'ev', 1}
+    for j, name in ipairs({'to', 'ct', 'fr', 'by'}) do
+      if ARGV[b + 8 + j] ~= '' then
+        f[#f + 1] = name
+        f[#f + 1] = ARGV[b + 8 + j]
+      end
+    end
+    if key ~= '' then
+      f[#f + 1] = 'k'
+      f[#f + 1] = key
+    end
+    redis.call('HSET', P .. 't:' .. id, unpack(f))
+    all[#all + 1] = seq
+    all[#all + 1] = id
     redis.call('ZADD', P .. 'p:' .. preset, seq, id)
-    xadd(id, {'state', ARGV[b + 6]})
+    xadd_from(id, {'state', ARGV[b + 6]}, 1)
     enqueue(id, preset, lane, prio, seq)
     if key ~= '' then
       redis.call('SET', P .. 'k:' .. key, ARGV[b + 2] .. ' ' .. id)
@@ -195,7 +233,10 @@ for s = 1, count do
     out[s] = {1, seq}
   end
 end
-publish()
+for i = 1, #all, 1000 do
+  redis.call('ZADD', P .. 'all', unpack(all, i, math.min(i + 999, #all)))
+end
+flush()
 return {'ok', out}
 """
 
@@ -245,30 +286,39 @@ return changed
 CLAIM = PRELUDE + r"""
 -- ARGV[5..9]: preset lane limit node device. Answers the claimed tasks in queue order.
 local preset, lane, node, device = ARGV[5], ARGV[6], ARGV[8], ARGV[9]
-local q = qkey(lane, preset)
-local ids = redis.call('ZRANGE', q, 0, tonumber(ARGV[7]) - 1)
+local popped = redis.call('ZPOPMIN', qkey(lane, preset), tonumber(ARGV[7]))
 local out = {}
-for i, id in ipairs(ids) do
+local ids, runs, beats = {}, {}, {}
+for i = 1, #popped, 2 do
+  local id = popped[i]
   local t = P .. 't:' .. id
-  redis.call('ZREM', q, id)
-  redis.call('ZREM', P .. 's:queued', id)
-  local attempt = redis.call('HINCRBY', t, 'a', 1)
-  redis.call('HINCRBY', t, 'tk', 1)
-  redis.call('HSET', t, 's', 'running', 'st', now, 'n', node, 'd', device)
-  local h = redis.call('HMGET', t, 'seq', 'fr')
+  local h = redis.call('HMGET', t, 'a', 'tk', 'seq', 'fr', 'ev')
+  local attempt, ev = tonumber(h[1]) + 1, tonumber(h[5]) + 1
+  redis.call('HSET', t, 's', 'running', 'st', now, 'n', node, 'd', device, 'a', attempt,
+             'tk', tonumber(h[2]) + 1, 'ev', ev)
   local data = {state = 'running', attempt = attempt, node = node, device = device,
-                fallback_reason = h[2] or cjson.null}
-  xadd(id, {'state', cjson.encode(data)})
-  redis.call('ZADD', P .. 's:running', h[1], id)
-  redis.call('ZADD', P .. 'running', now, id)
-  redis.call('SADD', P .. 'n:' .. node, id)
-  out[i] = hgetall(id)
+                fallback_reason = h[4] or cjson.null}
+  xadd_from(id, {'state', cjson.encode(data)}, ev)
+  ids[#ids + 1] = id
+  runs[#runs + 1] = h[3]
+  runs[#runs + 1] = id
+  beats[#beats + 1] = now
+  beats[#beats + 1] = id
+  out[#out + 1] = hgetall(id)
 end
 if #ids > 0 then
+  for i = 1, #ids, 1000 do
+    local j = math.min(i + 999, #ids)
+    redis.call('ZREM', P .. 's:queued', unpack(ids, i, j))
+    redis.call('SADD', P .. 'n:' .. node, unpack(ids, i, j))
+    redis.call('ZADD', P .. 's:running', unpack(runs, 2 * i - 1, 2 * j))
+    redis.call('ZADD', P .. 'running', unpack(beats, 2 * i - 1, 2 * j))
+  end
   redis.call('SADD', P .. 'nodes', node)
-  redis.call('HINCRBY', P .. 'stats', 'q:' .. preset, -#ids)
   redis.call('HINCRBY', P .. 'stats', 'c:' .. preset, #ids)
+  queued[preset] = -#ids
 end
+flush()
 return out
 """
 
@@ -279,21 +329,27 @@ local state = redis.call('HGET', P .. 't:' .. id, 's')
 if not state then return nil end
 local evs = {}
 for i = 6, #ARGV do evs[#evs + 1] = ARGV[i] end
-return {xadd(id, evs), state}
+local last = xadd(id, evs)
+flush()
+return {last, state}
 """
 
 FINISH = PRELUDE + r"""
--- ARGV[5]: count; each item: id token state output error nevents (type data)...
+-- ARGV[5]: count; each item: id token state output error nevents (type data)... The final
+-- state event, {"state": ..., "error": ...}, is added here.
 local out = {}
 local i = 6
 for s = 1, tonumber(ARGV[5]) do
   local ne = tonumber(ARGV[i + 5])
+  local state, err = ARGV[i + 2], ARGV[i + 4]
   local evs = {}
   for j = 1, 2 * ne do evs[j] = ARGV[i + 5 + j] end
-  out[s] = finish(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], evs)
+  evs[#evs + 1] = 'state'
+  evs[#evs + 1] = '{"state":"' .. state .. '","error":' .. (err ~= '' and err or 'null') .. '}'
+  out[s] = finish(ARGV[i], ARGV[i + 1], state, ARGV[i + 3], err, evs)
   i = i + 6 + 2 * ne
 end
-publish()
+flush()
 return out
 """
 
@@ -302,7 +358,7 @@ REQUEUE = PRELUDE + r"""
 local evs = {}
 for i = 9, #ARGV do evs[#evs + 1] = ARGV[i] end
 local got = requeue(ARGV[5], ARGV[6], ARGV[7], ARGV[8], evs)
-publish()
+flush()
 return got
 """
 
@@ -319,7 +375,7 @@ for s = 1, tonumber(ARGV[5]) do
   end
   i = i + 5
 end
-publish()
+flush()
 return out
 """
 
@@ -378,9 +434,9 @@ for _, id in ipairs(redis.call('SMEMBERS', P .. 'n:' .. node)) do
     redis.call('SREM', P .. 'n:' .. node, id)
   end
 end
-if redis.call('SCARD', P .. 'n:' .. node) == 0 then redis.call('SREM', P .. 'nodes', node) end
+left[node] = true
 if n > 0 then work = true end
-publish()
+flush()
 return n
 """
 
@@ -392,11 +448,11 @@ local h = redis.call('HMGET', t, 's', 'p', 'l', 'seq', 'k')
 if h[1] ~= 'queued' then return nil end
 redis.call('ZREM', qkey(h[3], h[2]), id)
 redis.call('ZREM', P .. 's:queued', id)
-redis.call('HINCRBY', P .. 'stats', 'q:' .. h[2], -1)
+queued[h[2]] = -1
 xadd(id, {'state', ARGV[7]})
 redis.call('HSET', t, 's', 'cancelled', 'err', ARGV[6], 'f', now)
 ended(id, 'cancelled', h[2], h[4], h[5])
-publish()
+flush()
 return hgetall(id)
 """
 
@@ -415,7 +471,7 @@ redis.call('PERSIST', t)
 redis.call('PERSIST', P .. 'e:' .. id)
 if h[5] then redis.call('PERSIST', P .. 'k:' .. h[5]) end
 enqueue(id, h[2], h[3], h[6], h[4])
-publish()
+flush()
 return hgetall(id)
 """
 
