@@ -144,6 +144,7 @@ class RedisStore:
     async def close(self) -> None:
         await self._wakeups.stop()
         await self._blocking.aclose()
+        await self._blocking.connection_pool.disconnect()  # a pool passed in stays open else
         self._conn.close()
 
     # -- submit ----------------------------------------------------------------------------
