@@ -153,10 +153,11 @@ class Calls:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis went away: listen again once it is back
+                if self.subscribed.is_set():  # said once per outage, not at every try
+                    log.warning("fleet calls: lost the subscription to %s (%s); subscribing "
+                                "again with backoff", name, exc)
                 self.subscribed.clear()
                 self.resubscribes += 1
-                log.warning("fleet calls: lost the subscription to %s (%s); subscribing "
-                            "again in %.1f s", name, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RESUBSCRIBE_BACKOFF_MAX_S)
             finally:
