@@ -28,7 +28,10 @@ import contextlib
 import json
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
 
 from gpulane.errors import (
     ConflictError,
@@ -42,9 +45,6 @@ from gpulane.errors import (
 )
 from gpulane.fleet.base import Handler
 from gpulane.fleet.local import run_handler, unknown_node, unreachable
-
-if TYPE_CHECKING:
-    from gpulane.fleet.redis import RedisFleet
 
 log = logging.getLogger("gpulane.fleet")
 
@@ -96,10 +96,22 @@ def decode_error(e: dict[str, Any]) -> RequestError:
     return err
 
 
+class Link(Protocol):
+    """What calls need of their RedisFleet (a protocol, so this module does not import it)."""
+
+    name: str
+    prefix: str
+    client: aioredis.Redis
+    blocking: aioredis.Redis
+
+    def node_key(self, node: str) -> str: ...
+    def reaching(self, what: str) -> AbstractAsyncContextManager[None]: ...
+
+
 class Calls:
     """Both sides of calls for one RedisFleet: ``call`` and the subscriber serving this node."""
 
-    def __init__(self, fleet: RedisFleet) -> None:
+    def __init__(self, fleet: Link) -> None:
         self.fleet = fleet
         self.handler: Handler | None = None
         self.subscribed = asyncio.Event()
