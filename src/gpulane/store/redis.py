@@ -20,6 +20,10 @@ What fails how (for docs/fleet.md): a write that the server applied but whose an
 raises StoreUnavailableError too; a claim lost so is reaped after the claim TTL, a submit is
 made safe by its idempotency key. The ``rows`` of a purge report count what the scripts kept
 count of: a task that expired under its TTL before any purge leaves its events in the count.
+Timestamps (created, started, heartbeats, finished) are the writing node's clock: a fleet's
+clocks must agree (NTP), since skew between two nodes eats into the claim TTL the reaper
+compares heartbeats with. ``on_work`` runs in the subscriber's read callback: it must be
+quick and must not block (set an event).
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ local added = 0
 local queued = {}
 local qseen = {}
 local left = {}
+local done = {}
 
 local function qkey(lane, preset) return P .. 'q:' .. lane .. ':' .. preset end
 local function score(prio, seq) return (100 - tonumber(prio)) * 1099511627776 + tonumber(seq) end
@@ -87,12 +88,20 @@ local function enqueue(id, preset, lane, prio, seq)
   end
 end
 
+-- Many members of one key at once, in chunks (Lua's unpack takes a few thousand at most).
+local function bulk(cmd, key, items)
+  for i = 1, #items, 1000 do
+    redis.call(cmd, key, unpack(items, i, math.min(i + 999, #items)))
+  end
+end
+
+-- No longer running: the running indexes drop it at flush(), in one call per index.
+local stopped = {}
 local function leave_running(id, node)
-  redis.call('ZREM', P .. 'running', id)
-  redis.call('ZREM', P .. 's:running', id)
+  stopped[#stopped + 1] = id
   if node then
-    redis.call('SREM', P .. 'n:' .. node, id)
-    left[node] = true
+    left[node] = left[node] or {}
+    left[node][#left[node] + 1] = id
   end
 end
 
@@ -102,7 +111,8 @@ local function ended(id, state, preset, seq, key)
   if state == 'failed' or state == 'cancelled' then
     redis.call('ZADD', P .. 's:' .. state, seq, id)
   end
-  redis.call('ZADD', P .. 'done', now, id .. preset)
+  done[#done + 1] = now
+  done[#done + 1] = id .. preset
   redis.call('EXPIRE', P .. 't:' .. id, ttl)
   redis.call('EXPIRE', P .. 'e:' .. id, ttl)
   if key then
@@ -159,9 +169,16 @@ local function flush()
   for preset, n in pairs(queued) do
     if n ~= 0 then redis.call('HINCRBY', stats, 'q:' .. preset, n) end
   end
-  for node in pairs(left) do
-    if redis.call('SCARD', P .. 'n:' .. node) == 0 then redis.call('SREM', P .. 'nodes', node) end
+  if #stopped > 0 then
+    bulk('ZREM', P .. 'running', stopped)
+    bulk('ZREM', P .. 's:running', stopped)
   end
+  for node, ids in pairs(left) do
+    local n = P .. 'n:' .. node
+    if #ids > 0 then bulk('SREM', n, ids) end
+    if redis.call('SCARD', n) == 0 then redis.call('SREM', P .. 'nodes', node) end
+  end
+  if #done > 0 then bulk('ZADD', P .. 'done', done) end
   if #finals > 0 then
     redis.call('PUBLISH', P .. 'ch', 'f\t' .. inst .. '\t' .. table.concat(finals, ' '))
   end
@@ -233,9 +250,7 @@ for s = 1, count do
     out[s] = {1, seq}
   end
 end
-for i = 1, #all, 1000 do
-  redis.call('ZADD', P .. 'all', unpack(all, i, math.min(i + 999, #all)))
-end
+if #all > 0 then bulk('ZADD', P .. 'all', all) end
 flush()
 return {'ok', out}
 """
@@ -307,13 +322,10 @@ for i = 1, #popped, 2 do
   out[#out + 1] = hgetall(id)
 end
 if #ids > 0 then
-  for i = 1, #ids, 1000 do
-    local j = math.min(i + 999, #ids)
-    redis.call('ZREM', P .. 's:queued', unpack(ids, i, j))
-    redis.call('SADD', P .. 'n:' .. node, unpack(ids, i, j))
-    redis.call('ZADD', P .. 's:running', unpack(runs, 2 * i - 1, 2 * j))
-    redis.call('ZADD', P .. 'running', unpack(beats, 2 * i - 1, 2 * j))
-  end
+  bulk('ZREM', P .. 's:queued', ids)
+  bulk('SADD', P .. 'n:' .. node, ids)
+  bulk('ZADD', P .. 's:running', runs)
+  bulk('ZADD', P .. 'running', beats)
   redis.call('SADD', P .. 'nodes', node)
   redis.call('HINCRBY', P .. 'stats', 'c:' .. preset, #ids)
   queued[preset] = -#ids
@@ -434,7 +446,7 @@ for _, id in ipairs(redis.call('SMEMBERS', P .. 'n:' .. node)) do
     redis.call('SREM', P .. 'n:' .. node, id)
   end
 end
-left[node] = true
+left[node] = left[node] or {}
 if n > 0 then work = true end
 flush()
 return n
