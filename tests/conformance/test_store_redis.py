@@ -121,6 +121,35 @@ async def test_other_stores_writes_wake_on_work_and_own_writes_do_not(
     assert calls["b"] == 1
 
 
+async def test_a_queue_one_store_saw_empty_shows_the_work_another_queues(
+        two: tuple[Store, Store]) -> None:
+    """A store skips the queues it found empty (no call to Redis) until work is reported:
+    by its own writes at once, by another store's through the channel."""
+    a, b = two
+    lanes = [("p", "gpu"), ("q", "gpu")]
+    assert await a.queue_heads(lanes) == []  # both empty: remembered
+    mine = await submit(a, "q")
+    assert [h.task_id for h in await a.queue_heads(lanes)] == [mine.id]
+    [claimed] = await a.claim("q", "gpu", 5, "n", "gpu:0")  # fewer than asked: now empty
+    theirs = await submit(b, "p")
+    await eventually(lambda: _heads(a, lanes, [theirs.id]))
+    taken, token = await _claim_on(b, "p")
+    assert await a.queue_heads(lanes) == []  # both empty again
+    await b.requeue(taken, token, None)  # put back by B: A hears of it
+    await eventually(lambda: _heads(a, lanes, [theirs.id]))
+    await a.finish(mine.id, claimed.token, TaskState.SUCCEEDED)
+    assert await a.queue_heads([("q", "gpu")]) == []
+
+
+async def _heads(store: Store, lanes: list[tuple[str, str]], want: list[str]) -> bool:
+    return [h.task_id for h in await store.queue_heads(lanes)] == want
+
+
+async def _claim_on(store: Store, preset: str) -> tuple[str, int]:
+    [task] = await store.claim(preset, "gpu", 1, "n", "gpu:0")
+    return task.id, task.token
+
+
 # -- bounded state ------------------------------------------------------------------------------
 
 

@@ -129,14 +129,31 @@ class RedisStore:
         self._blocking = Redis(connection_pool=BlockingConnectionPool.from_url(
             url, max_connections=FOLLOW_CONNECTIONS, timeout=None,
             socket_connect_timeout=CONNECT_TIMEOUT_S, socket_keepalive=True))
-        self._wakeups = Wakeups(self._conn, self._instance, self.notifier,
-                                lambda: self.on_work)
+        self._wakeups = Wakeups(self._conn, self._instance, self.notifier, self._work_heard)
+        # Queues that queue_heads found empty and that got no work since: it asks Redis only
+        # about the others (the scheduler asks after every change, mostly about empty ones).
+        # Work queued by any store comes off it: this one's own writes, the others' by
+        # pub/sub (a queue that was empty gets a message), all of them after a reconnect.
+        self._empty: set[tuple[str, str]] = set()
+        self._work_seen = 0  # rises with each report of work: a stale "empty" is not kept
 
     async def _run(self, script: str, *args: Any, at: float | None = None) -> Any:
         """Call one script; the prelude's arguments (instance, now, events cap, TTL) first."""
         now = time.time() if at is None else at
         return await self._conn.script(script, self._instance, _num(now), self.events_max,
                                        self._ttl, *args)
+
+    def _work_heard(self, queues: list[tuple[str, str]] | None) -> None:
+        """Another store gave these queues work (None: any queue may have got work)."""
+        self._work_here(queues)
+        self.on_work()
+
+    def _work_here(self, queues: Iterable[tuple[str, str]] | None) -> None:
+        self._work_seen += 1
+        if queues is None:
+            self._empty.clear()
+        else:
+            self._empty.difference_update(queues)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -173,6 +190,7 @@ class RedisStore:
                 f"Idempotency-Key {key!r} was already used for a different request (task "
                 f"{owner}): send a new key for a new task, or the identical body to get that "
                 "task back", field="Idempotency-Key", extra={"task_id": owner})
+        self._work_here({(spec.preset, spec.lane) for spec in specs})
         out: list[tuple[Task, bool]] = []
         for tid, spec, (created, value) in zip(ids, specs, got[1], strict=True):
             if created:
@@ -215,12 +233,16 @@ class RedisStore:
 
     @_guarded
     async def queue_heads(self, lanes: Iterable[tuple[str, str]]) -> list[QueueHead]:
-        args = [x for pair in lanes for x in pair]
-        if not args:
+        ask = [pair for pair in lanes if pair not in self._empty]
+        if not ask:
             return []
-        rows = await self._run(lua.QUEUE_HEADS, *args)
-        return [QueueHead(p.decode(), lane.decode(), int(prio), int(seq), tid.decode())
-                for p, lane, prio, seq, tid in rows]
+        seen = self._work_seen
+        rows = await self._run(lua.QUEUE_HEADS, *[x for pair in ask for x in pair])
+        heads = [QueueHead(p.decode(), lane.decode(), int(prio), int(seq), tid.decode())
+                 for p, lane, prio, seq, tid in rows]
+        if seen == self._work_seen:  # no work was reported while the answer was on its way
+            self._empty.update(set(ask) - {(h.preset, h.lane) for h in heads})
+        return heads
 
     @_guarded
     async def age_queued(self, step_s: float, at: float | None = None) -> int:
@@ -248,7 +270,10 @@ class RedisStore:
     @_guarded
     async def claim(self, preset: str, lane: str, limit: int, node: str,
                     device: str) -> list[Task]:
+        seen = self._work_seen
         flats = await self._run(lua.CLAIM, preset, lane, limit, node, device)
+        if len(flats) < limit and seen == self._work_seen:  # it emptied the queue
+            self._empty.add((preset, lane))
         tasks = [decode_task(f) for f in flats]
         for t in tasks:
             self.notifier.notify(t.id, t)
@@ -370,6 +395,7 @@ class RedisStore:
         got = self._answer(task_id, token, answer)
         if isinstance(got, StaleTokenError):
             raise got
+        self._work_here([(got.preset, got.lane)])
         self.notifier.notify(got.id, got)
         return got
 
@@ -390,6 +416,7 @@ class RedisStore:
         if not flat:
             return None
         task = decode_task(flat)
+        self._work_here([(task.preset, task.lane)])
         self.notifier.notify(task_id, task)
         return task
 
@@ -440,6 +467,7 @@ class RedisStore:
             args += [tid, token, "1" if fail else "0", orjson.dumps(error), orjson.dumps(ev)]
         answers = await self._run(lua.TAKE_BACK, *args)
         out = [decode_task(a[1]) for a in answers if a[0] == b"ok"]
+        self._work_here([(t.preset, t.lane) for t in out if t.state is TaskState.QUEUED])
         for task in out:
             self.notifier.notify(task.id, task)
         return out
@@ -450,6 +478,7 @@ class RedisStore:
 
     @_guarded
     async def recover(self, node: str) -> int:
+        self._work_here(None)  # which queues it refills is known only after the call
         return int(await self._run(lua.RECOVER, node))
 
     @_guarded

@@ -20,8 +20,9 @@ Key layout (prefix ``gl:``):
 - ``running`` sorted set by last heartbeat; ``n:<node>`` set of a node's running tasks;
   ``nodes`` set of the nodes holding at least one.
 - ``stats`` hash: ``q:<preset>`` queued now, ``c:<preset>`` claims ever, ``events``, ``keys``.
-- channel ``ch``: ``f<TAB>instance<TAB>id id ...`` (tasks that ended), ``w<TAB>instance``
-  (work was queued or put back).
+- channel ``ch``: ``f<TAB>instance<TAB>id id ...`` (tasks that ended),
+  ``w<TAB>instance<TAB>lane:preset<LF>lane:preset ...`` (queues that were empty and got work,
+  or that work was put back in).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ local evmax = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4])
 -- What this call changed, applied once at its end by flush(): counters, and what to publish.
 local finals = {}
-local work = false
+local work = {}
 local added = 0
 local queued = {}
 local qseen = {}
@@ -79,7 +80,7 @@ local function enqueue(id, preset, lane, prio, seq)
   if not qseen[q] then
     qseen[q] = true
     -- Other nodes hear of a queue that was empty: one that was not keeps them busy already.
-    if redis.call('ZCARD', q) == 0 then work = true end
+    if redis.call('ZCARD', q) == 0 then work[lane .. ':' .. preset] = true end
     redis.call('SADD', P .. 'queues', lane .. ':' .. preset)
   end
   if redis.call('ZADD', q, score(prio, seq), id) == 1 then
@@ -158,7 +159,7 @@ local function requeue(id, token, err, spent, evs)
   if spent ~= '1' then redis.call('HINCRBY', t, 'a', -1) end
   leave_running(id, cur[4])
   enqueue(id, cur[3], cur[6], cur[7], cur[5])
-  work = true
+  work[cur[6] .. ':' .. cur[3]] = true
   return {'ok', hgetall(id)}
 end
 
@@ -182,7 +183,11 @@ local function flush()
   if #finals > 0 then
     redis.call('PUBLISH', P .. 'ch', 'f\t' .. inst .. '\t' .. table.concat(finals, ' '))
   end
-  if work then redis.call('PUBLISH', P .. 'ch', 'w\t' .. inst) end
+  local queues = {}
+  for name in pairs(work) do queues[#queues + 1] = name end
+  if #queues > 0 then
+    redis.call('PUBLISH', P .. 'ch', 'w\t' .. inst .. '\t' .. table.concat(queues, '\n'))
+  end
 end
 """
 
@@ -441,13 +446,13 @@ for _, id in ipairs(redis.call('SMEMBERS', P .. 'n:' .. node)) do
     if tonumber(h[6]) > 0 then redis.call('HINCRBY', t, 'a', -1) end
     leave_running(id, node)
     enqueue(id, h[2], h[3], h[4], h[5])
+    work[h[3] .. ':' .. h[2]] = true
     n = n + 1
   else
     redis.call('SREM', P .. 'n:' .. node, id)
   end
 end
 left[node] = left[node] or {}
-if n > 0 then work = true end
 flush()
 return n
 """

@@ -1,15 +1,16 @@
 """Wake-ups across nodes: one subscriber per Redis store on the scripts' channel.
 
-The store's scripts publish the tasks that ended and that work was queued (redis_scripts.py).
-Messages from this store itself are skipped (its writes notify locally, with the task in
-hand); from any other store they wake this process: result waiters of an ended task re-read
-it, and ``on_work`` wakes the node's scheduler. Every store hears every message (its own
-too), so a message costs a few microseconds here: a connection of its own read with hiredis
-(redis_conn.py), not redis-py's PubSub. When the server goes away the subscriber connects
-again with backoff, and then calls ``on_work`` once, since work queued while it was away was
-announced to nobody. The channel is the server's, not the database's: stores on other
-databases of one server hear each other's messages, which wake nothing of theirs but a
-scheduler's look at its queues.
+The store's scripts publish the tasks that ended and the queues that got work
+(redis_scripts.py). Messages from this store itself are skipped (its writes notify locally,
+with the task in hand); from any other store they wake this process: result waiters of an
+ended task re-read it, and the store hears which queues got work (it wakes the node's
+scheduler, and stops treating those queues as empty). Every store hears every message (its
+own too), so a message costs a few microseconds here: a connection of its own read with
+hiredis (redis_conn.py), not redis-py's PubSub. When the server goes away the subscriber
+connects again with backoff, then reports work in unknown queues once, since work queued
+while it was away was announced to nobody (the store forgets which queues it knew empty).
+The channel is the server's, not the database's: stores on other databases of one server
+hear each other's messages, which wake nothing of theirs but a scheduler's look at its queues.
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ class Wakeups:
     task keeps it subscribed until ``stop``."""
 
     def __init__(self, conn: RespConnection, instance: str, notifier: TaskNotifier,
-                 on_work: Callable[[], Callable[[], None]]) -> None:
+                 on_work: Callable[[list[tuple[str, str]] | None], None]) -> None:
         self._conn = conn
         self._instance = instance.encode()
         self._notifier = notifier
-        self._on_work = on_work  # read at each message: the node sets store.on_work later
+        self._on_work = on_work
+        """Called with the (preset, lane) queues another store gave work, or None after a
+        reconnect (any queue may have got work meanwhile)."""
         self._transport: asyncio.Transport | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -77,7 +80,7 @@ class Wakeups:
                     continue
                 break
             log.info("store: subscribed again to %s", CHANNEL)
-            self._on_work()()
+            self._on_work(None)
 
     def _handle(self, data: bytes) -> None:
         kind, _, rest = data.partition(b"\t")
@@ -85,7 +88,11 @@ class Wakeups:
         if instance == self._instance:
             return
         if kind == b"w":
-            self._on_work()()
+            queues = []
+            for name in ids.decode().split("\n"):
+                lane, _, preset = name.partition(":")
+                queues.append((preset, lane))
+            self._on_work(queues)
         elif kind == b"f":
             for raw in ids.split():
                 task_id = raw.decode()
