@@ -4,8 +4,8 @@
         [--ms 20] [--tasks-per-node 400] [--tasks 3000] [--rtt 300] [--rounds 2]
         [--node-ttl 5] [--out bench/results/cluster.json]
 
-Every node is ``gpulane serve --store redis://127.0.0.1:PORT/0`` with its own data dir, node
-name (GPULANE_NODE_NAME) and one simulated 24 GiB GPU, on a private ``redis-server`` without
+Every node is ``gpulane serve --store redis://127.0.0.1:PORT/0 --node-name nX`` with its own
+data dir and one simulated 24 GiB GPU, on a private ``redis-server`` without
 persistence. The preset ``fleet-sleep`` is the example sleep worker with ``--workers``
 replicas per node, one task per worker at a time (batch size 1): its work is sleeping, not
 CPU, so a fleet's throughput is bounded by its workers, not by this machine's two cores.
@@ -151,11 +151,11 @@ class Fleet:
             name = f"n{i + 1}"
             port = free_port()
             argv = [sys.executable, "-m", "gpulane", "serve", "--store", self.redis_url,
+                    "--node-name", name, "--advertise-url", f"http://127.0.0.1:{port}",
                     "--data-dir", str(self.tmp / f"{name}-{self.starts}"), "--port", str(port),
                     "--simulate-gpus", "1x24GiB", "--no-examples", "--presets",
                     str(self.presets), "--log-level", "warning"]
-            env = child_env(GPULANE_NODE_NAME=name, GPULANE_NODE_TTL_S=str(self.node_ttl_s),
-                            GPULANE_ADVERTISE_URL=f"http://127.0.0.1:{port}")
+            env = child_env(GPULANE_NODE_TTL_S=str(self.node_ttl_s))
             proc = self.procs.add(start_proc(f"{name}-{self.starts}", argv, log_dir=self.tmp,
                                              env=env))
             self.nodes[name] = (proc, f"http://127.0.0.1:{port}")

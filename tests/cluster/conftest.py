@@ -1,8 +1,9 @@
 """A fleet on loopback: a redis-server of its own and N real ``gpulane serve`` processes.
 
 Each node is ``gpulane serve --store redis://127.0.0.1:PORT/0 --node-name nX --simulate-gpus
-1x24GiB --data-dir DIR --port FREE`` with the presets of tests/cluster/presets and a short
-node TTL (GPULANE_NODE_TTL_S), so that a killed node is taken over in seconds. Every process
+1x24GiB --data-dir DIR --port FREE --advertise-url URL`` with the presets of
+tests/cluster/presets and a short node TTL (GPULANE_NODE_TTL_S), so that a killed node is
+taken over in seconds. Every process
 runs in a session of its own; teardown ends each node's process group and then, by pid, the
 workers it had started (they run in process groups of their own), and the redis-server,
 however the test ended.
@@ -147,13 +148,11 @@ class Node:
         self.name = name
         self.log_path = workdir / f"{name}.log"
         self.argv = [sys.executable, "-m", "gpulane", "serve", "--store", store_url,
-                     "--data-dir", str(workdir / name),
+                     "--node-name", name, "--data-dir", str(workdir / name),
                      "--simulate-gpus", "1x24GiB", "--presets", str(PRESETS),
                      "--log-level", "warning", *extra]
-        # Fleet settings from the environment (GPULANE_NODE_NAME is --node-name): the node's
-        # name, its TTL, and how others reach it (set at each spawn).
-        self.env = {**os.environ, "GPULANE_NODE_NAME": name,
-                    "GPULANE_NODE_TTL_S": str(NODE_TTL_S), **(env or {})}
+        # The node's TTL from the environment: a setting with no flag.
+        self.env = {**os.environ, "GPULANE_NODE_TTL_S": str(NODE_TTL_S), **(env or {})}
         self.port = 0
         self.url = ""
         self.proc: subprocess.Popen[bytes] | None = None
@@ -169,9 +168,9 @@ class Node:
             self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._bind_failures = self.log_path.read_text(errors="replace").count(BIND_FAILED)
         self.proc = subprocess.Popen(
-            [*self.argv, "--port", str(self.port)],
-            env={**self.env, "GPULANE_ADVERTISE_URL": self.url}, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            [*self.argv, "--port", str(self.port), "--advertise-url", self.url], env=self.env,
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)
 
     def wait_ready(self, tries: int = 3) -> None:
         """Until /readyz answers 200. A free port taken by another process between its pick
