@@ -104,6 +104,8 @@ def _guarded(fn: Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, R]]
         except (RedisDown, RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StoreUnavailableError(f"Redis at {self.url} failed ({exc})") from exc
         except RedisReplyError as exc:
+            if str(exc).startswith("LOADING"):  # a restarted Redis reading its data back
+                raise StoreUnavailableError(f"Redis at {self.url} failed ({exc})") from exc
             raise StoreError(f"Redis at {self.url} refused a call ({exc})") from exc
     return guarded
 
