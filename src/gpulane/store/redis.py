@@ -5,7 +5,7 @@ atomically on the server, fencing every finish, requeue, heartbeat and takeover 
 token. Tasks are hashes (redis_codec.py), queues sorted sets ordered by effective priority
 then seq, events a stream per task whose entry ids are the event numbers, so ``events(after)``
 and a ``Last-Event-ID`` resume are one XRANGE, and ``follow`` tails a task that another node
-runs with ``XREAD BLOCK`` on a pool of connections of its own.
+runs with ``XREAD BLOCK`` on a pool of connections of its own (redis_follow.py).
 
 Wake-ups: this store's writes notify its TaskNotifier as the SQLite store's do; the other
 stores' writes arrive by pub/sub (redis_wakeups.py). Retention: a task that ends gets a TTL
@@ -34,7 +34,6 @@ import os
 import time
 from collections.abc import (
     AsyncIterator,
-    Awaitable,
     Callable,
     Coroutine,
     Iterable,
@@ -44,13 +43,11 @@ from collections.abc import (
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gpulane.errors import ConflictError, StaleTokenError, StoreError, StoreUnavailableError
-from gpulane.model import FINAL_STATES, ErrorKind, Event, Task, TaskSpec, TaskState, task_error
+from gpulane.model import ErrorKind, Event, Task, TaskSpec, TaskState, task_error
 from gpulane.store import redis_scripts as lua
+from gpulane.store import redis_scripts_upkeep as upkeep
 from gpulane.store.base import (
     Finish,
     NewEvent,
@@ -67,7 +64,8 @@ from gpulane.store.redis_codec import (
     new_task,
     spec_args,
 )
-from gpulane.store.redis_conn import CONNECT_TIMEOUT_S, RedisDown, RedisReplyError, RespConnection
+from gpulane.store.redis_conn import RedisDown, RedisReplyError, RespConnection
+from gpulane.store.redis_follow import Tails, follow
 from gpulane.store.redis_wakeups import Wakeups
 
 DEFAULT_RETAIN_S = 7 * 24 * 3600.0
@@ -80,15 +78,8 @@ TTL_FACTOR = 1.5
 """A finished task's keys expire after this many retention periods (the purge, run every half
 period, deletes them first)."""
 
-FOLLOW_CONNECTIONS = 256
-"""Connections for blocking reads (followers tailing streams); a follower past them waits
-for one to come free."""
-
 PURGE_BATCH_TASKS = 200
 """Finished tasks deleted per script call: each call holds the server a millisecond or so."""
-
-READ_COUNT = 1000
-"""Most events one XREAD hands a follower."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -101,7 +92,7 @@ def _guarded(fn: Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, R]]
     async def guarded(self: RedisStore, /, *args: P.args, **kw: P.kwargs) -> R:
         try:
             return await fn(self, *args, **kw)
-        except (RedisDown, RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisDown, OSError) as exc:
             raise StoreUnavailableError(f"Redis at {self.url} failed ({exc})") from exc
         except RedisReplyError as exc:
             if str(exc).startswith("LOADING"):  # a restarted Redis reading its data back
@@ -127,10 +118,7 @@ class RedisStore:
         self._ttl = str(max(1, math.ceil(retain_s * TTL_FACTOR)))
         self._instance = os.urandom(6).hex()  # tells this store's messages from the others'
         self._conn = RespConnection(url)  # every call but the blocking ones (redis_conn.py)
-        # Blocking reads wait as long as their BLOCK says: no socket timeout of their own.
-        self._blocking = Redis(connection_pool=BlockingConnectionPool.from_url(
-            url, max_connections=FOLLOW_CONNECTIONS, timeout=None,
-            socket_connect_timeout=CONNECT_TIMEOUT_S, socket_keepalive=True))
+        self._tails = Tails(url)  # followers' blocking reads (redis_follow.py)
         self._wakeups = Wakeups(self._conn, self._instance, self.notifier, self._work_heard)
         # Queues that queue_heads found empty and that got no work since: it asks Redis only
         # about the others (the scheduler asks after every change, mostly about empty ones).
@@ -166,8 +154,7 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._wakeups.stop()
-        await self._blocking.aclose()
-        await self._blocking.connection_pool.disconnect()  # a pool passed in stays open else
+        await self._tails.close()
         self._conn.close()
 
     # -- submit ----------------------------------------------------------------------------
@@ -228,7 +215,7 @@ class RedisStore:
         else:
             index = "all"
         below = "+inf" if not cursor else "(" + str(int(cursor))
-        flats = await self._run(lua.PAGE, index, below, limit + 1,
+        flats = await self._run(upkeep.PAGE, index, below, limit + 1,
                                 state.value if state else "", preset or "")
         tasks = [decode_task(f) for f in flats[:limit]]
         return tasks, str(tasks[-1].seq) if len(flats) > limit else None
@@ -303,46 +290,8 @@ class RedisStore:
                                          f"{after + 1}-0", "+", "COUNT", limit)
         return decode_entries(task_id, entries)
 
-    async def follow(self, task_id: str, after: int, quiet_s: float
-                     ) -> AsyncIterator[list[Event]]:
-        stream = lua.PREFIX + "e:" + task_id
-        block_ms = max(1, int(quiet_s * 1000))
-        events = await self.events(task_id, after, READ_COUNT)
-        quiet = False
-        while True:
-            if events:
-                for i, e in enumerate(events):
-                    if e.type == "state" and e.data.get("state") in FINAL_STATES:
-                        yield events[:i + 1]
-                        return
-                after = events[-1].seq
-                yield events
-            else:
-                task = await self.get(task_id)
-                if task is None:
-                    return
-                if task.state.final:  # its final event may have landed after the last read
-                    events = await self.events(task_id, after, READ_COUNT)
-                    if not events:
-                        return
-                    continue
-                if quiet:
-                    yield []
-            # Whichever node appends next wakes this read (a blocking connection of its own).
-            events = await self._xread(stream, task_id, after, block_ms)
-            quiet = not events
-
-    async def _xread(self, stream: str, task_id: str, after: int, block_ms: int
-                     ) -> list[Event]:
-        got = await self._guard_read(self._blocking.xread({stream: f"{after}-0"},
-                                                          count=READ_COUNT, block=block_ms))
-        return decode_entries(task_id, got[0][1]) if got else []
-
-    async def _guard_read(self, call: Awaitable[Any]) -> Any:
-        try:
-            return await call
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreUnavailableError(f"Redis at {self.url} failed ({exc})") from exc
+    def follow(self, task_id: str, after: int, quiet_s: float) -> AsyncIterator[list[Event]]:
+        return follow(self, self._tails, task_id, after, quiet_s)
 
     async def finish(self, task_id: str, token: int, state: TaskState, output: Any = None,
                      error: dict[str, Any] | None = None,
@@ -429,14 +378,14 @@ class RedisStore:
                         ) -> list[tuple[str, int]]:
         if not held:
             return []
-        lost = await self._run(lua.HEARTBEAT, node, *[x for pair in held for x in pair])
+        lost = await self._run(upkeep.HEARTBEAT, node, *[x for pair in held for x in pair])
         return [held[int(i) - 1] for i in lost]
 
     @_guarded
     async def reap(self, stale_before: float,
                    max_attempts: Mapping[str, int] | None = None) -> list[Task]:
         at = time.time()
-        rows = await self._run(lua.RUNNING, "stale", _num(stale_before))
+        rows = await self._run(upkeep.RUNNING, "stale", _num(stale_before))
         return await self._take_back(
             [(tid, token, attempts, preset, task_error(
                 ErrorKind.WORKER_DIED,
@@ -448,7 +397,7 @@ class RedisStore:
     @_guarded
     async def reap_node(self, node: str, max_attempts: Mapping[str, int] | None = None
                         ) -> list[Task]:
-        rows = await self._run(lua.RUNNING, "node", node)
+        rows = await self._run(upkeep.RUNNING, "node", node)
         error = task_error(ErrorKind.WORKER_DIED,
                            f"node {node} died (its registration expired) while running this "
                            "attempt", code="node_lost")
@@ -467,7 +416,7 @@ class RedisStore:
             ev = ({"state": "failed", "error": error} if fail
                   else {"state": "queued", "retry_after_error": error})
             args += [tid, token, "1" if fail else "0", orjson.dumps(error), orjson.dumps(ev)]
-        answers = await self._run(lua.TAKE_BACK, *args)
+        answers = await self._run(upkeep.TAKE_BACK, *args)
         out = [decode_task(a[1]) for a in answers if a[0] == b"ok"]
         self._work_here([(t.preset, t.lane) for t in out if t.state is TaskState.QUEUED])
         for task in out:
@@ -481,7 +430,7 @@ class RedisStore:
     @_guarded
     async def recover(self, node: str) -> int:
         self._work_here(None)  # which queues it refills is known only after the call
-        return int(await self._run(lua.RECOVER, node))
+        return int(await self._run(upkeep.RECOVER, node))
 
     @_guarded
     async def purge(self, finished_before: float, max_batches: int | None = None
@@ -490,14 +439,14 @@ class RedisStore:
         longest = 0.0
         while max_batches is None or batches < max_batches:
             started = time.perf_counter()
-            found, t, e, k = await self._run(lua.PURGE, _num(finished_before), PURGE_BATCH_TASKS)
+            found, t, e, k = await self._run(upkeep.PURGE, _num(finished_before), PURGE_BATCH_TASKS)
             if not found:
                 break
             longest = max(longest, time.perf_counter() - started)
             tasks, events, keys, batches = tasks + t, events + e, keys + k, batches + 1
             if found < PURGE_BATCH_TASKS:
                 break
-        n_tasks, n_events, n_keys = await self._run(lua.COUNTS)
+        n_tasks, n_events, n_keys = await self._run(upkeep.COUNTS)
         info: bytes = await self._conn.call("INFO", "memory")
         used = next(line for line in info.splitlines() if line.startswith(b"used_memory:"))
         return PurgeReport(tasks=tasks, events=events, keys=keys, batches=batches,
