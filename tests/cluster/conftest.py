@@ -247,8 +247,10 @@ class Node:
 class Cluster:
     """A redis-server and the fleet's nodes, each reachable by name."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
+        self.env = env or {}
+        """Settings every node gets from its environment (GPULANE_...)."""
         self.redis = RedisServer(workdir)
         self.nodes: dict[str, Node] = {}
 
@@ -260,7 +262,8 @@ class Cluster:
     def add(self, *names: str, extra: tuple[str, ...] = ()) -> list[Node]:
         """Start nodes (all at once, then wait for each) and wait until every live node is
         in the fleet's registry."""
-        fresh = [Node(name, self.redis.url, self.workdir, *extra) for name in names]
+        fresh = [Node(name, self.redis.url, self.workdir, *extra, env=self.env)
+                 for name in names]
         for node in fresh:
             self.nodes[node.name] = node
             node.spawn()
@@ -299,8 +302,9 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def running_cluster(workdir: Path, count: int, *extra: str) -> Iterator[Cluster]:
-    cluster = Cluster(workdir)
+def running_cluster(workdir: Path, count: int, *extra: str,
+                    env: dict[str, str] | None = None) -> Iterator[Cluster]:
+    cluster = Cluster(workdir, env)
     try:
         yield cluster.start(count, *extra)
     finally:

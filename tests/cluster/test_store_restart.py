@@ -20,6 +20,9 @@ from tests.cluster.conftest import (
 
 SUBMITS = 40
 """Tasks each submitter sends (one per node), one at a time."""
+CLAIM_TTL_S = "3"
+"""The nodes' claim TTL. A claim that Redis applied as it died, its answer lost, leaves its
+tasks running for nobody until the reaper takes them back after this long (30 s by default)."""
 
 
 class Submitter(threading.Thread):
@@ -63,7 +66,7 @@ class Submitter(threading.Thread):
 
 def test_redis_killed_and_restarted_under_load_loses_no_acknowledged_task(
         tmp_path: Path) -> None:
-    with running_cluster(tmp_path, 2) as cluster:
+    with running_cluster(tmp_path, 2, env={"GPULANE_CLAIM_TTL_S": CLAIM_TTL_S}) as cluster:
         subs = [Submitter(node, f"s{i}") for i, node in enumerate(cluster.live())]
         for s in subs:
             s.start()
