@@ -120,12 +120,13 @@ def test_events_of_a_task_on_one_node_stream_through_another(cluster: Cluster) -
 
         running = poll(started, 30, "the stream task running")
     runs_on = running["placement"]["node"]
-    reader = next(n for n in cluster.live() if n.name != runs_on)
+    reader, resumer = [n for n in cluster.live() if n.name != runs_on][:2]
     path = f"/v1/tasks/{task['id']}/events"
     with reader.client() as http:
         first = _sse(http, path, stop_after=6)  # queued, running and a few words, live
-        assert first[-1][1] != "state" or first[-1][2]["state"] not in FINAL, first
-        rest = _sse(http, path, last_event_id=first[-1][0])  # resumed, to the end
+    assert first[-1][1] != "state" or first[-1][2]["state"] not in FINAL, first
+    with resumer.client() as http:  # the client comes back through yet another node
+        rest = _sse(http, path, last_event_id=first[-1][0])
     ids = [e[0] for e in first + rest]
     assert ids == sorted(set(ids)) and ids[0] == 1, ids  # nothing twice, nothing skipped
     assert ids == list(range(1, len(ids) + 1)), ids
