@@ -58,6 +58,10 @@ def _alive(pid: int) -> bool:
 def test_a_node_killed_mid_load_loses_nothing(cluster: Cluster) -> None:
     n1, victim = cluster["n1"], cluster["n3"]
     with n1.client() as http:
+        r = http.post("/v1/leases", json={"holder": "svc", "vram_mb": 1024, "node": victim.name,
+                                          "ttl_s": 600})
+        assert r.status_code == 201, r.text
+        lease = r.json()
         ids = _backlog(http, "kill", 400)
         held = poll(lambda: _running_on(http, victim.name), 60, "n3 running a task")
         victim.note_workers()
@@ -70,6 +74,9 @@ def test_a_node_killed_mid_load_loses_nothing(cluster: Cluster) -> None:
             again = done[t["id"]]
             assert again["placement"]["node"] != victim.name, again
         poll(lambda: victim.name not in cluster.names_in_fleet(n1), 30, "n3 to leave the fleet")
+        # Its lease ends with it, long before its own TTL would have run out.
+        poll(lambda: http.get(f"/v1/leases/{lease['id']}").json()["state"] == "expired", 30,
+             "the lease on n3 to end")
     # Its workers died with it (PR_SET_PDEATHSIG): none is left running for nobody.
     poll(lambda: not [p for p in workers if _alive(p)], 15, "n3's workers to exit")
 
