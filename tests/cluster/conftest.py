@@ -16,7 +16,6 @@ acknowledged write.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import signal
@@ -44,13 +43,6 @@ NODE_TTL_S = 2.0
 STOP_GRACE_S = 10.0
 """How long a node has to exit after SIGTERM at teardown before it is killed."""
 
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _redis_store_built() -> None:
-    """As tests/conformance does, the fleet's tests switch on with the redis store."""
-    if importlib.util.find_spec("gpulane.store.redis") is None:
-        pytest.skip("no redis store (gpulane.store.redis) to build a fleet on")
 
 
 def poll(check: Callable[[], T | None], timeout: float, what: str,
