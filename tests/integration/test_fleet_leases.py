@@ -98,6 +98,8 @@ async def test_unknown_node_and_lease_name_the_field(tmp_path: Path, redis_url: 
         a = fleet["a"][1]
         r = await a.post("/v1/leases", json={"holder": "svc", "vram_mb": 1, "node": "zz"})
         assert r.status_code == 404 and r.json()["error"]["field"] == "node"
+        r = await a.post("/v1/leases", json={"holder": "svc", "vram_mb": 1, "node": ""})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_node", r.text
         r = await a.get("/v1/leases/lease-nope")
         assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_lease"
         r = await a.post("/v1/leases", json={"holder": "svc", "vram_mb": 10**6})
