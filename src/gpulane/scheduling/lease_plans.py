@@ -9,25 +9,23 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from gpulane.scheduling.ledger import GpuAccount, Holding
 
-if TYPE_CHECKING:  # leases.py imports this module
-    from gpulane.scheduling.leases import LeaseRequest
 
-
-def plan_device(acct: GpuAccount, req: LeaseRequest) -> list[Holding] | None:
-    """The holders to pause so that one device can take ``req``; None if it cannot.
+def plan_device(acct: GpuAccount, *, vram_mb: int, gpus: int,
+                priority: int) -> list[Holding] | None:
+    """The holders to pause so that one device can take a request (``vram_mb`` of it, or
+    the whole device when ``gpus``) at ``priority``; None if it cannot.
 
     A slice needs vram_mb free: the lowest-priority preemptible holders below the request's
     priority go first (workers before leases among equals) until it fits. A whole device
     needs every holder gone, so each must be preemptible and of lower priority.
     """
     held = list(acct.holdings.values())
-    victims = sorted((h for h in held if h.preemptible and h.priority < req.priority),
+    victims = sorted((h for h in held if h.preemptible and h.priority < priority),
                      key=lambda h: (h.priority, h.kind == "lease"))
-    if req.gpus:
+    if gpus:
         if len(victims) < len(held) or acct.total_vram_mb <= 0:
             return None
         if acct.free_mb + sum(h.vram_mb for h in held) < acct.total_vram_mb - acct.slack_mb:
@@ -35,15 +33,15 @@ def plan_device(acct: GpuAccount, req: LeaseRequest) -> list[Holding] | None:
         return victims
     free, chosen = acct.free_mb, []
     for h in victims:
-        if free >= req.vram_mb:
+        if free >= vram_mb:
             break
         chosen.append(h)
         free += h.vram_mb
-    return chosen if free >= req.vram_mb else None
+    return chosen if free >= vram_mb else None
 
 
 CHEAPEST_EXACT_MAX = 20_000
-"""Most device sets _cheapest compares one by one; beyond it, it chooses greedily."""
+"""Most device sets cheapest() compares one by one; beyond it, it chooses greedily."""
 
 
 def cheapest(plans: dict[int, list[Holding]],

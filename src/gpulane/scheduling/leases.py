@@ -358,7 +358,8 @@ class LeaseManager:
                 continue
             if self._reserved.get(d, lease.id) != lease.id:
                 continue  # being cleared for another urgent lease
-            plan = _plan_device(acct, req)
+            plan = _plan_device(acct, vram_mb=req.vram_mb, gpus=req.gpus,
+                                priority=req.priority)
             if plan is not None:
                 plans[d] = plan
         picked = _cheapest(plans, max(req.gpus, 1))
