@@ -121,6 +121,7 @@ class Node:
         self._reloading = asyncio.Lock()
         self.fleet_view = FleetView(self.fleet, self.name)
         self.fleet_leases = FleetLeases(self.leases, self.fleet, self.name)
+        self.fleet_leases.draining = lambda: self.draining
         self.scheduler.warm_elsewhere = self.fleet_view.warm_elsewhere
         self.scheduler.warm_window_s = settings.warm_window_s
         self.calls: dict[str, Op] = {"drain": self.drains.call_drain,

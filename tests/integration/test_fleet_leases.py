@@ -218,3 +218,16 @@ async def test_the_sdk_holds_a_lease_on_another_node(tmp_path: Path, redis_url: 
                                 and held.expires_at > held.granted_at + 1.5)
                 await eventually(renewed)
             assert node_b.leases.get(lease.lease["id"]).state.value == "released"
+
+
+async def test_a_draining_node_grants_no_new_lease(tmp_path: Path, redis_url: str) -> None:
+    async with fleet_of(tmp_path, redis_url, "a", "b") as fleet:
+        (node_a, a) = fleet["a"]
+        node_a.drains.start()
+        elsewhere = await _lease(a, vram_mb=1024)
+        assert elsewhere["node"] == "b"  # a drains: the request goes to the other node
+        r = await a.post("/v1/leases", json={"holder": "svc", "vram_mb": 1024, "node": "a"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "draining", r.text
+        assert r.headers["Retry-After"]
+        node_a.drains.resume()
+        assert (await _lease(a, vram_mb=1024))["node"] == "a"

@@ -40,7 +40,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from gpulane.errors import NotFoundError, RequestError
+from gpulane.errors import NotFoundError, RequestError, UnavailableError
 from gpulane.fleet import Fleet, NodeInfo
 from gpulane.scheduling.lease_mirror import LeaseMirror
 from gpulane.scheduling.leases import (
@@ -61,6 +61,8 @@ SETTLE_S = 2.0
 """Longest an acquire or release waits for the book to have the lease before answering."""
 STOP_FLUSH_S = 5.0
 """Longest a stopping node spends saving its last lease changes."""
+DRAINING_RETRY_S = 30
+"""Retry-After of a lease refused by a draining node with no other node to send it to."""
 RESTORE_RETRY_MAX_S = 5.0
 """Longest wait between tries to read this node's leases back while the book is away."""
 BOOK_ONLY = ("token", "awaiting_resume", "event_count", "asked_device")
@@ -92,6 +94,8 @@ class FleetLeases:
         self.shared = bool(getattr(fleet, "shared", False))
         self.mirror = LeaseMirror(fleet, self.record) if self.shared else None
         self._restorer: asyncio.Task[None] | None = None
+        self.draining: Callable[[], bool] = lambda: False
+        """Whether this node drains: it grants no new leases then (the node sets it)."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -181,6 +185,12 @@ class FleetLeases:
             return await self.fleet.call(
                 target, "lease.acquire", {"request": dataclasses.asdict(req), "wait_s": wait_s},
                 timeout_s=wait_s + CALL_SLACK_S)
+        if self.draining():
+            raise UnavailableError(
+                "draining", f"node {self.name} is draining and grants no new leases: ask "
+                f"another node's GPUs (leave node out, or name one GET /v1/nodes lists), or "
+                f"retry after {DRAINING_RETRY_S} s", field="node",
+                headers={"Retry-After": str(DRAINING_RETRY_S)})
         self.manager.check(req)
         lease = await self.manager.acquire(req, wait_s)
         if self.mirror is not None:
@@ -198,7 +208,12 @@ class FleetLeases:
             refusal: RequestError | None = exc
         else:
             refusal = None
-            if self.manager.fits_now(req):
+            if self.draining():
+                refusal = UnavailableError(
+                    "draining", f"node {self.name} is draining and no other live node can "
+                    f"serve this lease now: retry after {DRAINING_RETRY_S} s",
+                    headers={"Retry-After": str(DRAINING_RETRY_S)})
+            elif self.manager.fits_now(req):
                 return self.name
         others = [n for n in await self.fleet.nodes()
                   if n.name != self.name and not n.draining and _could(n, req)]
