@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable
 
 from gpulane.store.base import TaskNotifier
-from gpulane.store.redis_conn import RedisDown, RespConnection
+from gpulane.store.redis_conn import RedisDown, RedisReplyError, RespConnection
 from gpulane.store.redis_scripts import CHANNEL
 
 log = logging.getLogger("gpulane.store")
@@ -75,7 +75,8 @@ class Wakeups:
                 await asyncio.sleep(backoff)
                 try:
                     lost = await self._subscribe()
-                except RedisDown:
+                except (RedisDown, RedisReplyError) as exc:  # down, or still LOADING its data
+                    log.debug("store: not subscribed yet (%s)", exc)
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
                     continue
                 break
