@@ -6,6 +6,9 @@ and a call to any other name is ``unknown_node``; the lease book is a dict of le
 list of events per lease, in memory, with ``follow_lease`` woken by a
 :class:`~gpulane.notify.Notifier`.
 
+Both backends fence the book the same way: an ended lease is never saved back to life, and
+one that another node ended (``ended_by``) keeps that end (``fenced``).
+
 An ended lease (saved with ``keep_s``) stays readable ``keep_s`` seconds, then is dropped; at
 most ``ENDED_MAX`` ended leases are kept (the oldest-to-expire go first), so the book holds
 only live leases plus a bounded tail. ``shared`` is False: no other node can be seen, so the
@@ -21,12 +24,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from gpulane.errors import NotFoundError, UnavailableError
+from gpulane.errors import ConflictError, NotFoundError, UnavailableError
 from gpulane.fleet.base import Handler, NodeInfo
 from gpulane.notify import Notifier
 
 ENDED_MAX = 10_000
 """Ended leases kept readable at most (each for its ``keep_s``): the book's bound."""
+ENDED_STATES = ("released", "expired", "revoked", "timed_out")
+"""A lease in one of these states has ended for good: no save brings it back."""
 
 
 def unknown_node(node: str) -> NotFoundError:
@@ -34,6 +39,22 @@ def unknown_node(node: str) -> NotFoundError:
     return NotFoundError("unknown_node", f"node {node!r} is not in the fleet (not registered, "
                          "or its heartbeat lapsed): ask GET /v1/nodes for the live ones",
                          field="node")
+
+
+def fenced(lease_id: str) -> ConflictError:
+    """The error of a save that would bring back a lease the book has ended (shared by the
+    backends): a node taken for dead while it lived saves a lease that another node ended
+    ``expired`` (``node_lost``). The book keeps the end; the saving node must end it too."""
+    return ConflictError("lease_ended", f"lease {lease_id} has ended in the fleet's lease book "
+                         "(another node took its node for dead): acquire a new lease",
+                         field="id")
+
+
+def ended(stored: dict[str, Any] | None, keep_s: float | None) -> bool:
+    """Whether a save over ``stored`` must be refused (``fenced``): it is ended, and the save
+    would bring it back (``keep_s`` None) or it was ended by another node (``ended_by``)."""
+    return (stored is not None and stored.get("state") in ENDED_STATES
+            and (keep_s is None or bool(stored.get("ended_by"))))
 
 
 def unreachable(node: str, why: str) -> UnavailableError:
@@ -121,6 +142,8 @@ class LocalFleet:
                          keep_s: float | None = None) -> None:
         self._expire()
         lease_id = str(lease["id"])
+        if ended(self._leases.get(lease_id), keep_s):
+            raise fenced(lease_id)
         self._leases[lease_id] = copy.deepcopy(lease)
         log = self._events.setdefault(lease_id, [])
         last = log[-1]["id"] if log else 0

@@ -16,7 +16,9 @@ Data layout (``gl:`` is the prefix):
   ``gl:leases`` and ``gl:leases:{node}``: sorted sets of the live leases by first save time
   (oldest first). ``save_lease`` is one script (lease, new events, live sets: all or
   nothing; events already in the stream are skipped, so a retried save adds none); an ended
-  lease (``keep_s``) gets PEXPIRE on both keys and leaves the live sets.
+  lease (``keep_s``) gets PEXPIRE on both keys and leaves the live sets. An ended lease is
+  never brought back (the fence against a node taken for dead while alive: its save of
+  ``granted`` over the ``expired`` another node wrote is refused, ``fenced``).
 
 Two connection pools to the store's URL: ``client`` for short commands (a command times out
 after ``COMMAND_TIMEOUT_S``) and ``blocking`` for BLPOP, XREAD BLOCK and the subscriber (no
@@ -41,6 +43,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gpulane.errors import StoreUnavailableError
 from gpulane.fleet.base import Handler, NodeInfo
+from gpulane.fleet.local import fenced
 from gpulane.fleet.redis_calls import BLOCK_GUARD_S, Calls
 
 CONNECT_TIMEOUT_S = 1.0
@@ -65,6 +68,12 @@ return 0
 name in ARGV)."""
 
 _SAVE_LEASE = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local was = cjson.decode(cur)
+  local ended = {released = true, expired = true, revoked = true, timed_out = true}
+  if ended[was.state] and (tonumber(ARGV[3]) < 0 or was.ended_by) then return -1 end
+end
 local last = 0
 local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
@@ -90,7 +99,9 @@ end
 return last
 """
 """Save a lease and its new events in one step (KEYS: lease, events, live, live of its node;
-ARGV: id, JSON, keep_ms or -1, first-save score, events cap, then number, JSON per event)."""
+ARGV: id, JSON, keep_ms or -1, first-save score, events cap, then number, JSON per event).
+-1 and nothing written when the book has the lease ended and this save would bring it back
+(not ended), or it was ended in the book by another node (``ended_by``): see ``fenced``."""
 
 
 class RedisFleet:
@@ -202,8 +213,10 @@ class RedisFleet:
             args += [int(e["id"]), json.dumps(e)]
         key = self._lease_key(lease_id)
         async with self.reaching("save_lease"):
-            await self._save(keys=[key, f"{key}:ev", self._live_key(), self._live_key(node)],
-                             args=args)
+            last = await self._save(keys=[key, f"{key}:ev", self._live_key(),
+                                          self._live_key(node)], args=args)
+        if last == -1:
+            raise fenced(lease_id)
 
     async def lease(self, lease_id: str) -> dict[str, Any] | None:
         async with self.reaching("lease"):

@@ -19,12 +19,14 @@ events, and routes a renew or release to its node:
 Failures (for docs/fleet.md): a node that restarts adopts the leases it held from the book
 (same token and expiry; a lapsed one ends ``expired``, a waiting one ``timed_out``: its caller
 is gone). A dead node's live leases end ``expired`` with the reason ``node_lost`` when the
-housekeeper of a live node takes its work over (``on_node_dead``). A drain ends every lease
-here (``release_all``: held ones ``revoked``, waiting ones ``timed_out``, the reason in the
-event). While the book is unreachable, this node's leases go on in memory and are saved when
-it is back; renews and releases of other nodes' leases answer 503 meanwhile. An acquire
-forwarded to a node is not called off when its caller leaves: a lease granted to nobody
-expires after its ttl_s.
+housekeeper of a live node takes its work over (``on_node_dead``); that end is fenced: if
+the node was alive after all (a stalled heartbeat), the book refuses its next save of the
+lease and the node ends it too (``_fenced``), so no lease the fleet saw end lives on. A drain
+ends every lease here (``release_all``: held ones ``revoked``, waiting ones ``timed_out``, the
+reason in the event). While the book is unreachable, this node's leases go on in memory and
+are saved when it is back; renews and releases of other nodes' leases answer 503 meanwhile.
+An acquire forwarded to a node is not called off when its caller leaves: a lease granted to
+nobody expires after its ttl_s.
 
 On a node of its own (SQLite, LocalFleet) nothing is mirrored: everything is served from the
 LeaseManager as before.
@@ -40,7 +42,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from gpulane.errors import NotFoundError, RequestError, UnavailableError
+from gpulane.errors import ConflictError, NotFoundError, RequestError, UnavailableError
 from gpulane.fleet import Fleet, NodeInfo
 from gpulane.scheduling.lease_mirror import LeaseMirror
 from gpulane.scheduling.leases import (
@@ -65,7 +67,7 @@ DRAINING_RETRY_S = 30
 """Retry-After of a lease refused by a draining node with no other node to send it to."""
 RESTORE_RETRY_MAX_S = 5.0
 """Longest wait between tries to read this node's leases back while the book is away."""
-BOOK_ONLY = ("token", "awaiting_resume", "event_count", "asked_device")
+BOOK_ONLY = ("token", "awaiting_resume", "event_count", "asked_device", "ended_by")
 """Fields the book keeps that no API answer shows (the token is the holder's secret)."""
 HOLDING = (LeaseState.GRANTED.value, LeaseState.PREEMPTING.value)
 """States in which a lease holds its devices."""
@@ -103,6 +105,7 @@ class FleetLeases:
         """Take back this node's leases from the book (a restart), then run."""
         if self.mirror is not None:
             self.manager.mirror = self.mirror.mark
+            self.mirror.on_fenced = self._fenced
             self.mirror.start()
             try:
                 await self._restore()
@@ -346,14 +349,24 @@ class FleetLeases:
 
     async def _end_in_book(self, record: dict[str, Any], state: LeaseState,
                            data: dict[str, Any]) -> None:
-        """End a lease that no live manager holds: in the book only."""
+        """End a lease that no live manager holds: in the book only, signed ``ended_by``
+        this node so that its own node, alive after all, cannot save it back (fenced)."""
         number = int(record.get("event_count", 0)) + 1
         event = {"id": number, "event": state.value,
                  "data": {"lease": record["id"], "state": state.value, **data},
                  "ts": time.time()}
         ended = {**record, "state": state.value, "token": None, "awaiting_resume": False,
-                 "event_count": number}
-        await self.fleet.save_lease(ended, [event], FINAL_LINGER_S)
+                 "event_count": number, "ended_by": self.name}
+        with contextlib.suppress(ConflictError):  # another node ended it first: that stands
+            await self.fleet.save_lease(ended, [event], FINAL_LINGER_S)
+
+    def _fenced(self, lease: Lease) -> None:
+        """The book refused a save of ``lease``: another node ended it there, taking this
+        node for dead (a stalled heartbeat). End it here too, so its devices are free and
+        its holder's renew is refused, as the fleet already told its followers."""
+        if not lease.state.final:
+            lease.end_reason = "ended in the lease book by another node (node_lost)"
+            self.manager.end(lease, LeaseState.EXPIRED, lease.end_reason)
 
 
 def _request(record: dict[str, Any]) -> LeaseRequest:

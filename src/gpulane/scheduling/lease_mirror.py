@@ -6,7 +6,8 @@ book in the order they were first marked, each as it stands now with the events 
 since its last save. Several changes between two writes cost one save. If the book cannot be
 reached (Redis down), the lease stays marked and the writer retries with backoff, logging the
 outage once: the manager never waits for the book, and the newest state of every lease is
-saved when it is back.
+saved when it is back. A save the book refuses (``lease_ended``: another node ended the
+lease there, taking this node for dead) is not retried: ``on_fenced`` ends it here too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from gpulane.errors import ConflictError
 from gpulane.fleet import Fleet
 from gpulane.scheduling.leases import FINAL_LINGER_S, Lease
 
@@ -49,6 +51,9 @@ class LeaseMirror:
         self._task: asyncio.Task[None] | None = None
         self.failing = False
         """The last save failed: the book is unreachable (logged once per outage)."""
+        self.on_fenced: Callable[[Lease], None] = lambda lease: None
+        """The book refused a save: another node ended the lease there (FleetLeases ends it
+        here too, so the devices it holds are not held by a lease the fleet sees ended)."""
 
     def adopt(self, lease: Lease) -> None:
         """A lease read back from the book: its events up to now are saved there already."""
@@ -118,6 +123,11 @@ class LeaseMirror:
                                        else FINAL_LINGER_S)
         try:
             await self.fleet.save_lease(self.record(lease), fresh, keep)
+        except ConflictError as exc:  # fenced: the book's end stands, not retried
+            log.warning("lease %s: %s", lease.id, exc.message)
+            self._saved.pop(lease.id, None)
+            self.on_fenced(lease)
+            return True
         except Exception as exc:  # the book is out of reach: keep the lease marked
             if not self.failing:
                 log.warning("lease book unreachable, lease changes kept to save later: %s",

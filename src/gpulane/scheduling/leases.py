@@ -212,7 +212,7 @@ class LeaseManager:
 
     def release(self, lease_id: str, token: object) -> Lease:
         lease = self._holding(lease_id, token)
-        self._end(lease, LeaseState.RELEASED)
+        self.end(lease, LeaseState.RELEASED)
         return lease
 
     def get(self, lease_id: str) -> Lease:
@@ -303,7 +303,7 @@ class LeaseManager:
             lease.granted.set()  # its acquire returns now, refused
         for lease in held:
             lease.end_reason = reason
-            self._end(lease, LeaseState.REVOKED, reason)
+            self.end(lease, LeaseState.REVOKED, reason)
         return len(waiting) + len(held)
 
     def _place(self, lease: Lease) -> list[int] | None:
@@ -388,7 +388,9 @@ class LeaseManager:
 
     # -- endings -----------------------------------------------------------------------------
 
-    def _end(self, lease: Lease, state: LeaseState, reason: str | None = None) -> None:
+    def end(self, lease: Lease, state: LeaseState, reason: str | None = None) -> None:
+        """End ``lease`` now: its devices go back, an acquire waiting on it returns."""
+        lease.granted.set()
         self.ledger.release(lease.id)
         self._set_final(lease, state, reason)
         self._unreserve(lease.id)
@@ -449,10 +451,10 @@ class LeaseManager:
         for lease in list(self._held.values()):
             if lease.state is LeaseState.PREEMPTING and lease.revoke_at and now >= lease.revoke_at:
                 log.warning("lease %s revoked: it did not release within its grace", lease.id)
-                self._end(lease, LeaseState.REVOKED)
+                self.end(lease, LeaseState.REVOKED)
             elif lease.state.holds and lease.expires_at and now >= lease.expires_at:
                 log.info("lease %s expired: not renewed within ttl_s", lease.id)
-                self._end(lease, LeaseState.EXPIRED)
+                self.end(lease, LeaseState.EXPIRED)
 
     def start(self) -> None:
         self._ticker = asyncio.create_task(self._tick(), name="gpulane-leases")

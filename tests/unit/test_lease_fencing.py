@@ -1,0 +1,39 @@
+"""Split brain on leases: a node taken for dead while alive (a stalled heartbeat) does not
+save ``granted`` over the ``expired`` that another node's takeover wrote in the book; it ends
+the lease itself instead, so its devices are free and its holder's renew is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpulane.errors import ConflictError
+from gpulane.scheduling.fleet_leases import FleetLeases
+from gpulane.scheduling.leases import LeaseRequest
+from tests.conftest import eventually
+from tests.unit.test_fleet_leases import Book, manager
+
+
+async def test_a_lease_ended_by_a_takeover_is_not_brought_back_by_its_living_node() -> None:
+    book = Book("b")
+    mgr = manager()
+    front = FleetLeases(mgr, book, "b")
+    await front.start()
+    try:
+        held = await front.acquire(LeaseRequest("svc", vram_mb=2048), wait_s=0)
+        assert ((await book.lease(held["id"])) or {})["state"] == "granted"
+        # Node a took b for dead and ended its leases in the book.
+        await FleetLeases(manager(), book, "a").on_node_dead("b")
+        # b was alive: its holder renews through it; the book refuses the save, b ends it.
+        await front.renew(held["id"], held["token"])
+
+        async def ended_here() -> bool:
+            return mgr.get(held["id"]).state.value == "expired"
+        await eventually(ended_here)
+        assert ((await book.lease(held["id"])) or {})["state"] == "expired"
+        last = (await book.lease_events(held["id"]))[-1]
+        assert (last["event"], last["data"]["reason"]) == ("expired", "node_lost")
+        assert all(not g.holdings for g in mgr.ledger.gpus.values())
+        with pytest.raises(ConflictError):
+            await front.renew(held["id"], held["token"])
+    finally:
+        await front.stop()
