@@ -17,7 +17,7 @@ def open_store(url: str, synchronous: str = "NORMAL", *, retain_s: float = DEFAU
         # SQLAlchemy's convention: sqlite:///relative/path, sqlite:////absolute/path.
         path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
         return SqliteStore(path or ":memory:", synchronous=synchronous)
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://")):
         return RedisStore(url, retain_s=retain_s, events_max=events_max)
     raise ConfigError(
         f"store={url!r} is not supported: use sqlite:///PATH (the embedded default) or "
