@@ -4,7 +4,8 @@
 drain_grace_s, requeues the rest without spending attempts, releases its leases, leaves the
 fleet and exits 0 (a second SIGTERM, or SIGINT, stops it at once: running work is requeued
 all the same). A ``redis://`` store is checked before anything starts: a malformed URL or a
-Redis that does not answer is one line naming --store and the fix, and exit code 2.
+Redis that does not answer is one line naming --store and the fix, and exit code 2; so is a
+--node-name that a live node of the fleet holds (one a killed run left lapses first).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def serve(config_file: str | None, host: str | None, port: int | None,
 
     from gpulane.api.app import create_app
     from gpulane.api.keys import load_keys
-    from gpulane.cli.serving import DrainingServer, store_refusal
+    from gpulane.cli.serving import DrainingServer, name_refusal, store_refusal
     from gpulane.config import Settings
     from gpulane.node import Node
 
@@ -113,7 +114,8 @@ def serve(config_file: str | None, host: str | None, port: int | None,
         refusal = bind_refusal(settings.host, bool(api_keys), settings.insecure_no_auth)
         if refusal is not None:
             raise ConfigError(refusal)
-        refusal = store_refusal(settings.store_url)
+        refusal = (store_refusal(settings.store_url)
+                   or name_refusal(settings.store_url, settings.node, settings.node_ttl_s))
         if refusal is not None:
             raise ConfigError(refusal)
         node = Node(settings)

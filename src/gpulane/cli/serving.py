@@ -1,5 +1,5 @@
-"""How ``gpulane serve`` runs its node: the store checked before anything starts, and uvicorn
-with a SIGTERM that drains the node and exits 0.
+"""How ``gpulane serve`` runs its node: the store and the node's name in the fleet checked
+before anything starts, and uvicorn with a SIGTERM that drains the node and exits 0.
 
 Imported only by ``gpulane serve`` (uvicorn and redis-py are slow to import for the client
 commands).
@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import signal
 import socket
+import time
 from types import FrameType
 from urllib.parse import urlsplit
 
@@ -19,6 +21,8 @@ import uvicorn
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gpulane.fleet import NodeInfo
+from gpulane.fleet.redis import RedisFleet
 from gpulane.node import Node
 
 log = logging.getLogger("gpulane.serve")
@@ -27,6 +31,12 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 """Store URLs of a Redis (a fleet's store)."""
 REDIS_CHECK_TIMEOUT_S = 3.0
 """How long ``gpulane serve`` waits for Redis to answer before it gives up at start."""
+NAME_POLL_S = 0.25
+"""How often a start whose node name is registered reads that registration again."""
+NAME_WAIT_MIN_S = 10.0
+"""Least time a start waits for a registration of its name to lapse (or to be renewed)."""
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+"""A node name in a fleet: a host name's letters (it names Redis keys, channels, logs)."""
 
 
 def store_refusal(url: str) -> str | None:
@@ -61,6 +71,48 @@ async def _ping(url: str) -> None:
             await client.ping()
     finally:
         await client.aclose()
+
+
+def name_refusal(url: str, name: str, ttl_s: float) -> str | None:
+    """Why this node cannot join the fleet at ``url`` as ``name`` (one line), or None: a name
+    that is not a host name's letters, or one a live node holds. Two live nodes of one name
+    would overwrite each other's registration, and the one that stops first would leave the
+    other unregistered, its work taken over as a dead node's. A registration left by a
+    killed run of this node lapses within its TTL: the start waits for that."""
+    if not url.startswith(REDIS_SCHEMES):
+        return None
+    if not NODE_NAME.fullmatch(name):
+        return (f"--node-name {name!r} is not a node name: use 1 to 63 letters, digits, '.', "
+                "'_' or '-', starting with a letter or digit (e.g. gpu-host-1)")
+    return asyncio.run(_name_taken(url, name, max(NAME_WAIT_MIN_S, 2 * ttl_s)))
+
+
+async def _name_taken(url: str, name: str, wait_s: float) -> str | None:
+    fleet = RedisFleet(url, name)
+    try:
+        first = await _registered(fleet, name)
+        if first is None:
+            return None
+        log.info("node name %s is registered (heartbeat %.1f s ago): waiting up to %g s for "
+                 "it to lapse (a killed run) or be renewed (a live node)", name,
+                 time.time() - first.heartbeat_at, wait_s)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(NAME_POLL_S)
+            now = await _registered(fleet, name)
+            if now is None:
+                return None
+            if (now.started_at, now.heartbeat_at) != (first.started_at, first.heartbeat_at):
+                break
+        return (f"--node-name {name!r} is taken by a live node of the fleet (url "
+                f"{first.url}, heartbeat renewed): give this node another --node-name, or "
+                "stop that one first (gpulane drain NAME --exit)")
+    finally:
+        await fleet.close()
+
+
+async def _registered(fleet: RedisFleet, name: str) -> NodeInfo | None:
+    return next((n for n in await fleet.nodes() if n.name == name), None)
 
 
 class DrainingServer(uvicorn.Server):
