@@ -21,9 +21,12 @@ Data layout (``gl:`` is the prefix):
   ``granted`` over the ``expired`` another node wrote is refused, ``fenced``).
 
 Two connection pools to the store's URL: ``client`` for short commands (a command times out
-after ``COMMAND_TIMEOUT_S``) and ``blocking`` for BLPOP, XREAD BLOCK and the subscriber (no
-socket timeout; each blocking call has its own guard). Redis unreachable: every method
-raises StoreUnavailableError within about ``CONNECT_TIMEOUT_S``, never hangs.
+after ``COMMAND_TIMEOUT_S``; each holds a connection only for its round trip) and ``blocking``
+for BLPOP, XREAD BLOCK and the subscriber (no socket timeout; each blocking call has its own
+guard). A blocking read holds its connection while it waits, so they are bounded
+(``blocking_slot``: ``BLOCKING_MAX``, then 503 ``fleet_busy`` with Retry-After). Redis
+unreachable: every method raises StoreUnavailableError within about ``CONNECT_TIMEOUT_S``,
+never hangs.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gpulane.errors import StoreUnavailableError
+from gpulane.errors import StoreUnavailableError, UnavailableError
 from gpulane.fleet.base import Handler, NodeInfo
 from gpulane.fleet.local import fenced
 from gpulane.fleet.redis_calls import BLOCK_GUARD_S, Calls
@@ -51,6 +54,15 @@ CONNECT_TIMEOUT_S = 1.0
 
 COMMAND_TIMEOUT_S = 5.0
 """How long a short command may wait for its answer."""
+
+BLOCKING_MAX = 256
+"""Blocking reads (calls to other nodes awaiting their answer, lease event streams read from
+the book) one node keeps in flight at most, each on a Redis connection of its own: one more
+waits up to ``BLOCKING_WAIT_S`` for a slot, then is 503 ``fleet_busy`` (Redis's own limit,
+maxclients 10,000 by default, is shared by every node and would fail them all)."""
+
+BLOCKING_WAIT_S = 1.0
+"""How long a blocking read waits for a slot before it is refused (``fleet_busy``)."""
 
 LEASE_EVENTS_MAX = 1000
 """Events kept per lease (about: the stream is trimmed approximately)."""
@@ -125,6 +137,7 @@ class RedisFleet:
         """The set of registered names (the store's ``gl:nodes`` is another thing: the nodes
         holding running tasks)."""
         self.calls = Calls(self)
+        self._slots = asyncio.Semaphore(BLOCKING_MAX)
         self._open = False
         self._prune = self.client.register_script(_PRUNE_NODES)
         self._save = self.client.register_script(_SAVE_LEASE)
@@ -137,6 +150,23 @@ class RedisFleet:
 
     def _live_key(self, node: str | None = None) -> str:
         return f"{self.prefix}leases" if node is None else f"{self.prefix}leases:{node}"
+
+    @contextlib.asynccontextmanager
+    async def blocking_slot(self, what: str) -> AsyncIterator[None]:
+        """Hold one of the ``BLOCKING_MAX`` slots for a blocking read, or raise fleet_busy."""
+        try:
+            async with asyncio.timeout(BLOCKING_WAIT_S):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise UnavailableError(
+                "fleet_busy", f"node {self.name} has {BLOCKING_MAX} blocking reads of the "
+                f"fleet in flight (calls to other nodes, lease event streams), the most it "
+                f"keeps: {what} was not started; retry later, or spread the callers over "
+                "more nodes", headers={"Retry-After": "1"}) from None
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     @contextlib.asynccontextmanager
     async def reaching(self, what: str) -> AsyncIterator[None]:
@@ -242,7 +272,7 @@ class RedisFleet:
         key = self._lease_key(lease_id)
         block_ms = max(1, int(quiet_s * 1000))  # XREAD's BLOCK 0 would wait for ever
         while True:
-            async with self.reaching("follow_lease"):
+            async with self.reaching("follow_lease"), self.blocking_slot("a lease stream"):
                 if not await self.client.exists(key):
                     return
                 got: Any = await asyncio.wait_for(

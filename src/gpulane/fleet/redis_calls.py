@@ -106,6 +106,7 @@ class Link(Protocol):
 
     def node_key(self, node: str) -> str: ...
     def reaching(self, what: str) -> AbstractAsyncContextManager[None]: ...
+    def blocking_slot(self, what: str) -> AbstractAsyncContextManager[None]: ...
 
 
 class Calls:
@@ -214,6 +215,22 @@ class Calls:
         fleet = self.fleet
         if node == fleet.name:
             return await run_handler(node, self.handler, op, payload, timeout_s, self._running)
+        # The slot (a blocking connection for the answer) is taken before the request goes:
+        # one refused must not leave the other node doing what nobody waits for.
+        async with fleet.blocking_slot(f"the call {op} to node {node}"):
+            got = await self._ask(node, op, payload, timeout_s)
+        if got is None:
+            raise unreachable(node, f"gave no answer to {op!r} within {timeout_s:g} s")
+        answer = json.loads(got[1])
+        if "error" in answer:
+            raise decode_error(answer["error"])
+        result: dict[str, Any] = answer["ok"]
+        return result
+
+    async def _ask(self, node: str, op: str, payload: dict[str, Any],
+                   timeout_s: float) -> Any:
+        """Publish the request to ``node`` and wait for its answer: None if none came."""
+        fleet = self.fleet
         reply = f"{fleet.prefix}reply:{uuid.uuid4().hex}"
         request = json.dumps({"id": reply.rsplit(":", 1)[1], "op": op, "payload": payload,
                               "reply": reply, "from": fleet.name})
@@ -227,15 +244,8 @@ class Calls:
         self.made += 1
         wait_s = max(timeout_s, 0.01)  # BLPOP's 0 would wait for ever
         async with fleet.reaching(f"answer of node {node} to {op}"):
-            got = await asyncio.wait_for(fleet.blocking.blpop([reply], timeout=wait_s),
-                                         wait_s + BLOCK_GUARD_S)
-        if got is None:
-            raise unreachable(node, f"gave no answer to {op!r} within {timeout_s:g} s")
-        answer = json.loads(got[1])
-        if "error" in answer:
-            raise decode_error(answer["error"])
-        result: dict[str, Any] = answer["ok"]
-        return result
+            return await asyncio.wait_for(fleet.blocking.blpop([reply], timeout=wait_s),
+                                          wait_s + BLOCK_GUARD_S)
 
     def view(self) -> dict[str, Any]:
         return {"subscribed": self.subscribed.is_set(), "served": self.served,
