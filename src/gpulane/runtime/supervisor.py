@@ -398,9 +398,12 @@ class Supervisor:
         await asyncio.gather(*chores, return_exceptions=True)
         for w in self.workers.values():
             w.disarm_watchdog()
-        await asyncio.gather(*(w.proc.stop(self.shutdown_grace_s)
-                               for w in list(self.workers.values())),
+        stopping = [w.proc for w in self.workers.values()]
+        await asyncio.gather(*(p.stop(self.shutdown_grace_s) for p in stopping),
                              return_exceptions=True)
+        # Each exit handled (its attempts put back in the queue) before the node goes on to
+        # close its store: a stopped process is not yet a handled exit.
+        await asyncio.gather(*(p.wait_handled(self.shutdown_grace_s) for p in stopping))
         # Outcomes kept through a store outage get the workers' grace to land.
         await self.pipeline.outcomes.close(self.shutdown_grace_s)
         for task in list(self._background):

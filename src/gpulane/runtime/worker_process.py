@@ -225,6 +225,15 @@ class WorkerProcess:
     async def wait_exited(self) -> None:
         await self._exited.wait()
 
+    async def wait_handled(self, timeout_s: float) -> None:
+        """Wait, up to ``timeout_s``, until its exit was handled (``on_exit`` ran to its end).
+        ``stop`` returns once the process exited, before that: a stopping node that closed its
+        store then would lose what ``on_exit`` writes (its runs put back in the queue)."""
+        if not self._readers or asyncio.current_task() is self._readers[0]:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(self._readers[0]), timeout_s)
+
     async def _read_stdout(self) -> None:
         """Read stdout in chunks and hand over every complete line of a chunk at once: a batch
         a worker writes in one go is then handled (and stored) as one."""
