@@ -12,9 +12,10 @@ through every node (the node routes them to the lease's own).
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Awaitable
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header, Request
@@ -37,6 +38,9 @@ from gpulane.errors import ValidationError
 from gpulane.node import Node
 
 router = APIRouter(prefix="/v1/leases", tags=["leases"])
+
+CLIENT_CLOSED = 499
+"""The status of an answer to a client that left (nginx's convention: nobody reads it)."""
 
 _EVENT_ID = re.compile(EVENT_ID_PATTERN)
 """A Last-Event-ID to resume after (ASCII digits only: isdigit() also takes "²", and int()
@@ -63,13 +67,42 @@ async def acquire(request: Request) -> JSON:
     holders."""
     body = await read_body(request, LeaseBody, LEASE_EXAMPLE)
     who = caller(request)
-    lease = await _node(request).acquire_lease(
+    lease = await _unless_caller_leaves(request, _node(request).acquire_lease(
         holder=body.holder, vram_mb=body.vram_mib(), gpus=body.gpus, device=body.device,
         priority=int(body.priority), ttl_s=float(body.ttl_s), preemptible=body.preemptible,
         grace_s=float(body.grace_s), wait_s=float(body.wait_s),
-        owner=who.name if who is not None else None, node=body.node)
+        owner=who.name if who is not None else None, node=body.node))
+    if lease is None:  # nobody reads this answer
+        return JSON({"error": {"code": "client_closed", "message": "the client left before "
+                               "the lease was granted: it was called off", "field": None}},
+                    status_code=CLIENT_CLOSED)
     # The one answer that carries the token: renew and release need it.
     return JSON(lease, status_code=201)
+
+
+async def _unless_caller_leaves(request: Request, work: Awaitable[dict[str, Any]]
+                                ) -> dict[str, Any] | None:
+    """``work``'s answer, or None once the client has gone (``work`` is then cancelled: a
+    lease granted after its caller left would be held by nobody until its ttl_s; the node
+    ends it, and a forwarded acquire is called off on its node)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        gone.cancel()
+        await asyncio.gather(task, gone, return_exceptions=True)
+    if task.cancelled():
+        return None
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Return when the client disconnects (its body is read: the next message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.get("")

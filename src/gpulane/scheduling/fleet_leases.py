@@ -25,8 +25,9 @@ lease and the node ends it too (``_fenced``), so no lease the fleet saw end live
 ends every lease here (``release_all``: held ones ``revoked``, waiting ones ``timed_out``, the
 reason in the event). While the book is unreachable, this node's leases go on in memory and
 are saved when it is back; renews and releases of other nodes' leases answer 503 meanwhile.
-An acquire forwarded to a node is not called off when its caller leaves: a lease granted to
-nobody expires after its ttl_s.
+An acquire forwarded to a node whose caller leaves (or that got no answer in time) is called
+off there (``lease.abandon``, lease_forwards.py): a waiting one ends ``timed_out``, one
+granted meanwhile ``released``; only if that call fails too does it end at its ttl_s.
 
 On a node of its own (SQLite, LocalFleet) nothing is mirrored: everything is served from the
 LeaseManager as before.
@@ -39,11 +40,13 @@ import contextlib
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from gpulane.errors import ConflictError, NotFoundError, RequestError, UnavailableError
 from gpulane.fleet import Fleet, NodeInfo
+from gpulane.scheduling.lease_forwards import Abandoned, Forwards
 from gpulane.scheduling.lease_mirror import LeaseMirror
 from gpulane.scheduling.leases import (
     FINAL_LINGER_S,
@@ -96,6 +99,9 @@ class FleetLeases:
         self.shared = bool(getattr(fleet, "shared", False))
         self.mirror = LeaseMirror(fleet, self.record) if self.shared else None
         self._restorer: asyncio.Task[None] | None = None
+        self.forwards = Forwards(self._release_abandoned)
+        """Acquires other nodes forwarded here, by ref: an abandoned one is called off."""
+        self._abandons: set[asyncio.Task[None]] = set()
         self.draining: Callable[[], bool] = lambda: False
         """Whether this node drains: it grants no new leases then (the node sets it)."""
 
@@ -143,7 +149,7 @@ class FleetLeases:
     def ops(self) -> dict[str, Op]:
         """The calls other nodes make to this one, for the node's call dispatcher."""
         return {"lease.acquire": self._op_acquire, "lease.renew": self._op_renew,
-                "lease.release": self._op_release}
+                "lease.release": self._op_release, "lease.abandon": self._op_abandon}
 
     # -- views -------------------------------------------------------------------------------
 
@@ -185,9 +191,19 @@ class FleetLeases:
         """Grant a lease here or on another node; the lease with its token."""
         target = await self._target(req, node)
         if target != self.name:
-            return await self.fleet.call(
-                target, "lease.acquire", {"request": dataclasses.asdict(req), "wait_s": wait_s},
-                timeout_s=wait_s + CALL_SLACK_S)
+            ref = uuid.uuid4().hex
+            try:
+                return await self.fleet.call(
+                    target, "lease.acquire", {"request": dataclasses.asdict(req),
+                                              "wait_s": wait_s, "ref": ref},
+                    timeout_s=wait_s + CALL_SLACK_S)
+            except asyncio.CancelledError:  # the caller left: call it off there
+                self._abandon(target, ref)
+                raise
+            except UnavailableError as exc:
+                if exc.code == "node_unreachable":  # no answer: it may still be granted there
+                    self._abandon(target, ref)
+                raise
         if self.draining():
             raise UnavailableError(
                 "draining", f"node {self.name} is draining and grants no new leases: ask "
@@ -253,7 +269,41 @@ class FleetLeases:
 
     async def _op_acquire(self, payload: dict[str, Any]) -> dict[str, Any]:
         req = LeaseRequest(**payload["request"])
-        return await self.acquire(req, float(payload["wait_s"]), node=self.name)
+        wait_s = float(payload["wait_s"])
+        if payload.get("ref") is None:
+            return await self.acquire(req, wait_s, node=self.name)
+        try:
+            return await self.forwards.serve(
+                str(payload["ref"]), lambda: self.acquire(req, wait_s, node=self.name))
+        except Abandoned:
+            raise UnavailableError("lease_abandoned", "the caller of this lease request left "
+                                   "before it was served: ask again", field="wait_s",
+                                   headers={"Retry-After": "1"}) from None
+
+    async def _op_abandon(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"ref": payload["ref"], "was": self.forwards.abandon(str(payload["ref"]))}
+
+    def _abandon(self, node: str, ref: str) -> None:
+        """Tell ``node`` that the caller of the acquire ``ref`` left (in the background: the
+        caller is gone, nobody waits for this)."""
+        async def tell() -> None:
+            try:
+                await self.fleet.call(node, "lease.abandon", {"ref": ref},
+                                      timeout_s=CALL_TIMEOUT_S)
+            except Exception as exc:  # it ends at its ttl_s then
+                log.warning("could not call off a lease request on node %s whose caller "
+                            "left (%s): a lease granted to it ends at its ttl_s", node, exc)
+        task = asyncio.create_task(tell(), name="gpulane-lease-abandon")
+        self._abandons.add(task)
+        task.add_done_callback(self._abandons.discard)
+
+    def _release_abandoned(self, lease_id: str, token: int) -> None:
+        """End a lease granted to a forwarded acquire whose caller left: nobody has its
+        token, so nobody would renew or release it."""
+        lease = self.manager.leases.get(lease_id)
+        if lease is not None and lease.state.holds and lease.token == token:
+            lease.end_reason = "its caller left before the grant reached it"
+            self.manager.end(lease, LeaseState.RELEASED, lease.end_reason)
 
     async def _op_renew(self, payload: dict[str, Any]) -> dict[str, Any]:
         return await self.renew(str(payload["id"]), int(payload["token"]))

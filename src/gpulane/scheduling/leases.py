@@ -183,10 +183,8 @@ class LeaseManager:
                     async with asyncio.timeout(wait_s):
                         await lease.granted.wait()
             except asyncio.CancelledError:  # the caller left: grant this to nobody
-                if not lease.state.holds:
-                    self._set_final(lease, LeaseState.TIMED_OUT)
-                    self._unreserve(lease.id)
-                    self._resume_paused(lease)
+                self.end(lease, LeaseState.RELEASED if lease.state.holds  # granted as it left
+                         else LeaseState.TIMED_OUT)
                 raise
         if not lease.state.holds and lease.state.final:  # ended while it waited (a drain)
             raise UnavailableError(
