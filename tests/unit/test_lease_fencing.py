@@ -8,7 +8,7 @@ import pytest
 
 from gpulane.errors import ConflictError
 from gpulane.scheduling.fleet_leases import FleetLeases
-from gpulane.scheduling.leases import LeaseRequest
+from gpulane.scheduling.leases import LeaseRequest, LeaseState
 from tests.conftest import eventually
 from tests.unit.test_fleet_leases import Book, manager
 
@@ -35,5 +35,25 @@ async def test_a_lease_ended_by_a_takeover_is_not_brought_back_by_its_living_nod
         assert all(not g.holdings for g in mgr.ledger.gpus.values())
         with pytest.raises(ConflictError):
             await front.renew(held["id"], held["token"])
+    finally:
+        await front.stop()
+
+
+async def test_a_lease_nobody_renews_is_ended_by_the_fence_check() -> None:
+    book = Book("b")
+    mgr = manager()
+    front = FleetLeases(mgr, book, "b")
+    await front.start()
+    try:
+        held = await front.acquire(LeaseRequest("svc", vram_mb=2048), wait_s=0)
+        kept = await front.acquire(LeaseRequest("other", vram_mb=1024), wait_s=0)
+        assert await front.check_fence() == 0
+        record = await book.lease(held["id"])  # node a ended this one only
+        assert record is not None
+        await FleetLeases(manager(), book, "a")._end_in_book(
+            record, LeaseState.EXPIRED, {"reason": "node_lost", "node": "b"})
+        assert await front.check_fence() == 1
+        assert mgr.get(held["id"]).state.value == "expired"
+        assert mgr.get(kept["id"]).state.value == "granted"
     finally:
         await front.stop()

@@ -21,7 +21,8 @@ Failures (for docs/fleet.md): a node that restarts adopts the leases it held fro
 is gone). A dead node's live leases end ``expired`` with the reason ``node_lost`` when the
 housekeeper of a live node takes its work over (``on_node_dead``); that end is fenced: if
 the node was alive after all (a stalled heartbeat), the book refuses its next save of the
-lease and the node ends it too (``_fenced``), so no lease the fleet saw end lives on. A drain
+lease and the node ends it too (``_fenced``), so no lease the fleet saw end lives on; a
+lease nobody renews is ended so within ``FENCE_CHECK_S`` (``check_fence``). A drain
 ends every lease here (``release_all``: held ones ``revoked``, waiting ones ``timed_out``, the
 reason in the event). While the book is unreachable, this node's leases go on in memory and
 are saved when it is back; renews and releases of other nodes' leases answer 503 meanwhile.
@@ -68,6 +69,8 @@ STOP_FLUSH_S = 5.0
 """Longest a stopping node spends saving its last lease changes."""
 DRAINING_RETRY_S = 30
 """Retry-After of a lease refused by a draining node with no other node to send it to."""
+FENCE_CHECK_S = 1.0
+"""How often this node looks in the book for held leases another node ended there."""
 RESTORE_RETRY_MAX_S = 5.0
 """Longest wait between tries to read this node's leases back while the book is away."""
 BOOK_ONLY = ("token", "awaiting_resume", "event_count", "asked_device", "ended_by")
@@ -99,6 +102,7 @@ class FleetLeases:
         self.shared = bool(getattr(fleet, "shared", False))
         self.mirror = LeaseMirror(fleet, self.record) if self.shared else None
         self._restorer: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self.forwards = Forwards(self._release_abandoned)
         """Acquires other nodes forwarded here, by ref: an abandoned one is called off."""
         self._abandons: set[asyncio.Task[None]] = set()
@@ -120,7 +124,34 @@ class FleetLeases:
                             "trying again in the background", exc)
                 self._restorer = asyncio.create_task(self._restore_later(),
                                                      name="gpulane-lease-restore")
+            self._watcher = asyncio.create_task(self._watch_book(),
+                                                name="gpulane-lease-fence")
         self.manager.start()
+
+    async def _watch_book(self) -> None:
+        """Every ``FENCE_CHECK_S``, end here the held leases that another node ended in the
+        book (it took this node for dead: a stalled heartbeat), as a refused save would, so a
+        lease nobody renews does not hold its devices here until its ttl_s."""
+        while True:
+            await asyncio.sleep(FENCE_CHECK_S)
+            with contextlib.suppress(Exception):  # the book is away: look again later
+                await self.check_fence()
+
+    async def check_fence(self) -> int:
+        """End the held leases the book has ended by another node; how many."""
+        held = [lz for lz in self.manager.active() if lz.state.holds]
+        if not held:
+            return 0
+        live = {str(r["id"]) for r in await self.fleet.leases(node=self.name)}
+        ended = 0
+        for lease in held:
+            if lease.id in live:
+                continue
+            record = await self.fleet.lease(lease.id)  # None: granted, not saved yet
+            if record is not None and record.get("ended_by") and lease.state.holds:
+                self._fenced(lease)
+                ended += 1
+        return ended
 
     async def _restore_later(self) -> None:
         wait_s = 0.1
@@ -137,10 +168,11 @@ class FleetLeases:
     async def stop(self) -> None:
         """Stop, refusing the waiting requests (their callers get a 503 now); held leases
         stay in the book for this node to take back when it starts again."""
-        if self._restorer is not None:
-            self._restorer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._restorer
+        for task in (self._restorer, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self.manager.end_all(f"node {self.name} stopped", held_too=False)
         await self.manager.stop()
         if self.mirror is not None:
