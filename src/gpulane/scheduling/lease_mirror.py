@@ -124,7 +124,7 @@ class LeaseMirror:
         try:
             await self.fleet.save_lease(self.record(lease), fresh, keep)
         except ConflictError as exc:  # fenced: the book's end stands, not retried
-            log.warning("lease %s: %s", lease.id, exc.message)
+            log.warning("the lease book refused a save: %s", exc.message)
             self._saved.pop(lease.id, None)
             self.on_fenced(lease)
             return True
