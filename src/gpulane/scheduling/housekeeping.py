@@ -49,6 +49,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gpulane.errors import StoreUnavailableError
 from gpulane.fleet import Fleet, NodeInfo
 from gpulane.model import Task
 from gpulane.store import PurgeReport, Store
@@ -346,8 +347,10 @@ class Housekeeper:
     def _failed(self, what: str, exc: Exception) -> None:
         self.errors += 1
         self.last_error = f"{what}: {type(exc).__name__}: {exc}"
+        # Redis away is said in one line (a traceback every round of an outage says nothing
+        # more); anything else keeps its traceback.
         log.warning("housekeeping %s failed (tried again next round): %s", what, exc,
-                    exc_info=True)
+                    exc_info=not isinstance(exc, StoreUnavailableError))
 
     def view(self) -> dict[str, Any]:
         """Retention, heartbeats and the reaper, for the node's status view."""
