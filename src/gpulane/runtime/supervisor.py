@@ -221,6 +221,10 @@ class Supervisor:
             # cleanup must not take this node's own for theirs.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._leftovers)
+        if self._closing:  # the node stops: a worker not spawned yet is never spawned
+            proc.state = WorkerState.EXITED
+            await self._on_exit(proc)
+            return
         try:
             await proc.spawn()
         except OSError as exc:
@@ -237,8 +241,8 @@ class Supervisor:
             else:
                 await proc.wait_connected(preset.start_timeout_s)
         except WorkerStartError as exc:
-            if worker.preempted:
-                return  # killed for a lease, not a start failure
+            if worker.preempted or self._closing:
+                return  # killed for a lease, or stopped with its node: not a start failure
             log.warning("worker %s failed to start: %s", worker.id, exc)
             self._start_failed(worker, str(exc))
             # Out of the pool first, so that a retry is not handed straight back to it.

@@ -88,6 +88,7 @@ class WorkerProcess:
         self._ready = asyncio.Event()
         self._exited = asyncio.Event()
         self._readers: list[asyncio.Task[None]] = []
+        self._spawning: asyncio.Future[None] | None = None  # set while spawn() runs
         self._drainer: asyncio.Task[None] | None = None  # watches a big stdin buffer drain
 
     @property
@@ -111,13 +112,18 @@ class WorkerProcess:
         if argv and shutil.which(argv[0], path=self.spec.env.get("PATH", os.defpath)) is None \
                 and not os.access(os.path.join(self.spec.cwd or "", argv[0]), os.X_OK):
             raise FileNotFoundError(errno.ENOENT, "no such executable", argv[0])
-        self._proc = await asyncio.create_subprocess_exec(
-            *die_with_parent(argv), cwd=self.spec.cwd, env=self.spec.env,
-            stdin=asyncio.subprocess.PIPE if self.session else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            limit=STDOUT_LINE_LIMIT, start_new_session=True)
-        self._readers = [asyncio.create_task(self._read_stdout(), name=f"{self.id}-stdout"),
-                         asyncio.create_task(self._read_stderr(), name=f"{self.id}-stderr")]
+        self._spawning = asyncio.get_running_loop().create_future()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *die_with_parent(argv), cwd=self.spec.cwd, env=self.spec.env,
+                stdin=asyncio.subprocess.PIPE if self.session else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                limit=STDOUT_LINE_LIMIT, start_new_session=True)
+            self._readers = [
+                asyncio.create_task(self._read_stdout(), name=f"{self.id}-stdout"),
+                asyncio.create_task(self._read_stderr(), name=f"{self.id}-stderr")]
+        finally:
+            self._spawning.set_result(None)
 
     async def wait_connected(self, timeout_s: float) -> None:
         await self._wait_for(self._connected, timeout_s, "connected")
@@ -187,6 +193,10 @@ class WorkerProcess:
 
     async def stop(self, grace_s: float) -> None:
         """Ask a session worker to shut down, then terminate, then kill."""
+        if self._proc is None and self._spawning is not None:
+            # Being spawned right now: a stop that returned here would leave the process to
+            # start after it, running on with nobody to stop it (a stopping node's leak).
+            await asyncio.shield(self._spawning)
         if self._proc is None or self._exited.is_set():
             return
         self.state = WorkerState.STOPPING
