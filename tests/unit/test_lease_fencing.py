@@ -10,7 +10,7 @@ from gpulane.errors import ConflictError
 from gpulane.scheduling.fleet_leases import FleetLeases
 from gpulane.scheduling.leases import LeaseRequest, LeaseState
 from tests.conftest import eventually
-from tests.unit.test_fleet_leases import Book, manager
+from tests.unit.test_fleet_leases import Book, events, manager, record
 
 
 async def test_a_lease_ended_by_a_takeover_is_not_brought_back_by_its_living_node() -> None:
@@ -55,5 +55,20 @@ async def test_a_lease_nobody_renews_is_ended_by_the_fence_check() -> None:
         assert await front.check_fence() == 1
         assert mgr.get(held["id"]).state.value == "expired"
         assert mgr.get(kept["id"]).state.value == "granted"
+    finally:
+        await front.stop()
+
+
+async def test_a_malformed_lease_in_the_book_does_not_stop_the_restore() -> None:
+    book = Book("b")
+    await book.save_lease({"id": "lease-odd", "node": "b", "state": "granted"}, [])
+    good = record("lease-good", "granted")
+    await book.save_lease(good, events("lease-good", "waiting", "granted"))
+    mgr = manager()
+    front = FleetLeases(mgr, book, "b")
+    await front.start()
+    try:
+        assert mgr.get("lease-good").token == good["token"]
+        assert "lease-odd" not in mgr.leases
     finally:
         await front.stop()

@@ -34,9 +34,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -48,6 +49,10 @@ from gpulane.errors import StoreUnavailableError, UnavailableError
 from gpulane.fleet.base import Handler, NodeInfo
 from gpulane.fleet.local import fenced
 from gpulane.fleet.redis_calls import BLOCK_GUARD_S, Calls
+
+log = logging.getLogger("gpulane.fleet")
+
+T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 1.0
 """How long a connection attempt to Redis may take before the call fails as unavailable."""
@@ -82,9 +87,12 @@ name in ARGV)."""
 _SAVE_LEASE = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
-  local was = cjson.decode(cur)
+  local ok, was = pcall(cjson.decode, cur)
   local ended = {released = true, expired = true, revoked = true, timed_out = true}
-  if ended[was.state] and (tonumber(ARGV[3]) < 0 or was.ended_by) then return -1 end
+  if ok and type(was) == 'table' and ended[was.state]
+      and (tonumber(ARGV[3]) < 0 or (was.ended_by and was.ended_by ~= cjson.null)) then
+    return -1
+  end
 end
 local last = 0
 local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
@@ -114,6 +122,18 @@ return last
 ARGV: id, JSON, keep_ms or -1, first-save score, events cap, then number, JSON per event).
 -1 and nothing written when the book has the lease ended and this save would bring it back
 (not ended), or it was ended in the book by another node (``ended_by``): see ``fenced``."""
+
+
+def _parsed(raw: str | bytes, what: str, make: Callable[[Any], T]) -> T | None:
+    """One entry of a listing (a registration, a lease), or None (logged) when it is not one
+    this code wrote: an entry another version or a stray client left must not fail every
+    listing, every node's GET /v1/nodes and its takeover round with it."""
+    try:
+        return make(json.loads(raw))
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("fleet: skipped a malformed %s entry (%s: %s): %.200r", what,
+                    type(exc).__name__, exc, raw)
+        return None
 
 
 class RedisFleet:
@@ -217,7 +237,8 @@ class RedisFleet:
             if gone:
                 await self._prune(keys=[names_key, *(self.node_key(n) for n in gone)],
                                   args=gone)
-        return [NodeInfo.from_json(json.loads(r)) for r in raw if r is not None]
+        found = (_parsed(r, "node", NodeInfo.from_json) for r in raw if r is not None)
+        return [n for n in found if n is not None]
 
     # -- calls ---------------------------------------------------------------------------------
 
@@ -251,7 +272,7 @@ class RedisFleet:
     async def lease(self, lease_id: str) -> dict[str, Any] | None:
         async with self.reaching("lease"):
             raw = await self.client.get(self._lease_key(lease_id))
-        return json.loads(raw) if raw is not None else None
+        return _parsed(raw, "lease", dict) if raw is not None else None
 
     async def leases(self, node: str | None = None) -> list[dict[str, Any]]:
         async with self.reaching("leases"):
@@ -259,7 +280,8 @@ class RedisFleet:
             if not ids:
                 return []
             raw = await self.client.mget([self._lease_key(i) for i in ids])
-        return [json.loads(r) for r in raw if r is not None]
+        found = (_parsed(r, "lease", dict) for r in raw if r is not None)
+        return [r for r in found if r is not None]
 
     async def lease_events(self, lease_id: str, after: int = 0) -> list[dict[str, Any]]:
         async with self.reaching("lease_events"):

@@ -406,28 +406,36 @@ class FleetLeases:
         """Take back the leases this node held before it restarted; end the others."""
         now = self.manager.clock()
         for record in await self.fleet.leases(node=self.name):
-            if record["id"] in self.manager.leases:
-                continue  # taken back by an earlier try
-            if record["state"] in HOLDING and float(record.get("expires_at") or 0) > now:
-                events = await self.fleet.lease_events(record["id"])
-                lease = self.manager.adopt(
-                    record["id"], _request(record), devices=list(record["devices"]),
-                    token=int(record["token"]), created_at=float(record["created_at"]),
-                    granted_at=record.get("granted_at"),
-                    expires_at=float(record["expires_at"]), events=events)
-                if lease is not None:
-                    assert self.mirror is not None
-                    self.mirror.adopt(lease)
-                    self.mirror.mark(lease)  # a preempting one is plainly granted now
-                    continue
-                why = "its devices have no room for it on this node any more"
-                await self._end_in_book(record, LeaseState.EXPIRED, {"reason": why})
-            elif record["state"] in HOLDING:
-                await self._end_in_book(record, LeaseState.EXPIRED, {
-                    "reason": f"not renewed within ttl_s while node {self.name} restarted"})
-            else:
-                await self._end_in_book(record, LeaseState.TIMED_OUT, {
-                    "reason": f"node {self.name} restarted while it waited"})
+            try:
+                await self._restore_one(record, now)
+            except (KeyError, TypeError, ValueError) as exc:  # not a lease this code wrote
+                log.warning("lease %r in the book is malformed (%s: %s): left as it is",
+                            record.get("id"), type(exc).__name__, exc)
+
+    async def _restore_one(self, record: dict[str, Any], now: float) -> None:
+        """Take back one lease of the book, or end it there."""
+        if record["id"] in self.manager.leases:
+            return  # taken back by an earlier try
+        if record["state"] in HOLDING and float(record.get("expires_at") or 0) > now:
+            events = await self.fleet.lease_events(record["id"])
+            lease = self.manager.adopt(
+                record["id"], _request(record), devices=list(record["devices"]),
+                token=int(record["token"]), created_at=float(record["created_at"]),
+                granted_at=record.get("granted_at"),
+                expires_at=float(record["expires_at"]), events=events)
+            if lease is not None:
+                assert self.mirror is not None
+                self.mirror.adopt(lease)
+                self.mirror.mark(lease)  # a preempting one is plainly granted now
+                return
+            why = "its devices have no room for it on this node any more"
+            await self._end_in_book(record, LeaseState.EXPIRED, {"reason": why})
+        elif record["state"] in HOLDING:
+            await self._end_in_book(record, LeaseState.EXPIRED, {
+                "reason": f"not renewed within ttl_s while node {self.name} restarted"})
+        else:
+            await self._end_in_book(record, LeaseState.TIMED_OUT, {
+                "reason": f"node {self.name} restarted while it waited"})
 
     async def _end_in_book(self, record: dict[str, Any], state: LeaseState,
                            data: dict[str, Any]) -> None:
