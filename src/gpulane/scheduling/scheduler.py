@@ -100,6 +100,9 @@ class Scheduler:
         self.warm_elsewhere: Callable[[str, str], bool] = _nowhere
         self.warm_window_s = 0.0
         self._window_wake: asyncio.TimerHandle | None = None
+        self._left_since: dict[tuple[str, str], tuple[str, float]] = {}
+        """(preset, lane) -> the head left to a warm node and when it was first left: a head
+        is never left longer than the window, whatever clock its id was stamped by."""
         self._store_down = False  # the last pass met an unreachable store (logged once)
 
     def wake(self) -> None:
@@ -301,7 +304,13 @@ class Scheduler:
         the head is younger than warm_window_s (then a pass looks again)."""
         if self.warm_window_s <= 0 or not self.warm_elsewhere(preset.name, head.lane):
             return False
-        left = self.warm_window_s - (time.time() - task_created_at(head.task_id))
+        now, queue = time.time(), (preset.name, head.lane)
+        if self._left_since.get(queue, ("", 0.0))[0] != head.task_id:
+            self._left_since[queue] = (head.task_id, now)
+        # The id's stamp is the submitting node's clock: one ahead of this node's must not
+        # hold the head longer than the window from when this node first left it.
+        born = min(task_created_at(head.task_id), self._left_since[queue][1])
+        left = self.warm_window_s - (now - born)
         if left <= 0:
             return False
         if self._window_wake is None or self._window_wake.when() > (
