@@ -97,6 +97,11 @@ def _guarded(fn: Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, R]]
         except RedisReplyError as exc:
             if str(exc).startswith("LOADING"):  # a restarted Redis reading its data back
                 raise StoreUnavailableError(f"Redis at {self.url} failed ({exc})") from exc
+            if str(exc).startswith("OOM"):  # full: no write until memory is freed
+                raise StoreUnavailableError(
+                    f"Redis at {self.url} is out of memory and refuses writes ({exc}): raise "
+                    "its maxmemory, or shorten --retain so that the purge frees more (keep "
+                    "maxmemory-policy noeviction: an evicted task is lost)") from exc
             raise StoreError(f"Redis at {self.url} refused a call ({exc})") from exc
     return guarded
 

@@ -141,13 +141,19 @@ class RespConnection:
                     ssl=ssl.create_default_context() if self.tls else None), CONNECT_TIMEOUT_S)
             except (OSError, TimeoutError) as exc:
                 raise RedisDown(f"cannot connect to {self.host}:{self.port} ({exc!r})") from exc
-            # Log in and pick the database before any other call can use the connection.
-            if self.password is not None:
-                auth = ((self.username, self.password) if self.username
-                        else (self.password,))
-                await self._reply(fresh, ("AUTH", *auth))
-            if self.db:
-                await self._reply(fresh, ("SELECT", self.db))
+            # Log in and pick the database before any other call can use the connection; a
+            # refusal (a wrong password) or a cancel meanwhile closes it, else it leaks.
+            try:
+                if self.password is not None:
+                    auth = ((self.username, self.password) if self.username
+                            else (self.password,))
+                    await self._reply(fresh, ("AUTH", *auth))
+                if self.db:
+                    await self._reply(fresh, ("SELECT", self.db))
+            except BaseException:
+                if fresh.transport is not None:
+                    fresh.transport.abort()
+                raise
             self._proto = fresh
             return fresh
 

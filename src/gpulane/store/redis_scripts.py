@@ -306,26 +306,41 @@ return changed
 
 CLAIM = PRELUDE + r"""
 -- ARGV[5..9]: preset lane limit node device. Answers the claimed tasks in queue order.
+-- An entry whose task hash is gone (a Redis that evicts keys: gpulane needs noeviction) is
+-- dropped and another popped in its place, rather than erring after the pop (a script's
+-- writes are not rolled back, so the batch popped with it would be lost from the queue).
 local preset, lane, node, device = ARGV[5], ARGV[6], ARGV[8], ARGV[9]
-local popped = redis.call('ZPOPMIN', qkey(lane, preset), tonumber(ARGV[7]))
+local limit = tonumber(ARGV[7])
 local out = {}
-local ids, runs, beats = {}, {}, {}
-for i = 1, #popped, 2 do
-  local id = popped[i]
-  local t = P .. 't:' .. id
-  local h = redis.call('HMGET', t, 'a', 'tk', 'seq', 'fr', 'ev')
-  local attempt, ev = tonumber(h[1]) + 1, tonumber(h[5]) + 1
-  redis.call('HSET', t, 's', 'running', 'st', now, 'n', node, 'd', device, 'a', attempt,
-             'tk', tonumber(h[2]) + 1, 'ev', ev)
-  local data = {state = 'running', attempt = attempt, node = node, device = device,
-                fallback_reason = h[4] or cjson.null}
-  xadd_from(id, {'state', cjson.encode(data)}, ev)
-  ids[#ids + 1] = id
-  runs[#runs + 1] = h[3]
-  runs[#runs + 1] = id
-  beats[#beats + 1] = now
-  beats[#beats + 1] = id
-  out[#out + 1] = hgetall(id)
+local ids, runs, beats, gone = {}, {}, {}, {}
+while #ids < limit do
+  local popped = redis.call('ZPOPMIN', qkey(lane, preset), limit - #ids)
+  if #popped == 0 then break end
+  for i = 1, #popped, 2 do
+    local id = popped[i]
+    local t = P .. 't:' .. id
+    local h = redis.call('HMGET', t, 'a', 'tk', 'seq', 'fr', 'ev')
+    if not h[1] then
+      gone[#gone + 1] = id
+    else
+      local attempt, ev = tonumber(h[1]) + 1, tonumber(h[5]) + 1
+      redis.call('HSET', t, 's', 'running', 'st', now, 'n', node, 'd', device, 'a', attempt,
+                 'tk', tonumber(h[2]) + 1, 'ev', ev)
+      local data = {state = 'running', attempt = attempt, node = node, device = device,
+                    fallback_reason = h[4] or cjson.null}
+      xadd_from(id, {'state', cjson.encode(data)}, ev)
+      ids[#ids + 1] = id
+      runs[#runs + 1] = h[3]
+      runs[#runs + 1] = id
+      beats[#beats + 1] = now
+      beats[#beats + 1] = id
+      out[#out + 1] = hgetall(id)
+    end
+  end
+end
+if #gone > 0 then
+  bulk('ZREM', P .. 's:queued', gone)
+  queued[preset] = -#gone
 end
 if #ids > 0 then
   bulk('ZREM', P .. 's:queued', ids)
@@ -334,7 +349,7 @@ if #ids > 0 then
   bulk('ZADD', P .. 'running', beats)
   redis.call('SADD', P .. 'nodes', node)
   redis.call('HINCRBY', P .. 'stats', 'c:' .. preset, #ids)
-  queued[preset] = -#ids
+  queued[preset] = (queued[preset] or 0) - #ids
 end
 flush()
 return out

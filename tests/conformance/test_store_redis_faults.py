@@ -1,0 +1,74 @@
+"""The Redis store against a misconfigured or full server: a task hash evicted from under its
+queue entry, a server out of memory, a wrong password."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from tests.conformance.test_store import submit
+from tests.conftest import eventually
+
+from gpulane.errors import StoreError, StoreUnavailableError
+from gpulane.store.redis import RedisStore
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisStore]:
+    s = RedisStore(redis_url)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_a_claim_drops_an_evicted_task_and_claims_the_next(store: RedisStore,
+                                                                 raw: Redis) -> None:
+    # A Redis with an evicting maxmemory-policy may drop a queued task's hash: the claim used
+    # to fail in Lua after its pop, losing the whole popped batch from the queue.
+    first, second, third = [await submit(store, input={"n": n}) for n in range(3)]
+    await raw.delete(f"gl:t:{first.id}")
+    got = await store.claim("p", "gpu", 2, "n1", "gpu:0")
+    assert [t.id for t in got] == [second.id, third.id]
+    assert (await store.queue_stats())["p"].queued == 0
+    assert await raw.zcard("gl:s:queued") == 0
+
+
+async def test_a_full_redis_is_store_unavailable_naming_maxmemory(store: RedisStore,
+                                                                  raw: Redis) -> None:
+    await raw.config_set("maxmemory-policy", "noeviction")
+    await raw.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(StoreUnavailableError, match="maxmemory"):
+            await submit(store)
+    finally:
+        await raw.config_set("maxmemory", "0")
+    await submit(store)  # writes again once memory is freed
+
+
+async def test_a_refused_login_closes_its_connection(redis_url: str, raw: Redis) -> None:
+    async def clients() -> int:
+        return len(await raw.client_list())
+
+    before = await clients()
+    bad = RedisStore(redis_url.replace("redis://", "redis://:wrong@"))
+    try:
+        for _ in range(5):
+            with pytest.raises(StoreError, match="AUTH"):
+                await bad.get("0" * 24)
+        async def back_to_before() -> bool:
+            return await clients() == before
+        await eventually(back_to_before)
+    finally:
+        await bad.close()
