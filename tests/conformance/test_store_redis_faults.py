@@ -72,3 +72,21 @@ async def test_a_refused_login_closes_its_connection(redis_url: str, raw: Redis)
         await eventually(back_to_before)
     finally:
         await bad.close()
+
+
+async def test_a_call_after_close_opens_no_connection(redis_url: str, raw: Redis) -> None:
+    # A straggler's call after the store closed used to connect again, and nothing closed
+    # that connection.
+    s = RedisStore(redis_url)
+    await s.open()
+    before = len(await raw.client_list())
+    await s.close()
+    with pytest.raises(StoreUnavailableError, match="closed"):
+        await s.get("0" * 24)
+
+    async def fewer() -> bool:
+        return len(await raw.client_list()) < before
+    await eventually(fewer)
+    await s.open()  # opened again, it calls again
+    assert await s.get("0" * 24) is None
+    await s.close()

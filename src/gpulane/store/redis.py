@@ -154,6 +154,7 @@ class RedisStore:
 
     @_guarded
     async def open(self) -> None:
+        self._conn.open()
         await self._conn.call("PING")
         await self._wakeups.start()
 

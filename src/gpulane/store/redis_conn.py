@@ -125,8 +125,18 @@ class RespConnection:
         self._proto: _Protocol | None = None
         self._connecting = asyncio.Lock()
         self._shas: dict[str, bytes] = {}
+        self.closed = False
+        """Set by ``close``: a call after it fails instead of opening a connection that
+        nothing would close (``open`` clears it)."""
+
+    def open(self) -> None:
+        """Take calls again after ``close``."""
+        self.closed = False
 
     async def _connected(self) -> _Protocol:
+        if self.closed:
+            raise RedisDown(f"the connection to {self.host}:{self.port} was closed with its "
+                            "store")
         proto = self._proto
         if proto is not None and proto.transport is not None:
             return proto
@@ -154,6 +164,11 @@ class RespConnection:
                 if fresh.transport is not None:
                     fresh.transport.abort()
                 raise
+            if self.closed:  # closed while it connected: nothing would close it later
+                if fresh.transport is not None:
+                    fresh.transport.abort()
+                raise RedisDown(f"the connection to {self.host}:{self.port} was closed with "
+                                "its store")
             self._proto = fresh
             return fresh
 
@@ -227,6 +242,7 @@ class RespConnection:
             proto.transport.abort()
 
     def close(self) -> None:
+        self.closed = True
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.close()
         self._proto = None
