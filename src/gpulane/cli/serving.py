@@ -27,8 +27,8 @@ from gpulane.node import Node
 
 log = logging.getLogger("gpulane.serve")
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-"""Store URLs of a Redis (a fleet's store)."""
+REDIS_SCHEMES = ("redis://", "rediss://")
+"""Store URLs of a Redis (a fleet's store; TCP only, as the redis store speaks)."""
 REDIS_CHECK_TIMEOUT_S = 3.0
 """How long ``gpulane serve`` waits for Redis to answer before it gives up at start."""
 NAME_POLL_S = 0.25
@@ -50,11 +50,11 @@ def store_refusal(url: str) -> str | None:
     except ValueError as exc:
         return (f"--store {url!r} is not a Redis URL ({exc}): use redis://HOST:PORT/DB, "
                 "e.g. redis://127.0.0.1:6379/0")
-    db = parts.path.strip("/") if parts.scheme != "unix" else ""
+    db = parts.path.strip("/")
     if db and not db.isdigit():
         return (f"--store {url!r}: the database {db!r} must be a number: use "
                 "redis://HOST:PORT/DB, e.g. redis://127.0.0.1:6379/0")
-    where = parts.path if parts.scheme == "unix" else f"{parts.hostname or 'localhost'}:{port}"
+    where = f"{parts.hostname or 'localhost'}:{port}"
     try:
         asyncio.run(_ping(url))
     except (RedisError, OSError, TimeoutError) as exc:
