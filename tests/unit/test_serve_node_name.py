@@ -63,3 +63,11 @@ def test_serve_exits_2_with_one_line(redis_url: str, tmp_path: Path) -> None:
     assert res.stderr.strip().splitlines() == [
         "gpulane serve: --node-name 'bad:name' is not a node name: use 1 to 63 letters, "
         "digits, '.', '_' or '-', starting with a letter or digit (e.g. gpu-host-1)"]
+
+
+async def test_a_registration_that_outlasts_the_wait_is_named_as_such(redis_url: str) -> None:
+    stale = RedisFleet(redis_url, "a")
+    await stale.register(info("a", time.time()), ttl_s=60)  # a killed node's, long TTL
+    await stale.close()
+    why = await _name_taken(redis_url, "a", wait_s=0.3)
+    assert why is not None and "still registered after 0.3 s without a new heartbeat" in why

@@ -103,10 +103,12 @@ async def _name_taken(url: str, name: str, wait_s: float) -> str | None:
             if now is None:
                 return None
             if (now.started_at, now.heartbeat_at) != (first.started_at, first.heartbeat_at):
-                break
-        return (f"--node-name {name!r} is taken by a live node of the fleet (url "
-                f"{first.url}, heartbeat renewed): give this node another --node-name, or "
-                "stop that one first (gpulane drain NAME --exit)")
+                return (f"--node-name {name!r} is taken by a live node of the fleet (url "
+                        f"{now.url}, heartbeat renewed): give this node another --node-name, "
+                        "or stop that one first (gpulane drain NAME --exit)")
+        return (f"--node-name {name!r} is still registered after {wait_s:g} s without a new "
+                f"heartbeat (url {first.url}; a killed node with a longer node_ttl_s?): start "
+                "again once it has lapsed, or give this node another --node-name")
     finally:
         await fleet.close()
 
