@@ -22,10 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gpulane.config import (
-    GPU_LOCK_DIRS,
-    Settings,
-)
+from gpulane.config import GPU_LOCK_DIRS, Settings
 from gpulane.devices import CpuPool, DeviceProvider, DeviceSnapshot, cpu_pool, select_provider
 from gpulane.errors import (
     ConfigError,
@@ -116,10 +113,11 @@ class Node:
         self.admission = Admission(settings.max_queued)
         self.drains = Drain(self.name, self.scheduler, self.supervisor, settings.drain_grace_s,
                             fleet=self.fleet, status=self.status_view)
-        self.intake = Intake(self.name, self.store, self.admission, lambda: self.registry,
-                             lambda: self.drains.draining)
-        self._reloading = asyncio.Lock()
         self.fleet_view = FleetView(self.fleet, self.name)
+        self.intake = Intake(
+            self.name, self.store, self.admission, lambda: self.registry,
+            lambda: self.drains.draining and not self.fleet_view.others_take_work())
+        self._reloading = asyncio.Lock()
         self.fleet_leases = FleetLeases(self.leases, self.fleet, self.name)
         self.fleet_leases.draining = lambda: self.draining
         self.scheduler.warm_elsewhere = self.fleet_view.warm_elsewhere

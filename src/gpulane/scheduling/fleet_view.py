@@ -47,6 +47,11 @@ class FleetView:
         return [[int(d.get("total_vram_mb", 0)) for d in n.devices]
                 for n in self.others if not n.draining and n.devices]
 
+    def others_take_work(self) -> bool:
+        """Whether another live node takes work (is not draining): then a draining node may
+        still queue submits, since the queue is the fleet's and another node will run them."""
+        return any(not n.draining for n in self.others)
+
     def warm_elsewhere(self, preset: str, lane: str) -> bool:
         """Whether another live node (not draining) has an idle worker of ``preset`` on
         ``lane``."""

@@ -1,6 +1,8 @@
 """Whether a node takes new tasks now: the refusals of a submit, a bulk submit or a retry.
 
-A draining node refuses with 503 ``draining`` (Retry-After: DRAINING_RETRY_S); a preset's full
+A draining node refuses with 503 ``draining`` (Retry-After: DRAINING_RETRY_S) unless another
+live node of its fleet takes work (the queue is the fleet's: the node gets ``draining`` as
+False then, and the task waits for that node); a preset's full
 queue with 429 ``queue_full`` (admission.py); more tasks of one preset than its max_queued
 could ever hold with 422 ``exceeds_max_queued``.
 """
