@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import pytest
@@ -67,6 +68,44 @@ async def settle(turns: int = SETTLE_TURNS) -> None:
     """Let the event loop run what is ready now, spending no clock time."""
     for _ in range(turns):
         await asyncio.sleep(0)
+
+
+LEFT_TASK_GRACE_S = 2.0
+"""How long the guard below waits for the gpulane tasks a test left behind to end once
+cancelled."""
+
+
+def _gpulane_task(task: asyncio.Task[object]) -> bool:
+    """Whether a task runs gpulane's code (not a test's own, not a library's)."""
+    coro = task.get_coro()
+    code = getattr(coro, "cr_code", None) or getattr(coro, "ag_code", None)
+    return code is not None and f"{os.sep}gpulane{os.sep}" in code.co_filename
+
+
+@pytest.fixture(autouse=True)
+async def _no_gpulane_task_left(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Fail a test that leaves a gpulane task on its loop (a store, node, worker reader or
+    subscriber it did not close). The loop's teardown cancels what is left, and a task that
+    waits on a process or a socket in its cleanup then hangs the whole run (it did, twice):
+    here the tasks are named, with their stacks, before the teardown can hang."""
+    yield
+    await settle()
+    me = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not me and not t.done() and _gpulane_task(t)]
+    if not left:
+        return
+    out = io.StringIO()
+    for t in left:
+        t.print_stack(limit=8, file=out)
+        t.cancel()
+    _, stuck = await asyncio.wait(left, timeout=LEFT_TASK_GRACE_S)
+    report = (f"{len(left)} gpulane task(s) left running after the test "
+              f"({len(stuck)} of them ignore cancel: the loop's teardown would hang on them):\n"
+              f"{out.getvalue()}")
+    terminal = request.config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is not None:  # on the terminal now, past capture: the teardown may hang next
+        terminal.write_line(report)
+    pytest.fail(report)
 
 
 @pytest.fixture
