@@ -1,5 +1,6 @@
-"""The Redis store against a misconfigured or full server: a task hash evicted from under its
-queue entry, a server out of memory, a wrong password."""
+"""The Redis store against a misconfigured or full server (a task hash evicted from under its
+queue entry, a server out of memory, a wrong password), a store closed under a straggler's
+call, and a listing filter that few tasks pass (it must not hold the server)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
-from tests.conformance.test_store import submit
+from tests.conformance.test_store import claim_one, submit
 from tests.conftest import eventually
 
 from gpulane.errors import StoreError, StoreUnavailableError
+from gpulane.model import Task, TaskState
+from gpulane.store import redis as redis_store
 from gpulane.store.redis import RedisStore
 
 
@@ -90,3 +93,27 @@ async def test_a_call_after_close_opens_no_connection(redis_url: str, raw: Redis
     await s.open()  # opened again, it calls again
     assert await s.get("0" * 24) is None
     await s.close()
+
+
+async def test_a_listing_filter_few_pass_scans_in_bounded_steps(
+        store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    # state=succeeded has no index of its own: the script filters every task's listing entry,
+    # and used to scan all of them in one call (100,000 queued tasks held Redis 0.8 s).
+    monkeypatch.setattr(redis_store, "PAGE_SCAN_MAX", 10)
+    done = []
+    for _ in range(2):
+        await submit(store)
+        claimed = await claim_one(store)
+        done.append(await store.finish(claimed.id, claimed.token, TaskState.SUCCEEDED))
+    for n in range(35):
+        await submit(store, input={"n": n})
+    found: list[Task] = []
+    calls, cursor = 0, None
+    while True:
+        page, cursor = await store.list_tasks(state=TaskState.SUCCEEDED, limit=5, cursor=cursor)
+        calls += 1
+        found += page
+        if cursor is None:
+            break
+    assert [t.id for t in found] == [t.id for t in reversed(done)]
+    assert calls >= 4  # 37 entries looked at 10 per call

@@ -78,6 +78,10 @@ TTL_FACTOR = 1.5
 """A finished task's keys expire after this many retention periods (the purge, run every half
 period, deletes them first)."""
 
+PAGE_SCAN_MAX = 2_000
+"""Most index entries one listing call looks at (a few ms of the server): past it a filter
+that few tasks pass answers a short page with a cursor to go on, not a scan of every task."""
+
 PURGE_BATCH_TASKS = 200
 """Finished tasks deleted per script call: each call holds the server a millisecond or so."""
 
@@ -221,10 +225,14 @@ class RedisStore:
         else:
             index = "all"
         below = "+inf" if not cursor else "(" + str(int(cursor))
-        flats = await self._run(upkeep.PAGE, index, below, limit + 1,
-                                state.value if state else "", preset or "")
+        *flats, stopped = await self._run(upkeep.PAGE, index, below, limit + 1,
+                                          state.value if state else "", preset or "",
+                                          PAGE_SCAN_MAX)
         tasks = [decode_task(f) for f in flats[:limit]]
-        return tasks, str(tasks[-1].seq) if len(flats) > limit else None
+        if len(flats) > limit:
+            return tasks, str(tasks[-1].seq)
+        # A scan stopped at its budget: a short page (maybe empty) that goes on from there.
+        return tasks, stopped.decode() if stopped else None
 
     @_guarded
     async def queue_heads(self, lanes: Iterable[tuple[str, str]]) -> list[QueueHead]:

@@ -85,32 +85,34 @@ return n
 """
 
 PAGE = PRELUDE + r"""
--- ARGV[5..9]: index key, below (seq, exclusive; '+inf' for the first page), limit + 1, state
--- filter, preset filter ('' for none). Answers up to limit + 1 tasks, newest first.
+-- ARGV[5..10]: index key, below (seq, exclusive; '+inf' for the first page), limit + 1, state
+-- filter, preset filter ('' for none), most entries to look at. Answers up to limit + 1
+-- tasks, newest first, then the seq the scan stopped below when it looked at that many ('' if
+-- it did not): a filter few tasks pass must not hold the server for a scan of every task.
 local index, want, state, preset = P .. ARGV[5], tonumber(ARGV[7]), ARGV[8], ARGV[9]
-local below = ARGV[6]
+local below, budget = ARGV[6], tonumber(ARGV[10])
 local out = {}
-while #out < want do
+local stopped = ''
+while #out < want and stopped == '' do
   local ids = redis.call('ZREVRANGEBYSCORE', index, below, '-inf', 'WITHSCORES', 'LIMIT', 0, 200)
   if #ids == 0 then break end
   for i = 1, #ids, 2 do
-    local h = hgetall(ids[i])
-    if #h == 0 then
+    local sp = redis.call('HMGET', P .. 't:' .. ids[i], 's', 'p')
+    if not sp[1] then
       redis.call('ZREM', index, ids[i])  -- expired under its TTL: prune the entry
-    else
-      local ok = true
-      for j = 1, #h, 2 do
-        if (h[j] == 's' and state ~= '' and h[j + 1] ~= state)
-            or (h[j] == 'p' and preset ~= '' and h[j + 1] ~= preset) then ok = false end
-      end
-      if ok then
-        out[#out + 1] = h
-        if #out >= want then break end
-      end
+    elseif (state == '' or sp[1] == state) and (preset == '' or sp[2] == preset) then
+      out[#out + 1] = hgetall(ids[i])
+      if #out >= want then break end
     end
     below = '(' .. ids[i + 1]
+    budget = budget - 1
+    if budget <= 0 then
+      stopped = ids[i + 1]
+      break
+    end
   end
 end
+out[#out + 1] = stopped
 return out
 """
 
