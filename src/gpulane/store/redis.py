@@ -82,6 +82,10 @@ PAGE_SCAN_MAX = 2_000
 """Most index entries one listing call looks at (a few ms of the server): past it a filter
 that few tasks pass answers a short page with a cursor to go on, not a scan of every task."""
 
+AGE_BATCH_TASKS = 1_000
+"""Queued tasks one ageing call looks at (a few ms of the server); a deeper backlog takes
+several calls."""
+
 PURGE_BATCH_TASKS = 200
 """Finished tasks deleted per script call: each call holds the server a millisecond or so."""
 
@@ -249,7 +253,14 @@ class RedisStore:
 
     @_guarded
     async def age_queued(self, step_s: float, at: float | None = None) -> int:
-        return int(await self._run(lua.AGE, _num(step_s), at=at))
+        at = time.time() if at is None else at
+        lifted, queue, after = 0, "", ""
+        while True:  # in short calls: the others' calls run between them
+            n, queue, after = await self._run(lua.AGE, _num(step_s), AGE_BATCH_TASKS, queue,
+                                              after, at=at)
+            lifted += int(n)
+            if not queue:
+                return lifted
 
     async def queued_count(self) -> int:
         return sum(s.queued for s in (await self.queue_stats()).values())

@@ -282,26 +282,42 @@ return out
 """
 
 AGE = PRELUDE + r"""
--- ARGV[5]: step_s. Lift each queued task's effective priority to base + waited / step.
-local step = tonumber(ARGV[5])
+-- ARGV[5..8]: step_s, most tasks to look at, the queue and the score to go on after ('' and
+-- '' to start). Lift each queued task's effective priority to base + waited / step, queue by
+-- queue in name order, each by score. Answers {lifted, queue, score} to go on from, or
+-- {lifted, '', ''} at the end: a deep backlog is aged over several short calls, never in
+-- one that holds the server (a lifted task's score drops, so it is not met again).
+local step, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
+local from, after = ARGV[7], ARGV[8]
 local at = tonumber(now)
 local changed = 0
-for _, name in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
-  local q = P .. 'q:' .. name
-  local ids = redis.call('ZRANGE', q, 0, -1)
-  if #ids == 0 then redis.call('SREM', P .. 'queues', name) end
-  for _, id in ipairs(ids) do
-    local h = redis.call('HMGET', P .. 't:' .. id, 'bp', 'ep', 'c', 'seq')
-    local lifted = tonumber(h[1]) + math.floor((at - tonumber(h[3])) / step)
-    if lifted > 100 then lifted = 100 end
-    if lifted > tonumber(h[2]) then
-      redis.call('HSET', P .. 't:' .. id, 'ep', lifted)
-      redis.call('ZADD', q, score(lifted, h[4]), id)
-      changed = changed + 1
+local names = redis.call('SMEMBERS', P .. 'queues')
+table.sort(names)
+for _, name in ipairs(names) do
+  if name >= from then
+    local q = P .. 'q:' .. name
+    local lo = '-inf'
+    if name == from and after ~= '' then lo = '(' .. after end
+    local got = redis.call('ZRANGEBYSCORE', q, lo, '+inf', 'WITHSCORES', 'LIMIT', 0, budget)
+    if #got == 0 and lo == '-inf' then redis.call('SREM', P .. 'queues', name) end
+    for i = 1, #got, 2 do
+      local id = got[i]
+      local h = redis.call('HMGET', P .. 't:' .. id, 'bp', 'ep', 'c', 'seq')
+      if h[1] then
+        local lifted = tonumber(h[1]) + math.floor((at - tonumber(h[3])) / step)
+        if lifted > 100 then lifted = 100 end
+        if lifted > tonumber(h[2]) then
+          redis.call('HSET', P .. 't:' .. id, 'ep', lifted)
+          redis.call('ZADD', q, score(lifted, h[4]), id)
+          changed = changed + 1
+        end
+      end
     end
+    budget = budget - #got / 2
+    if budget <= 0 then return {changed, name, got[#got]} end
   end
 end
-return changed
+return {changed, '', ''}
 """
 
 CLAIM = PRELUDE + r"""
