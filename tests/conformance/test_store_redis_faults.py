@@ -141,3 +141,26 @@ async def test_a_backlog_is_aged_in_bounded_calls(store: RedisStore,
     heads = await store.queue_heads([("p", "gpu"), ("p", "cpu")])
     assert [h.priority for h in heads] == [15, 15]
     assert await store.age_queued(60.0, at=at) == 0  # nothing left to lift
+
+
+async def test_a_malformed_wake_up_message_ends_no_subscription(
+        redis_url: str, raw: Redis) -> None:
+    # An exception out of the subscriber's read callback closed its connection: the wake-ups
+    # sent until it subscribed again were lost.
+    a, b = RedisStore(redis_url), RedisStore(redis_url)
+    await a.open()
+    await b.open()
+    try:
+        heard = []
+        a.on_work = lambda: heard.append(1)
+        subscribed = a._wakeups._transport
+        await raw.publish("gl:ch", b"w\tstray\t\xff\xfe not utf-8")
+        await submit(b)
+
+        async def woken() -> bool:
+            return bool(heard)
+        await eventually(woken)
+        assert a._wakeups._transport is subscribed
+    finally:
+        await a.close()
+        await b.close()

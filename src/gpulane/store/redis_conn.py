@@ -18,12 +18,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import logging
 import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
 import hiredis
 from redis.asyncio.connection import parse_url
+
+log = logging.getLogger("gpulane.store")
 
 CONNECT_TIMEOUT_S = 1.0
 """How long a call waits for a TCP connection to Redis before it fails."""
@@ -84,7 +87,12 @@ class _Subscriber(asyncio.Protocol):
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
             if isinstance(reply, list) and reply and reply[0] == b"message":
-                self.on_message(reply[2])
+                try:
+                    self.on_message(reply[2])
+                except Exception:  # a malformed message (a stray client, another version)
+                    # must not end the subscription: its wake-ups would be lost meanwhile.
+                    log.exception("store: a message on the wake-up channel failed: %.200r",
+                                  reply[2])
             elif not self.ready.done():
                 if isinstance(reply, hiredis.ReplyError):
                     self.ready.set_exception(RedisReplyError(str(reply)))
