@@ -4,6 +4,7 @@ call, and a listing filter that few tasks pass (it must not hold the server)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +17,7 @@ from gpulane.errors import StoreError, StoreUnavailableError
 from gpulane.model import Task, TaskState
 from gpulane.store import redis as redis_store
 from gpulane.store import redis_scripts as lua
+from gpulane.store import wait_final
 from gpulane.store.redis import RedisStore
 
 
@@ -161,6 +163,29 @@ async def test_a_malformed_wake_up_message_ends_no_subscription(
             return bool(heard)
         await eventually(woken)
         assert a._wakeups._transport is subscribed
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_result_waiter_hears_of_an_end_announced_while_its_channel_was_down(
+        redis_url: str, raw: Redis) -> None:
+    a, b = RedisStore(redis_url), RedisStore(redis_url)
+    await a.open()
+    await b.open()
+    try:
+        task = await submit(b)
+        [claimed] = await b.claim("p", "gpu", 1, "node-b", "gpu:0")
+        waiter = asyncio.create_task(wait_final(a, task.id, timeout=60))
+
+        async def parked() -> bool:
+            return a.notifier.waited_on(task.id)
+        await eventually(parked)
+        # A's subscription is cut: B's "ended" message reaches nobody on A.
+        await raw.client_kill_filter(_type="pubsub")
+        await b.finish(task.id, claimed.token, TaskState.SUCCEEDED, output="done")
+        got = await asyncio.wait_for(waiter, 10)  # a guard; it used to wait out its 60 s
+        assert got is not None and got.state is TaskState.SUCCEEDED
     finally:
         await a.close()
         await b.close()

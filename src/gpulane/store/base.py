@@ -238,6 +238,12 @@ class TaskNotifier(Notifier):
     def waited_on(self, key: str) -> bool:
         return super().waited_on(key) or key in self._final
 
+    def wake_all(self) -> None:
+        """Every waiter re-reads: changes may have happened unheard (a store's wake-up
+        channel was down a while)."""
+        for key in list(self._waiters.keys() | self._final.keys()):
+            self.notify(key)
+
     def __len__(self) -> int:
         return len(self._versions.keys() | self._waiters.keys() | self._final.keys())
 

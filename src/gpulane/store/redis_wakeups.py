@@ -8,7 +8,8 @@ scheduler, and stops treating those queues as empty). Every store hears every me
 own too), so a message costs a few microseconds here: a connection of its own read with
 hiredis (redis_conn.py), not redis-py's PubSub. When the server goes away the subscriber
 connects again with backoff, then reports work in unknown queues once, since work queued
-while it was away was announced to nobody (the store forgets which queues it knew empty).
+while it was away was announced to nobody (the store forgets which queues it knew empty), and
+every result waiter re-reads its task (one that ended meanwhile was announced to nobody).
 The channel is the server's, not the database's: stores on other databases of one server
 hear each other's messages, which wake nothing of theirs but a scheduler's look at its queues.
 """
@@ -82,6 +83,9 @@ class Wakeups:
                 break
             log.info("store: subscribed again to %s", CHANNEL)
             self._on_work(None)
+            # Tasks that ended elsewhere meanwhile were announced to nobody: every result
+            # waiter re-reads its task, or it would sleep to its timeout.
+            self._notifier.wake_all()
 
     def _handle(self, data: bytes) -> None:
         kind, _, rest = data.partition(b"\t")
