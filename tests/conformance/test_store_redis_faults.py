@@ -189,3 +189,15 @@ async def test_a_result_waiter_hears_of_an_end_announced_while_its_channel_was_d
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_read_only_replica_is_store_unavailable(store: RedisStore, raw: Redis) -> None:
+    # A failover under way leaves the nodes on a replica for a while: writes there are
+    # refused with READONLY, which was a 500.
+    await raw.replicaof("127.0.0.1", 1)  # nothing listens there: it stays a replica
+    try:
+        with pytest.raises(StoreUnavailableError, match="READONLY"):
+            await submit(store)
+    finally:
+        await raw.replicaof("NO", "ONE")
+    await submit(store)

@@ -89,6 +89,11 @@ several calls."""
 PURGE_BATCH_TASKS = 200
 """Finished tasks deleted per script call: each call holds the server a millisecond or so."""
 
+PASSING_ERRORS = ("LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN")
+"""Error replies of a Redis that cannot serve now but will (503 store_unavailable, not a 500):
+reading its data back after a restart, a script running long, a replica (a failover under
+way), a replica cut off its primary."""
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -103,7 +108,7 @@ def _guarded(fn: Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, R]]
         except (RedisDown, OSError) as exc:
             raise StoreUnavailableError(f"Redis at {self.url} failed ({exc})") from exc
         except RedisReplyError as exc:
-            if str(exc).startswith("LOADING"):  # a restarted Redis reading its data back
+            if str(exc).startswith(PASSING_ERRORS):
                 raise StoreUnavailableError(f"Redis at {self.url} failed ({exc})") from exc
             if str(exc).startswith("OOM"):  # full: no write until memory is freed
                 raise StoreUnavailableError(
