@@ -201,3 +201,30 @@ async def test_a_read_only_replica_is_store_unavailable(store: RedisStore, raw: 
     finally:
         await raw.replicaof("NO", "ONE")
     await submit(store)
+
+
+async def test_a_redis_busy_with_a_long_script_is_store_unavailable_to_followers_too(
+        store: RedisStore, raw: Redis, redis_url: str) -> None:
+    task = await submit(store)
+    await raw.config_set("busy-reply-threshold", "10")
+    busy = Redis.from_url(redis_url)
+    async def loop_forever() -> None:
+        await busy.eval("while true do end", 0)  # until SCRIPT KILL
+    looping = asyncio.create_task(loop_forever())
+    try:
+        async def refused() -> bool:
+            try:
+                await store.get(task.id)
+            except StoreUnavailableError:
+                return True
+            return False
+        await eventually(refused)
+        with pytest.raises(StoreUnavailableError, match="BUSY"):
+            await store._tails.read(task.id, 0, 10)  # a follower's read: was a 500
+    finally:
+        killer = Redis.from_url(redis_url)
+        await killer.script_kill()
+        await killer.aclose()
+        await asyncio.gather(looping, return_exceptions=True)
+        await busy.aclose()
+        await raw.config_set("busy-reply-threshold", "5000")

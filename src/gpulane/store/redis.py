@@ -64,7 +64,7 @@ from gpulane.store.redis_codec import (
     new_task,
     spec_args,
 )
-from gpulane.store.redis_conn import RedisDown, RedisReplyError, RespConnection
+from gpulane.store.redis_conn import PASSING_ERRORS, RedisDown, RedisReplyError, RespConnection
 from gpulane.store.redis_follow import Tails, follow
 from gpulane.store.redis_wakeups import Wakeups
 
@@ -88,11 +88,6 @@ several calls."""
 
 PURGE_BATCH_TASKS = 200
 """Finished tasks deleted per script call: each call holds the server a millisecond or so."""
-
-PASSING_ERRORS = ("LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN")
-"""Error replies of a Redis that cannot serve now but will (503 store_unavailable, not a 500):
-reading its data back after a restart, a script running long, a replica (a failover under
-way), a replica cut off its primary."""
 
 P = ParamSpec("P")
 R = TypeVar("R")

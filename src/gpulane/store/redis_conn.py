@@ -36,6 +36,12 @@ REPLY_TIMEOUT_S = 5.0
 dropped as dead."""
 
 
+PASSING_ERRORS = ("LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN")
+"""Error replies of a Redis that cannot serve now but will (503 store_unavailable, not a 500):
+reading its data back after a restart, a script running long, a replica (a failover under
+way), a replica cut off its primary."""
+
+
 class RedisDown(Exception):
     """Redis cannot be reached, or stopped answering: the call may or may not have run."""
 

@@ -14,12 +14,13 @@ from typing import Any, Protocol
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gpulane.errors import StoreUnavailableError
 from gpulane.model import FINAL_STATES, Event, Task
 from gpulane.store.redis_codec import decode_entries
-from gpulane.store.redis_conn import CONNECT_TIMEOUT_S
+from gpulane.store.redis_conn import CONNECT_TIMEOUT_S, PASSING_ERRORS
 from gpulane.store.redis_scripts import PREFIX
 
 FOLLOW_CONNECTIONS = 256
@@ -46,6 +47,10 @@ class Tails:
                                            count=READ_COUNT, block=block_ms)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StoreUnavailableError(f"Redis at {self.url} failed ({exc})") from exc
+        except ResponseError as exc:  # busy with a long script: a 503 as the store's calls
+            if str(exc).startswith(PASSING_ERRORS):
+                raise StoreUnavailableError(f"Redis at {self.url} failed ({exc})") from exc
+            raise
         return decode_entries(task_id, got[0][1]) if got else []
 
     async def close(self) -> None:
