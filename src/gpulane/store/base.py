@@ -239,9 +239,13 @@ class TaskNotifier(Notifier):
         return super().waited_on(key) or key in self._final
 
     def wake_all(self) -> None:
-        """Every waiter re-reads: changes may have happened unheard (a store's wake-up
-        channel was down a while)."""
-        for key in list(self._waiters.keys() | self._final.keys()):
+        """Every waiter re-reads, and the entries of keys nobody waits on go: changes may
+        have happened unheard (a store's wake-up channel was down a while), among them ends
+        whose message would have dropped an entry, which would then be kept for good."""
+        waited = self._waiters.keys() | self._final.keys()
+        for key in list(self._versions.keys() - waited):
+            self.forget(key)
+        for key in list(waited):
             self.notify(key)
 
     def __len__(self) -> int:
