@@ -147,6 +147,35 @@ async def test_a_call_reaches_another_node_and_returns_its_answer(redis_fleets: 
         "op": "pause", "payload": {"lease": "L1"}}
 
 
+async def test_a_call_reaches_only_the_fleet_of_its_own_database(redis_url: str) -> None:
+    # Pub/sub channels ignore the database number: two fleets on /0 and /1 of one server,
+    # each with a node "b", must not both run a call meant for one of them.
+    other_db = redis_url.rsplit("/", 1)[0] + "/1"
+    ran: list[str] = []
+
+    def handler(where: str) -> Any:
+        async def serve(op: str, payload: dict[str, Any]) -> dict[str, Any]:
+            ran.append(where)
+            return {}
+        return serve
+    made = [open_fleet(redis_url, "a"), open_fleet(redis_url, "b"), open_fleet(other_db, "b"),
+            open_fleet(other_db, "c")]
+    made[1].serve(handler("db0"))
+    made[2].serve(handler("db1"))
+    try:
+        for f in made:
+            await f.open()
+        await made[1].register(info("b"), ttl_s=30)
+        await made[2].register(info("b"), ttl_s=30)
+        await made[0].call("b", "drain", {}, timeout_s=GUARD_S)
+        # A call to db1's b goes out after: once it is answered, db0's went long before.
+        await made[3].call("b", "ping", {}, timeout_s=GUARD_S)
+    finally:
+        for f in made:
+            await f.close()
+    assert ran == ["db0", "db1"]
+
+
 async def test_a_call_to_an_unknown_node_is_not_found(fleets: Fleets) -> None:
     a = await fleets.node("a", echo)
     with pytest.raises(NotFoundError) as err:

@@ -9,7 +9,8 @@ Data layout (``gl:`` is the prefix):
   hold running tasks). ``nodes()`` reads the set, MGETs the keys, and drops
   the names whose key expired (a script that removes a name only while its key is absent,
   so a node re-registering at that instant is not dropped).
-- ``gl:call:{node}``: the channel a node's calls arrive on; ``gl:reply:{id}``: one answer
+- ``gl:db{N}:call:{node}``: the channel a node's calls arrive on (N: the fleet's database,
+  since channels ignore it); ``gl:reply:{id}``: one answer
   (see ``redis_calls.py``).
 - ``gl:lease:{id}``: the lease as JSON; ``gl:lease:{id}:ev``: its events, a stream whose
   entry ids are the event numbers (``n-0``), capped near ``LEASE_EVENTS_MAX``;
@@ -153,6 +154,11 @@ class RedisFleet:
         self.client: aioredis.Redis = aioredis.from_url(
             url, socket_timeout=COMMAND_TIMEOUT_S, **opts)
         self.blocking: aioredis.Redis = aioredis.from_url(url, socket_timeout=None, **opts)
+        # Channels are the server's, not the database's: a fleet on /1 of the same server
+        # must not hear the calls meant for a namesake node of the fleet on /0.
+        db = int(self.client.connection_pool.connection_kwargs.get("db", 0) or 0)
+        self.channel_prefix = f"{prefix}db{db}:"
+        """The start of this fleet's channel names: its key prefix and its database."""
         self.registry_key = f"{prefix}registry"
         """The set of registered names (the store's ``gl:nodes`` is another thing: the nodes
         holding running tasks)."""

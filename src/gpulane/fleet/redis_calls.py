@@ -2,7 +2,7 @@
 pushed to a reply list the caller pops.
 
 Wire: the caller PUBLISHes ``{"id", "op", "payload", "reply", "from"}`` (JSON) on
-``gl:call:{node}``; the callee's subscriber runs its handler as an asyncio task and LPUSHes
+``gl:db{N}:call:{node}``; the callee's subscriber runs its handler as an asyncio task and LPUSHes
 ``{"ok": answer}`` or ``{"error": {"status", "code", "message", "field", "extra",
 "headers"}}`` to the ``reply`` key, which expires ``REPLY_TTL_S`` later (an answer nobody
 waits for any more goes by itself); the caller BLPOPs it for ``timeout_s``.
@@ -151,7 +151,7 @@ class Calls:
 
     async def _serve(self) -> None:
         backoff = RESUBSCRIBE_BACKOFF_S
-        name = channel(self.fleet.prefix, self.fleet.name)
+        name = channel(self.fleet.channel_prefix, self.fleet.name)
         while True:
             pubsub = self.fleet.blocking.pubsub()
             try:
@@ -237,7 +237,7 @@ class Calls:
         async with fleet.reaching(f"call {op} to node {node}"):
             if not await fleet.client.exists(fleet.node_key(node)):
                 raise unknown_node(node)
-            receivers = await fleet.client.publish(channel(fleet.prefix, node), request)
+            receivers = await fleet.client.publish(channel(fleet.channel_prefix, node), request)
         if not receivers:
             raise unreachable(node, "is not listening for calls (stopping, or cut off from "
                                     "Redis)")
