@@ -101,6 +101,7 @@ class Link(Protocol):
 
     name: str
     prefix: str
+    channel_prefix: str
     client: aioredis.Redis
     blocking: aioredis.Redis
 
