@@ -404,9 +404,11 @@ def kill(fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
         loader = threading.Thread(target=load, daemon=True)
         loader.start()
         with httpx.Client(base_url=urls[0], timeout=10) as http:
+            # Two nodes' workers and two more: n1 (the one they are sent to) and n2 could
+            # take up to 2 x workers between them, so n3 always runs at least two.
             long_ids = [t["id"] for t in http.post("/v1/tasks/bulk", json={"tasks": [
                 {"preset": PRESET, "input": {"ms": KILL_LONG_MS}}
-                for _ in range(2 * 3)]}).json()["tasks"]]
+                for _ in range(2 * args.workers + 2)]}).json()["tasks"]]
 
             def victims() -> list[str] | None:
                 tasks = [http.get(f"/v1/tasks/{i}").json() for i in long_ids]
