@@ -34,15 +34,6 @@ async def two(redis_url: str) -> AsyncIterator[tuple[Store, Store]]:
         await b.close()
 
 
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[Redis]:
-    """A plain client on the same server, to look at the keys."""
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
 
 # -- a fleet's stores see each other ------------------------------------------------------------
 

@@ -31,14 +31,6 @@ async def store(redis_url: str) -> AsyncIterator[RedisStore]:
         await s.close()
 
 
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
 
 async def test_a_claim_drops_an_evicted_task_and_claims_the_next(store: RedisStore,
                                                                  raw: Redis) -> None:

@@ -265,6 +265,16 @@ class TaskNotifier(Notifier):
         return True if task is None else task
 
 
+async def finish_one(store: Store, task_id: str, token: int, state: TaskState,
+                     output: Any = None, error: dict[str, Any] | None = None,
+                     events: Sequence[NewEvent] = ()) -> Task:
+    """``Store.finish`` as one item of ``finish_many``, its stale answer raised."""
+    (got,) = await store.finish_many([Finish(task_id, token, state, output, error, events)])
+    if isinstance(got, StaleTokenError):
+        raise got
+    return got
+
+
 async def follow_by_notifier(store: Store, task_id: str, after: int, quiet_s: float
                              ) -> AsyncIterator[list[Event]]:
     """``Store.follow`` for a store whose every write this process sees (its notifier hears

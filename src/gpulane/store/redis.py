@@ -55,6 +55,7 @@ from gpulane.store.base import (
     QueueHead,
     QueueStats,
     TaskNotifier,
+    finish_one,
     new_task_id,
 )
 from gpulane.store.redis_codec import (
@@ -321,10 +322,7 @@ class RedisStore:
     async def finish(self, task_id: str, token: int, state: TaskState, output: Any = None,
                      error: dict[str, Any] | None = None,
                      events: Sequence[NewEvent] = ()) -> Task:
-        (got,) = await self.finish_many([Finish(task_id, token, state, output, error, events)])
-        if isinstance(got, StaleTokenError):
-            raise got
-        return got
+        return await finish_one(self, task_id, token, state, output, error, events)
 
     @_guarded
     async def finish_many(self, items: Sequence[Finish]) -> list[Task | StaleTokenError]:

@@ -31,6 +31,7 @@ from gpulane.store.base import (
     QueueHead,
     QueueStats,
     TaskNotifier,
+    finish_one,
     follow_by_notifier,
     new_task_id,
 )
@@ -329,10 +330,7 @@ class SqliteStore:
     async def finish(self, task_id: str, token: int, state: TaskState, output: Any = None,
                      error: dict[str, Any] | None = None,
                      events: Sequence[NewEvent] = ()) -> Task:
-        (got,) = await self.finish_many([Finish(task_id, token, state, output, error, events)])
-        if isinstance(got, StaleTokenError):
-            raise got
-        return got
+        return await finish_one(self, task_id, token, state, output, error, events)
 
     async def finish_many(self, items: Sequence[Finish]) -> list[Task | StaleTokenError]:
         for item in items:
