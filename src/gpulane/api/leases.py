@@ -101,8 +101,9 @@ async def _unless_caller_leaves(request: Request, work: Awaitable[dict[str, Any]
 
 async def _disconnect(request: Request) -> None:
     """Return when the client disconnects (its body is read: the next message says so)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    message = await request.receive()
+    while message["type"] != "http.disconnect":
+        message = await request.receive()
 
 
 @router.get("")
