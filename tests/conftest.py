@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -130,39 +133,65 @@ def _redis_command(port: int, *args: str) -> bytes:
         return s.recv(1024).split(b"\r\n", 1)[0]
 
 
+class RedisProcess:
+    """A redis-server of a test's own on a free loopback port, killed (``kill``: -9 unless
+    told otherwise) and started again on the same port at will. With ``folder`` it keeps an
+    append-only file there, fsynced on every write (a restart finds what it acknowledged);
+    without, it keeps nothing. Missing redis-server: the test is skipped locally and fails
+    when the environment variable ``CI`` is set, so that a CI image without it cannot pass."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            msg = "redis-server is not installed: the redis store and fleet cannot be tested"
+            if os.environ.get("CI"):
+                pytest.fail(msg + " (CI is set, so this is an error)")
+            pytest.skip(msg)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        persistence = ["--appendonly", "no"] if folder is None else [
+            "--appendonly", "yes", "--appendfsync", "always", "--dir", str(folder)]
+        self.argv = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                     "--protected-mode", "no", *persistence]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_timeout_s: float = 10.0) -> None:
+        """Start it and wait until it answers PING (after loading its append-only file)."""
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + ready_timeout_s
+        while not self.answers():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"redis-server did not answer PING on port {self.port}")
+            time.sleep(0.01)  # polling with a deadline
+
+    def answers(self) -> bool:
+        try:
+            return _redis_command(self.port, "PING") == b"+PONG"
+        except OSError:
+            return False
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[int]:
     """A throwaway redis-server on a free port, without persistence; yields the port."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        msg = "redis-server is not installed: the redis store backend cannot be tested"
-        if os.environ.get("CI"):
-            pytest.fail(msg + " (CI is set, so this is an error)")
-        pytest.skip(msg)
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--protected-mode", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = RedisProcess()
+    server.start()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if _redis_command(port, "PING") == b"+PONG":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"redis-server did not answer PING on port {port}")
-            time.sleep(0.01)  # polling with a deadline
-        yield port
+        yield server.port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.kill(signal.SIGTERM)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from typing import IO, Any, TypeVar
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import RedisProcess, free_port
 
 T = TypeVar("T")
 
@@ -79,49 +78,6 @@ def _descendants(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
-
-
-class RedisServer:
-    """redis-server on a fixed loopback port, append-only with fsync on every write,
-    restartable on the same port and data."""
-
-    def __init__(self, workdir: Path) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            msg = "redis-server is not installed: the fleet cannot be tested"
-            if os.environ.get("CI"):
-                pytest.fail(msg + " (CI is set, so this is an error)")
-            pytest.skip(msg)
-        self.exe = exe
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.dir = workdir / "redis"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        import redis
-
-        self.proc = subprocess.Popen(
-            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-             "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-        def pong() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, "redis-server exited"
-            with contextlib.suppress(redis.RedisError), \
-                    redis.Redis.from_url(self.url, socket_timeout=1) as r:
-                return bool(r.ping())
-            return False
-
-        poll(pong, READY_TIMEOUT_S, f"redis-server PONG on port {self.port}")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, sig)
-            self.proc.wait(15)
 
 
 BIND_FAILED = "address already in use"
@@ -243,11 +199,12 @@ class Cluster:
         self.workdir = workdir
         self.env = env or {}
         """Settings every node gets from its environment (GPULANE_...)."""
-        self.redis = RedisServer(workdir)
+        (workdir / "redis").mkdir(parents=True, exist_ok=True)
+        self.redis = RedisProcess(workdir / "redis")
         self.nodes: dict[str, Node] = {}
 
     def start(self, count: int, *extra: str) -> Cluster:
-        self.redis.start()
+        self.redis.start(READY_TIMEOUT_S)
         self.add(*(f"n{i + 1}" for i in range(count)), extra=extra)
         return self
 

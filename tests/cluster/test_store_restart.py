@@ -12,6 +12,7 @@ import httpx
 
 from tests.cluster.conftest import (
     FINAL,
+    READY_TIMEOUT_S,
     Node,
     final_task,
     poll,
@@ -75,7 +76,7 @@ def test_redis_killed_and_restarted_under_load_loses_no_acknowledged_task(
         cluster.redis.kill()
         poll(lambda: sum(s.answers["503"] for s in subs) >= 1, 30,
              "a node to answer 503 while its store is away")
-        cluster.redis.start()
+        cluster.redis.start(READY_TIMEOUT_S)
         for s in subs:
             s.join(90)
             assert s.error is None, f"{s.error!r}\n{cluster.logs()}"

@@ -9,16 +9,13 @@ per test); the reconnect test starts a server of its own, on a free port, to kil
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import redis
-from tests.conftest import eventually, free_port
+from tests.conftest import RedisProcess, eventually, free_port
 
 from gpulane.errors import (
     ConflictError,
@@ -355,53 +352,30 @@ async def test_an_unreachable_redis_raises_store_unavailable() -> None:
     await f.close()
 
 
-def start_redis(port: int) -> subprocess.Popen[bytes]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port, socket_connect_timeout=0.2)
-    deadline = time.monotonic() + GUARD_S
-    while True:
-        try:
-            if client.ping():
-                return proc
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-        time.sleep(0.02)  # polling with a deadline
-
-
 @pytest.fixture
-def own_redis() -> Iterator[tuple[int, list[subprocess.Popen[bytes]]]]:
+def own_redis() -> Iterator[RedisProcess]:
     """A redis-server of this test's own on a free port, to kill -9 and start again."""
-    port = free_port()
-    procs = [start_redis(port)]
-    yield port, procs
-    for p in procs:
-        p.kill()
-        p.wait()
+    server = RedisProcess()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 async def test_calls_and_the_registry_come_back_after_redis_is_killed_and_restarted(
-        own_redis: tuple[int, list[subprocess.Popen[bytes]]]) -> None:
-    port, procs = own_redis
-    url = f"redis://127.0.0.1:{port}/0"
-    a, b = RedisFleet(url, "a"), RedisFleet(url, "b")
+        own_redis: RedisProcess) -> None:
+    a, b = RedisFleet(own_redis.url, "a"), RedisFleet(own_redis.url, "b")
     b.serve(echo)
     for f in (a, b):
         await f.open()
     try:
         await b.register(info("b"), ttl_s=30)
         assert await a.call("b", "ping", {}, timeout_s=GUARD_S) == {"op": "ping", "payload": {}}
-        procs[0].kill()  # kill -9
-        procs[0].wait()
+        own_redis.kill()  # kill -9
         with pytest.raises(StoreUnavailableError):
             await asyncio.wait_for(a.call("b", "ping", {}, timeout_s=1), GUARD_S)
-        procs.append(start_redis(port))  # empty: the registry is gone with it
+        own_redis.start()  # empty: the registry is gone with it
 
         async def answered() -> bool:
             try:

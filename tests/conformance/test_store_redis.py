@@ -5,15 +5,13 @@ StoreUnavailableError while the server is away, then recovery by itself."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 import pytest
 from redis.asyncio import Redis
 from tests.conformance.test_store import GUARD_S, LONG_S, claim_one, spec, submit
-from tests.conftest import _redis_command, eventually, free_port
+from tests.conftest import RedisProcess, eventually
 
 from gpulane.errors import StoreUnavailableError
 from gpulane.model import Event, TaskState
@@ -209,41 +207,9 @@ async def test_purge_prunes_the_listings_of_tasks_that_expired(
 # -- Redis away and back ------------------------------------------------------------------------
 
 
-class OwnRedis:
-    """A redis-server of the test's own, to kill with -9 and start again on its port."""
-
-    def __init__(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.skip("redis-server is not installed")
-        self.exe = exe
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    async def ready(self) -> None:
-        await eventually(self._pong, timeout=10)
-
-    async def _pong(self) -> bool:
-        try:
-            return _redis_command(self.port, "PING") == b"+PONG"
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-
 @pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    server = OwnRedis()
+def own_redis() -> Iterator[RedisProcess]:
+    server = RedisProcess()
     server.start()
     try:
         yield server
@@ -252,9 +218,8 @@ def own_redis() -> Iterator[OwnRedis]:
 
 
 async def test_redis_away_is_store_unavailable_and_the_store_recovers(
-        own_redis: OwnRedis) -> None:
-    await own_redis.ready()
-    url = f"redis://127.0.0.1:{own_redis.port}/0"
+        own_redis: RedisProcess) -> None:
+    url = own_redis.url
     a, b = RedisStore(url), RedisStore(url)
     await a.open()
     await b.open()
@@ -267,7 +232,6 @@ async def test_redis_away_is_store_unavailable_and_the_store_recovers(
                 await asyncio.wait_for(call, GUARD_S)
             assert info.value.status == 503 and info.value.headers["Retry-After"] == "2"
         own_redis.start()  # the same port, empty: no persistence in this test
-        await own_redis.ready()
         assert await a.get(task.id) is None  # a call reconnects by itself
         # The subscriber came back too: B's finish wakes a waiter on A.
         work = asyncio.Event()

@@ -7,8 +7,6 @@ file synced on every write, so that what was acknowledged before the kill is the
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,45 +17,14 @@ from gpulane.api.app import create_app
 from gpulane.errors import StoreUnavailableError
 from gpulane.model import Task, TaskState
 from gpulane.node import Node
-from tests.conftest import _redis_command, eventually, free_port
+from tests.conftest import RedisProcess, eventually
 from tests.integration.conftest import make_settings, stop_node
 
 
-class Redis:
-    """One redis-server with an append-only file in ``folder``, killed and restarted at will."""
-
-    def __init__(self, folder: Path) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.skip("redis-server is not installed")
-        self.argv = [exe, "--port", str(free_port()), "--bind", "127.0.0.1", "--save", "",
-                     "--appendonly", "yes", "--appendfsync", "always", "--dir", str(folder),
-                     "--protected-mode", "no"]
-        self.port = int(self.argv[2])
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-
-    async def up(self) -> None:
-        async def pong() -> bool:
-            try:
-                return _redis_command(self.port, "PING") == b"+PONG"
-            except OSError:
-                return False
-        await eventually(pong)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 @pytest.fixture
-def redis(tmp_path: Path) -> Iterator[Redis]:
-    r = Redis(tmp_path)
+def redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """Append-only, fsynced on every write: a restart finds every acknowledged task."""
+    r = RedisProcess(tmp_path)
     r.start()
     try:
         yield r
@@ -66,8 +33,7 @@ def redis(tmp_path: Path) -> Iterator[Redis]:
 
 
 @pytest.fixture
-async def outage_node(tmp_path: Path, redis: Redis) -> AsyncIterator[Node]:
-    await redis.up()
+async def outage_node(tmp_path: Path, redis: RedisProcess) -> AsyncIterator[Node]:
     node = Node(make_settings(tmp_path / "n", store=redis.url, node_name="outage",
                               worker_stop_grace_s=0.2))
     await node.start()
@@ -89,7 +55,7 @@ async def _unavailable(r: httpx.Response) -> None:
 
 
 async def test_every_route_answers_503_while_redis_is_down(outage_node: Node,
-                                                           redis: Redis) -> None:
+                                                           redis: RedisProcess) -> None:
     async with _client(outage_node) as api:
         r = await api.post("/v1/tasks", json={"preset": "sleep", "input": {"ms": 1}})
         task_id = r.json()["id"]
@@ -115,7 +81,7 @@ async def test_every_route_answers_503_while_redis_is_down(outage_node: Node,
 
 
 async def test_running_work_is_finished_and_stored_once_redis_is_back(
-        outage_node: Node, redis: Redis) -> None:
+        outage_node: Node, redis: RedisProcess) -> None:
     task, _ = await outage_node.submit(outage_node.build_spec(preset="sleep",
                                                               input={"ms": 400}))
     await eventually(lambda: _state(outage_node, task.id, TaskState.RUNNING))
@@ -123,7 +89,6 @@ async def test_running_work_is_finished_and_stored_once_redis_is_back(
     outcomes = outage_node.supervisor.pipeline.outcomes
     await eventually(lambda: _true(outcomes.pending > 0))  # finished while Redis was down
     redis.start()
-    await redis.up()
     done = await eventually(lambda: _final(outage_node, task.id), timeout=30)
     assert done.state is TaskState.SUCCEEDED and done.attempts == 1
     # And it takes work again, without a restart.
