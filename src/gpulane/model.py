@@ -35,6 +35,28 @@ class DeviceWish(str, enum.Enum):
     CPU = "cpu"
 
 
+class FallbackReason:
+    """Why a task that could use a GPU runs (or waits) on the CPU: on the task
+    (``fallback_reason``) and in its ``fallback`` event.
+
+    Each reason belongs to one kind of a preset's fallback policy (``Preset.fallback``):
+    ``no_gpu`` (decided at submit, no GPU of the fleet can hold it), ``busy`` (the GPU queue
+    would keep it past ``fallback_after_ms``), ``error`` (the GPU cannot start workers, or
+    was lost) and ``oom`` (out of memory in a batch of one)."""
+
+    NO_GPU = "no_gpu"  # no node of the fleet has a GPU
+    VRAM_EXCEEDS_LARGEST_GPU = "vram_exceeds_largest_gpu"  # no GPU is big enough
+    NOT_ENOUGH_GPUS = "not_enough_gpus"  # gpus: N, and fewer than N GPUs can hold it
+    GPU_BUSY = "gpu_busy"  # its expected wait in the GPU queue passed fallback_after_ms
+    GPU_UNAVAILABLE = "gpu_unavailable"  # the preset's GPU start circuit is open
+    DEVICE_LOST = "device_lost"  # the GPU it ran on was lost (Xid, fell off the bus)
+    GPU_OOM = "gpu_oom"  # out of device memory in a batch of one
+    KIND = {NO_GPU: "no_gpu", VRAM_EXCEEDS_LARGEST_GPU: "no_gpu", NOT_ENOUGH_GPUS: "no_gpu",
+            GPU_BUSY: "busy", GPU_UNAVAILABLE: "error", DEVICE_LOST: "error",
+            GPU_OOM: "oom"}
+    """Reason -> the policy kind (``Preset.fallback``) that allows it."""
+
+
 class Priority:
     """Priorities are integers 0-100, higher first; three names stand for common levels."""
 

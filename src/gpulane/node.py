@@ -40,6 +40,7 @@ from gpulane.presets import PresetRegistry, example_presets_dir, load_presets
 from gpulane.runtime.supervisor import Supervisor
 from gpulane.scheduling.admission import Admission
 from gpulane.scheduling.drain import Drain
+from gpulane.scheduling.fallbacks import FallbackLog
 from gpulane.scheduling.fleet_leases import FleetLeases, Op
 from gpulane.scheduling.fleet_view import FleetView, describe_node, nodes_view
 from gpulane.scheduling.housekeeping import PURGE_INTERVAL_S, Housekeeper
@@ -111,6 +112,7 @@ class Node:
         self._poller: asyncio.Task[None] | None = None
         self.started = False
         self.admission = Admission(settings.max_queued)
+        self.fallbacks = FallbackLog()  # every fallback this node decided, for the status view
         self.drains = Drain(self.name, self.scheduler, self.supervisor, settings.drain_grace_s,
                             fleet=self.fleet, status=self.status_view)
         self.fleet_view = FleetView(self.fleet, self.name)
@@ -277,6 +279,8 @@ class Node:
         task, created = await self.store.submit(spec)
         if created:
             self.scheduler.wake()
+            if spec.fallback_reason is not None:
+                self.fallbacks.record(spec.fallback_reason, spec.preset)
         return task, created
 
     async def submit_many(self, specs: list[TaskSpec]) -> list[tuple[Task, bool]]:
@@ -285,6 +289,9 @@ class Node:
         await self._admit(specs, bulk=True)
         out = await self.store.submit_many(specs)
         self.scheduler.wake()
+        for spec, (_task, created) in zip(specs, out, strict=True):
+            if created and spec.fallback_reason is not None:
+                self.fallbacks.record(spec.fallback_reason, spec.preset)
         return out
 
     async def _admit(self, specs: list[TaskSpec], *, bulk: bool) -> None:

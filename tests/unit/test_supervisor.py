@@ -206,7 +206,7 @@ async def test_a_worker_preempted_while_it_boots_is_killed_at_once_and_its_tasks
     # Its exit is no start failure: the preset's circuit does not count it.
     proc.returncode = -9
     await sup._on_exit(proc)
-    assert sup.circuit("batched").failures == 0 and "exited w-1" in listener.heard
+    assert sup.circuit("batched", "gpu").failures == 0 and "exited w-1" in listener.heard
 
 
 async def test_a_preempted_workers_grace_kill_goes_with_it(tmp_path: Path) -> None:

@@ -39,6 +39,22 @@ class DeviceKind(str, enum.Enum):
     CPU = "cpu"
 
 
+class FallbackKind(str, enum.Enum):
+    """When a preset's ``auto`` tasks may leave the GPU for the CPU (model.FallbackReason
+    names the reasons of each kind)."""
+
+    NO_GPU = "no_gpu"  # at submit: no GPU of the fleet can hold it
+    BUSY = "busy"  # queued: its expected wait for a GPU passes fallback_after_ms
+    ERROR = "error"  # the GPU cannot start the preset's workers, or was lost under it
+    OOM = "oom"  # out of device memory in a batch of one
+
+
+DEFAULT_FALLBACK = (FallbackKind.NO_GPU, FallbackKind.ERROR, FallbackKind.OOM)
+"""Without ``busy``: for most models the CPU is many times slower than a busy GPU's queue,
+so leaving the queue is a choice a preset makes (with its fallback_after_ms)."""
+DEFAULT_FALLBACK_AFTER_MS = 5000.0
+
+
 def _bad(field: str, what: str, fix: str) -> PydanticCustomError:
     # The message goes through ctx so braces in user text are never taken as placeholders.
     return PydanticCustomError("preset", "{what}", {"what": what, "fix": fix, "field": field})
@@ -91,6 +107,9 @@ class Preset(pydantic.BaseModel):
     accepts: tuple[str, ...] = ("application/json",)
     replicas: int = Field(default=1, ge=1)
     preemptible: bool = True
+    fallback: tuple[FallbackKind, ...] = DEFAULT_FALLBACK
+    fallback_after_ms: float = Field(default=DEFAULT_FALLBACK_AFTER_MS, gt=0,
+                                     allow_inf_nan=False)
     description: str = ""
     workdir: str | None = None
     source: str | None = None
@@ -122,11 +141,26 @@ class Preset(pydantic.BaseModel):
             v = re.split(r"[,\s]+", v.strip())
         if isinstance(v, list | tuple):
             d["devices"] = [lowercase(x) for x in v]
+        v = d.get("fallback")
+        if isinstance(v, bool):  # false: GPU or nothing; true: every kind
+            d["fallback"] = [k.value for k in FallbackKind] if v else []
+        elif isinstance(v, str):  # "busy" or "no_gpu, busy"
+            d["fallback"] = [lowercase(x) for x in re.split(r"[,\s]+", v.strip()) if x]
+        elif isinstance(v, list | tuple):
+            d["fallback"] = [lowercase(x) for x in v]
         if isinstance(d.get("accepts"), str):
             d["accepts"] = [d["accepts"]]
         if isinstance(d.get("batch"), int) and not isinstance(d["batch"], bool):
             d["batch"] = {"max_size": d["batch"]}  # `batch: 8` is short for max_size 8
         return d
+
+    @field_validator("fallback")
+    @classmethod
+    def _check_fallback(cls, v: tuple[FallbackKind, ...]) -> tuple[FallbackKind, ...]:
+        if len(set(v)) != len(v):
+            raise _bad("fallback", "lists a kind twice",
+                       "list each of no_gpu, busy, error, oom at most once")
+        return v
 
     @field_validator("name", "env", "devices", "accepts", "image")
     @classmethod
@@ -206,6 +240,10 @@ class Preset(pydantic.BaseModel):
     @property
     def allows_cpu(self) -> bool:
         return DeviceKind.CPU in self.devices
+
+    def falls_back(self, kind: FallbackKind | str) -> bool:
+        """Whether an ``auto`` task of this preset may move to the CPU for ``kind``."""
+        return self.allows_cpu and FallbackKind(kind) in self.fallback
 
     def to_json(self) -> dict[str, Any]:
         """All fields as JSON-able values; ``Preset.model_validate(p.to_json()) == p``."""

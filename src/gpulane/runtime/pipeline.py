@@ -26,6 +26,7 @@ from collections.abc import Callable, Coroutine, Iterable
 
 from gpulane.model import ErrorKind, Task, TaskState, task_error
 from gpulane.protocol import EventType, WorkerMessage, run_op
+from gpulane.runtime.measures import LaneMeasures
 from gpulane.runtime.outcomes import OutcomeWriter
 from gpulane.runtime.poison import CrashCeiling
 from gpulane.runtime.taskrun import TaskRun
@@ -61,6 +62,7 @@ class Pipeline:
         self._clock = clock  # batch latencies (a test hands in a fake one)
         self.crash_ceilings: dict[str, CrashCeiling] = {}  # preset -> its poison isolation
         self.outcomes = OutcomeWriter(store, listener)
+        self.measures = LaneMeasures()  # the supervisor hands in its own
 
     def crash_ceiling(self, preset: str) -> CrashCeiling:
         """The preset's crash ceiling (runtime/poison.py), shared by all its workers."""
@@ -310,6 +312,8 @@ class Pipeline:
             done = sent.popleft()
             if worker.batcher is not None and done.started is not None:
                 worker.batcher.observe(done.size, now - done.started, full=done.full)
+                self.measures.batch(worker.preset_name, worker.device.kind, done.size,
+                                    now - done.started, full=done.full)
             if sent:
                 sent[0].started = now
                 self._time_next_batch(worker)

@@ -25,6 +25,7 @@ from gpulane.presets import Preset, Runtime
 from gpulane.protocol import ENV_INPUT, ENV_INPUT_FILE, ENV_TASK_ID, cancel_op
 from gpulane.runtime.circuit import PresetCircuit
 from gpulane.runtime.containers import kill_leftovers
+from gpulane.runtime.measures import LaneMeasures
 from gpulane.runtime.launchers import (
     LABEL_DATA_DIR,
     LABEL_NODE,
@@ -61,9 +62,12 @@ class Supervisor:
         self.shutdown_grace_s = shutdown_grace_s
         self.listener = listener
         self.workers: dict[str, Worker] = {}  # worker id -> everything about it
-        self.circuits: dict[str, PresetCircuit] = {}  # preset -> its start-failure circuit
+        # (preset, lane) -> the start-failure circuit of its workers there
+        self.circuits: dict[tuple[str, str], PresetCircuit] = {}
+        self.measures = LaneMeasures()  # load times and drain rates (runtime/measures.py)
         self.pipeline = Pipeline(store, self.workers, listener, spawn=self._spawn_bg,
                                  stop=self._stop_worker)
+        self.pipeline.measures = self.measures
         self._ids = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
@@ -126,16 +130,18 @@ class Supervisor:
         return [(r.id, r.token) for w in self.workers.values() for r in w.runs.values()
                 if not r.cancelled]
 
-    def circuit(self, preset: str) -> PresetCircuit:
-        """The preset's start-failure circuit (see runtime/circuit.py)."""
-        circ = self.circuits.get(preset)
+    def circuit(self, preset: str, lane: str) -> PresetCircuit:
+        """The start-failure circuit of the preset's workers on ``lane`` ("gpu" or "cpu",
+        see runtime/circuit.py): a GPU that cannot start them (a broken driver, CUDA out of
+        memory at load) must not stop the CPU's, which the GPU's tasks then fall back to."""
+        circ = self.circuits.get((preset, lane))
         if circ is None:
-            circ = self.circuits[preset] = PresetCircuit()
+            circ = self.circuits[(preset, lane)] = PresetCircuit()
         return circ
 
-    def may_start(self, preset: str) -> bool:
-        """Whether a new worker of the preset may start (its circuit is not open)."""
-        circ = self.circuits.get(preset)
+    def may_start(self, preset: str, lane: str) -> bool:
+        """Whether a new worker of the preset may start on ``lane`` (its circuit is not open)."""
+        circ = self.circuits.get((preset, lane))
         return circ is None or circ.allows_start()
 
     def _start_failed(self, worker: Worker, message: str) -> None:
@@ -144,12 +150,12 @@ class Supervisor:
         if worker.start_failure_counted:
             return
         worker.start_failure_counted = True
-        preset = worker.preset_name
-        if self.circuit(preset).failed(message):
-            circ = self.circuits[preset]
-            log.error("preset %s: %d workers in a row failed to start; no new one starts for "
-                      "%.0f s. Last error: %s", preset, circ.failures,
-                      circ.open_until - time.monotonic(), message)
+        preset, lane = worker.preset_name, worker.device.kind
+        circ = self.circuit(preset, lane)
+        if circ.failed(message):
+            log.error("preset %s: %d workers in a row failed to start on the %s; no new one "
+                      "starts there for %.0f s. Last error: %s", preset, circ.failures,
+                      lane.upper(), circ.open_until - time.monotonic(), message)
 
     # -- starting work ---------------------------------------------------------------------------
 
@@ -210,7 +216,7 @@ class Supervisor:
                              on_messages=self.pipeline.on_messages, on_exit=self._on_exit)
         worker = self.workers[wid] = Worker(proc, preset,
                                             self.pipeline.crash_ceiling(preset.name))
-        self.circuit(preset.name).starting()
+        self.circuit(preset.name, device.kind).starting()
         self._spawn_bg(self._boot(worker))
         return worker
 
@@ -225,6 +231,7 @@ class Supervisor:
             proc.state = WorkerState.EXITED
             await self._on_exit(proc)
             return
+        spawned_at = time.monotonic()
         try:
             await proc.spawn()
         except OSError as exc:
@@ -251,7 +258,9 @@ class Supervisor:
             for run in list(worker.runs.values()):
                 await self.pipeline.attempt_failed(run, exc.kind, str(exc))
             return
-        self.circuit(preset.name).started()
+        self.circuit(preset.name, worker.device.kind).started()
+        if proc.session:
+            self.measures.loaded(preset.name, worker.device.kind, time.monotonic() - spawned_at)
         if worker.preempted:
             proc.kill()  # it said ready as it was drained: it ran nothing yet
             return

@@ -14,19 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gpulane.errors import RequestError, ValidationError
-from gpulane.model import DeviceWish
+from gpulane.model import DeviceWish, FallbackReason
 from gpulane.presets import Preset
 
 GPU_LANE = "gpu"
 CPU_LANE = "cpu"
-
-
-class FallbackReason:
-    """Why an ``auto`` task was sent to the CPU although its preset can use a GPU."""
-
-    NO_GPU = "no_gpu"  # this node has no GPU
-    VRAM_EXCEEDS_LARGEST_GPU = "vram_exceeds_largest_gpu"  # no GPU here is big enough
-    NOT_ENOUGH_GPUS = "not_enough_gpus"  # gpus: N, and fewer than N GPUs here can hold it
+__all__ = ["CPU_LANE", "GPU_LANE", "FallbackReason", "Route", "route"]
 
 
 @dataclass(frozen=True, slots=True)

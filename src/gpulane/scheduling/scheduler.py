@@ -204,7 +204,7 @@ class Scheduler:
             live = self.supervisor.session_workers(preset_name, lane)
             if len(live) >= self._max_workers(preset, lane):
                 return False
-        if not self.supervisor.may_start(preset_name):
+        if not self.supervisor.may_start(preset_name, lane):
             return False
         return lane != CPU_LANE or self.ledger.cpu_used < self.ledger.cpu_slots
 
@@ -233,7 +233,7 @@ class Scheduler:
             reserved = None
             # A preset whose workers keep failing to start gets no new one (its circuit).
             if (len(live) < self._max_workers(preset, lane)
-                    and self.supervisor.may_start(preset.name)
+                    and self.supervisor.may_start(preset.name, lane)
                     and not self._left_to_warm(preset, head)):
                 reserved = self._reserve(preset, lane)
             if reserved is None:
@@ -271,7 +271,7 @@ class Scheduler:
         return len(tasks)
 
     async def _place_oneoff(self, preset: Preset, lane: str) -> int:
-        if not self.supervisor.may_start(preset.name):
+        if not self.supervisor.may_start(preset.name, lane):
             return 0
         reserved = self._reserve(preset, lane)
         if reserved is None:

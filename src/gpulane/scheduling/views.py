@@ -16,13 +16,20 @@ ENV_HIDDEN = "(hidden)"
 """What the presets view shows for the value of each of a preset's ``env`` variables."""
 
 
-def presets_view(registry: PresetRegistry, circuits: dict[str, PresetCircuit]
-                 ) -> list[dict[str, Any]]:
-    """Every preset with the state of its circuit (closed when it never tripped). Its ``env``
-    shows names only: a worker's credentials live there, and any key may read this view."""
-    return [{**p.to_json(), "env": dict.fromkeys(p.env, ENV_HIDDEN),
-             "circuit": (circuits.get(p.name) or PresetCircuit()).to_json()}
-            for p in registry.values()]
+def presets_view(registry: PresetRegistry,
+                 circuits: dict[tuple[str, str], PresetCircuit]) -> list[dict[str, Any]]:
+    """Every preset with the state of its start circuits, one per lane it may run in
+    (closed when it never tripped), and under ``circuit`` the one most in trouble. Its
+    ``env`` shows names only: a worker's credentials live there, and any key may read it."""
+    out = []
+    for p in registry.values():
+        lanes = {d.value: (circuits.get((p.name, d.value)) or PresetCircuit()).to_json()
+                 for d in p.devices}
+        worst = max(lanes.values(), key=lambda c: (c["state"] != "closed",
+                                                   c["start_failures"]))
+        out.append({**p.to_json(), "env": dict.fromkeys(p.env, ENV_HIDDEN),
+                    "circuit": worst, "circuits": lanes})
+    return out
 
 
 def devices_view(gpus: Sequence[DeviceSnapshot], ledger: Ledger) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ from gpulane.store.base import (
     NewEvent,
     PurgeReport,
     QueueHead,
+    LaneStats,
     QueueStats,
     Store,
     TaskNotifier,
@@ -13,5 +14,5 @@ from gpulane.store.base import (
 )
 from gpulane.store.factory import open_store
 
-__all__ = ["Finish", "NewEvent", "PurgeReport", "QueueHead", "QueueStats", "Store",
+__all__ = ["Finish", "LaneStats", "NewEvent", "PurgeReport", "QueueHead", "QueueStats", "Store",
            "TaskNotifier", "body_hash", "open_store", "wait_final"]

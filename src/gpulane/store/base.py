@@ -77,6 +77,16 @@ class QueueStats:
 
 
 @dataclass(frozen=True, slots=True)
+class LaneStats:
+    """One (preset, lane) queue as ``GET /v1/status`` shows it."""
+
+    queued: int
+    running: int
+    oldest_queued_at: float | None
+    """``created_at`` of the longest-waiting queued task (None when none is queued)."""
+
+
+@dataclass(frozen=True, slots=True)
 class PurgeReport:
     """What one retention pass removed, and how big the store is after it."""
 
@@ -155,10 +165,29 @@ class Store(Protocol):
         a stale item does not stop the others."""
 
     async def requeue(self, task_id: str, token: int, error: dict[str, Any] | None,
-                      events: Sequence[NewEvent] = (), *, spent: bool = True) -> Task:
+                      events: Sequence[NewEvent] = (), *, spent: bool = True,
+                      lane: str | None = None, fallback_reason: str | None = None) -> Task:
         """Put a running attempt back in the queue: a retry (``spent``: it counts against
         max_attempts), or an attempt given back unspent (preempted, never sent, an OOM
-        split, a crashed batch rerun in halves)."""
+        split, a crashed batch rerun in halves). With ``lane`` it goes back to that lane's
+        queue instead of its own (a GPU OOM in a batch of one, a lost device: the CPU),
+        and ``fallback_reason`` is recorded on the task."""
+
+    async def queued(self, preset: str, lane: str, limit: int) -> list[Task]:
+        """Up to ``limit`` queued tasks of (preset, lane), in the order ``claim`` would take
+        them (highest effective priority first, then oldest)."""
+
+    async def move_queued(self, task_ids: Sequence[str], lane: str, reason: str,
+                          events: Sequence[NewEvent] = ()) -> list[Task]:
+        """Move tasks that are still queued in another lane to ``lane``'s queue, keeping
+        their place by priority and age: ``fallback_reason`` becomes ``reason`` and
+        ``events`` are appended to each (the fallback event). Tasks no longer queued, or
+        already in ``lane``, are skipped; returns the moved tasks as they now stand."""
+
+    async def lane_stats(self) -> Mapping[tuple[str, str], LaneStats]:
+        """Per (preset, lane): queued now, running now (every node) and the oldest queued
+        task's ``created_at``. For status views: may cost a query, never a scan of every
+        task. A queue with neither queued nor running tasks may be absent."""
 
     async def cancel_queued(self, task_id: str) -> Task | None:
         """Cancel a task that is still queued; None if it was not queued any more."""

@@ -1,0 +1,57 @@
+"""Every fallback this node decided, by reason: counts since start and rates over the last
+1 and 15 minutes, for ``GET /v1/status`` (and the metrics after it).
+
+A rate is fallbacks per minute over its window. Timestamps are kept per reason only as long as
+the longest window needs them, so the log stays small whatever the load: at most one entry
+per fallback of the last 15 minutes, and those are bounded by the tasks submitted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+WINDOWS_S = {"1m": 60.0, "15m": 900.0}
+"""The rate windows ``view`` reports, by name."""
+
+
+class FallbackLog:
+    """Fallbacks by reason (model.FallbackReason), per node."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._recent: dict[str, deque[float]] = {}
+        self.totals: dict[str, int] = {}
+        self.by_preset: dict[tuple[str, str], int] = {}  # (preset, reason) -> count
+
+    def record(self, reason: str, preset: str, n: int = 1) -> None:
+        """``n`` tasks of ``preset`` fell back for ``reason`` just now."""
+        if n <= 0:
+            return
+        now = self._clock()
+        self.totals[reason] = self.totals.get(reason, 0) + n
+        self.by_preset[(preset, reason)] = self.by_preset.get((preset, reason), 0) + n
+        recent = self._recent.setdefault(reason, deque())
+        recent.extend([now] * n)
+        self._trim(recent, now)
+
+    def _trim(self, recent: deque[float], now: float) -> None:
+        horizon = now - max(WINDOWS_S.values())
+        while recent and recent[0] < horizon:
+            recent.popleft()
+
+    def view(self) -> dict[str, object]:
+        """``{"total": n, "reasons": {reason: {"count", "per_min": {"1m", "15m"}}}}``."""
+        now = self._clock()
+        reasons: dict[str, object] = {}
+        for reason, count in sorted(self.totals.items()):
+            recent = self._recent.get(reason, deque())
+            self._trim(recent, now)
+            rates = {name: round(sum(1 for t in recent if t >= now - span) / (span / 60), 3)
+                     for name, span in WINDOWS_S.items()}
+            reasons[reason] = {
+                "count": count, "per_min": rates,
+                "presets": {p: n for (p, r), n in sorted(self.by_preset.items())
+                            if r == reason}}
+        return {"total": sum(self.totals.values()), "reasons": reasons}
