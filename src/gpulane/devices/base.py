@@ -39,6 +39,9 @@ class DeviceSnapshot:
     power_w: float | None
     processes: tuple[GpuProcess, ...] = ()
     simulated: bool = False
+    health: str = "ok"
+    """"ok", or "lost": the driver no longer reaches it (fell off the bus, an Xid that
+    needs a reset). Nothing is placed on a lost GPU; what ran there goes back to a queue."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +57,7 @@ class DeviceSnapshot:
             "power_w": self.power_w,
             "processes": [p.to_json() for p in self.processes],
             "simulated": self.simulated,
+            "health": self.health,
         }
 
 

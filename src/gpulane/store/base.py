@@ -14,7 +14,7 @@ import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
@@ -74,6 +74,8 @@ class QueueStats:
     claimed_total: int
     """Claims of the preset's tasks since the store was opened: only grows, so two readings
     apart in time give the rate at which its queue drains."""
+    lanes: Mapping[str, int] = field(default_factory=dict)
+    """Queued now per lane ("gpu", "cpu"); a lane with none may be absent."""
 
 
 @dataclass(frozen=True, slots=True)
