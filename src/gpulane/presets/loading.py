@@ -4,6 +4,11 @@ They come from YAML files, several entries per file, under ``models:`` (the comm
 model_presets.yaml shape: name -> entry) or ``presets:`` (a list of entries with ``name:``, or
 name -> entry). Every problem is reported at once as
 ``FILE:LINE: field 'x' of preset 'y': what is wrong; fix: how``.
+
+Any file may also hold ``routes:``, content types to preset names (``{"image/*": faces}``, or a
+list of ``{content_type, preset}``; see :mod:`gpulane.presets.content_types`). A route may name
+a preset of another file, so the checks across files (an unknown preset, one that does not
+accept the type, a pattern given twice) run once every file is read.
 """
 
 from __future__ import annotations
@@ -20,6 +25,14 @@ import pydantic
 import yaml
 
 from gpulane.errors import PresetError
+from gpulane.presets.content_types import (
+    PATTERN_FORMS,
+    ContentRoute,
+    RouteTable,
+    covers,
+    is_pattern,
+    normalize,
+)
 from gpulane.presets.schema import (
     SIZE_FORMS,
     BatchSettings,
@@ -36,12 +49,16 @@ log = logging.getLogger("gpulane.presets")
 # --- registry --------------------------------------------------------------------------------
 
 class PresetRegistry(Mapping[str, Preset]):
-    """Presets by name, in the order first added; adding a known name replaces that preset."""
+    """Presets by name, in the order first added; adding a known name replaces that preset.
+    ``routes``: the content-type routes of its files (checked against its presets when
+    loaded from files)."""
 
-    def __init__(self, presets: Iterable[Preset] = ()) -> None:
+    def __init__(self, presets: Iterable[Preset] = (),
+                 routes: RouteTable | Mapping[str, str] | None = None) -> None:
         self._presets: dict[str, Preset] = {}
         for p in presets:
             self.add(p)
+        self.routes = routes if isinstance(routes, RouteTable) else RouteTable(routes or {})
 
     def add(self, preset: Preset) -> None:
         old = self._presets.get(preset.name)
@@ -105,7 +122,8 @@ _LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
 
 # --- files -----------------------------------------------------------------------------------
 
-_TOP_KEYS = ["models", "presets"]
+_TOP_KEYS = ["models", "presets", "routes"]
+_ROUTE_KEYS = ["content_type", "preset"]
 _ENTRY_KEYS = [*(f for f in Preset.model_fields if f != "source"), "docker_image", "vram",
                "resources"]
 _RESOURCE_KEYS = ["vram", "vram_mb", "gpu", "devices"]
@@ -259,10 +277,10 @@ def _entry(raw: _LineDict, name: str, line: int, path: Path, out: _Problems) -> 
     return preset if len(out.found) == before else None
 
 
-def _parse(path: Path, label: str) -> tuple[list[Preset], list[str]]:
-    """(the valid presets, every problem) of one file."""
+def _parse(path: Path, label: str) -> tuple[list[Preset], list[ContentRoute], list[str]]:
+    """(the valid presets, the well-formed routes, every problem) of one file."""
     out = _Problems(label)
-    top = "put the presets under a top-level 'models:' or 'presets:' key"
+    top = "put the presets under a top-level 'models:' or 'presets:' key (routes under 'routes:')"
     try:
         loader = _LineLoader(path.read_text(encoding="utf-8"))
         try:
@@ -275,22 +293,25 @@ def _parse(path: Path, label: str) -> tuple[list[Preset], list[str]]:
         col = f" at column {mark.column + 1}" if mark else ""
         out.add(mark.line + 1 if mark else None, f"YAML syntax error{col}: {what}",
                 "correct the YAML here; quote text that holds ': ' or ' #'")
-        return [], out.items()
+        return [], [], out.items()
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         out.add(None, f"cannot be read: {e}", "make it a readable UTF-8 YAML file")
-        return [], out.items()
+        return [], [], out.items()
 
     if not isinstance(doc, _LineDict) or not doc:
         out.add(1, "is empty" if doc is None else "is not a mapping", top)
-        return [], out.items()
+        return [], [], out.items()
     if not any(k in doc for k in _TOP_KEYS):
-        out.add(doc.line, "has neither a 'models:' nor a 'presets:' key", top)
-    named: set[int] = set()  # the mappings whose keys are preset names
+        out.add(doc.line, "has none of the keys 'models:', 'presets:', 'routes:'", top)
+    named: set[int] = set()  # the mappings whose keys are preset names (or route patterns)
     found: list[tuple[str, int, object]] = []
+    routes: list[ContentRoute] = []
     for key, at, value in doc.pairs:
         if key not in _TOP_KEYS:
-            out.add(at, f"unknown top-level key {show_value(key)} (only 'models' and 'presets')",
-                    _near(key, _TOP_KEYS))
+            out.add(at, f"unknown top-level key {show_value(key)} (only 'models', 'presets' "
+                    "and 'routes')", _near(key, _TOP_KEYS))
+        elif key == "routes":
+            routes += _routes(value, at, out, named)
         elif isinstance(value, _LineDict) and value:
             named.add(id(value))
             found += [(str(n), nat, e) for n, nat, e in value.pairs]
@@ -326,17 +347,89 @@ def _parse(path: Path, label: str) -> tuple[list[Preset], list[str]]:
         if mapping not in named:  # duplicate preset names were reported above
             out.add(line, f"key {show_value(key)} appears twice in one mapping (first on line "
                     f"{prev})", "keep only one of them")
-    return presets, out.items()
+    return presets, routes, out.items()
+
+
+def _routes(value: object, at: int, out: _Problems, named: set[int]) -> list[ContentRoute]:
+    """The well-formed routes of one ``routes:`` section (either shape); what is wrong with
+    the others goes to ``out``."""
+    written: list[tuple[object, object, int]] = []  # (pattern, preset, line)
+    if isinstance(value, _LineDict) and value:
+        named.add(id(value))  # a pattern written twice is reported below, once
+        written = [(k, v, line) for k, line, v in value.pairs]
+    elif isinstance(value, list) and value:
+        for i, item in enumerate(value):
+            if not isinstance(item, _LineDict):
+                out.add(at, f"entry #{i + 1} of 'routes' is not a mapping",
+                        "write each entry as {content_type: image/*, preset: faces}")
+                continue
+            for k, kat, _ in item.pairs:
+                if k not in _ROUTE_KEYS:
+                    out.add(kat, f"entry #{i + 1} of 'routes': {show_value(k)} is not a known "
+                            "field", _near(k, _ROUTE_KEYS))
+            lacking = [k for k in _ROUTE_KEYS if k not in item]
+            if lacking:
+                out.add(item.line, f"entry #{i + 1} of 'routes' has no {lacking[0]}",
+                        "give both content_type and preset, e.g. {content_type: image/*, "
+                        "preset: faces}")
+                continue
+            written.append((item["content_type"], item["preset"], item.line))
+    else:
+        out.add(at, "'routes' must be a mapping of content type: preset, or a list of "
+                f"{{content_type, preset}}, got {show_value(value)}",
+                "write e.g. routes: {\"image/*\": faces, \"text/plain\": embed}")
+    routes: list[ContentRoute] = []
+    first: dict[str, int] = {}
+    for pattern, preset, line in written:
+        ct = normalize(pattern) if isinstance(pattern, str) else ""
+        if not is_pattern(ct):
+            out.add(line, f"route {show_value(pattern)} is not a content type pattern",
+                    f"write {PATTERN_FORMS} (quote */* in YAML)")
+        elif not isinstance(preset, str) or not preset.strip():
+            out.add(line, f"route '{ct}': the preset must be a preset's name, got "
+                    f"{show_value(preset)}", "name a preset, e.g. faces")
+        elif ct in first:
+            out.add(line, f"route '{ct}' is given twice in this file (first on line "
+                    f"{first[ct]})", "keep only one of them")
+        else:
+            first[ct] = line
+            routes.append(ContentRoute(ct, preset.strip(), out.file, line))
+    return routes
+
+
+def _check_routes(routes: list[ContentRoute], registry: PresetRegistry) -> list[str]:
+    """The problems of the routes of every file against the presets they name: an unknown
+    preset, one whose accepts does not cover the type, a pattern given in two files."""
+    problems: list[str] = []
+    seen: dict[str, ContentRoute] = {}
+    for r in routes:
+        out = _Problems(r.file)
+        head = f"route '{r.content_type}'"
+        target = registry.get(r.preset)
+        if r.content_type in seen:
+            out.add(r.line, f"{head} is given again (first in {seen[r.content_type].source})",
+                    "keep only one of them")
+        elif target is None:
+            out.add(r.line, f"{head}: preset {show_value(r.preset)} is not known",
+                    _near(r.preset, registry.names(), "route it to one of"))
+        elif not covers(target.accepts, r.content_type):
+            out.add(r.line, f"{head}: preset '{r.preset}' does not accept {r.content_type} "
+                    f"(its accepts: [{', '.join(target.accepts)}])",
+                    f"add {r.content_type} to the accepts of preset '{r.preset}', or route the "
+                    "type to a preset that takes it")
+        seen.setdefault(r.content_type, r)
+        problems += out.items()
+    return problems
 
 
 def check_file(path: str | Path) -> list[str]:
     """Every problem in one preset file, each as ``FILE:LINE: ...; fix: ...``; [] if fine."""
-    return _parse(Path(path).absolute(), str(path))[1]
+    return _parse(Path(path).absolute(), str(path))[2]
 
 
 def load_file(path: str | Path) -> list[Preset]:
     """The presets of one file; raises PresetError listing every problem."""
-    presets, problems = _parse(Path(path).absolute(), str(path))
+    presets, _, problems = _parse(Path(path).absolute(), str(path))
     if problems:
         raise PresetError(problems)
     return presets
@@ -344,9 +437,11 @@ def load_file(path: str | Path) -> list[Preset]:
 
 def load_presets(paths: Iterable[str | Path]) -> PresetRegistry:
     """Load files and folders (their *.yaml/*.yml, sorted) in order; later files override
-    earlier presets of the same name. One PresetError lists every problem of every file."""
+    earlier presets of the same name; the routes of every file are checked against the
+    presets in the end. One PresetError lists every problem of every file."""
     problems: list[str] = []
     registry = PresetRegistry()
+    routes: list[ContentRoute] = []
     for p in map(Path, [paths] if isinstance(paths, str | Path) else paths):  # one path is fine
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.suffix in (".yaml", ".yml") and f.is_file())
@@ -359,12 +454,15 @@ def load_presets(paths: Iterable[str | Path]) -> PresetRegistry:
                             "(see examples/presets for the format)")
             continue
         for f in files:
-            presets, found = _parse(f.absolute(), str(f))
+            presets, written, found = _parse(f.absolute(), str(f))
             problems += found
+            routes += written
             for preset in presets:
                 registry.add(preset)
+    problems += _check_routes(routes, registry)
     if problems:
         raise PresetError(problems)
+    registry.routes = RouteTable(routes)
     return registry
 
 

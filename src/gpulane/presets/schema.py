@@ -18,6 +18,8 @@ import pydantic
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from gpulane.presets.content_types import PATTERN_FORMS, is_pattern, normalize
+
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 MAX_GPUS = 64
@@ -177,9 +179,9 @@ class Preset(pydantic.BaseModel):
         if field == "devices" and (not v or len(set(v)) != len(v)):
             raise _bad(field, "must list each device kind at most once, and at least one",
                        "use [gpu], [cpu] or [gpu, cpu] (in order of preference)")
-        if field == "accepts" and (bad := [t for t in v if "/" not in t]):
+        if field == "accepts" and (bad := [t for t in v if not is_pattern(normalize(t))]):
             raise _bad(field, f"{show_value(bad[0])} is not a content type",
-                       "use types such as application/json or image/png")
+                       f"use types such as application/json or image/png, or {PATTERN_FORMS}")
         if field == "image" and v is not None and not v.strip():
             raise _bad(field, "is empty", "name an image, e.g. ghcr.io/org/worker:1.0")
         return v
