@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gpulane.cli.status import render_status
 from gpulane.client import Client
 from gpulane.client._core import DEFAULT_URL, TOKEN_ENV, URL_ENV, is_final
 from gpulane.errors import APIError, TransportError
@@ -306,22 +307,15 @@ def retry_cmd(task_id: str, as_json: bool, url: str, token: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
 @client_options
 def status_cmd(as_json: bool, url: str, token: str | None) -> None:
-    """Show the node: draining or not, each preset's queue, its limit and drain rate."""
+    """Show the node: draining or not, each preset's queue (limit, drain rate), its lanes
+    (queued, running, oldest wait, workers warm, loading and busy), its devices' health and
+    its fallbacks by reason."""
     with _session(url, token) as client:
         info = client.status()
     if as_json:
         click.echo(_dumps(info))
         return
-    out = _stdout()
-    state = "[yellow]draining[/]" if info.get("draining") else "[green]taking tasks[/]"
-    out.print(f"node {escape(str(info.get('node', '?')))}: {state}, "
-              f"{info.get('queued', '?')} queued")
-    table = Table("preset", "queued", "max_queued", "drain /s")
-    for name, queue in sorted((info.get("presets") or {}).items()):
-        rate = queue.get("drain_per_s")
-        table.add_row(name, str(queue.get("queued", "?")), str(queue.get("max_queued", "?")),
-                      "-" if rate is None else f"{rate:g}")
-    out.print(table)
+    render_status(_stdout(), info)
 
 
 @click.command("drain")
