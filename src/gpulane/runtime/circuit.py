@@ -37,6 +37,12 @@ class PresetCircuit:
             return True
         return not self.probing and (time.monotonic() if now is None else now) >= self.open_until
 
+    def is_open(self, now: float | None = None) -> bool:
+        """Open and cooling down: not closed, and not half-open (a probe may start, or one
+        is starting), when new tasks go back to this lane to meet the probe."""
+        return (self.failures >= self.threshold and not self.probing
+                and (time.monotonic() if now is None else now) < self.open_until)
+
     def starting(self) -> None:
         """A worker is being started: past the threshold it is the one probe."""
         if self.failures >= self.threshold:
