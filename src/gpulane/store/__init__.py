@@ -2,10 +2,10 @@
 
 from gpulane.store.base import (
     Finish,
+    LaneStats,
     NewEvent,
     PurgeReport,
     QueueHead,
-    LaneStats,
     QueueStats,
     Store,
     TaskNotifier,

@@ -306,6 +306,18 @@ async def finish_one(store: Store, task_id: str, token: int, state: TaskState,
     return got
 
 
+def requeued_event(error: dict[str, Any] | None, lane: str | None,
+                   fallback_reason: str | None) -> NewEvent:
+    """The state event of an attempt put back in the queue; a move to another lane (a
+    fallback) names the lane and the reason, as a submit's first event does."""
+    data: dict[str, Any] = {"state": "queued", "retry_after_error": error}
+    if lane is not None:
+        data["lane"] = lane
+    if fallback_reason is not None:
+        data["fallback_reason"] = fallback_reason
+    return NewEvent("state", data)
+
+
 async def follow_by_notifier(store: Store, task_id: str, after: int, quiet_s: float
                              ) -> AsyncIterator[list[Event]]:
     """``Store.follow`` for a store whose every write this process sees (its notifier hears

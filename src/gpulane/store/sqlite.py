@@ -21,11 +21,12 @@ from typing import Any
 
 import orjson
 
-from gpulane.errors import ConflictError, StaleTokenError, StoreError
+from gpulane.errors import StaleTokenError, StoreError
 from gpulane.model import ErrorKind, Event, Task, TaskSpec, TaskState, now, task_error
-from gpulane.store import sqlite_upkeep
+from gpulane.store import sqlite_lanes, sqlite_submit, sqlite_takeback, sqlite_upkeep
 from gpulane.store.base import (
     Finish,
+    LaneStats,
     NewEvent,
     PurgeReport,
     QueueHead,
@@ -33,7 +34,7 @@ from gpulane.store.base import (
     TaskNotifier,
     finish_one,
     follow_by_notifier,
-    new_task_id,
+    requeued_event,
 )
 from gpulane.store.sqlite_listing import PageReader, read_page
 from gpulane.store.sqlite_schema import (
@@ -60,9 +61,10 @@ class SqliteStore:
         # (preset, lane) queues that may hold queued tasks: this node owns the file, so it
         # knows every insert; queue_heads skips the rest instead of querying each one.
         self._maybe_queued: set[tuple[str, str]] = set()
-        # Per preset: tasks queued now, and claims since open. Kept in step with every write
-        # (after its commit), so admission and /readyz read counters, never the table.
-        self._queued: Counter[str] = Counter()
+        # Per (preset, lane): tasks queued now; per preset: claims since open. Kept in step
+        # with every write (after its commit), so admission, /readyz and the status view read
+        # counters, never the table.
+        self._queued: Counter[tuple[str, str]] = Counter()
         self._claimed: Counter[str] = Counter()
         self._closing = threading.Event()
         self._write_gate = threading.Lock()  # this process's writers: the loop and the purge
@@ -84,7 +86,7 @@ class SqliteStore:
                 "SELECT preset, lane, COUNT(*) FROM tasks WHERE state='queued' "
                 "GROUP BY preset, lane"):
             self._maybe_queued.add((preset, lane))
-            self._queued[preset] += n
+            self._queued[(preset, lane)] += n
         self._claimed = Counter()
         self._closing = threading.Event()  # a reopened store's threads must not see the close
         if self.path != ":memory:":
@@ -151,57 +153,21 @@ class SqliteStore:
         out: list[tuple[Task, bool]] = []
         with self._tx() as db:
             for spec in specs:
-                if spec.idempotency_key is not None:
-                    row = db.execute("SELECT body_hash, task_id FROM idempotency WHERE key=?",
-                                     (spec.idempotency_key,)).fetchone()
-                    if row is not None:
-                        if row[0] != spec.body_hash:
-                            raise ConflictError(
-                                "idempotency_key_reused",
-                                f"Idempotency-Key {spec.idempotency_key!r} was already used "
-                                f"for a different request (task {row[1]}): send a new key "
-                                "for a new task, or the identical body to get that task back",
-                                field="Idempotency-Key", extra={"task_id": row[1]})
-                        task = self._get(row[1])
-                        if task is not None:
-                            out.append((task, False))
-                            continue
-                task = self._insert(spec)
-                out.append((task, True))
+                task = sqlite_submit.known(db, spec)
+                if task is not None:
+                    out.append((task, False))
+                    continue
+                self._maybe_queued.add((spec.preset, spec.lane))
+                out.append((sqlite_submit.insert(db, spec), True))
         for task, created in out:
             if created:
-                self._queued[task.preset] += 1
+                self._queued[(task.preset, task.lane)] += 1
                 self.notifier.notify(task.id, task)
         return out
 
     async def task_for_key(self, key: str) -> Task | None:
         row = self.db.execute("SELECT task_id FROM idempotency WHERE key=?", (key,)).fetchone()
         return self._get(row[0]) if row else None
-
-    def _insert(self, spec: TaskSpec) -> Task:
-        tid = new_task_id()
-        created = now()
-        self._maybe_queued.add((spec.preset, spec.lane))
-        cur = self.db.execute(
-            "INSERT INTO tasks (id, preset, state, input, priority, base_priority, device_wish, "
-            "lane, fallback_reason, timeout_s, content_type, idempotency_key, created_at, "
-            "submitted_by, event_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
-            (tid, spec.preset, TaskState.QUEUED.value, dumps(spec.input), spec.priority,
-             spec.priority, spec.device_wish.value, spec.lane, spec.fallback_reason, spec.timeout_s,
-             spec.content_type, spec.idempotency_key, created, spec.submitted_by))
-        self.db.execute(INSERT_EVENT,
-                        (tid, 1, "state", dumps({"state": "queued", "lane": spec.lane,
-                                                  "fallback_reason": spec.fallback_reason}),
-                         created))
-        if spec.idempotency_key is not None:
-            self.db.execute("INSERT INTO idempotency (key, body_hash, task_id) VALUES (?,?,?)",
-                            (spec.idempotency_key, spec.body_hash, tid))
-        return Task(id=tid, preset=spec.preset, state=TaskState.QUEUED, input=spec.input,
-                    priority=spec.priority, device_wish=spec.device_wish, created_at=created,
-                    seq=cur.lastrowid or 0, timeout_s=spec.timeout_s,
-                    content_type=spec.content_type, idempotency_key=spec.idempotency_key,
-                    lane=spec.lane, fallback_reason=spec.fallback_reason,
-                    submitted_by=spec.submitted_by)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -249,8 +215,13 @@ class SqliteStore:
         return sum(self._queued.values())
 
     async def queue_stats(self) -> Mapping[str, QueueStats]:
-        return {p: QueueStats(self._queued[p], self._claimed[p])
-                for p in self._queued.keys() | self._claimed.keys()}
+        return sqlite_lanes.queue_stats(self._queued, self._claimed)
+
+    async def queued(self, preset: str, lane: str, limit: int) -> list[Task]:
+        return sqlite_lanes.queued(self.db, preset, lane, limit)
+
+    async def lane_stats(self) -> Mapping[tuple[str, str], LaneStats]:
+        return sqlite_lanes.lane_stats(self.db, self._queued)
 
     # -- claim, events, finish ---------------------------------------------------------------
 
@@ -276,7 +247,7 @@ class SqliteStore:
                     "fallback_reason": t.fallback_reason}), started)
                  for t, r in zip(tasks, rows, strict=True)])
         if tasks:
-            self._queued[preset] -= len(tasks)
+            self._queued[(preset, lane)] -= len(tasks)
             self._claimed[preset] += len(tasks)
         for t in tasks:
             self.notifier.notify(t.id, t)
@@ -375,22 +346,37 @@ class SqliteStore:
         return StaleTokenError(f"task {task_id} token {token} is stale")
 
     async def requeue(self, task_id: str, token: int, error: dict[str, Any] | None,
-                      events: Sequence[NewEvent] = (), *, spent: bool = True) -> Task:
+                      events: Sequence[NewEvent] = (), *, spent: bool = True,
+                      lane: str | None = None, fallback_reason: str | None = None) -> Task:
         with self._tx() as db:
             self._check_token(task_id, token)
-            self._append(task_id, [*events, NewEvent("state", {"state": "queued",
-                                                                "retry_after_error": error})])
+            self._append(task_id, [*events, requeued_event(error, lane, fallback_reason)])
             db.execute("UPDATE tasks SET state='queued', error=?, node=NULL, device=NULL, "
-                       "heartbeat_at=NULL, attempts=attempts-? WHERE id=?",
-                       (dumps(error) if error else None, 0 if spent else 1, task_id))
+                       "heartbeat_at=NULL, attempts=attempts-?, lane=COALESCE(?, lane), "
+                       "fallback_reason=COALESCE(?, fallback_reason) WHERE id=?",
+                       (dumps(error) if error else None, 0 if spent else 1, lane,
+                        fallback_reason, task_id))
             task = self._get(task_id)
         return self._queued_again(task)
+
+    async def move_queued(self, task_ids: Sequence[str], lane: str, reason: str,
+                          events: Sequence[NewEvent] = ()) -> list[Task]:
+        with self._tx():
+            moved = sqlite_lanes.move(self.db, task_ids, lane, reason)
+            for _, task in moved:
+                self._append(task.id, events)
+        for old, task in moved:  # counted and announced once committed
+            self._queued[(task.preset, old)] -= 1
+            self._queued[(task.preset, lane)] += 1
+            self._maybe_queued.add((task.preset, lane))
+            self.notifier.notify(task.id, task)
+        return [task for _, task in moved]
 
     def _queued_again(self, task: Task | None) -> Task:
         """A task just put back in its queue (committed): count it, wake its waiters."""
         assert task is not None
         self._maybe_queued.add((task.preset, task.lane))
-        self._queued[task.preset] += 1
+        self._queued[(task.preset, task.lane)] += 1
         self.notifier.notify(task.id, task)
         return task
 
@@ -405,7 +391,7 @@ class SqliteStore:
                        (dumps(error), now(), task_id))
             task = self._get(task_id)
         assert task is not None
-        self._queued[task.preset] -= 1
+        self._queued[(task.preset, task.lane)] -= 1
         self.notifier.notify(task_id, task)
         return task
 
@@ -440,31 +426,14 @@ class SqliteStore:
 
     async def reap(self, stale_before: float,
                    max_attempts: Mapping[str, int] | None = None) -> list[Task]:
-        at = now()
-        # The running index holds only running tasks: this reads them, not the table.
-        rows = self.db.execute(
-            "SELECT id, token, attempts, preset, node, COALESCE(heartbeat_at, started_at, 0) "
-            "FROM tasks WHERE state='running' AND node IS NOT NULL "
-            "AND COALESCE(heartbeat_at, started_at, 0) < ?", (stale_before,)).fetchall()
-        return await self._take_back(
-            [(tid, token, attempts, preset, task_error(
-                ErrorKind.WORKER_DIED,
-                f"node {node} stopped heartbeating this attempt ({at - seen:.0f} s without a "
-                "word, past the claim TTL): its owner died or no longer holds it",
-                code="claim_expired"))
-             for tid, token, attempts, preset, node, seen in rows], max_attempts or {})
+        return await self._take_back(sqlite_takeback.stale(self.db, stale_before),
+                                     max_attempts or {})
 
     async def reap_node(self, node: str, max_attempts: Mapping[str, int] | None = None
                         ) -> list[Task]:
-        rows = self.db.execute(
-            "SELECT id, token, attempts, preset FROM tasks WHERE state='running' AND node=?",
-            (node,)).fetchall()
-        error = task_error(ErrorKind.WORKER_DIED,
-                           f"node {node} died (its registration expired) while running this "
-                           "attempt", code="node_lost")
-        return await self._take_back([(*r, error) for r in rows], max_attempts or {})
+        return await self._take_back(sqlite_takeback.of_node(self.db, node), max_attempts or {})
 
-    async def _take_back(self, rows: list[tuple[str, int, int, str, dict[str, Any]]],
+    async def _take_back(self, rows: list[sqlite_takeback.Row],
                          limits: Mapping[str, int]) -> list[Task]:
         """Requeue (or fail, past max_attempts) each running attempt, spent."""
         out: list[Task] = []
@@ -512,7 +481,7 @@ class SqliteStore:
                        "WHERE state='running' AND node=?", (node,))
         for tid, preset, lane in rows:
             self._maybe_queued.add((preset, lane))
-            self._queued[preset] += 1
+            self._queued[(preset, lane)] += 1
             self.notifier.notify(tid)
         return len(rows)
 

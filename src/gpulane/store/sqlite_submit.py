@@ -1,0 +1,58 @@
+"""How a submit becomes rows in the SQLite store: the idempotency check and the insert.
+
+Functions over the store's connection, called by ``sqlite.py`` inside its write transaction;
+the store counts what they add after the commit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from gpulane.errors import ConflictError
+from gpulane.model import Task, TaskSpec, TaskState, now
+from gpulane.store.base import new_task_id
+from gpulane.store.sqlite_schema import COLUMNS, INSERT_EVENT, dumps, row_to_task
+
+
+def known(db: sqlite3.Connection, spec: TaskSpec) -> Task | None:
+    """The task that ``spec``'s idempotency key made already, if it is still kept; raises
+    ConflictError when the key was used for a different body."""
+    if spec.idempotency_key is None:
+        return None
+    row = db.execute("SELECT body_hash, task_id FROM idempotency WHERE key=?",
+                     (spec.idempotency_key,)).fetchone()
+    if row is None:
+        return None
+    if row[0] != spec.body_hash:
+        raise ConflictError(
+            "idempotency_key_reused",
+            f"Idempotency-Key {spec.idempotency_key!r} was already used for a different "
+            f"request (task {row[1]}): send a new key for a new task, or the identical body "
+            "to get that task back", field="Idempotency-Key", extra={"task_id": row[1]})
+    got = db.execute(f"SELECT {COLUMNS} FROM tasks WHERE id=?", (row[1],)).fetchone()
+    return row_to_task(got) if got else None
+
+
+def insert(db: sqlite3.Connection, spec: TaskSpec) -> Task:
+    """A new queued task, its first event and its idempotency key."""
+    tid = new_task_id()
+    created = now()
+    cur = db.execute(
+        "INSERT INTO tasks (id, preset, state, input, priority, base_priority, device_wish, "
+        "lane, fallback_reason, timeout_s, content_type, idempotency_key, created_at, "
+        "submitted_by, event_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
+        (tid, spec.preset, TaskState.QUEUED.value, dumps(spec.input), spec.priority,
+         spec.priority, spec.device_wish.value, spec.lane, spec.fallback_reason, spec.timeout_s,
+         spec.content_type, spec.idempotency_key, created, spec.submitted_by))
+    db.execute(INSERT_EVENT,
+               (tid, 1, "state", dumps({"state": "queued", "lane": spec.lane,
+                                         "fallback_reason": spec.fallback_reason}), created))
+    if spec.idempotency_key is not None:
+        db.execute("INSERT INTO idempotency (key, body_hash, task_id) VALUES (?,?,?)",
+                   (spec.idempotency_key, spec.body_hash, tid))
+    return Task(id=tid, preset=spec.preset, state=TaskState.QUEUED, input=spec.input,
+                priority=spec.priority, device_wish=spec.device_wish, created_at=created,
+                seq=cur.lastrowid or 0, timeout_s=spec.timeout_s,
+                content_type=spec.content_type, idempotency_key=spec.idempotency_key,
+                lane=spec.lane, fallback_reason=spec.fallback_reason,
+                submitted_by=spec.submitted_by)
