@@ -80,6 +80,10 @@ DEFAULT_EVENTS_MAX = 10_000
 """Most events kept per task in a Redis store (the stream is capped; SQLite keeps all)."""
 DURABILITY_SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 """SQLite's synchronous pragma per durability: what a 202 can lose is in docs/reliability.md."""
+DEFAULT_UPLOAD_MAX_BYTES = 256 * 1024 * 1024
+"""Largest upload POST /v1/files takes (413 upload_too_large above it)."""
+DEFAULT_FILE_RETAIN_S = 24 * 3600.0
+"""How long an upload is kept after it was made (then retention removes it)."""
 
 
 _ORIGIN = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:*\[\]]+)(:\d{1,5})?$")
@@ -141,6 +145,12 @@ class Settings(BaseSettings):
     gpu_lock_dir: str | None = None  # per-GPU lock files; None: GPU_LOCK_DIRS, else data dir
     worker_stderr_lines: int = Field(DEFAULT_WORKER_STDERR_LINES, ge=1, le=10_000)
     worker_stop_grace_s: float = Field(DEFAULT_WORKER_STOP_GRACE_S, ge=0, le=3600)
+    # folders whose files a task's input may name (canonicalised at start; env: separated by
+    # os.pathsep or commas); none: tasks name files by upload only
+    allowed_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    files_dir: Path | None = None  # where uploads are kept; None: <data_dir>/files
+    upload_max_bytes: int = Field(DEFAULT_UPLOAD_MAX_BYTES, ge=1)  # per upload; 413 above
+    file_retain_s: float = Field(DEFAULT_FILE_RETAIN_S, gt=0)  # uploads ("24h" too) kept this long
 
     @field_validator("durability")
     @classmethod
@@ -154,6 +164,24 @@ class Settings(BaseSettings):
     @classmethod
     def _retain(cls, v: Any) -> Any:
         return parse_duration_s(v) if isinstance(v, str) else v
+
+    @field_validator("file_retain_s", mode="before")
+    @classmethod
+    def _file_retain(cls, v: Any) -> Any:
+        return parse_duration_s(v) if isinstance(v, str) else v
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, v: Any) -> Any:
+        # GPULANE_ALLOWED_ROOTS=/data:/scratch like PATH, or /data,/scratch.
+        if isinstance(v, str):
+            return [p.strip() for p in re.split(f"[,{re.escape(os.pathsep)}]", v) if p.strip()]
+        return v
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Where uploads are kept: files_dir, else <data_dir>/files."""
+        return self.files_dir if self.files_dir is not None else self.data_dir / "files"
 
     @field_validator("advertise_url")
     @classmethod

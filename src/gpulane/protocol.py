@@ -135,3 +135,7 @@ ENV_TASK_ID = "GPULANE_TASK_ID"
 """The task a one-off worker runs."""
 ENV_MODE = "GPULANE_MODE"
 """``session`` or ``oneoff``: how the worker is served."""
+ENV_ALLOWED_ROOTS = "GPULANE_ALLOWED_ROOTS"
+"""The folders (separated by os.pathsep) a worker may read task files from: the node's
+allowed roots and its uploads folder. The node resolved and checked every path it hands a
+worker; a worker that opens one checks it again against these (defence in depth)."""

@@ -85,7 +85,8 @@ async def test_faces_finds_the_astronaut_and_a_bad_image_fails_alone(
     assert 140 < box["x"] + box["w"] / 2 < 300 and 40 < box["y"] + box["h"] / 2 < 200, box
     assert bad["state"] == "failed" and bad["error"]["kind"] == "bad_input"
     assert "decode" in bad["error"]["message"]
-    assert path["state"] == "failed" and "FACES_ALLOWED_DIRS" in path["error"]["message"]
+    # The old {"path": ...} input: files are named by "file" now (checked by the node).
+    assert path["state"] == "failed" and '"file"' in path["error"]["message"]
 
 
 async def test_xgboost_train_reports_every_round(api: httpx.AsyncClient) -> None:

@@ -1,10 +1,11 @@
 """Session worker for the faces preset: frontal face detection, batched.
 
-Input {"image_b64": base64 PNG/JPEG bytes} or {"path": "..."}, and optionally "min_size" (the
-smallest face in pixels, default 30). A path is read only under the folders listed in
-FACES_ALLOWED_DIRS (separated by os.pathsep); without it, path inputs are refused. Output
-{"faces": [{"x", "y", "w", "h"}], "count", "width", "height"}. An image that does not decode
-fails only its own task.
+Input {"image_b64": base64 PNG/JPEG bytes} or {"file": "..."}, and optionally "min_size" (the
+smallest face in pixels, default 30). A file is an absolute path under the node's allowed roots
+or an upload id (POST /v1/files): the node checks it and hands this worker its resolved path,
+which is checked again here against the folders the node names in GPULANE_ALLOWED_ROOTS
+(defence in depth: without them, file inputs are refused). Output {"faces": [{"x", "y", "w",
+"h"}], "count", "width", "height"}. An image that does not decode fails only its own task.
 
 OpenCV decodes the image. Detection is scikit-image's LBP frontal-face cascade (OpenCV 5
 dropped its Haar cascades): it runs on the CPU whatever device the worker was given.
@@ -22,9 +23,9 @@ import numpy as np
 from skimage import data
 from skimage.feature import Cascade
 
+from gpulane.protocol import ENV_ALLOWED_ROOTS
 from gpulane.worker import Context, TaskError, serve
 
-ALLOWED_ENV = "FACES_ALLOWED_DIRS"
 MAX_SIDE = 1024  # larger images are scaled down to this for detection (boxes scaled back)
 MAX_BYTES = 32 << 20
 
@@ -33,36 +34,39 @@ def load(ctx: Context) -> Cascade:
     return Cascade(data.lbp_frontal_face_cascade_filename())
 
 
-def _allowed_dirs() -> list[str]:
-    raw = os.environ.get(ALLOWED_ENV, "")
+def _allowed_roots() -> list[str]:
+    raw = os.environ.get(ENV_ALLOWED_ROOTS, "")
     return [os.path.realpath(d) for d in raw.split(os.pathsep) if d.strip()]
 
 
-def _read_path(path: Any) -> bytes:
-    if not isinstance(path, str) or not path:
-        raise TaskError("bad_input", "input.path must be a non-empty string")
-    allowed = _allowed_dirs()
-    if not allowed:
-        raise TaskError("bad_input", f"path inputs are off: set {ALLOWED_ENV} (folders "
-                        f"separated by {os.pathsep!r}) in the preset's env or the node's "
-                        "environment, or send image_b64")
+def _read_file(path: Any) -> bytes:
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise TaskError("bad_input", "input.file must be an absolute path or an upload id")
+    roots = _allowed_roots()
+    if not roots:
+        raise TaskError("bad_input", f"file inputs are off: {ENV_ALLOWED_ROOTS} is not set (a "
+                        "node sets it; run this worker under gpulane), or send image_b64")
     real = os.path.realpath(path)
-    if not any(os.path.commonpath([real, d]) == d for d in allowed):
-        raise TaskError("bad_input", f"input.path {path!r} is outside the folders in "
-                        f"{ALLOWED_ENV}")
+    if not any(os.path.commonpath([real, d]) == d for d in roots):
+        raise TaskError("bad_input", f"input.file {path!r} is outside the node's allowed "
+                        f"roots {roots}")
     try:
         with open(real, "rb") as f:
             return f.read(MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise TaskError("bad_input", f"input.file {path!r} is not on this node: an upload "
+                        "lives on the node that received it (put files_dir on storage every "
+                        "node mounts), and an upload past its retention is gone") from None
     except OSError as exc:
-        raise TaskError("bad_input", f"cannot read input.path {path!r}: {exc.strerror}") from None
+        raise TaskError("bad_input", f"cannot read input.file {path!r}: {exc.strerror}") from None
 
 
 def _image_bytes(inp: Any) -> bytes:
-    if not isinstance(inp, dict) or ("image_b64" in inp) == ("path" in inp):
+    if not isinstance(inp, dict) or ("image_b64" in inp) == ("file" in inp):
         raise TaskError("bad_input", 'input must have exactly one of "image_b64" (base64 '
-                        'PNG/JPEG) and "path"')
-    if "path" in inp:
-        raw = _read_path(inp["path"])
+                        'PNG/JPEG) and "file" (a path under the allowed roots, or an upload id)')
+    if "file" in inp:
+        raw = _read_file(inp["file"])
     else:
         if not isinstance(inp["image_b64"], str):
             raise TaskError("bad_input", "input.image_b64 must be a base64 string")

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from gpulane import __version__
-from gpulane.api import admin, leases, system, tasks
+from gpulane.api import admin, files, leases, system, tasks
 from gpulane.api.auth import OPEN_PATHS, Guard, rate_limited
 from gpulane.api.keys import KeyRing, load_keys
 from gpulane.api.requests import BulkSubmit, LeaseBody, RenewBody, TaskSubmit
@@ -39,6 +39,7 @@ def create_app(node: Node, *, manage_node: bool = True, keys: KeyRing | None = N
     """Build the app around a node. With ``manage_node`` the app starts and stops it.
     ``keys`` are read from the node's settings unless given (ConfigError names a bad one)."""
     keys = load_keys(node.settings) if keys is None else keys
+    node.files.admins = frozenset(c.name for c in keys.callers if c.is_admin)  # see uploads
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,7 +58,7 @@ def create_app(node: Node, *, manage_node: bool = True, keys: KeyRing | None = N
     # The hot routes go into the app's own table, flat and first: the calls every task makes
     # match at once, without the walk through FastAPI's included routers.
     app.router.routes[0:0] = tasks.hot.routes
-    for router in (tasks.router, system.router, leases.router, admin.router):
+    for router in (tasks.router, system.router, leases.router, admin.router, files.router):
         app.include_router(router)
     app.add_middleware(HotEntrance, routes=tasks.hot.routes)
     app.add_middleware(Guard, keys=keys, settings=node.settings)  # outside the table: all

@@ -6,8 +6,9 @@ method and path, not by each route opting in (a route added later is guarded the
 lands, by the table's last rows). When the node has any key, every route but the health
 checks needs one: no or an unknown key is 401, a known key outside its scope is 403. A rate
 limit (per key, or one bucket for everyone when there are no keys) is 429 with Retry-After.
-A request body on /v1 must be ``application/json`` (415 otherwise): a web page may send
-``text/plain`` to any origin without a CORS preflight, and must not reach a handler that way.
+A request body on /v1 must be ``application/json`` (415 otherwise; an upload to /v1/files
+aside): a web page may send ``text/plain`` to any origin without a CORS preflight, and must not
+reach a handler that way.
 
 A pure ASGI middleware, not an HTTP one: it never wraps a response body (SSE streams pass
 straight through); with no key and no rate limit it costs a path check and, on a POST, a look
@@ -39,10 +40,14 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 """Methods that only read."""
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 """Methods whose request body, if any, must be JSON."""
+RAW_BODY_PATHS = frozenset({"/v1/files"})
+"""Paths whose request body is a file of any type, not JSON (the origin check still holds:
+a page of another origin cannot send one)."""
 ANY_KEY = ""
 """In SCOPE_TABLE: any valid key will do."""
 SCOPE_TABLE: tuple[tuple[frozenset[str] | None, str, str], ...] = (
     (None, "/v1/tasks", "tasks"),
+    (None, "/v1/files", "tasks"),  # uploads are task inputs
     (None, "/v1/leases", "leases"),
     (None, "/v1/admin", "admin"),
     (READ_METHODS, "/", ANY_KEY),  # presets, gpus, workers, status, the API description
@@ -143,7 +148,8 @@ class Guard:
             who = self._authorize(scope, path) if self.keys else None
             if self.limited:
                 self._limit(who)
-            if scope["method"] in BODY_METHODS and path.startswith("/v1/"):
+            if scope["method"] in BODY_METHODS and path.startswith("/v1/") \
+                    and path not in RAW_BODY_PATHS:
                 _check_media_type(scope)
         except RequestError as exc:
             await _refuse(exc, scope, receive, send)

@@ -6,7 +6,9 @@ Workers are always started from an argv list, never through a shell.
 
 A container gets only what its worker needs: the GPUs it was placed on (``--gpus device=N``,
 never all), a user that is not root (the preset's ``user``, else the node's uid:gid, else
-nobody when the node runs as root), no capabilities and no privilege gain. It carries labels
+nobody when the node runs as root), no capabilities and no privilege gain, and the folders its
+tasks may name files in (the allowed roots and uploads, ENV_ALLOWED_ROOTS) read-only at the
+same paths, so the resolved paths a task carries open inside as they are. It carries labels
 naming its node, the node's data dir and its worker, by which a restarted node finds and kills
 what its dead predecessor left running (runtime/containers.py).
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 from gpulane.config import Settings
 from gpulane.presets import Preset, Runtime
+from gpulane.protocol import ENV_ALLOWED_ROOTS
 
 CONTAINER_MODEL_PATH = "/models"
 """Where a docker worker sees its preset's model_path."""
@@ -130,6 +133,11 @@ def node_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in NODE_ONLY_ENV}
 
 
+def task_file_roots(env: dict[str, str]) -> list[str]:
+    """The folders a worker's tasks may name files in (ENV_ALLOWED_ROOTS in its env)."""
+    return [r for r in env.get(ENV_ALLOWED_ROOTS, "").split(os.pathsep) if r]
+
+
 def container_user(preset: Preset) -> str:
     """Who a container runs as: the preset's user, else the node's uid:gid, never root."""
     if preset.user is not None:
@@ -191,6 +199,10 @@ class DockerLauncher:
             argv += ["-v", f"{preset.model_path}:{CONTAINER_MODEL_PATH}"]
         if input_file:
             argv += ["-v", f"{input_file}:{CONTAINER_INPUT_FILE}:ro"]
+        for root in task_file_roots(env):
+            # Task files keep their paths inside: the node resolved them, the worker opens
+            # them as they are, and may not write there.
+            argv += ["-v", f"{root}:{root}:ro"]
         argv.append(preset.image)
         argv += list(preset.command)
         # Killing the docker client does not stop its container; ``docker kill`` does.

@@ -76,6 +76,8 @@ class Supervisor:
         self.labels = {LABEL_NODE: node,
                        LABEL_DATA_DIR: os.path.dirname(os.path.abspath(scratch_dir))}
         self._closing = False
+        self.worker_env: dict[str, str] = {}
+        """Variables every worker of this node gets (the folders task files lie in)."""
 
     # -- queries the scheduler asks ------------------------------------------------------------
 
@@ -210,7 +212,9 @@ class Supervisor:
 
     def _create(self, wid: str, preset: Preset, device: DeviceAssignment, *, session: bool,
                 extra_env: dict[str, str] | None) -> Worker:
-        spec = launcher_for(preset).build(preset, device, wid, extra_env, labels=self.labels)
+        spec = launcher_for(preset).build(preset, device, wid,
+                                          {**self.worker_env, **(extra_env or {})},
+                                          labels=self.labels)
         proc = WorkerProcess(wid, preset.name, device, spec, session=session,
                              stderr_tail_lines=self.stderr_tail_lines,
                              on_messages=self.pipeline.on_messages, on_exit=self._on_exit)

@@ -13,7 +13,8 @@ Two loops, each surviving any error of the store (logged, tried again next round
   attempts back instead.
 - every ``purge_every_s`` finished tasks older than ``retain_s`` are purged with their events
   and idempotency keys (the store does it off the event loop in small transactions), and so
-  are scratch files older than ``retain_s``.
+  are scratch files older than ``retain_s``, and (``purge_uploads``) uploads past their
+  expiry (``file_retain_s`` after upload) with a crashed upload's leftovers.
 
 It knows the runtime only through the ``held`` callable it is handed, and the presets through
 ``max_attempts``, so that a reaped last attempt ends ``failed`` as the pipeline would end it.
@@ -105,6 +106,9 @@ class Housekeeper:
         self.takeover_every_s = takeover_every_s
         self.on_node_dead = on_node_dead
         """Awaited with each dead node's name after its attempts were taken: its leases."""
+        self.purge_uploads: Callable[[float], int] | None = None
+        """Given the time now, removes expired uploads and crashed uploads' leftovers and
+        returns how many uploads went (files.py's Files.purge); run on a worker thread."""
         self.clock: Callable[[], float] = time.time
         """The wall clock cutoffs are counted on (a test may set its own)."""
         self._stopping = asyncio.Event()
@@ -116,7 +120,7 @@ class Housekeeper:
         self.last_reap_at: float | None = None
         self.last_purge_at: float | None = None
         self.last_purge: dict[str, Any] | None = None
-        self.purged_total = {"tasks": 0, "events": 0, "keys": 0, "files": 0}
+        self.purged_total = {"tasks": 0, "events": 0, "keys": 0, "files": 0, "uploads": 0}
         self.db_bytes: int | None = None
         self.rows: dict[str, int] = {}
         self.errors = 0
@@ -302,6 +306,8 @@ class Housekeeper:
                 if report.batches < PURGE_BATCHES_PER_CALL or self._stopping.is_set():
                     break
             files = await asyncio.to_thread(self._purge_scratch, cutoff)
+            uploads = (await asyncio.to_thread(self.purge_uploads, self.clock())
+                       if self.purge_uploads is not None else 0)
         except Exception as exc:  # the store may fail; the next round tries again
             self._failed("purge", exc)
             await self._sleep(PURGE_ERROR_BACKOFF_S)
@@ -311,14 +317,17 @@ class Housekeeper:
         for k in ("tasks", "events", "keys"):
             self.purged_total[k] += total[k]
         self.purged_total["files"] += files
+        self.purged_total["uploads"] += uploads
         self.last_purge_at = self.clock()
-        self.last_purge = {**total, "files": files,
+        self.last_purge = {**total, "files": files, "uploads": uploads,
                            "longest_batch_ms": round(longest * 1000, 3),
                            "seconds": round(time.perf_counter() - started, 3)}
         if total["tasks"] or files:
             log.info("retention: purged %d task(s), %d event(s), %d key(s), %d file(s) "
                      "finished before %.0f s ago", total["tasks"], total["events"],
                      total["keys"], files, self.retain_s)
+        if uploads:
+            log.info("retention: removed %d expired upload(s)", uploads)
         return self.last_purge
 
     def _purge_scratch(self, cutoff: float) -> int:
