@@ -30,7 +30,7 @@ from gpulane.config import (
     LEASE_TTL_MIN_S,
     LEASE_WAIT_MAX_S,
 )
-from gpulane.errors import RequestError
+from gpulane.errors import RequestError, ValidationError
 from gpulane.model import Priority
 from gpulane.presets import MAX_GPUS, parse_size_mb
 
@@ -77,14 +77,22 @@ compare the body as it was sent."""
 class TaskSubmit(BaseModel):
     """Body of POST /v1/tasks (and each item of a bulk submit)."""
 
-    preset: Annotated[str, Field(min_length=1, description=(
-        "name one of this node's presets (GET /v1/presets lists them)")),
-        fix("missing_field", "{field} is required: name one of this node's presets "
-            "(GET /v1/presets lists them)")]
+    preset: Annotated[Annotated[str, Field(min_length=1)] | None, Field(description=(
+        "name one of this node's presets (GET /v1/presets lists them); left out, the task "
+        "goes to the preset its content_type is routed to (GET /v1/routes)")),
+        fix("missing_field", "{field} must name one of this node's presets (GET /v1/presets "
+            "lists them), or be left out with a content_type to route by")] = None
     input: Any = Field(None, description="the preset's input, any JSON")
     device: Annotated[Literal["auto", "gpu", "cpu"],
                       fix("invalid_device", "{field}={value!r} is not one of auto, gpu, cpu")
-                      ] = "auto"
+                      ] = Field("auto", description=(
+                          "auto (a GPU first, the CPU as the preset's fallback policy allows), "
+                          "gpu (a GPU only) or cpu; ?gpu=true|false says the same"))
+    fallback: Annotated[Annotated[bool, Field(strict=True)] | None, fix(
+        "invalid_fallback", "{field}={value!r} must be true or false: false runs the task "
+        "on a GPU or not at all, true (the default) lets it fall back to the CPU as its "
+        "preset's fallback policy allows")] = Field(
+        None, description="false: a GPU or nothing (an auto task is stored as device=gpu)")
     priority: PriorityField = Field("normal", validate_default=True, description=(
         "immediate, normal, background or 0-100"))
     timeout_s: Annotated[
@@ -111,6 +119,49 @@ class BulkSubmit(BaseModel):
                                 "missing": ("invalid_tasks", "{field} must be a non-empty "
                                             "list of task bodies")})
                      ] = Field(description="a non-empty list of task bodies")
+
+
+def _query_bool(value: object) -> object:
+    """``true``/``false`` in any case as a bool; anything else stays text and is refused."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return value
+
+
+GpuQuery = Annotated[
+    Annotated[bool, Field(strict=True)] | None,
+    BeforeValidator(_query_bool),
+    Query(description="true: device=gpu (a GPU only); false: device=cpu. For bulk submits, "
+          "every task. A body device of gpu or cpu must agree"),
+    fix("invalid_gpu", "{field}={value!r} must be true or false: ?gpu=true runs the task on "
+        "a GPU (device=gpu), ?gpu=false on the CPU (device=cpu)")]
+"""?gpu=true|false on submit: the device wish as apps that ask "GPU or not" send it."""
+
+
+def resolve_device(item: TaskSubmit, gpu: bool | None, where: str = "") -> str:
+    """The device a submit asks for, from the body's ``device`` and the query's ``?gpu=``
+    (a body ``auto`` leaves the choice to the query); a 422 naming both fields when they, or
+    ``device`` and ``fallback``, disagree."""
+    query = None if gpu is None else "gpu" if gpu else "cpu"
+    shown = "" if gpu is None else f"?gpu={str(gpu).lower()}"
+    if query is not None and item.device != "auto" and item.device != query:
+        raise ValidationError(
+            "conflicting_device", f"{where}device={item.device!r} and {shown} disagree "
+            f"({shown} means device={query!r}): send only one of them, or make them agree",
+            field=f"{where}device")
+    device = query if query is not None and item.device == "auto" else item.device
+    said = f"{where}device={device!r}" + (f" ({shown})" if query is not None else "")
+    if item.fallback is False and device == "cpu":
+        raise ValidationError(
+            "conflicting_fallback", f"{where}fallback=false asks for a GPU or nothing but "
+            f"{said} asks for the CPU: leave out fallback, or use device 'gpu' or 'auto'",
+            field=f"{where}fallback")
+    if item.fallback is True and device == "gpu":
+        raise ValidationError(
+            "conflicting_fallback", f"{where}fallback=true lets the task fall back to the CPU "
+            f"but {said} allows only a GPU: leave out fallback, or use device 'auto'",
+            field=f"{where}fallback")
+    return device
 
 
 WaitQuery = Annotated[

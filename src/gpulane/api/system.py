@@ -1,5 +1,5 @@
-"""Node-wide endpoints: presets, GPUs (of every node of the fleet), nodes, workers, health
-and readiness."""
+"""Node-wide endpoints: presets, content-type routes, GPUs (of every node of the fleet),
+nodes, workers, health and readiness."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def _node(request: Request) -> Node:
 async def presets(request: Request) -> JSON:
     """Every preset this node can run, with the state of its circuit."""
     return JSON({"presets": _node(request).presets_view()})
+
+
+@router.get("/v1/routes")
+async def routes(request: Request) -> JSON:
+    """The content-type routes of the preset registry, most specific first: a submit with a
+    ``content_type`` and no ``preset`` goes to the first whose pattern matches."""
+    return JSON({"routes": _node(request).registry.routes.view()})
 
 
 @router.get("/v1/gpus")

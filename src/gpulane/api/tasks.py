@@ -20,12 +20,14 @@ from gpulane.api.requests import (
     TASK_EXAMPLE,
     BulkSubmit,
     CursorQuery,
+    GpuQuery,
     LastEventIdHeader,
     LastEventIdQuery,
     LimitQuery,
     StateQuery,
     TaskSubmit,
     WaitQuery,
+    resolve_device,
 )
 from gpulane.api.responses import JSON
 from gpulane.api.routing import HotRoute
@@ -63,10 +65,11 @@ def _node(request: Request) -> Node:
 
 
 def _spec(request: Request, node: Node, item: TaskSubmit, key: str | None,
-          where: str = "") -> TaskSpec:
+          where: str = "", gpu: bool | None = None) -> TaskSpec:
     who = caller(request)
     name = who.name if who is not None else None
-    return node.build_spec(preset=item.preset, input=item.input, device=item.device,
+    return node.build_spec(preset=item.preset, input=item.input,
+                           device=resolve_device(item, gpu, where), fallback=item.fallback,
                            priority=int(item.priority), timeout_s=item.timeout_s,
                            content_type=item.content_type, where=where, submitted_by=name,
                            idempotency_key=_idempotency_key(key, name, where))
@@ -89,15 +92,16 @@ def _idempotency_key(key: str | None, owner: str | None, where: str) -> str | No
 
 @hot.post("", status_code=202, response_model=TaskView,
           responses={200: {"model": TaskView, "description": "the task ended within wait"},
-                     **errors(400, 404, 409, 413, 422, 429, 503)},
+                     **errors(400, 404, 409, 413, 415, 422, 429, 503)},
           openapi_extra=json_body("TaskSubmit", header="Idempotency-Key"))
-async def submit_task(request: Request, wait: WaitQuery = None) -> JSON:
+async def submit_task(request: Request, wait: WaitQuery = None, gpu: GpuQuery = None) -> JSON:
     """Queue a task. With ``?wait=S`` the answer waits up to S seconds for the task to end
-    (200 when it has, 202 when it is still queued or running)."""
+    (200 when it has, 202 when it is still queued or running). Without ``preset`` the task
+    goes where its ``content_type`` is routed (415 ``no_route`` when nowhere)."""
     node = _node(request)
     body = await read_body(request, TaskSubmit, TASK_EXAMPLE)
     task, _created = await node.submit(
-        _spec(request, node, body, request.headers.get("idempotency-key")))
+        _spec(request, node, body, request.headers.get("idempotency-key"), gpu=gpu))
     if wait:
         task = await node.wait(task.id, wait)
     return JSON(task.to_json(), status_code=200 if task.state.final else 202)
@@ -115,13 +119,15 @@ async def task_result(request: Request, task_id: str, wait: WaitQuery = None) ->
     return JSON(task.to_json())
 
 
-@router.post("/bulk", status_code=202, responses=errors(400, 404, 409, 413, 422, 429, 503),
+@router.post("/bulk", status_code=202,
+             responses=errors(400, 404, 409, 413, 415, 422, 429, 503),
              openapi_extra=json_body("BulkSubmit"))
-async def submit_bulk(request: Request) -> JSON:
-    """Queue many tasks in one request and one transaction (all or none)."""
+async def submit_bulk(request: Request, gpu: GpuQuery = None) -> JSON:
+    """Queue many tasks in one request and one transaction (all or none); each is routed by
+    its own content_type when it names no preset, and ``?gpu=`` applies to every one."""
     node = _node(request)
     body = await read_body(request, BulkSubmit, TASK_EXAMPLE)
-    specs = [_spec(request, node, item, item.idempotency_key, f"tasks[{i}].")
+    specs = [_spec(request, node, item, item.idempotency_key, f"tasks[{i}].", gpu)
              for i, item in enumerate(body.tasks)]
     results = await node.submit_many(specs)
     return JSON({"tasks": [t.to_json() for t, _ in results]}, status_code=202)
