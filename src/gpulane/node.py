@@ -32,11 +32,10 @@ from gpulane.errors import (
     StoreUnavailableError,
     ValidationError,
 )
-from gpulane.files import Files
 from gpulane.fleet import Fleet, NodeInfo
 from gpulane.fleet.factory import open_fleet
 from gpulane.locks import FileLock, gpu_lock_dir
-from gpulane.model import DeviceWish, Event, Priority, Task, TaskSpec, TaskState
+from gpulane.model import Event, Priority, Task, TaskSpec, TaskState
 from gpulane.presets import PresetRegistry, example_presets_dir, load_presets
 from gpulane.runtime.supervisor import Supervisor
 from gpulane.scheduling.admission import Admission
@@ -48,8 +47,9 @@ from gpulane.scheduling.housekeeping import PURGE_INTERVAL_S, Housekeeper
 from gpulane.scheduling.intake import Intake
 from gpulane.scheduling.leases import Lease, LeaseManager, LeaseRequest
 from gpulane.scheduling.ledger import Ledger
-from gpulane.scheduling.router import route
+from gpulane.scheduling.router import GPU_LANE, route
 from gpulane.scheduling.scheduler import CapacityEvents, Scheduler
+from gpulane.scheduling.targets import device_wish, target_preset
 from gpulane.scheduling.views import devices_view, fleet_nodes_view, presets_view
 from gpulane.store import Store, open_store, wait_final
 from gpulane.store.base import body_hash
@@ -91,8 +91,6 @@ class Node:
             stderr_tail_lines=settings.worker_stderr_lines,
             shutdown_grace_s=settings.worker_stop_grace_s,
             listener=CapacityEvents(self.ledger, self._on_capacity))
-        self.files = Files.from_settings(settings)  # allowed roots and uploads (files.py)
-        self.supervisor.worker_env.update(self.files.worker_env())
         self.housekeeper = Housekeeper(
             self.store, self.name, held=self.supervisor.held_runs,
             max_attempts=lambda: {p.name: p.max_attempts for p in self.registry.values()},
@@ -103,7 +101,6 @@ class Node:
             on_lost=self.supervisor.abandon_lost, fleet=self.fleet, node_info=self.node_info,
             node_ttl_s=settings.node_ttl_s,
             on_node_dead=lambda name: self.fleet_leases.on_node_dead(name))
-        self.housekeeper.purge_uploads = self.files.purge
         self.scheduler = Scheduler(self.store, self.registry, self.ledger, self.supervisor,
                                    self.name)
         self.leases = LeaseManager(self.ledger, on_change=self.scheduler.wake,
@@ -247,28 +244,22 @@ class Node:
 
     # -- tasks -------------------------------------------------------------------------------
 
-    def build_spec(self, *, preset: str, input: Any, device: str = "auto",
+    def build_spec(self, *, preset: str | None, input: Any, device: str = "auto",
                    priority: int = Priority.NORMAL, timeout_s: float | None = None,
                    content_type: str | None = None, idempotency_key: str | None = None,
-                   where: str = "", submitted_by: str | None = None) -> TaskSpec:
+                   where: str = "", submitted_by: str | None = None,
+                   fallback: bool | None = None) -> TaskSpec:
         """One well-formed submit (the API's request model checked each field) checked
-        against what only the node knows: the registry, what a preset accepts, the router."""
-        resolved = self.files.resolve_input(input, where, submitted_by)  # file refs: files.py
-        found = self.registry.get(preset)
-        if found is None:
-            raise NotFoundError(
-                "unknown_preset", f"{where}preset {preset!r} is not known here: use one "
-                f"of {self.registry.names()} (GET /v1/presets lists them)",
-                field=f"{where}preset")
-        if content_type is not None and content_type not in found.accepts:
-            raise ValidationError(
-                "unsupported_content_type", f"{where}content_type={content_type!r} is not "
-                f"accepted by preset {found.name!r}: use one of {list(found.accepts)}",
-                field=f"{where}content_type")
-        wish = DeviceWish(device)
-        r = route(found, wish, self.ledger.gpu_totals_mb(), self.fleet_view.gpu_totals())
+        against what only the node knows: the registry and its routes (no ``preset``: the
+        content type's), what a preset accepts, the router. ``fallback=False``: a GPU or
+        nothing (scheduling/targets.py)."""
+        found = target_preset(self.registry, preset, content_type, where)
+        wish = device_wish(found, device, fallback)
+        gpu_circuit = self.supervisor.circuits.get((found.name, GPU_LANE))
+        r = route(found, wish, self.ledger.gpu_totals_mb(), self.fleet_view.gpu_totals(),
+                  gpu_unavailable=gpu_circuit is not None and gpu_circuit.is_open())
         return TaskSpec(
-            preset=found.name, input=resolved, device_wish=wish, priority=priority,
+            preset=found.name, input=input, device_wish=wish, priority=priority,
             timeout_s=float(timeout_s) if timeout_s is not None else None,
             content_type=content_type, idempotency_key=idempotency_key,
             body_hash=body_hash({"preset": found.name, "input": input,
