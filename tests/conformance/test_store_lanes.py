@@ -268,8 +268,3 @@ async def test_lane_counts_survive_a_reopen(durable_backend: Backend) -> None:
     finally:
         await second.close()
 
-
-@pytest.fixture(autouse=True)
-def _redis_lands_in_the_next_commit(request: pytest.FixtureRequest) -> None:
-    if "redis" in request.node.name:
-        pytest.skip("the redis store's lane methods land in the next commit")

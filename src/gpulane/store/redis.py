@@ -47,9 +47,11 @@ import orjson
 from gpulane.errors import ConflictError, StaleTokenError, StoreError, StoreUnavailableError
 from gpulane.model import ErrorKind, Event, Task, TaskSpec, TaskState, task_error
 from gpulane.store import redis_scripts as lua
+from gpulane.store import redis_scripts_lanes as lanes
 from gpulane.store import redis_scripts_upkeep as upkeep
 from gpulane.store.base import (
     Finish,
+    LaneStats,
     NewEvent,
     PurgeReport,
     QueueHead,
@@ -57,9 +59,11 @@ from gpulane.store.base import (
     TaskNotifier,
     finish_one,
     new_task_id,
+    requeued_event,
 )
 from gpulane.store.redis_codec import (
     decode_entries,
+    decode_queue_stats,
     decode_task,
     event_args,
     new_task,
@@ -268,17 +272,30 @@ class RedisStore:
 
     @_guarded
     async def queue_stats(self) -> Mapping[str, QueueStats]:
-        flat = await self._conn.call("HGETALL", lua.PREFIX + "stats")
-        queued: dict[str, int] = {}
-        claimed: dict[str, int] = {}
-        for k, v in zip(flat[::2], flat[1::2], strict=True):
-            kind, _, preset = k.decode().partition(":")
-            if kind == "q":
-                queued[preset] = int(v)
-            elif kind == "c":
-                claimed[preset] = int(v)
-        return {p: QueueStats(queued.get(p, 0), claimed.get(p, 0))
-                for p in queued.keys() | claimed.keys()}
+        return decode_queue_stats(*await self._run(lanes.QUEUE_STATS))
+
+    @_guarded
+    async def queued(self, preset: str, lane: str, limit: int) -> list[Task]:
+        return [decode_task(f) for f in await self._run(lanes.QUEUED, preset, lane, limit)]
+
+    @_guarded
+    async def move_queued(self, task_ids: Sequence[str], lane: str, reason: str,
+                          events: Sequence[NewEvent] = ()) -> list[Task]:
+        if not task_ids:
+            return []
+        flats = await self._run(lanes.MOVE, lane, reason, len(events),
+                                *event_args([(e.type, e.data) for e in events]), *task_ids)
+        tasks = [decode_task(f) for f in flats]
+        self._work_here([(t.preset, lane) for t in tasks])
+        for task in tasks:
+            self.notifier.notify(task.id, task)
+        return tasks
+
+    @_guarded
+    async def lane_stats(self) -> Mapping[tuple[str, str], LaneStats]:
+        return {(preset.decode(), lane.decode()): LaneStats(
+                    int(queued), int(running), float(since) if since else None)
+                for preset, lane, queued, running, since in await self._run(lanes.LANE_STATS)}
 
     # -- claim, events, finish ---------------------------------------------------------------
 
@@ -358,12 +375,12 @@ class RedisStore:
 
     @_guarded
     async def requeue(self, task_id: str, token: int, error: dict[str, Any] | None,
-                      events: Sequence[NewEvent] = (), *, spent: bool = True) -> Task:
-        evs = [(e.type, e.data) for e in events]
-        evs.append(("state", {"state": "queued", "retry_after_error": error}))
+                      events: Sequence[NewEvent] = (), *, spent: bool = True,
+                      lane: str | None = None, fallback_reason: str | None = None) -> Task:
+        evs = [(e.type, e.data) for e in [*events, requeued_event(error, lane, fallback_reason)]]
         answer = await self._run(lua.REQUEUE, task_id, token,
                                  orjson.dumps(error) if error else "", "1" if spent else "0",
-                                 *event_args(evs))
+                                 lane or "", fallback_reason or "", *event_args(evs))
         if answer[0] == b"missing":
             raise StoreError(f"no task {task_id!r}")
         got = self._answer(task_id, token, answer)

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from gpulane.model import DeviceWish, Event, Placement, Task, TaskSpec, TaskState
+from gpulane.store.base import QueueStats
 
 
 def spec_args(task_id: str, spec: TaskSpec) -> list[str | bytes]:
@@ -91,3 +92,24 @@ def decode_entries(task_id: str,
         out.append(Event(task_id, int(eid.split(b"-", 1)[0]), f[b"t"].decode(),
                          orjson.loads(f[b"d"]), float(f[b"ts"])))
     return out
+
+
+def decode_queue_stats(flat: Sequence[bytes], by_queue: Sequence[Any]
+                       ) -> dict[str, QueueStats]:
+    """Per preset, from the QUEUE_STATS answer: the stats hash (``q:<preset>`` queued,
+    ``c:<preset>`` claims; the rest is not per preset) and each non-empty queue's name
+    (``<lane>:<preset>``) and length."""
+    queued: dict[str, int] = {}
+    claimed: dict[str, int] = {}
+    for k, v in zip(flat[::2], flat[1::2], strict=True):
+        kind, _, preset = k.decode().partition(":")
+        if kind == "q":
+            queued[preset] = int(v)
+        elif kind == "c":
+            claimed[preset] = int(v)
+    lanes: dict[str, dict[str, int]] = {}
+    for name, n in zip(by_queue[::2], by_queue[1::2], strict=True):
+        lane, _, preset = name.decode().partition(":")
+        lanes.setdefault(preset, {})[lane] = int(n)
+    return {p: QueueStats(queued.get(p, 0), claimed.get(p, 0), lanes.get(p, {}))
+            for p in queued.keys() | claimed.keys()}

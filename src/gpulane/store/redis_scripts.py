@@ -19,11 +19,13 @@ Key layout (prefix ``gl:``):
 - ``all``, ``p:<preset>``, ``s:<state>`` (queued, running, failed, cancelled) sorted sets by
   seq: the listings; ``done`` sorted set of ``<id><preset>`` by finish time: retention.
 - ``running`` sorted set by last heartbeat; ``n:<node>`` set of a node's running tasks;
-  ``nodes`` set of the nodes holding at least one.
+  ``nodes`` set of the nodes holding at least one; ``r:<lane>:<preset>`` set of a queue's
+  running tasks (every node), ``rlanes`` set of ``<lane>:<preset>`` whose set may hold some
+  (the status view counts them: redis_scripts_lanes.py).
 - ``stats`` hash: ``q:<preset>`` queued now, ``c:<preset>`` claims ever, ``events``, ``keys``.
 - channel ``ch``: ``f<TAB>instance<TAB>id id ...`` (tasks that ended),
   ``w<TAB>instance<TAB>lane:preset<LF>lane:preset ...`` (queues that were empty and got work,
-  or that work was put back in).
+  or that work was put back in or moved to).
 """
 
 from __future__ import annotations
@@ -99,11 +101,17 @@ end
 
 -- No longer running: the running indexes drop it at flush(), in one call per index.
 local stopped = {}
-local function leave_running(id, node)
+local unran = {}
+local function leave_running(id, node, lane, preset)
   stopped[#stopped + 1] = id
   if node then
     left[node] = left[node] or {}
     left[node][#left[node] + 1] = id
+  end
+  if lane and preset then
+    local r = P .. 'r:' .. lane .. ':' .. preset
+    unran[r] = unran[r] or {}
+    unran[r][#unran[r] + 1] = id
   end
 end
 
@@ -129,7 +137,7 @@ end
 -- {'missing'}. evs: its events, the final state event last.
 local function finish(id, token, state, output, err, evs)
   local t = P .. 't:' .. id
-  local cur = redis.call('HMGET', t, 's', 'tk', 'p', 'n', 'seq', 'k', 'ev', 'err')
+  local cur = redis.call('HMGET', t, 's', 'tk', 'p', 'n', 'seq', 'k', 'ev', 'err', 'l')
   if not cur[1] then return {'missing'} end
   if cur[1] ~= 'running' or cur[2] ~= token then return {'stale', cur[1], cur[2]} end
   local first = tonumber(cur[7]) + 1
@@ -141,14 +149,15 @@ local function finish(id, token, state, output, err, evs)
     if cur[8] then redis.call('HDEL', t, 'err') end
   end
   xadd_from(id, evs, first)
-  leave_running(id, cur[4])
+  leave_running(id, cur[4], cur[9], cur[3])
   ended(id, state, cur[3], cur[5], cur[6])
   return {'ok', hgetall(id)}
 end
 
--- Put the running attempt holding `token` back in its queue; spent = '1' keeps the attempt
+-- Put the running attempt holding `token` back in its queue, or in `lane`'s ('' for its own)
+-- with `reason` as its fallback reason ('' to keep it); spent = '1' keeps the attempt
 -- counted. Same answers as finish.
-local function requeue(id, token, err, spent, evs)
+local function requeue(id, token, err, spent, evs, lane, reason)
   local t = P .. 't:' .. id
   local cur = redis.call('HMGET', t, 's', 'tk', 'p', 'n', 'seq', 'l', 'ep')
   if not cur[1] then return {'missing'} end
@@ -158,9 +167,15 @@ local function requeue(id, token, err, spent, evs)
   if err ~= '' then redis.call('HSET', t, 'err', err) else redis.call('HDEL', t, 'err') end
   redis.call('HDEL', t, 'n', 'd')
   if spent ~= '1' then redis.call('HINCRBY', t, 'a', -1) end
-  leave_running(id, cur[4])
-  enqueue(id, cur[3], cur[6], cur[7], cur[5])
-  work[cur[6] .. ':' .. cur[3]] = true
+  leave_running(id, cur[4], cur[6], cur[3])
+  local to = cur[6]
+  if lane and lane ~= '' then
+    to = lane
+    redis.call('HSET', t, 'l', lane)
+  end
+  if reason and reason ~= '' then redis.call('HSET', t, 'fr', reason) end
+  enqueue(id, cur[3], to, cur[7], cur[5])
+  work[to .. ':' .. cur[3]] = true
   return {'ok', hgetall(id)}
 end
 
@@ -175,6 +190,7 @@ local function flush()
     bulk('ZREM', P .. 'running', stopped)
     bulk('ZREM', P .. 's:running', stopped)
   end
+  for r, ids in pairs(unran) do bulk('SREM', r, ids) end
   for node, ids in pairs(left) do
     local n = P .. 'n:' .. node
     if #ids > 0 then bulk('SREM', n, ids) end
@@ -361,6 +377,8 @@ end
 if #ids > 0 then
   bulk('ZREM', P .. 's:queued', ids)
   bulk('SADD', P .. 'n:' .. node, ids)
+  bulk('SADD', P .. 'r:' .. lane .. ':' .. preset, ids)
+  redis.call('SADD', P .. 'rlanes', lane .. ':' .. preset)
   bulk('ZADD', P .. 's:running', runs)
   bulk('ZADD', P .. 'running', beats)
   redis.call('SADD', P .. 'nodes', node)
@@ -403,10 +421,11 @@ return out
 """
 
 REQUEUE = PRELUDE + r"""
--- ARGV[5..8]: id token error spent; ARGV[9..]: type, data pairs.
+-- ARGV[5..10]: id token error spent lane reason ('' for its own lane, its reason kept);
+-- ARGV[11..]: type, data pairs.
 local evs = {}
-for i = 9, #ARGV do evs[#evs + 1] = ARGV[i] end
-local got = requeue(ARGV[5], ARGV[6], ARGV[7], ARGV[8], evs)
+for i = 11, #ARGV do evs[#evs + 1] = ARGV[i] end
+local got = requeue(ARGV[5], ARGV[6], ARGV[7], ARGV[8], evs, ARGV[9], ARGV[10])
 flush()
 return got
 """

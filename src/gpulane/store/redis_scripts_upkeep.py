@@ -71,7 +71,7 @@ for _, id in ipairs(redis.call('SMEMBERS', P .. 'n:' .. node)) do
     redis.call('HSET', t, 's', 'queued')
     redis.call('HDEL', t, 'n', 'd')
     if tonumber(h[6]) > 0 then redis.call('HINCRBY', t, 'a', -1) end
-    leave_running(id, node)
+    leave_running(id, node, h[3], h[2])
     enqueue(id, h[2], h[3], h[4], h[5])
     work[h[3] .. ':' .. h[2]] = true
     n = n + 1
