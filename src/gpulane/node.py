@@ -32,6 +32,7 @@ from gpulane.errors import (
     StoreUnavailableError,
     ValidationError,
 )
+from gpulane.files import Files
 from gpulane.fleet import Fleet, NodeInfo
 from gpulane.fleet.factory import open_fleet
 from gpulane.locks import FileLock, gpu_lock_dir
@@ -91,6 +92,8 @@ class Node:
             stderr_tail_lines=settings.worker_stderr_lines,
             shutdown_grace_s=settings.worker_stop_grace_s,
             listener=CapacityEvents(self.ledger, self._on_capacity))
+        self.files = Files.from_settings(settings)  # allowed roots and uploads (files.py)
+        self.supervisor.worker_env.update(self.files.worker_env())
         self.housekeeper = Housekeeper(
             self.store, self.name, held=self.supervisor.held_runs,
             max_attempts=lambda: {p.name: p.max_attempts for p in self.registry.values()},
@@ -101,6 +104,7 @@ class Node:
             on_lost=self.supervisor.abandon_lost, fleet=self.fleet, node_info=self.node_info,
             node_ttl_s=settings.node_ttl_s,
             on_node_dead=lambda name: self.fleet_leases.on_node_dead(name))
+        self.housekeeper.purge_uploads = self.files.purge
         self.scheduler = Scheduler(self.store, self.registry, self.ledger, self.supervisor,
                                    self.name)
         self.leases = LeaseManager(self.ledger, on_change=self.scheduler.wake,
@@ -253,13 +257,14 @@ class Node:
         against what only the node knows: the registry and its routes (no ``preset``: the
         content type's), what a preset accepts, the router. ``fallback=False``: a GPU or
         nothing (scheduling/targets.py)."""
+        resolved = self.files.resolve_input(input, where, submitted_by)  # file refs: files.py
         found = target_preset(self.registry, preset, content_type, where)
         wish = device_wish(found, device, fallback)
         gpu_circuit = self.supervisor.circuits.get((found.name, GPU_LANE))
         r = route(found, wish, self.ledger.gpu_totals_mb(), self.fleet_view.gpu_totals(),
                   gpu_unavailable=gpu_circuit is not None and gpu_circuit.is_open())
         return TaskSpec(
-            preset=found.name, input=input, device_wish=wish, priority=priority,
+            preset=found.name, input=resolved, device_wish=wish, priority=priority,
             timeout_s=float(timeout_s) if timeout_s is not None else None,
             content_type=content_type, idempotency_key=idempotency_key,
             body_hash=body_hash({"preset": found.name, "input": input,
