@@ -50,6 +50,7 @@ from gpulane.scheduling.leases import Lease, LeaseManager, LeaseRequest
 from gpulane.scheduling.ledger import Ledger
 from gpulane.scheduling.router import GPU_LANE, route
 from gpulane.scheduling.scheduler import CapacityEvents, Scheduler
+from gpulane.scheduling.status import status_body
 from gpulane.scheduling.targets import device_wish, target_preset
 from gpulane.scheduling.views import devices_view, fleet_nodes_view, presets_view
 from gpulane.store import Store, open_store, wait_final
@@ -490,17 +491,7 @@ class Node:
         return [w.to_json() for w in self.supervisor.workers.values()]
 
     async def status_view(self) -> dict[str, Any]:
-        """The node at a glance: draining or not, each preset's queue against its limit and
-        how fast it drains, and the housekeeping of its store."""
-        stats = await self.store.queue_stats()
-        self.admission.observe(stats)
-        queues = {p.name: self.admission.view(
-            p.name, p.max_queued, stats[p.name].queued if p.name in stats else 0)
-            for p in self.registry.values()}
-        return {"node": self.name, "started": self.started, "draining": self.draining,
-                "queued": sum(q["queued"] for q in queues.values()), "presets": queues,
-                # Retention, heartbeats and the reaper, as the housekeeper reports them.
-                "housekeeping": self.housekeeper.view(),
-                # In-memory tables that must return to their idle size (nothing grows unbounded).
-                "tables": {"leases": self.leases.table_size(),
-                           "task_notifier": len(self.store.notifier)}}
+        """The node at a glance (scheduling/status.py): its queues by preset and lane, its
+        workers, devices and fallbacks, and the housekeeping of its store."""
+        return await status_body(self, {"leases": self.leases.table_size(),
+                                        "task_notifier": len(self.store.notifier)})

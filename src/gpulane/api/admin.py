@@ -109,5 +109,10 @@ async def reload_presets(request: Request) -> JSON:
 @router.get("/v1/status", tags=["system"])
 async def status(request: Request) -> JSON:
     """The node: draining or not, each preset's queue against its max_queued and its drain
-    rate (tasks started per second), and the store's housekeeping."""
+    rate (tasks started per second), and the store's housekeeping; per preset and lane
+    (``lanes``) queued and running tasks, the oldest queued task's wait, this node's workers
+    warm, loading and busy, the measured worker load time and per-worker drain rate; per GPU
+    (``devices``) health (ok or lost), VRAM declared and free and the workers on it, and the
+    CPU pool (``cpu``); every fallback by reason with per-minute rates over 1 and 15 minutes
+    (``fallbacks``). docs/api.md describes every field."""
     return JSON(await _node(request).status_view())
