@@ -262,6 +262,7 @@ BAD_CASES = (
     ("absolute path outside the roots", "file", "path_outside_roots"),
     ("symlink out of the roots", "file", "path_outside_roots"),
     ("upload over upload_max_bytes", "body", "upload_too_large"),
+    ("streamed upload passing upload_max_bytes", "body", "upload_too_large"),
     ("unknown content type", "content_type", "no_route"),
 )
 """(what, a part of the field the error must name, the code expected)."""
@@ -286,14 +287,19 @@ def case_bad_input(procs: Procs, tmp: Path) -> dict[str, Any]:
                                         "input": {"ms": 0, "file": str(root / "link.txt")}}}),
         ("POST", "/v1/files", {"content": b"x" * (UPLOAD_MAX_BYTES + 1),
                                "headers": {"content-type": "application/octet-stream"}}),
+        # No Content-Length (chunked): refused once the bytes pass the limit, mid-stream.
+        ("POST", "/v1/files", {"content": iter([b"x" * (64 << 10)] * 32),
+                               "headers": {"content-type": "application/octet-stream"}}),
         ("POST", "/v1/tasks", {"json": {"content_type": "application/x-bench-unknown",
                                         "input": {"ms": 0}}}),
     ]
     rows = []
     with httpx.Client(base_url=url, timeout=30) as client:
-        # One good task first, so that "nothing stored" compares against a store in use.
+        # A good task and a good upload first: "nothing stored" compares against a node in use.
         finish(client, [str(client.post("/v1/tasks", json={
             "preset": "sleep", "input": {"ms": 0, "file": str(root / "in.txt")}}).json()["id"])])
+        if client.post("/v1/files", content=b"small").status_code != 201:
+            raise RuntimeError("a small upload was refused")
         before = (_task_count(client), _file_count(files_dir))
         for (what, field_hint, code), (method, path, kw) in zip(BAD_CASES, sends, strict=True):
             r = client.request(method, path, **kw)
