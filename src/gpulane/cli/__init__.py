@@ -11,6 +11,7 @@ import click
 
 from gpulane.cli import client, server
 from gpulane.cli.exec import exec_cmd
+from gpulane.cli.files import upload_cmd
 
 __all__ = ["main"]
 
@@ -24,3 +25,4 @@ def main() -> None:
 client.register(main)
 server.register(main)
 main.add_command(exec_cmd)
+main.add_command(upload_cmd)

@@ -80,6 +80,9 @@ def bind_refusal(host: str, keyed: bool, insecure_no_auth: bool) -> str | None:
               help="keep finished tasks, events and files this long, e.g. 7d, 12h [7d]")
 @click.option("--max-queued", type=int, default=None,
               help="queued tasks per preset before 429 queue_full [100000]")
+@click.option("--allowed-root", "allowed_roots", multiple=True, metavar="DIR",
+              help="a folder whose files task inputs may name by path (repeatable; env "
+                   "GPULANE_ALLOWED_ROOTS; none: files only by upload)")
 @click.option("--log-level", default=None, help="debug, info, warning [info]")
 def serve(config_file: str | None, host: str | None, port: int | None,
           data_dir: Path | None, store: str | None, node_name: str | None,
@@ -87,7 +90,8 @@ def serve(config_file: str | None, host: str | None, port: int | None,
           no_examples: bool | None, simulate_gpus: str | None, cpu_concurrency: int | None,
           token: str | None, keys_file: Path | None, insecure_no_auth: bool | None,
           cors_origins: tuple[str, ...], durability: str | None, retain: str | None,
-          max_queued: int | None, log_level: str | None) -> None:
+          max_queued: int | None, allowed_roots: tuple[str, ...],
+          log_level: str | None) -> None:
     """Start a node: API, scheduler and workers for this host's devices. SIGTERM drains it
     (running work finishes within drain_grace_s, the rest is requeued) and exits 0."""
     import uvicorn
@@ -106,7 +110,8 @@ def serve(config_file: str | None, host: str | None, port: int | None,
             simulate_gpus=simulate_gpus, cpu_concurrency=cpu_concurrency, token=token,
             keys_file=keys_file, insecure_no_auth=insecure_no_auth,
             cors_origins=list(cors_origins) or None, durability=durability, retain=retain,
-            max_queued=max_queued, log_level=log_level)
+            max_queued=max_queued, allowed_roots=list(allowed_roots) or None,
+            log_level=log_level)
         level = settings.log_level.upper()
         logging.basicConfig(level=level,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -126,6 +126,8 @@ class ClientBase:
             kwargs["timeout"] = self._timeout_for(request)
         if request.json is not None:
             kwargs["json"] = request.json
+        if request.content is not None:
+            kwargs["content"] = request.content
         return kwargs
 
     def _transport_error(self, request: core.Request, exc: Exception) -> TransportError:

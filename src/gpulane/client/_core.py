@@ -43,6 +43,8 @@ class Request:
     params: Params = field(default_factory=dict)
     json: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+    # A raw body instead of JSON (an upload: bytes, or an iterable of chunks).
+    content: Any = None
     stream: bool = False
     # Seconds the server may hold the answer (?wait=); the read timeout must outlast it.
     hold_s: float | None = None

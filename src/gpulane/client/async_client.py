@@ -30,6 +30,7 @@ from gpulane.client._base import (
 )
 from gpulane.client.leases import AsyncGpuLease, PreemptCallback, acquire_request
 from gpulane.client.resilience import RetryPolicy
+from gpulane.client.uploads import Source, upload_request
 from gpulane.errors import ClientError, TransportError
 
 
@@ -113,6 +114,12 @@ class AsyncClient(ClientBase):
         """Submit one task; ``wait`` lets the server hold the answer until it is final."""
         return await self._call(self._submit_request(preset, input, device, priority, timeout_s,
                                                      content_type, idempotency_key, wait))
+
+    async def upload(self, source: Source, content_type: str | None = None,
+                     name: str | None = None) -> JSON:
+        """Upload bytes or a file (streamed from disk off the event loop) with ``POST
+        /v1/files``; its record, whose ``id`` a task's input names it by."""
+        return await self._call(upload_request(source, content_type, name, asynchronous=True))
 
     async def submit_many(self, items: TaskList) -> TaskList:
         """Submit several tasks in one request; each gets an idempotency key if it has none."""

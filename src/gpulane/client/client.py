@@ -32,6 +32,7 @@ from gpulane.client._base import (
 from gpulane.client._http11 import Http11Pool, Reply
 from gpulane.client.leases import GpuLease, PreemptCallback, acquire_request
 from gpulane.client.resilience import RetryPolicy
+from gpulane.client.uploads import Source, upload_request
 from gpulane.errors import ClientError, TransportError
 
 
@@ -99,7 +100,7 @@ class Client(ClientBase):
             raise
 
     def _send_once(self, request: core.Request) -> httpx.Response | Reply:
-        if self._fast is not None and not request.stream:
+        if self._fast is not None and not request.stream and request.content is None:
             return self._send_fast(self._fast, request)
         http_request = self._http.build_request(request.method, request.path,
                                                 **self._build_kwargs(request))
@@ -140,6 +141,12 @@ class Client(ClientBase):
         """Submit one task; ``wait`` lets the server hold the answer until it is final."""
         return self._call(self._submit_request(preset, input, device, priority, timeout_s,
                                                content_type, idempotency_key, wait))
+
+    def upload(self, source: Source, content_type: str | None = None,
+               name: str | None = None) -> JSON:
+        """Upload bytes or a file (streamed from disk) with ``POST /v1/files``; its record,
+        whose ``id`` a task's input names it by: ``{"file": upload["id"]}``."""
+        return self._call(upload_request(source, content_type, name))
 
     def submit_many(self, items: TaskList) -> TaskList:
         """Submit several tasks in one request; each gets an idempotency key if it has none."""
