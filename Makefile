@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-bench serve test test-fast lint bench bench-dispatch chaos cluster clean
+.PHONY: install install-bench serve test test-fast lint bench bench-dispatch bench-routing chaos cluster clean
 
 $(BIN)/gpulane: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,12 +38,16 @@ bench: install-bench  ## every benchmark, peers included; tables to stdout, JSON
 	$(BIN)/python bench/gpu.py || [ $$? -eq 3 ]  # 3: no GPU here, skipped
 	$(BIN)/python bench/soak.py
 	$(BIN)/python bench/cluster.py
+	$(BIN)/python bench/routing.py
 
 chaos: install  ## the issue's soak figures: 10 node and 100 worker kill -9 with a poison task, 200,000 tasks through retention
 	$(BIN)/python bench/soak.py $(ARGS)
 
 cluster: install  ## the fleet's figures: 1-3 nodes on one Redis, Redis against SQLite, a node killed -9
 	$(BIN)/python bench/cluster.py $(ARGS)
+
+bench-routing: install  ## issue 13's figures: the busy fallback under a GPU backlog, fallbacks on healthy GPUs, scale-out, bad input (ARGS=--quick: a smoke run)
+	$(BIN)/python bench/routing.py $(ARGS)
 
 clean:
 	rm -rf .gpulane .pytest_cache .mypy_cache .ruff_cache
