@@ -3,6 +3,8 @@
 As in nvitop's ``libnvml``, every NVML call goes through :meth:`NvmlProvider._query`, which
 turns any failure (unsupported field, lost GPU, old driver missing a function) into a
 default (N/A) and logs the first failure of each function once, so a snapshot never raises.
+A device whose handle or memory reading fails with a lost-GPU error (``_LOST_ERRORS``) reads
+``health="lost"`` with its last known identity: the other GPUs read on as usual.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ _QUIET_ERRORS = (
     "NVMLError_DriverNotLoaded",
 )
 _FAILED = object()  # sentinel default: tells "call failed" apart from a legitimate None
+_LOST = object()  # sentinel: the call failed because the GPU is lost
+_LOST_ERRORS = ("NVMLError_GpuIsLost", "NVMLError_GPUIsLost", "NVMLError_Unknown")
+"""Errors of one device's calls that mean the GPU itself is gone (fell off the bus, an Xid
+that needs a reset): that GPU reads health "lost" instead of failing the whole snapshot."""
 
 
 def _text(value: Any) -> str | None:
@@ -71,6 +77,7 @@ class NvmlProvider:
         self._closed = False
         self._count = 0
         self._handles: dict[int, Any] = {}
+        self._known: dict[int, tuple[str, str, int]] = {}  # index -> (uuid, name, total MiB)
         self.driver_version: str | None = None
 
     # -- construction -------------------------------------------------------------------
@@ -140,10 +147,30 @@ class NvmlProvider:
         # Handles are stable for the life of the NVML session; cache them.
         handle = self._handles.get(index)
         if handle is None:
-            handle = self._query("nvmlDeviceGetHandleByIndex", index)
-            if handle is not None:
+            handle = self._device_call("nvmlDeviceGetHandleByIndex", index)
+            if handle is not None and handle is not _LOST:
                 self._handles[index] = handle
         return handle
+
+    def _device_call(self, fname: str, *args: Any) -> Any:
+        """``_query`` for the calls that tell a lost GPU: ``_LOST`` when the error says so
+        (expected then, so not logged as a failure), else the value or None."""
+        try:
+            return getattr(self._nvml, fname)(*args)
+        except Exception as exc:
+            if type(exc).__name__ in _LOST_ERRORS:
+                return _LOST
+            self._note_failure(fname, exc)
+            return None
+
+    def _lost(self, index: int) -> DeviceSnapshot:
+        """A lost GPU: its last known identity (so its index and uuid keep their meaning),
+        no readings, health "lost"."""
+        uuid, name, total = self._known.get(index, (f"GPU-unknown-{index}", "Unknown GPU", 0))
+        return DeviceSnapshot(
+            index=index, uuid=uuid, name=name, total_vram_mb=total, used_vram_mb=None,
+            free_vram_mb=None, utilization_pct=None, memory_utilization_pct=None,
+            temperature_c=None, power_w=None, health="lost")
 
     def snapshot(self) -> list[DeviceSnapshot]:
         if self._closed:
@@ -152,6 +179,8 @@ class NvmlProvider:
 
     def _read(self, index: int) -> DeviceSnapshot:
         handle = self._handle(index)
+        if handle is _LOST:
+            return self._lost(index)
         if handle is None:
             # Lost or inaccessible GPU: keep its index so others do not shift; no capacity.
             return DeviceSnapshot(
@@ -167,15 +196,22 @@ class NvmlProvider:
                 power_w=None,
             )
         q = self._query
-        memory = q("nvmlDeviceGetMemoryInfo", handle)
+        memory = self._device_call("nvmlDeviceGetMemoryInfo", handle)
+        if memory is _LOST:
+            return self._lost(index)
         rates = q("nvmlDeviceGetUtilizationRates", handle)
         temp_sensor = getattr(self._nvml, "NVML_TEMPERATURE_GPU", 0)
         power_mw = _float(q("nvmlDeviceGetPowerUsage", handle))
+        uuid = _text(q("nvmlDeviceGetUUID", handle)) or f"GPU-unknown-{index}"
+        name = _text(q("nvmlDeviceGetName", handle)) or "Unknown GPU"
+        total = _mib(getattr(memory, "total", None)) or 0
+        if total:
+            self._known[index] = (uuid, name, total)
         return DeviceSnapshot(
             index=index,
-            uuid=_text(q("nvmlDeviceGetUUID", handle)) or f"GPU-unknown-{index}",
-            name=_text(q("nvmlDeviceGetName", handle)) or "Unknown GPU",
-            total_vram_mb=_mib(getattr(memory, "total", None)) or 0,
+            uuid=uuid,
+            name=name,
+            total_vram_mb=total,
             used_vram_mb=_mib(getattr(memory, "used", None)),
             free_vram_mb=_mib(getattr(memory, "free", None)),
             utilization_pct=_float(getattr(rates, "gpu", None)),

@@ -1,7 +1,9 @@
 """Simulated GPUs: for machines without NVIDIA hardware, for tests and for demos.
 
 The scheduler and tests can inject load with :meth:`SimulatedProvider.set_external_use`
-(memory held by processes outside gpulane) and :meth:`SimulatedProvider.set_utilization`.
+(memory held by processes outside gpulane) and :meth:`SimulatedProvider.set_utilization`, and
+faults with :meth:`SimulatedProvider.lose` (the GPU falls off the bus: its snapshots say
+``health="lost"``) and :meth:`SimulatedProvider.restore`.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class SimulatedProvider:
         self._lock = threading.Lock()
         self._external_use_mb = [0] * len(self._gpus)
         self._utilization_pct = [0.0] * len(self._gpus)
+        self._lost: set[int] = set()
 
     @property
     def gpus(self) -> tuple[SimulatedGpu, ...]:
@@ -123,27 +126,49 @@ class SimulatedProvider:
         with self._lock:
             self._utilization_pct[index] = float(pct)
 
+    def lose(self, index: int) -> None:
+        """Fault hook: GPU ``index`` is lost (fell off the bus, an Xid that needs a reset).
+        Its snapshots say ``health="lost"``, with N/A readings, until :meth:`restore`."""
+        self._gpu(index)
+        with self._lock:
+            self._lost.add(index)
+
+    def restore(self, index: int) -> None:
+        """GPU ``index`` is back (reset): its snapshots say ``health="ok"`` again."""
+        self._gpu(index)
+        with self._lock:
+            self._lost.discard(index)
+
     def snapshot(self) -> list[DeviceSnapshot]:
         with self._lock:
             used = list(self._external_use_mb)
             util = list(self._utilization_pct)
-        return [
-            DeviceSnapshot(
-                index=g.index,
-                uuid=g.uuid,
-                name=g.name,
-                total_vram_mb=g.total_vram_mb,
-                used_vram_mb=used[g.index],
-                free_vram_mb=g.total_vram_mb - used[g.index],
-                utilization_pct=util[g.index],
-                memory_utilization_pct=None,  # bandwidth use has no meaning here: N/A
-                temperature_c=None,
-                power_w=None,
-                processes=(),
-                simulated=True,
-            )
-            for g in self._gpus
-        ]
+            lost = set(self._lost)
+        return [self._reading(g, used[g.index], util[g.index], g.index in lost)
+                for g in self._gpus]
+
+    @staticmethod
+    def _reading(g: SimulatedGpu, used_mb: int, util: float, lost: bool) -> DeviceSnapshot:
+        if lost:  # as NVML answers for a lost GPU: its identity, no readings
+            return DeviceSnapshot(
+                index=g.index, uuid=g.uuid, name=g.name, total_vram_mb=g.total_vram_mb,
+                used_vram_mb=None, free_vram_mb=None, utilization_pct=None,
+                memory_utilization_pct=None, temperature_c=None, power_w=None,
+                simulated=True, health="lost")
+        return DeviceSnapshot(
+            index=g.index,
+            uuid=g.uuid,
+            name=g.name,
+            total_vram_mb=g.total_vram_mb,
+            used_vram_mb=used_mb,
+            free_vram_mb=g.total_vram_mb - used_mb,
+            utilization_pct=util,
+            memory_utilization_pct=None,  # bandwidth use has no meaning here: N/A
+            temperature_c=None,
+            power_w=None,
+            processes=(),
+            simulated=True,
+        )
 
     def close(self) -> None:
         """Nothing to release."""

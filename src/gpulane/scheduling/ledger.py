@@ -37,6 +37,7 @@ class GpuAccount:
     measured_free_mb: int | None = None  # NVML's view, which sees processes outside gpulane
     simulated: bool = False
     holdings: dict[str, Holding] = field(default_factory=dict)
+    lost: bool = False  # its snapshot says health "lost": nothing is placed on it
 
     @property
     def declared_mb(self) -> int:
@@ -62,7 +63,7 @@ class GpuAccount:
     @property
     def empty(self) -> bool:
         """Nobody holds any of it: no holding here, and the driver sees (almost) no use."""
-        if self.holdings or self.total_vram_mb <= 0:
+        if self.holdings or self.total_vram_mb <= 0 or self.lost:
             return False
         return self.measured_free_mb is None or \
             self.measured_free_mb >= self.total_vram_mb - self.slack_mb
@@ -73,7 +74,8 @@ class Ledger:
 
     def __init__(self, gpus: list[DeviceSnapshot], cpu_slots: int) -> None:
         self.gpus = {g.index: GpuAccount(g.index, g.uuid, g.name, g.total_vram_mb,
-                                         g.free_vram_mb, g.simulated) for g in gpus}
+                                         g.free_vram_mb, g.simulated,
+                                         lost=g.health == "lost") for g in gpus}
         self.cpu_slots = cpu_slots
         self.cpu_used = 0
 
@@ -86,10 +88,12 @@ class Ledger:
             acct = self.gpus.get(snap.index)
             if acct is not None:
                 acct.measured_free_mb = snap.free_vram_mb
+                acct.lost = snap.health == "lost"
 
     def fits(self, vram_mb: int) -> list[int]:
         """GPUs with room for ``vram_mb``, fullest first (binpack keeps big holes open)."""
-        room = [g for g in self.gpus.values() if g.free_mb >= vram_mb and not g.held_whole]
+        room = [g for g in self.gpus.values()
+                if g.free_mb >= vram_mb and not g.held_whole and not g.lost]
         room.sort(key=lambda g: (g.free_mb, g.index))
         return [g.index for g in room]
 
@@ -98,7 +102,7 @@ class Ledger:
         acct = self.gpus[device]
         if holder in acct.holdings:
             return True
-        if acct.free_mb < vram_mb or acct.held_whole:
+        if acct.free_mb < vram_mb or acct.held_whole or acct.lost:
             return False
         acct.holdings[holder] = Holding(holder, device, vram_mb, priority, preemptible, kind)
         return True
