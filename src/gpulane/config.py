@@ -49,6 +49,9 @@ DEFAULT_LEASE_GRACE_S = 10.0
 """How long a preempted lease holder has to release before it is revoked."""
 LEASE_GRACE_MAX_S = 600.0
 """Longest grace a lease request may give its preempted holders."""
+DEFAULT_TASK_PREEMPT_GRACE_S = DEFAULT_LEASE_GRACE_S
+"""How long a worker preempted for an immediate task has to finish its batch (then it is
+killed; what it held goes back to the queue unspent): as long as a lease's holders get."""
 DEFAULT_AGEING_S = 30.0
 """A queued task gains one priority point per this many seconds of waiting (0 turns it off):
 background work (10) overtakes fresh normal work (50) after 20 minutes."""
@@ -145,6 +148,8 @@ class Settings(BaseSettings):
     gpu_lock_dir: str | None = None  # per-GPU lock files; None: GPU_LOCK_DIRS, else data dir
     worker_stderr_lines: int = Field(DEFAULT_WORKER_STDERR_LINES, ge=1, le=10_000)
     worker_stop_grace_s: float = Field(DEFAULT_WORKER_STOP_GRACE_S, ge=0, le=3600)
+    # a worker preempted for an immediate task finishes its batch within this, or is killed
+    task_preempt_grace_s: float = Field(DEFAULT_TASK_PREEMPT_GRACE_S, ge=0, le=LEASE_GRACE_MAX_S)
     # folders whose files a task's input may name (canonicalised at start; env: separated by
     # os.pathsep or commas); none: tasks name files by upload only
     allowed_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -112,6 +112,8 @@ class Node:
                                    preempt_worker=self.supervisor.preempt)
         self.scheduler.reserved = self.leases.reserved_devices
         self.scheduler.ageing_s = settings.ageing_s
+        self.scheduler.preemption.grace_s = settings.task_preempt_grace_s
+        self.scheduler.preemption.on_release = lambda: self._on_capacity()
         self._lock = FileLock(settings.data_dir / "node.lock", f"data dir {settings.data_dir}")
         self._locked = False
         self._gpu_locks: list[FileLock] = []
@@ -231,6 +233,7 @@ class Node:
         return self.drains.draining
 
     def _on_capacity(self) -> None:
+        self.scheduler.capacity_changed()  # first: room freed for an immediate task is kept
         self.scheduler.wake()
         self.drains.capacity_changed()
         self.leases.grant()

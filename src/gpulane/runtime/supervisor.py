@@ -92,6 +92,10 @@ class Supervisor:
     def session_workers(self, preset: str, lane: str) -> list[WorkerView]:
         return list(self._live_sessions(preset, lane))
 
+    def live_workers(self) -> list[WorkerView]:
+        """Every live worker, of any preset, lane and mode."""
+        return [w for w in self.workers.values() if w.alive]
+
     def idle_worker(self, preset: str, lane: str) -> WorkerView | None:
         """A live session worker of the preset with nothing in flight (ready or booting)."""
         return next((w for w in self._live_sessions(preset, lane) if not w.runs), None)

@@ -41,6 +41,22 @@ class WorkerView(Protocol):
     def last_used(self) -> float:
         """When it last got or ended work (time.monotonic)."""
 
+    @property
+    def alive(self) -> bool:
+        """Neither stopping (drained, unloaded) nor gone: it may still take work."""
+
+    @property
+    def loading(self) -> bool:
+        """Alive and not ready yet (a model loading)."""
+
+    @property
+    def busy(self) -> bool:
+        """Alive and holding work."""
+
+    @property
+    def serving_priority(self) -> int | None:
+        """The highest priority of the tasks it holds; None when it holds none."""
+
 
 class RuntimeListener(Protocol):
     """What runtime reports about the capacity it was handed."""

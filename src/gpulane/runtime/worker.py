@@ -106,6 +106,22 @@ class Worker:
         """How many tasks its next batch may take."""
         return self.batcher.size if self.batcher is not None else 1
 
+    @property
+    def loading(self) -> bool:
+        """Alive and not ready yet: its process is starting (a model loading)."""
+        return self.proc.alive and not self.proc.started
+
+    @property
+    def busy(self) -> bool:
+        """Alive and holding work (a batch sent, forming, or its next one)."""
+        return self.proc.alive and bool(self.runs)
+
+    @property
+    def serving_priority(self) -> int | None:
+        """The highest priority of the tasks it holds; None when it holds none."""
+        return max((r.task.priority for r in self.runs.values() if not r.cancelled),
+                   default=None)
+
     # -- runs ------------------------------------------------------------------------------------
 
     def hold(self, runs: dict[str, TaskRun]) -> None:

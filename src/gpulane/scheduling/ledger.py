@@ -137,6 +137,14 @@ class Ledger:
         for acct in self.gpus.values():
             acct.holdings.pop(holder, None)
 
+    def set_priority(self, holder: str, priority: int) -> None:
+        """Hold ``holder``'s room at ``priority`` from now on (a worker follows the priority
+        of the work it serves: what preemption compares)."""
+        for acct in self.gpus.values():
+            held = acct.holdings.get(holder)
+            if held is not None:
+                held.priority = priority
+
     def acquire_cpu(self) -> bool:
         if self.cpu_used >= self.cpu_slots:
             return False

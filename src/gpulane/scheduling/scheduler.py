@@ -16,6 +16,10 @@ node without GPUs never looks at GPU lanes), and warm goes first: before startin
 session worker for a queue head, a node leaves a head younger than ``warm_window_s`` to
 another node that has that preset's worker idle (``warm_elsewhere``), and looks again when the
 window ends. Alone (no fleet) the check is one call that answers False.
+
+A worker's ledger priority follows the tasks it holds (scheduling/priorities.py); a lane with
+live session workers gets another only when it pays (scheduling/scaling.py); an immediate
+task that nothing can place preempts lower-priority workers (scheduling/task_preemption.py).
 """
 
 from __future__ import annotations
@@ -26,13 +30,18 @@ import logging
 import time
 from collections.abc import Callable
 
+from gpulane.config import DEFAULT_TASK_PREEMPT_GRACE_S
 from gpulane.errors import StoreUnavailableError
-from gpulane.model import Task
+from gpulane.model import Priority, Task
 from gpulane.presets import Mode, Preset, PresetRegistry
 from gpulane.runtime.launchers import DeviceAssignment
 from gpulane.runtime.supervisor import Supervisor
+from gpulane.runtime.view import WorkerView
 from gpulane.scheduling.ledger import Ledger
+from gpulane.scheduling.priorities import follow_all
 from gpulane.scheduling.router import CPU_LANE, GPU_LANE
+from gpulane.scheduling.scaling import ScaleOut
+from gpulane.scheduling.task_preemption import TaskPreemption
 from gpulane.store import QueueHead, Store
 
 log = logging.getLogger("gpulane.scheduler")
@@ -104,6 +113,9 @@ class Scheduler:
         """(preset, lane) -> the head left to a warm node and when it was first left: a head
         is never left longer than the window, whatever clock its id was stamped by."""
         self._store_down = False  # the last pass met an unreachable store (logged once)
+        self.scaling = ScaleOut(store, supervisor)  # whether a lane's next worker pays
+        self.preemption = TaskPreemption(ledger, supervisor,
+                                         grace_s=DEFAULT_TASK_PREEMPT_GRACE_S)
 
     def wake(self) -> None:
         self._wake.set()
@@ -167,8 +179,10 @@ class Scheduler:
         """Place everything that fits now; returns how many tasks were dispatched."""
         self.passes += 1
         placed = 0
+        self.preemption.expire()
         if self.paused:
             return 0
+        await self.scaling.refresh()
         for _ in range(PASS_ROUNDS_MAX):
             # Only queues that could take work now are looked at: with every worker busy (the
             # usual case under load, when each submit wakes a pass) a pass costs no query.
@@ -202,7 +216,7 @@ class Scheduler:
             if self.supervisor.next_batch_worker(preset_name, lane) is not None:
                 return True  # a busy worker's next batch has room (its CPU slot is held)
             live = self.supervisor.session_workers(preset_name, lane)
-            if len(live) >= self._max_workers(preset, lane):
+            if not self.scaling.may_add(preset, lane, live, self._max_workers(preset, lane)):
                 return False
         if not self.supervisor.may_start(preset_name, lane):
             return False
@@ -214,7 +228,24 @@ class Scheduler:
             return 0
         if preset.mode is Mode.SESSION:
             return await self._place_session(preset, head)
-        return await self._place_oneoff(preset, head.lane)
+        return await self._place_oneoff(preset, head)
+
+    def capacity_changed(self) -> None:
+        """Runtime reported a change (the node calls this first, synchronously): workers'
+        ledger priorities follow what they hold now, and room freed for an immediate task's
+        worker is held for it before anyone else can take it."""
+        follow_all(self.ledger, self.supervisor.live_workers())
+        self.preemption.hold_freed_room()
+
+    def _dispatch(self, worker: WorkerView, tasks: list[Task]) -> None:
+        self.supervisor.dispatch(worker.id, tasks)
+        follow_all(self.ledger, [worker])
+
+    def _preempt_for(self, preset: Preset, head: QueueHead) -> None:
+        """An immediate GPU task that nothing can place: clear room for its preset's worker
+        (scheduling/task_preemption.py)."""
+        if head.lane == GPU_LANE and head.priority >= Priority.IMMEDIATE:
+            self.preemption.preempt_for(preset, head.priority, self.reserved())
 
     async def _place_session(self, preset: Preset, head: QueueHead) -> int:
         lane = head.lane
@@ -225,17 +256,19 @@ class Scheduler:
             tasks = await self.store.claim(preset.name, lane, room, self.node,
                                            waiting.device.name)
             if tasks:
-                self.supervisor.dispatch(waiting.id, tasks)
+                self._dispatch(waiting, tasks)
             return len(tasks)
         worker = self.supervisor.idle_worker(preset.name, lane)
         if worker is None:
             live = self.supervisor.session_workers(preset.name, lane)
             reserved = None
             # A preset whose workers keep failing to start gets no new one (its circuit).
-            if (len(live) < self._max_workers(preset, lane)
+            if (self.scaling.may_add(preset, lane, live, self._max_workers(preset, lane))
                     and self.supervisor.may_start(preset.name, lane)
                     and not self._left_to_warm(preset, head)):
-                reserved = self._reserve(preset, lane)
+                reserved = self._reserve(preset, lane, head.priority)
+                if reserved is None and not live:  # no worker of its preset will take it
+                    self._preempt_for(preset, head)
             if reserved is None:
                 return await self._top_up_next(preset, lane)
             device, wid = reserved
@@ -255,7 +288,7 @@ class Scheduler:
             return 0
         if lane == CPU_LANE:
             self.supervisor.hold_cpu(worker.id)
-        self.supervisor.dispatch(worker.id, tasks)
+        self._dispatch(worker, tasks)
         return len(tasks)
 
     async def _top_up_next(self, preset: Preset, lane: str) -> int:
@@ -267,14 +300,16 @@ class Scheduler:
         worker, room = nxt
         tasks = await self.store.claim(preset.name, lane, room, self.node, worker.device.name)
         if tasks:
-            self.supervisor.dispatch(worker.id, tasks)
+            self._dispatch(worker, tasks)
         return len(tasks)
 
-    async def _place_oneoff(self, preset: Preset, lane: str) -> int:
+    async def _place_oneoff(self, preset: Preset, head: QueueHead) -> int:
+        lane = head.lane
         if not self.supervisor.may_start(preset.name, lane):
             return 0
-        reserved = self._reserve(preset, lane)
+        reserved = self._reserve(preset, lane, head.priority)
         if reserved is None:
+            self._preempt_for(preset, head)
             return 0
         device, wid = reserved
         try:
@@ -338,13 +373,17 @@ class Scheduler:
             return len(self.ledger.gpus) // preset.gpus
         return preset.replicas * max(len(self.ledger.gpus), 1)
 
-    def _reserve(self, preset: Preset, lane: str) -> tuple[DeviceAssignment, str] | None:
-        """Reserve room for one new worker of the preset, under the worker's id to be.
+    def _reserve(self, preset: Preset, lane: str,
+                 priority: int = Priority.NORMAL) -> tuple[DeviceAssignment, str] | None:
+        """Reserve room for one new worker of the preset, under the worker's id to be, held
+        at ``priority`` (the head it starts for) until it holds tasks.
 
-        GPU: VRAM on the fullest device that fits (binpack), at most ``replicas`` session
-        workers of one preset per device; ``gpus: N`` (N >= 2) takes N whole empty devices
-        instead (see _reserve_whole). CPU: a one-off takes a CPU slot for its life; a
-        session worker takes one per batch instead (see _place_session).
+        GPU: room cleared for the preset by preemption first; else VRAM on the fullest
+        device that fits (binpack), at most ``replicas`` session workers of one preset per
+        device, none being cleared for an urgent lease or another preset's immediate task;
+        ``gpus: N`` (N >= 2) takes N whole empty devices instead (see _reserve_whole). CPU: a
+        one-off takes a CPU slot for its life; a session worker takes one per batch instead
+        (see _place_session).
         """
         if lane == CPU_LANE:
             device = DeviceAssignment("cpu")
@@ -352,30 +391,37 @@ class Scheduler:
                 return None
             return device, self.supervisor.next_worker_id(preset, device)
         if preset.gpus > 1:
-            return self._reserve_whole(preset)
+            return self._reserve_whole(preset, priority)
+        cleared = self.preemption.take(preset.name)
+        if cleared is not None:
+            return cleared
+        kept = self.reserved() | self.preemption.reserved_devices(preset.name)
         for index in self.ledger.fits(preset.vram_mb):
-            if index in self.reserved():
-                continue  # being cleared for an urgent lease
+            if index in kept:
+                continue  # being cleared for an urgent lease or another immediate task
             if preset.mode is Mode.SESSION and self._count_on(preset, index) >= preset.replicas:
                 continue
             gpu = self.ledger.gpus[index]
             device = DeviceAssignment("gpu", index, gpu.uuid, gpu.simulated)
             wid = self.supervisor.next_worker_id(preset, device)
-            if self.ledger.acquire(wid, index, preset.vram_mb, preemptible=preset.preemptible):
+            if self.ledger.acquire(wid, index, preset.vram_mb, priority=priority,
+                                   preemptible=preset.preemptible):
+                self.preemption.done(preset.name)  # room found: no clearing needed now
                 return device, wid
         # No room: unload idle workers of other presets (least recently used); their exit
         # wakes the scheduler, and the next pass finds the room.
         self.evict_idle(None, preset.vram_mb)
         return None
 
-    def _reserve_whole(self, preset: Preset) -> tuple[DeviceAssignment, str] | None:
+    def _reserve_whole(self, preset: Preset,
+                       priority: int) -> tuple[DeviceAssignment, str] | None:
         """Hold ``preset.gpus`` whole GPUs for one worker: empty devices (each with at least
         the preset's vram_mb), lowest index first, none being cleared for an urgent lease.
 
         If too few are empty, the devices that only idle session workers hold are cleared
         (fewest declared MB first) when that would be enough; their exits wake the scheduler.
         """
-        reserved = self.reserved()
+        reserved = self.reserved() | self.preemption.reserved_devices()
         empty = [d for d in self.ledger.empty_devices(preset.vram_mb) if d not in reserved]
         if len(empty) >= preset.gpus:
             picked = empty[:preset.gpus]
@@ -383,7 +429,8 @@ class Scheduler:
             device = DeviceAssignment.gpus(picked, [g.uuid for g in gpus],
                                            any(g.simulated for g in gpus))
             wid = self.supervisor.next_worker_id(preset, device)
-            if self.ledger.acquire_whole(wid, picked, preemptible=preset.preemptible):
+            if self.ledger.acquire_whole(wid, picked, priority=priority,
+                                         preemptible=preset.preemptible):
                 return device, wid
             return None
         clearable = sorted((g for d, g in self.ledger.gpus.items()
