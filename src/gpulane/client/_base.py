@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -64,6 +64,7 @@ BreakerArg = BreakerConfig | CircuitBreaker | None
 BudgetArg = BudgetConfig | RetryBudget | None
 SyncFallback = Callable[[], Any]
 AsyncFallback = Callable[[], Any | Awaitable[Any]]
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class ClientBase:
@@ -140,7 +141,7 @@ class ClientBase:
         retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
         return core.api_error(response.status_code, body, response.reason_phrase, retry_after)
 
-    def _fell_back(self, preset: str, exc: ClientError) -> str | None:
+    def _fell_back(self, preset: str | None, exc: ClientError) -> str | None:
         """Why the fallback serves this call (counted), or None when ``exc`` must be raised."""
         reason = core.fallback_reason(exc)
         if reason is not None:
@@ -148,13 +149,24 @@ class ClientBase:
             log.debug("run(%r) served by the fallback (%s): %s", preset, reason, exc)
         return reason
 
-    def _submit_request(self, preset: str, input: Any, device: str = "auto",
+    def _submit_request(self, preset: str | None, input: Any, device: str = "auto",
                         priority: str | int = "normal", timeout_s: float | None = None,
                         content_type: str | None = None, idempotency_key: str | None = None,
-                        wait: float | None = None) -> core.Request:
+                        wait: float | None = None, gpu: bool | None = None,
+                        fallback: bool | None = None) -> core.Request:
         body = core.task_body(preset, input, device=device, priority=priority,
-                              timeout_s=timeout_s, content_type=content_type)
-        return core.submit(body, idempotency_key, wait)
+                              timeout_s=timeout_s, content_type=content_type,
+                              fallback=fallback)
+        return core.submit(body, idempotency_key, wait, gpu)
+
+    @staticmethod
+    def _server_fallback(fallback: F | bool | None, submit_kwargs: dict[str, Any]) -> F | None:
+        """``run(fallback=True|False)`` is the server's fallback (a GPU or nothing), sent
+        with the submit; a callable is the local one, returned (None for a bool)."""
+        if isinstance(fallback, bool):
+            submit_kwargs["fallback"] = fallback
+            return None
+        return fallback
 
     @staticmethod
     def _run_wait(timeout: float | None, submit_kwargs: dict[str, Any]) -> None:

@@ -92,17 +92,29 @@ def is_final(task: Mapping[str, Any]) -> bool:
 # --- request builders ---------------------------------------------------------------------
 
 
-def task_body(preset: str, input: Any, *, device: str = "auto", priority: str | int = "normal",
-              timeout_s: float | None = None, content_type: str | None = None) -> dict[str, Any]:
-    """The JSON body of one submitted task."""
-    return {"preset": preset, "input": input, "device": device, "priority": priority,
-            "timeout_s": timeout_s, "content_type": content_type}
+def task_body(preset: str | None, input: Any, *, device: str = "auto",
+              priority: str | int = "normal", timeout_s: float | None = None,
+              content_type: str | None = None, fallback: bool | None = None) -> dict[str, Any]:
+    """The JSON body of one submitted task; without ``preset`` the server routes it by its
+    ``content_type``; ``fallback=False``: a GPU or nothing."""
+    body: dict[str, Any] = {"input": input, "device": device, "priority": priority,
+                            "timeout_s": timeout_s, "content_type": content_type}
+    if preset is not None:
+        body["preset"] = preset
+    if fallback is not None:
+        body["fallback"] = fallback
+    return body
+
+
+def gpu_params(gpu: bool | None) -> Params:
+    """``?gpu=true|false`` (device gpu or cpu), or nothing."""
+    return {} if gpu is None else {"gpu": "true" if gpu else "false"}
 
 
 def submit(body: dict[str, Any], idempotency_key: str | None = None,
-           wait: float | None = None) -> Request:
+           wait: float | None = None, gpu: bool | None = None) -> Request:
     """``POST /v1/tasks``; always keyed so a repeated send never makes a second task."""
-    params: Params = {}
+    params: Params = gpu_params(gpu)
     if wait is not None:
         params["wait"] = _seconds(wait)
     key = idempotency_key or new_idempotency_key()
@@ -110,11 +122,12 @@ def submit(body: dict[str, Any], idempotency_key: str | None = None,
                    headers={"Idempotency-Key": key}, hold_s=wait)
 
 
-def submit_many(items: list[dict[str, Any]]) -> Request:
-    """``POST /v1/tasks/bulk``; every item gets its own idempotency key when it has none."""
+def submit_many(items: list[dict[str, Any]], gpu: bool | None = None) -> Request:
+    """``POST /v1/tasks/bulk``; every item gets its own idempotency key when it has none;
+    ``gpu`` (``?gpu=``) applies to every item."""
     tasks = [{**item, "idempotency_key": item.get("idempotency_key") or new_idempotency_key()}
              for item in items]
-    return Request("POST", "/v1/tasks/bulk", json={"tasks": tasks})
+    return Request("POST", "/v1/tasks/bulk", params=gpu_params(gpu), json={"tasks": tasks})
 
 
 def get(task_id: str) -> Request:
@@ -414,7 +427,7 @@ def fallback_reason(exc: ClientError) -> str | None:
     return None
 
 
-def fallback_task(preset: str, input: Any, output: Any, reason: str,
+def fallback_task(preset: str | None, input: Any, output: Any, reason: str,
                   error: ClientError) -> dict[str, Any]:
     """``run``'s answer when the fallback served the call: shaped like a succeeded task, with
     ``id`` None and ``fallback`` saying why."""

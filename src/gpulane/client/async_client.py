@@ -107,13 +107,15 @@ class AsyncClient(ClientBase):
         response = await self._send(request)
         return core.parse_json(response.status_code, response.content)
 
-    async def submit(self, preset: str, input: Any, *, device: str = "auto",
-                     priority: str | int = "normal", timeout_s: float | None = None,
-                     content_type: str | None = None, idempotency_key: str | None = None,
-                     wait: float | None = None) -> JSON:
+    async def submit(self, preset: str | None = None, input: Any = None, *,
+                     device: str = "auto", priority: str | int = "normal",
+                     timeout_s: float | None = None, content_type: str | None = None,
+                     idempotency_key: str | None = None, wait: float | None = None,
+                     gpu: bool | None = None, fallback: bool | None = None) -> JSON:
         """Submit one task; ``wait`` lets the server hold the answer until it is final."""
         return await self._call(self._submit_request(preset, input, device, priority, timeout_s,
-                                                     content_type, idempotency_key, wait))
+                                                     content_type, idempotency_key, wait, gpu,
+                                                     fallback))
 
     async def upload(self, source: Source, content_type: str | None = None,
                      name: str | None = None) -> JSON:
@@ -121,9 +123,10 @@ class AsyncClient(ClientBase):
         /v1/files``; its record, whose ``id`` a task's input names it by."""
         return await self._call(upload_request(source, content_type, name, asynchronous=True))
 
-    async def submit_many(self, items: TaskList) -> TaskList:
-        """Submit several tasks in one request; each gets an idempotency key if it has none."""
-        return core.task_list(await self._call(core.submit_many(items)))
+    async def submit_many(self, items: TaskList, *, gpu: bool | None = None) -> TaskList:
+        """Submit several tasks in one request; each gets an idempotency key if it has none;
+        ``gpu`` applies to every one (see :meth:`Client.submit_many`)."""
+        return core.task_list(await self._call(core.submit_many(items, gpu)))
 
     async def get(self, task_id: str) -> JSON:
         return await self._call(core.get(task_id))
@@ -158,28 +161,29 @@ class AsyncClient(ClientBase):
                 await asyncio.sleep(pause)
 
     # `timeout` mirrors Client.run and bounds server-side waiting, not this coroutine.
-    async def run(self, preset: str, input: Any, *,
-                  timeout: float | None = None, fallback: AsyncFallback | None = None,
+    async def run(self, preset: str | None = None, input: Any = None, *,
+                  timeout: float | None = None, fallback: AsyncFallback | bool | None = None,
                   **submit_kwargs: Any) -> JSON:
         """Submit and wait for the outcome; raise TaskFailedError if it failed or was cancelled.
 
         If ``timeout`` seconds pass first, the task is returned as it stands (not final).
         ``fallback`` is as for :meth:`Client.run`, and may be a plain function or return an
         awaitable (an ``async def``); a plain one runs on the event loop, so hand heavy CPU
-        work to a thread inside it.
+        work to a thread inside it. ``True`` or ``False`` is the server's fallback instead.
         """
+        local = self._server_fallback(fallback, submit_kwargs)
         try:
             return await self._run(preset, input, timeout, submit_kwargs)
         except ClientError as exc:
-            reason = None if fallback is None else self._fell_back(preset, exc)
-            if fallback is None or reason is None:
+            reason = None if local is None else self._fell_back(preset, exc)
+            if local is None or reason is None:
                 raise
-            output = fallback()
+            output = local()
             if inspect.isawaitable(output):
                 output = await output
             return core.fallback_task(preset, input, output, reason, exc)
 
-    async def _run(self, preset: str, input: Any, timeout: float | None,
+    async def _run(self, preset: str | None, input: Any, timeout: float | None,
                    submit_kwargs: dict[str, Any]) -> JSON:
         deadline = None if timeout is None else time.monotonic() + timeout
         self._run_wait(timeout, submit_kwargs)
@@ -233,6 +237,10 @@ class AsyncClient(ClientBase):
 
     async def presets(self) -> JSON:
         return await self._call(core.simple_get("/v1/presets"))
+
+    async def routes(self) -> JSON:
+        """The server's content-type routes, most specific first (see :meth:`Client.routes`)."""
+        return await self._call(core.simple_get("/v1/routes"))
 
     async def gpus(self) -> JSON:
         return await self._call(core.simple_get("/v1/gpus"))

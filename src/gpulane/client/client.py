@@ -134,13 +134,18 @@ class Client(ClientBase):
         response = self._send(request)
         return core.parse_json(response.status_code, response.content)
 
-    def submit(self, preset: str, input: Any, *, device: str = "auto",
+    def submit(self, preset: str | None = None, input: Any = None, *, device: str = "auto",
                priority: str | int = "normal", timeout_s: float | None = None,
                content_type: str | None = None, idempotency_key: str | None = None,
-               wait: float | None = None) -> JSON:
-        """Submit one task; ``wait`` lets the server hold the answer until it is final."""
+               wait: float | None = None, gpu: bool | None = None,
+               fallback: bool | None = None) -> JSON:
+        """Submit one task; ``wait`` lets the server hold the answer until it is final.
+        Without ``preset`` the server routes it by ``content_type`` (:meth:`routes`).
+        ``gpu=True|False`` is ``device="gpu"|"cpu"`` (sent as ``?gpu=``); ``fallback=False``:
+        a GPU or nothing."""
         return self._call(self._submit_request(preset, input, device, priority, timeout_s,
-                                               content_type, idempotency_key, wait))
+                                               content_type, idempotency_key, wait, gpu,
+                                               fallback))
 
     def upload(self, source: Source, content_type: str | None = None,
                name: str | None = None) -> JSON:
@@ -148,9 +153,11 @@ class Client(ClientBase):
         whose ``id`` a task's input names it by: ``{"file": upload["id"]}``."""
         return self._call(upload_request(source, content_type, name))
 
-    def submit_many(self, items: TaskList) -> TaskList:
-        """Submit several tasks in one request; each gets an idempotency key if it has none."""
-        return core.task_list(self._call(core.submit_many(items)))
+    def submit_many(self, items: TaskList, *, gpu: bool | None = None) -> TaskList:
+        """Submit several tasks in one request; each gets an idempotency key if it has none.
+        Items are task bodies (``device``, ``fallback``, ``content_type`` each their own);
+        ``gpu`` applies to every one."""
+        return core.task_list(self._call(core.submit_many(items, gpu)))
 
     def get(self, task_id: str) -> JSON:
         return self._call(core.get(task_id))
@@ -184,30 +191,33 @@ class Client(ClientBase):
             if pause:
                 time.sleep(pause)
 
-    def run(self, preset: str, input: Any, *, timeout: float | None = None,
-            fallback: SyncFallback | None = None, **submit_kwargs: Any) -> JSON:
+    def run(self, preset: str | None = None, input: Any = None, *,
+            timeout: float | None = None, fallback: SyncFallback | bool | None = None,
+            **submit_kwargs: Any) -> JSON:
         """Submit and wait for the outcome; raise TaskFailedError if it failed or was cancelled.
 
         If ``timeout`` seconds pass first, the task is returned as it stands (not final).
         ``fallback`` (no arguments: the app's own local path) is called instead when the
         breaker is open or a transient error outlasts the retries; its return value comes back
         as the ``output`` of a task-shaped dict with ``id`` None and a ``fallback`` entry. A task
-        already submitted when the server went away may still run there.
+        already submitted when the server went away may still run there. ``fallback=True`` or
+        ``False`` is the server's instead, as for :meth:`submit` (False: a GPU or nothing).
         """
+        local = self._server_fallback(fallback, submit_kwargs)
         try:
             return self._run(preset, input, timeout, submit_kwargs)
         except ClientError as exc:
-            reason = None if fallback is None else self._fell_back(preset, exc)
-            if fallback is None or reason is None:
+            reason = None if local is None else self._fell_back(preset, exc)
+            if local is None or reason is None:
                 raise
-            output = fallback()
+            output = local()
             if inspect.isawaitable(output):
                 if inspect.iscoroutine(output):
                     output.close()
                 raise TypeError("Client.run got an async fallback: use AsyncClient") from exc
             return core.fallback_task(preset, input, output, reason, exc)
 
-    def _run(self, preset: str, input: Any, timeout: float | None,
+    def _run(self, preset: str | None, input: Any, timeout: float | None,
              submit_kwargs: dict[str, Any]) -> JSON:
         deadline = None if timeout is None else time.monotonic() + timeout
         self._run_wait(timeout, submit_kwargs)
@@ -260,6 +270,11 @@ class Client(ClientBase):
 
     def presets(self) -> JSON:
         return self._call(core.simple_get("/v1/presets"))
+
+    def routes(self) -> JSON:
+        """The server's content-type routes: ``{"routes": [{"content_type", "preset"}]}``,
+        most specific first."""
+        return self._call(core.simple_get("/v1/routes"))
 
     def gpus(self) -> JSON:
         return self._call(core.simple_get("/v1/gpus"))
