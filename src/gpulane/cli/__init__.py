@@ -12,6 +12,7 @@ import click
 from gpulane.cli import client, server
 from gpulane.cli.exec import exec_cmd
 from gpulane.cli.files import upload_cmd
+from gpulane.cli.routes import routes_cmd
 
 __all__ = ["main"]
 
@@ -26,3 +27,4 @@ client.register(main)
 server.register(main)
 main.add_command(exec_cmd)
 main.add_command(upload_cmd)
+main.add_command(routes_cmd)

@@ -189,25 +189,35 @@ def _describe(kind: str, data: dict[str, Any]) -> str:
 
 
 @click.command("run")
-@click.argument("preset")
+@click.argument("preset", required=False)
 @click.option("--input", "input_value", required=True, metavar="JSON|@FILE",
               callback=_parse_input, help="Task input: JSON text, @file.json or @- for stdin.")
 @click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto",
               show_default=True, help="Where the task may run.")
+@click.option("--gpu/--cpu", "gpu", default=None,
+              help="A GPU only, or the CPU only (?gpu=true|false) [default: --device].")
+@click.option("--no-fallback", is_flag=True, help="A GPU or nothing: never the CPU.")
+@click.option("--content-type", default=None, metavar="TYPE",
+              help="What the input is (image/png); without PRESET, the task goes where the "
+              "server routes TYPE (gpulane routes).")
 @click.option("--priority", default="normal", show_default=True, callback=_parse_priority,
               help="immediate, normal, background or 0-100.")
 @click.option("--timeout-s", type=float, default=None, help="Seconds the task may run.")
 @click.option("--no-wait", is_flag=True, help="Print the task id and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the final task as JSON.")
 @client_options
-def run_cmd(preset: str, input_value: Any, device: str, priority: str | int,
+def run_cmd(preset: str | None, input_value: Any, device: str, gpu: bool | None,
+            no_fallback: bool, content_type: str | None, priority: str | int,
             timeout_s: float | None, no_wait: bool, as_json: bool, url: str,
             token: str | None) -> None:
-    """Run a task on PRESET and stream its output."""
+    """Run a task on PRESET (or where --content-type is routed) and stream its output."""
+    if preset is None and content_type is None:
+        raise click.UsageError("give PRESET, or --content-type to route the task by")
     code = EXIT_OK
     with _session(url, token) as client:
         task = client.submit(preset, input_value, device=device, priority=priority,
-                             timeout_s=timeout_s)
+                             timeout_s=timeout_s, content_type=content_type, gpu=gpu,
+                             fallback=False if no_fallback else None)
         if no_wait:
             click.echo(_dumps(task) if as_json else task["id"])
             return
