@@ -106,7 +106,7 @@ async def test_purge_removes_old_finished_tasks_and_old_scratch_files(
     assert new_file.exists() and outside.exists() and not old_file.exists()
     assert not (scratch / "link").is_symlink()
     view = hk.view()["retention"]
-    assert view["total"] == {"tasks": 4, "events": 12, "keys": 4, "files": 3}
+    assert view["total"] == {"tasks": 4, "events": 12, "keys": 4, "files": 3, "uploads": 0}
     assert view["rows"] == {"tasks": 1, "events": 1, "idempotency": 1}
     assert view["db_bytes"] > 0 and view["last_purge_at"] is not None
     assert (await hk.purge())["tasks"] == 0  # type: ignore[index]

@@ -1,0 +1,75 @@
+"""``gpulane upload FILE`` and the SDK's upload, against an httpx.MockTransport server: the
+file goes as the raw body with its length, type and name, and the id is printed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gpulane.client import Client
+from gpulane.errors import APIError
+from tests.unit.test_cli_client import invoke
+
+RECORD = {"id": "file-" + "a" * 32, "bytes": 6, "sha256": "x", "content_type": "image/png",
+          "name": "face.png", "created_at": 1.0, "expires_at": 2.0, "uploaded_by": None}
+
+
+def test_upload_prints_the_id_and_streams_the_file(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "face.png").write_bytes(b"\x89PNG..")
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        request.read()
+        seen.append(request)
+        return httpx.Response(201, json=RECORD)
+
+    result = invoke(handler, monkeypatch, "upload", str(tmp_path / "face.png"))
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == RECORD["id"]
+    sent = seen[0]
+    assert (sent.method, sent.url.path, sent.url.params["name"]) == ("POST", "/v1/files",
+                                                                     "face.png")
+    assert sent.content == b"\x89PNG.." and sent.headers["content-length"] == "6"
+    assert sent.headers["content-type"] == "image/png"
+    assert "transfer-encoding" not in sent.headers
+    whole = invoke(handler, monkeypatch, "upload", "--json", "--content-type", "x/y",
+                   "--name", "n", str(tmp_path / "face.png"))
+    assert json.loads(whole.output) == RECORD
+    assert seen[1].headers["content-type"] == "x/y" and seen[1].url.params["name"] == "n"
+
+
+def test_upload_refused_is_one_line_and_exit_2(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "big.bin").write_bytes(b"x" * 10)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(413, json={"error": {
+            "code": "upload_too_large", "message": "over the limit", "field": "body"}})
+
+    result = invoke(handler, monkeypatch, "upload", str(tmp_path / "big.bin"))
+    assert result.exit_code == 2 and "upload_too_large" in result.output
+    assert invoke(handler, monkeypatch, "upload", str(tmp_path / "nope")).exit_code == 2
+
+
+def test_sdk_upload_of_bytes_has_no_name_and_a_default_type() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        request.read()
+        seen.append(request)
+        return httpx.Response(201, json=RECORD)
+
+    with Client("http://t", transport=httpx.MockTransport(handler)) as client:
+        assert client.upload(b"abc") == RECORD
+        with pytest.raises(FileNotFoundError):
+            client.upload(Path("/nonexistent/file.png"))
+    assert seen[0].content == b"abc" and "name" not in seen[0].url.params
+    assert seen[0].headers["content-type"] == "application/octet-stream"
+    with pytest.raises(APIError), Client("http://t", transport=httpx.MockTransport(
+            lambda r: httpx.Response(404, json={"error": {
+                "code": "unknown_file", "message": "m", "field": "id"}}))) as client:
+        client.upload(b"abc")
