@@ -40,7 +40,9 @@ from gpulane.model import Event, Priority, Task, TaskSpec, TaskState
 from gpulane.presets import PresetRegistry, example_presets_dir, load_presets
 from gpulane.runtime.supervisor import Supervisor
 from gpulane.scheduling.admission import Admission
+from gpulane.scheduling.device_health import DeviceHealth
 from gpulane.scheduling.drain import Drain
+from gpulane.scheduling.fallback import FallbackMover
 from gpulane.scheduling.fallbacks import FallbackLog
 from gpulane.scheduling.fleet_leases import FleetLeases, Op
 from gpulane.scheduling.fleet_view import FleetView, describe_node, nodes_view
@@ -92,7 +94,8 @@ class Node:
             self.store, self.name, scratch_dir=str(settings.data_dir / "scratch"),
             stderr_tail_lines=settings.worker_stderr_lines,
             shutdown_grace_s=settings.worker_stop_grace_s,
-            listener=CapacityEvents(self.ledger, self._on_capacity))
+            listener=CapacityEvents(self.ledger, self._on_capacity,
+                                    lambda reason, p, n: self.fallbacks.record(reason, p, n)))
         self.files = Files.from_settings(settings)  # allowed roots and uploads (files.py)
         self.supervisor.worker_env.update(self.files.worker_env())
         self.housekeeper = Housekeeper(
@@ -124,6 +127,14 @@ class Node:
         self.drains = Drain(self.name, self.scheduler, self.supervisor, settings.drain_grace_s,
                             fleet=self.fleet, status=self.status_view)
         self.fleet_view = FleetView(self.fleet, self.name)
+        # Queued GPU tasks that leave for the CPU (busy, open circuit, lost GPUs), and what a
+        # lost GPU stops: scheduling/fallback.py, scheduling/device_health.py.
+        self.movers = FallbackMover(
+            self.store, lambda: self.registry, self.supervisor, self.ledger,
+            record=self.fallbacks.record, on_moved=self.scheduler.wake,
+            elsewhere=lambda: any(self.fleet_view.gpu_totals()))
+        self.movers.paused = lambda: self.scheduler.paused
+        self.health = DeviceHealth(self.ledger, self.supervisor, self.leases, self._on_capacity)
         self.intake = Intake(
             self.name, self.store, self.admission, lambda: self.registry,
             lambda: self.drains.draining and not self.fleet_view.others_take_work())
@@ -195,6 +206,7 @@ class Node:
         log.info("presets: %s", ", ".join(self.registry.names()) or "(none)")
         self.supervisor.start_reaper()
         self.scheduler.start()
+        self.movers.start()
         await self.fleet_leases.start()
         self.housekeeper.start()
         self._poller = asyncio.create_task(self._poll_devices(), name="gpulane-devices")
@@ -209,6 +221,7 @@ class Node:
             self._poller.cancel()
         await self.drains.close()
         await self.scheduler.stop()
+        await self.movers.stop()
         if self.drains.exiting:  # a drain to exit hands its leases back; a restart keeps them
             with contextlib.suppress(StoreUnavailableError):
                 await self.fleet_leases.release_all("node_drained")
@@ -235,6 +248,7 @@ class Node:
     def _on_capacity(self) -> None:
         self.scheduler.capacity_changed()  # first: room freed for an immediate task is kept
         self.scheduler.wake()
+        self.movers.wake()
         self.drains.capacity_changed()
         self.leases.grant()
 
@@ -244,11 +258,16 @@ class Node:
             with contextlib.suppress(Exception):
                 self.admission.observe(await self.store.queue_stats())
             with contextlib.suppress(Exception):
-                snaps = await asyncio.to_thread(self.provider.snapshot)
-                self.gpus = snaps
-                self.ledger.observe(snaps)
+                await self.check_devices()
             with contextlib.suppress(Exception):  # an unreachable store: the last reading
                 await self.fleet_view.refresh()
+
+    async def check_devices(self) -> None:
+        """Read the devices now: the ledger and their health (a GPU lost or back) take it in."""
+        snaps = await asyncio.to_thread(self.provider.snapshot)
+        self.gpus = snaps
+        self.ledger.observe(snaps)
+        self.health.observe(snaps)
 
     # -- tasks -------------------------------------------------------------------------------
 
@@ -284,6 +303,7 @@ class Node:
         task, created = await self.store.submit(spec)
         if created:
             self.scheduler.wake()
+            self.movers.wake()
             if spec.fallback_reason is not None:
                 self.fallbacks.record(spec.fallback_reason, spec.preset)
         return task, created
@@ -294,6 +314,7 @@ class Node:
         await self._admit(specs, bulk=True)
         out = await self.store.submit_many(specs)
         self.scheduler.wake()
+        self.movers.wake()
         for spec, (_task, created) in zip(specs, out, strict=True):
             if created and spec.fallback_reason is not None:
                 self.fallbacks.record(spec.fallback_reason, spec.preset)

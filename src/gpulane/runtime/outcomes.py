@@ -29,6 +29,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 
 from gpulane.errors import StaleTokenError, StoreUnavailableError
+from gpulane.model import DeviceWish, ErrorKind, FallbackReason
+from gpulane.presets import FallbackKind
 from gpulane.protocol import EventType
 from gpulane.runtime.taskrun import TaskRun
 from gpulane.runtime.view import RuntimeListener
@@ -45,6 +47,9 @@ RETRY_FIRST_S = 0.1
 """The first wait before a kept write is tried again; it doubles up to RETRY_MAX_S."""
 RETRY_MAX_S = 2.0
 """The longest wait between two tries while the store is unreachable."""
+
+FALLBACK_EVENT = "fallback"
+"""The event a task gets when it leaves the GPU for the CPU: {reason, from, to, ...}."""
 
 Write = Callable[[], Awaitable[None]]
 """One store write; it raises only StoreUnavailableError (every other fault it handles)."""
@@ -190,6 +195,75 @@ class OutcomeWriter:
             except Exception:
                 log.exception("task %s could not go back to the queue (%s); it does once its "
                               "claim expires", task_id, event.get("kind"))
+        return write
+
+    async def gpu_oom(self, runs: list[TaskRun], device: str) -> None:
+        """Runs of ``auto`` tasks that ran out of memory on GPU ``device`` in a batch of one:
+        they run again on the CPU, unspent (gpu_oom)."""
+        if not runs:
+            return
+        await self.requeue_elsewhere(
+            [(r.id, r.token) for r in runs], runs[0].preset.name, lane="cpu",
+            reason=FallbackReason.GPU_OOM, error={
+                "kind": ErrorKind.OOM.value, "batch_size": 1,
+                "message": f"out of device memory on {device} in a batch of one: runs again "
+                           "on the CPU, no attempt spent"},
+            fallback={"from": device, "batch_size": 1})
+
+    async def device_lost(self, runs: list[TaskRun], device: str, worker_id: str) -> None:
+        """Settled runs of a worker whose GPU ``device`` was lost go back unspent: an
+        ``auto`` task whose preset falls back on ``error`` to the CPU's queue (device_lost),
+        any other to its own lane, where another GPU takes it."""
+        if not runs:
+            return
+        message = f"{device} was lost while worker {worker_id} ran the task"
+        to_cpu = [r for r in runs if r.task.device_wish is DeviceWish.AUTO
+                  and r.preset.falls_back(FallbackKind.ERROR)]
+        again = [(r.id, r.token) for r in runs if r not in to_cpu]
+        if to_cpu:
+            await self.requeue_elsewhere(
+                [(r.id, r.token) for r in to_cpu], to_cpu[0].preset.name, lane="cpu",
+                reason=FallbackReason.DEVICE_LOST, error={
+                    "kind": FallbackReason.DEVICE_LOST,
+                    "message": f"{message}: runs again on the CPU, no attempt spent"},
+                fallback={"from": device})
+        if again:
+            await self.requeue_unspent(again, {
+                "kind": FallbackReason.DEVICE_LOST,
+                "message": f"{message}: runs again on another GPU, no attempt spent"})
+
+    async def requeue_elsewhere(self, attempts: list[tuple[str, int]], preset: str, *,
+                                lane: str, reason: str, error: dict[str, object],
+                                fallback: dict[str, object]) -> None:
+        """Put settled attempts back unspent in ``lane``'s queue instead of their own (a GPU
+        OOM in a batch of one, a lost GPU: the CPU's), ``reason`` recorded on each task as
+        its fallback_reason, with an ``error`` event (what happened) and a ``fallback`` event
+        (``fallback``: reason, from, to); the listener hears of each one that landed."""
+        for task_id, token in attempts:
+            await self._through(f"the requeue of task {task_id} to the {lane}",
+                                self._requeue_elsewhere(task_id, token, preset, lane, reason,
+                                                        error, fallback))
+        self.listener.capacity_changed()
+
+    def _requeue_elsewhere(self, task_id: str, token: int, preset: str, lane: str,
+                           reason: str, error: dict[str, object],
+                           fallback: dict[str, object]) -> Write:
+        events = [NewEvent(EventType.ERROR.value, {**error, "retrying": True}),
+                  NewEvent(FALLBACK_EVENT, {"reason": reason, **fallback, "to": lane})]
+
+        async def write() -> None:
+            try:
+                await self.store.requeue(task_id, token, None, events=events, spent=False,
+                                         lane=lane, fallback_reason=reason)
+            except StoreUnavailableError:
+                raise
+            except StaleTokenError:
+                return  # ended elsewhere (cancelled, reaped): nothing left to put back
+            except Exception:
+                log.exception("task %s could not go to the %s queue (%s); it goes back to "
+                              "its own once its claim expires", task_id, lane, reason)
+                return
+            self.listener.fell_back(reason, preset, 1)
         return write
 
     async def retry(self, task_id: str, token: int, error: dict[str, object],

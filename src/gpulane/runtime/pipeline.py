@@ -7,7 +7,8 @@
 2. send: ``send_batch`` writes the run op, records the batch, times when its successor opens
    (NEXT_BATCH_AT) and arms the watchdog on the oldest task the worker owes.
 3. receive: ``on_messages`` turns the worker's lines into events; a finish ends its run at
-   once; an ``oom`` in a batch of several halves the batch and runs its tasks again.
+   once; an ``oom`` in a batch of several halves the batch and runs its tasks again; in a
+   batch of one on a GPU it reruns the task on the CPU (gpu_oom, see ``_oom_falls_back``).
 4. store: streamed events are appended as they come; the finishes of one read are stored in
    one transaction, after their runs let go of the worker.
 
@@ -24,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
 
-from gpulane.model import ErrorKind, Task, TaskState, task_error
+from gpulane.model import DeviceWish, ErrorKind, Task, TaskState, task_error
 from gpulane.protocol import EventType, WorkerMessage, run_op
 from gpulane.runtime.measures import LaneMeasures
 from gpulane.runtime.outcomes import OutcomeWriter
@@ -194,6 +195,7 @@ class Pipeline:
             return
         ends: list[Finish] = []
         ooms: list[TaskRun] = []
+        to_cpu: list[TaskRun] = []
         oom_size = 0
         settled = False
         for msg in msgs:
@@ -223,6 +225,8 @@ class Pipeline:
                     oom_size = worker.sent[0].size
                     self._lower_ceiling(worker, oom_size)
                     ooms.append(run)
+                elif self._oom_falls_back(worker, run, end):
+                    to_cpu.append(run)
                 else:
                     ends.append(end)
                     self.resolved(run)
@@ -241,6 +245,7 @@ class Pipeline:
                 "kind": ErrorKind.OOM.value, "batch_size": oom_size,
                 "message": f"out of device memory in a batch of {oom_size}: runs again in a "
                            f"batch of at most {worker.batcher.ceiling}"})
+        await self.outcomes.gpu_oom(to_cpu, worker.device.name)
 
     @staticmethod
     def _finish_of(run: TaskRun, msg: WorkerMessage) -> Finish:
@@ -263,6 +268,14 @@ class Pipeline:
         if end.error is None or end.error.get("kind") != ErrorKind.OOM.value:
             return False
         return len(worker.sent) > 0 and worker.sent[0].size > 1
+
+    @staticmethod
+    def _oom_falls_back(worker: Worker, run: TaskRun, end: Finish) -> bool:
+        """An ``oom`` on a GPU with nothing left to shrink (a batch of one, a one-off), of an
+        ``auto`` task whose preset falls back on ``oom``: it reruns on the CPU, not failed."""
+        return (end.error is not None and end.error.get("kind") == ErrorKind.OOM.value
+                and worker.device.kind == "gpu" and run.task.device_wish is DeviceWish.AUTO
+                and run.preset.falls_back("oom") and (not worker.sent or worker.sent[0].size <= 1))
 
     @staticmethod
     def _lower_ceiling(worker: Worker, n: int) -> None:
@@ -340,6 +353,14 @@ class Pipeline:
         runs = self._settle_unsent(unsent)
         if runs:
             self._spawn(self.outcomes.requeue_unspent(runs, {"kind": kind}))
+
+    def device_lost(self, worker: Worker) -> None:
+        """The worker's GPU was lost (the supervisor kills it): every run it holds, sent or
+        not, ends now and goes back to a queue unspent (OutcomeWriter.device_lost)."""
+        worker.stop_forming()
+        worker.sent.clear()  # settled below without a batch time: none of them finished
+        runs = [r for r in list(worker.runs.values()) if self._settle(r) and not r.cancelled]
+        self._spawn(self.outcomes.device_lost(runs, worker.device.name, worker.id))
 
     def _settle_unsent(self, runs: Iterable[TaskRun]) -> list[tuple[str, int]]:
         """Settle runs the worker was never sent; the attempts (task id, token) that go back

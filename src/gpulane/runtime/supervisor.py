@@ -25,7 +25,6 @@ from gpulane.presets import Preset, Runtime
 from gpulane.protocol import ENV_INPUT, ENV_INPUT_FILE, ENV_TASK_ID, cancel_op
 from gpulane.runtime.circuit import PresetCircuit
 from gpulane.runtime.containers import kill_leftovers
-from gpulane.runtime.measures import LaneMeasures
 from gpulane.runtime.launchers import (
     LABEL_DATA_DIR,
     LABEL_NODE,
@@ -33,6 +32,7 @@ from gpulane.runtime.launchers import (
     DockerLauncher,
     launcher_for,
 )
+from gpulane.runtime.measures import LaneMeasures
 from gpulane.runtime.pipeline import Pipeline
 from gpulane.runtime.taskrun import TaskRun
 from gpulane.runtime.view import RuntimeListener, WorkerView
@@ -91,6 +91,11 @@ class Supervisor:
 
     def session_workers(self, preset: str, lane: str) -> list[WorkerView]:
         return list(self._live_sessions(preset, lane))
+
+    def warm_count(self, preset: str, lane: str) -> int:
+        """Live session workers of the preset on ``lane`` that are ready or busy: those that
+        drain its queue now (a booting one has its model still to load)."""
+        return sum(1 for w in self._live_sessions(preset, lane) if w.proc.started)
 
     def live_workers(self) -> list[WorkerView]:
         """Every live worker, of any preset, lane and mode."""
@@ -327,6 +332,21 @@ class Supervisor:
         else:  # what it was never sent goes back to the queue now (the rest drains)
             self.pipeline.requeue_unsent(worker, "preempted")
         worker.grace_timer = asyncio.get_running_loop().call_later(grace_s, worker.proc.kill)
+
+    def device_lost(self, index: int) -> list[str]:
+        """GPU ``index`` is lost: its workers stop at once (a lost GPU cannot finish a batch)
+        and every task they hold goes back to a queue unspent (Pipeline.device_lost). Returns
+        the ids of the workers stopped; their exits give their room back."""
+        hit = [w for w in self.workers.values()
+               if w.state is not WorkerState.EXITED and index in w.device.gpu_indexes]
+        for worker in hit:
+            log.warning("worker %s stopped: GPU %d is lost", worker.id, index)
+            # Preempted: its exit is no start failure, and finds nothing left to put back.
+            worker.preempted = True
+            worker.proc.state = WorkerState.STOPPING
+            self.pipeline.device_lost(worker)
+            worker.proc.kill()  # before its spawn ended: _boot kills it once it has a pid
+        return [w.id for w in hit]
 
     # -- cancel, idle, shutdown --------------------------------------------------------------
 

@@ -70,3 +70,7 @@ class RuntimeListener(Protocol):
     def capacity_changed(self) -> None:
         """Something may be placeable now: a worker freed up, became ready or exited, a next
         batch opened, or tasks went back to the queue."""
+
+    def fell_back(self, reason: str, preset: str, n: int) -> None:
+        """``n`` tasks of ``preset`` went back to the CPU lane for ``reason``
+        (model.FallbackReason: a GPU OOM in a batch of one, a lost GPU)."""

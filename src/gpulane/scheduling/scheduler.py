@@ -73,9 +73,11 @@ class CapacityEvents:
     """Scheduling's ``RuntimeListener``: the ledger follows what runtime reports, and whoever
     waits for capacity (the claim loop, waiting leases) hears of it through ``on_change``."""
 
-    def __init__(self, ledger: Ledger, on_change: Callable[[], None]) -> None:
+    def __init__(self, ledger: Ledger, on_change: Callable[[], None],
+                 on_fallback: Callable[[str, str, int], None] | None = None) -> None:
         self.ledger = ledger
         self.on_change = on_change
+        self.on_fallback = on_fallback  # (reason, preset, n): the node's fallback log
 
     def worker_exited(self, worker_id: str) -> None:
         self.ledger.release(worker_id)
@@ -85,6 +87,10 @@ class CapacityEvents:
 
     def capacity_changed(self) -> None:
         self.on_change()
+
+    def fell_back(self, reason: str, preset: str, n: int) -> None:
+        if self.on_fallback is not None:
+            self.on_fallback(reason, preset, n)
 
 
 class Scheduler:

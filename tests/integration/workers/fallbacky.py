@@ -1,0 +1,50 @@
+"""A session test worker for the fallback tests: it tells GPU from CPU by GPULANE_DEVICE.
+
+Each task's output names the device it ran on and its batch's size. Input: ``ms`` sleeps that
+long per task on any device, ``gpu_ms`` only on a GPU (a long task that a lost GPU cuts short
+reruns fast on the CPU), ``oom_on_gpu: true`` fails the task with kind ``oom`` on a GPU (CUDA
+out of memory). FALLBACKY_BROKEN=PATH: while that file exists, the worker dies while loading
+on a GPU (its start circuit opens); on the CPU it starts as usual.
+"""
+
+import json
+import os
+import sys
+import time
+
+DEVICE = os.environ.get("GPULANE_DEVICE", "cpu")
+ON_GPU = DEVICE.startswith("gpu")
+
+
+def main():
+    broken = os.environ.get("FALLBACKY_BROKEN")
+    if ON_GPU and broken and os.path.exists(broken):
+        sys.stderr.write("Traceback: load() raised RuntimeError: CUDA driver error\n")
+        sys.exit(1)
+    out = sys.stdout
+    out.write(json.dumps({"event": "worker", "status": "ready"}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        op = json.loads(line)
+        if op["op"] == "shutdown":
+            return
+        if op["op"] != "run":
+            continue
+        tasks = op["tasks"]
+        lines = []
+        for t in tasks:
+            inp = t["input"] or {}
+            if ON_GPU and inp.get("oom_on_gpu"):
+                lines.append({"event": "finish", "task": t["task"], "status": "failed",
+                              "error": {"kind": "oom", "message": "CUDA out of memory"}})
+                continue
+            time.sleep((inp.get("ms", 0) + (inp.get("gpu_ms", 0) if ON_GPU else 0)) / 1000)
+            lines.append({"event": "result", "task": t["task"],
+                          "output": {"device": DEVICE, "batch_size": len(tasks)}})
+            lines.append({"event": "finish", "task": t["task"], "status": "completed"})
+        out.write("".join(json.dumps(x) + "\n" for x in lines))
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()
