@@ -168,8 +168,10 @@ async def test_a_lost_gpu_requeues_its_tasks_unspent_and_takes_work_after_restor
         provider = node.provider
         assert isinstance(provider, SimulatedProvider)
         # One batch of two on gpu:0: an auto task and a device gpu one.
-        specs = [node.build_spec(preset="fb-lost", input={"gpu_ms": 20000}, device=device)
-                 for device in ("auto", "gpu")]
+        release = tmp_path / "released"  # once it exists, a rerun on the GPU is quick
+        specs = [node.build_spec(preset="fb-lost", input={"gpu_ms": 20000,
+                                                          "until": str(release)},
+                                 device=device) for device in ("auto", "gpu")]
         auto, strict = [t for t, _ in await node.submit_many(specs)]
         for t in (auto, strict):
             await _running_on_gpu(node, t.id)
@@ -204,6 +206,7 @@ async def test_a_lost_gpu_requeues_its_tasks_unspent_and_takes_work_after_restor
         assert node.fallbacks.totals == {"device_lost": 2}
         assert (await node.get(strict.id)).state is TaskState.QUEUED  # waits for a GPU
 
+        release.write_text("")
         provider.restore(0)
         await node.check_devices()
         assert not node.ledger.gpus[0].lost

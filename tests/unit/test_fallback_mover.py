@@ -66,14 +66,25 @@ class FakeSupervisor:
         return self.live_gpu if lane == "gpu" else []
 
 
-def mover(store: FakeStore, sup: FakeSupervisor, *presets: Preset,
-          gpus: int = 1) -> tuple[FallbackMover, list[tuple[str, str, int]]]:
+class Ticks:
+    """A monotonic clock that moves a second on every reading: each busy scan is due."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def mover(store: FakeStore, sup: FakeSupervisor, *presets: Preset, gpus: int = 1,
+          monotonic: Ticks | None = None) -> tuple[FallbackMover, list[tuple[str, str, int]]]:
     recorded: list[tuple[str, str, int]] = []
     registry = PresetRegistry(presets or (preset(),))
     m = FallbackMover(cast(Store, store), lambda: registry, cast(Supervisor, sup),
                       Ledger([snap(i, 24576) for i in range(gpus)], cpu_slots=2),
                       record=lambda r, p, n: recorded.append((r, p, n)), on_moved=lambda: None,
-                      clock=lambda: NOW)
+                      clock=lambda: NOW, monotonic=monotonic or Ticks())
     return m, recorded
 
 
@@ -222,3 +233,18 @@ async def test_a_paused_node_or_one_without_gpus_moves_nothing() -> None:
     assert await m.run_round() == 0
     m, _ = mover(store, sup, preset(**BUSY), gpus=0)
     assert await m.run_round() == 0 and store.queued_calls == 0
+
+
+async def test_a_busy_scan_runs_once_per_tick_however_often_the_loop_wakes() -> None:
+    store = FakeStore([task(i) for i in range(10)])
+    sup = FakeSupervisor()
+    measured(sup, gpu_rate=1.0, cpu_rate=10.0)
+    clock = Ticks()
+    m, _ = mover(store, sup, preset(**BUSY), monotonic=clock)
+    await m.run_round()
+    assert store.queued_calls == 1
+    clock.now -= 1.0 - 0.05  # the next reading is 50 ms after the last scan
+    await m.run_round()
+    assert store.queued_calls == 1  # a tick is min(250 ms, fallback_after_ms / 4)
+    await m.run_round()
+    assert store.queued_calls == 2

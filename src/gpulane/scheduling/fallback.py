@@ -25,8 +25,9 @@ Every move sets the task's fallback_reason, appends a ``fallback`` event ({reaso
 and what explains it) and is counted in the node's fallback log (``record``).
 
 Cost: a round reads QueueStats (O(1), no query) and stops there unless a preset that falls
-back has GPU-lane tasks queued; then it reads at most SCAN_LIMIT of them per preset. Rounds run
-on a wake-up (a submit, a capacity change), at most one per ROUND_GAP_S, and on a tick.
+back has GPU-lane tasks queued; then it reads at most SCAN_LIMIT of them per preset, and for
+busy at most once per tick of that preset. Rounds run on a wake-up (a submit, a capacity
+change), at most one per ROUND_GAP_S, and on the shortest tick.
 
 In a fleet the GPU lane drains on every node with GPUs; each node figures the wait from its
 own warm workers and measures, so with GPUs on several nodes the wait is overestimated and
@@ -110,7 +111,8 @@ class FallbackMover:
                  supervisor: Supervisor, ledger: Ledger, *,
                  record: Callable[[str, str, int], None], on_moved: Callable[[], None],
                  elsewhere: Callable[[], bool] = _nowhere,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.registry = registry
         self.supervisor = supervisor
@@ -119,11 +121,13 @@ class FallbackMover:
         self.on_moved = on_moved  # the CPU lane has new work: the scheduler looks
         self.elsewhere = elsewhere  # another live node has a GPU
         self.clock = clock  # wall clock, the one tasks' created_at is stamped by
+        self.monotonic = monotonic  # when scans ran
         self.paused: Callable[[], bool] = lambda: False  # a draining node moves nothing
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.moved = 0  # tasks moved since start
+        self._scanned: dict[str, float] = {}  # preset -> when its busy scan last ran (monotonic)
 
     def wake(self) -> None:
         """Something changed (a submit, a worker's end): a round runs soon."""
@@ -141,8 +145,8 @@ class FallbackMover:
                 await self._task
 
     def _tick_s(self, presets: Sequence[Preset]) -> float:
-        busy = [p.fallback_after_ms / 4000 for p in presets if p.falls_back(FallbackKind.BUSY)]
-        return min([BUSY_TICK_S, *busy]) if busy else IDLE_TICK_S
+        busy = [_busy_tick_s(p) for p in presets if p.falls_back(FallbackKind.BUSY)]
+        return min(busy) if busy else IDLE_TICK_S
 
     def _candidates(self) -> list[Preset]:
         return [p for p in self.registry().values() if p.allows_gpu and (
@@ -181,12 +185,21 @@ class FallbackMover:
                 tasks = await self.store.queued(preset.name, GPU_LANE, SCAN_LIMIT)
                 moved += await self._move(preset, [t for t in tasks if _movable(t)], reason,
                                           data)
-            elif preset.falls_back(FallbackKind.BUSY):
+            elif preset.falls_back(FallbackKind.BUSY) and self._scan_due(preset):
                 moved += await self._busy(preset, st.lanes.get(CPU_LANE, 0))
         if moved:
             self.moved += moved
             self.on_moved()
         return moved
+
+    def _scan_due(self, preset: Preset) -> bool:
+        """A busy scan reads up to SCAN_LIMIT tasks: once per tick of the preset (half a tick
+        of slack for the timer), however many submits wake the loop meanwhile."""
+        now = self.monotonic()
+        if now - self._scanned.get(preset.name, float("-inf")) < _busy_tick_s(preset) / 2:
+            return False
+        self._scanned[preset.name] = now
+        return True
 
     def _broken(self, preset: Preset) -> tuple[str, dict[str, Any]] | None:
         """Why the preset's GPU lane cannot run here now (error kind), with what explains
@@ -250,6 +263,11 @@ class FallbackMover:
             log.info("%d queued task(s) of %s moved to the CPU lane (%s)", len(moved),
                      preset.name, reason)
         return len(moved)
+
+
+def _busy_tick_s(preset: Preset) -> float:
+    """How often a preset that falls back on busy has its GPU queue looked at."""
+    return min(BUSY_TICK_S, preset.fallback_after_ms / 4000)
 
 
 def _movable(task: Task) -> bool:
