@@ -1,10 +1,11 @@
 """A session test worker for the fallback tests: it tells GPU from CPU by GPULANE_DEVICE.
 
 Each task's output names the device it ran on and its batch's size. Input: ``ms`` sleeps that
-long per task on any device, ``gpu_ms`` only on a GPU and only while the file ``until`` (if given)
-does not exist (a long task that a lost GPU cuts short reruns fast), ``oom_on_gpu: true`` fails the task with kind ``oom`` on a GPU (CUDA
-out of memory). FALLBACKY_BROKEN=PATH: while that file exists, the worker dies while loading
-on a GPU (its start circuit opens); on the CPU it starts as usual.
+long per task on any device; ``gpu_ms`` only on a GPU, and only while the file ``until`` (if
+given) does not exist (a long task that a lost GPU cuts short reruns fast); ``oom_on_gpu:
+true`` fails the task with kind ``oom`` on a GPU (CUDA out of memory). FALLBACKY_BROKEN=PATH:
+while that file exists, the worker dies while loading on a GPU (its start circuit opens); on
+the CPU it starts as usual.
 """
 
 import json
