@@ -168,7 +168,8 @@ class RedisStore:
     @_guarded
     async def open(self) -> None:
         self._conn.open()
-        await self._conn.call("PING")
+        # The first call; it sets the per-lane queued counters (older releases kept none).
+        await self._run(lanes.LANE_STATS)
         await self._wakeups.start()
 
     async def close(self) -> None:
@@ -272,7 +273,7 @@ class RedisStore:
 
     @_guarded
     async def queue_stats(self) -> Mapping[str, QueueStats]:
-        return decode_queue_stats(*await self._run(lanes.QUEUE_STATS))
+        return decode_queue_stats(await self._conn.call("HGETALL", lua.PREFIX + "stats"))
 
     @_guarded
     async def queued(self, preset: str, lane: str, limit: int) -> list[Task]:

@@ -94,22 +94,21 @@ def decode_entries(task_id: str,
     return out
 
 
-def decode_queue_stats(flat: Sequence[bytes], by_queue: Sequence[Any]
-                       ) -> dict[str, QueueStats]:
-    """Per preset, from the QUEUE_STATS answer: the stats hash (``q:<preset>`` queued,
-    ``c:<preset>`` claims; the rest is not per preset) and each non-empty queue's name
-    (``<lane>:<preset>``) and length."""
+def decode_queue_stats(flat: Sequence[bytes]) -> dict[str, QueueStats]:
+    """Per preset, from the stats hash (field, value ...): ``q:<preset>`` queued,
+    ``l:<lane>:<preset>`` queued in a lane, ``c:<preset>`` claims; the rest is not per
+    preset."""
     queued: dict[str, int] = {}
     claimed: dict[str, int] = {}
-    for k, v in zip(flat[::2], flat[1::2], strict=True):
-        kind, _, preset = k.decode().partition(":")
-        if kind == "q":
-            queued[preset] = int(v)
-        elif kind == "c":
-            claimed[preset] = int(v)
     lanes: dict[str, dict[str, int]] = {}
-    for name, n in zip(by_queue[::2], by_queue[1::2], strict=True):
-        lane, _, preset = name.decode().partition(":")
-        lanes.setdefault(preset, {})[lane] = int(n)
+    for k, v in zip(flat[::2], flat[1::2], strict=True):
+        kind, _, rest = k.decode().partition(":")
+        if kind == "q":
+            queued[rest] = int(v)
+        elif kind == "c":
+            claimed[rest] = int(v)
+        elif kind == "l" and int(v) > 0:
+            lane, _, preset = rest.partition(":")
+            lanes.setdefault(preset, {})[lane] = int(v)
     return {p: QueueStats(queued.get(p, 0), claimed.get(p, 0), lanes.get(p, {}))
             for p in queued.keys() | claimed.keys()}

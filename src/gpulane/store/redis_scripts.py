@@ -22,7 +22,8 @@ Key layout (prefix ``gl:``):
   ``nodes`` set of the nodes holding at least one; ``r:<lane>:<preset>`` set of a queue's
   running tasks (every node), ``rlanes`` set of ``<lane>:<preset>`` whose set may hold some
   (the status view counts them: redis_scripts_lanes.py).
-- ``stats`` hash: ``q:<preset>`` queued now, ``c:<preset>`` claims ever, ``events``, ``keys``.
+- ``stats`` hash: ``q:<preset>`` queued now, ``l:<lane>:<preset>`` queued now in that lane,
+  ``c:<preset>`` claims ever, ``events``, ``keys``.
 - channel ``ch``: ``f<TAB>instance<TAB>id id ...`` (tasks that ended),
   ``w<TAB>instance<TAB>lane:preset<LF>lane:preset ...`` (queues that were empty and got work,
   or that work was put back in or moved to).
@@ -42,7 +43,8 @@ local inst = ARGV[1]
 local now = ARGV[2]
 local evmax = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4])
--- What this call changed, applied once at its end by flush(): counters, and what to publish.
+-- What this call changed, applied once at its end by flush(): counters (queued: per
+-- '<lane>:<preset>'), and what to publish.
 local finals = {}
 local work = {}
 local added = 0
@@ -88,7 +90,8 @@ local function enqueue(id, preset, lane, prio, seq)
   end
   if redis.call('ZADD', q, score(prio, seq), id) == 1 then
     redis.call('ZADD', P .. 's:queued', seq, id)
-    queued[preset] = (queued[preset] or 0) + 1
+    local name = lane .. ':' .. preset
+    queued[name] = (queued[name] or 0) + 1
   end
 end
 
@@ -183,7 +186,15 @@ end
 local function flush()
   local stats = P .. 'stats'
   if added ~= 0 then redis.call('HINCRBY', stats, 'events', added) end
-  for preset, n in pairs(queued) do
+  local by_preset = {}
+  for name, n in pairs(queued) do
+    if n ~= 0 then
+      local preset = string.match(name, '^[^:]*:(.*)$')
+      by_preset[preset] = (by_preset[preset] or 0) + n
+      redis.call('HINCRBY', stats, 'l:' .. name, n)
+    end
+  end
+  for preset, n in pairs(by_preset) do
     if n ~= 0 then redis.call('HINCRBY', stats, 'q:' .. preset, n) end
   end
   if #stopped > 0 then
@@ -372,7 +383,7 @@ while #ids < limit do
 end
 if #gone > 0 then
   bulk('ZREM', P .. 's:queued', gone)
-  queued[preset] = -#gone
+  queued[lane .. ':' .. preset] = -#gone
 end
 if #ids > 0 then
   bulk('ZREM', P .. 's:queued', ids)
@@ -383,7 +394,7 @@ if #ids > 0 then
   bulk('ZADD', P .. 'running', beats)
   redis.call('SADD', P .. 'nodes', node)
   redis.call('HINCRBY', P .. 'stats', 'c:' .. preset, #ids)
-  queued[preset] = (queued[preset] or 0) - #ids
+  queued[lane .. ':' .. preset] = (queued[lane .. ':' .. preset] or 0) - #ids
 end
 flush()
 return out
@@ -438,7 +449,7 @@ local h = redis.call('HMGET', t, 's', 'p', 'l', 'seq', 'k')
 if h[1] ~= 'queued' then return nil end
 redis.call('ZREM', qkey(h[3], h[2]), id)
 redis.call('ZREM', P .. 's:queued', id)
-queued[h[2]] = -1
+queued[h[3] .. ':' .. h[2]] = -1
 xadd(id, {'state', ARGV[7]})
 redis.call('HSET', t, 's', 'cancelled', 'err', ARGV[6], 'f', now)
 ended(id, 'cancelled', h[2], h[4], h[5])

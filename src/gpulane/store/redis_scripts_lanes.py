@@ -1,6 +1,6 @@
 """The Redis store's Lua for lanes: a queue in claim order, queued tasks moved to another
 lane's queue (a fallback), and the counts per queue that admission and the status view read
-(redis_scripts.py holds the layout and the shared prelude).
+(redis_scripts.py holds the layout, the shared prelude and the counters).
 
 A queue's score is (100 - effective priority) * 2**40 + seq, so a task moved at the same score
 keeps its place by priority and age, and the longest-waiting task of a queue is the oldest of
@@ -36,7 +36,9 @@ for i = 8 + 2 * ne, #ARGV do
   local t = P .. 't:' .. id
   local h = redis.call('HMGET', t, 's', 'p', 'l', 'ep', 'seq')
   if h[1] == 'queued' and h[3] ~= lane then  -- a second mention finds it moved already
-    local name = lane .. ':' .. h[2]
+    local name, from = lane .. ':' .. h[2], h[3] .. ':' .. h[2]
+    queued[from] = (queued[from] or 0) - 1
+    queued[name] = (queued[name] or 0) + 1
     redis.call('ZREM', qkey(h[3], h[2]), id)
     redis.call('ZADD', qkey(lane, h[2]), score(h[4], h[5]), id)
     if not qseen[name] then
@@ -56,7 +58,8 @@ return out
 LANE_STATS = PRELUDE + r"""
 -- Answers, per queue with queued or running tasks: preset lane queued running and the
 -- created_at of its longest-waiting task ('' when none waits). A running set found empty
--- leaves `rlanes` (a claim puts it back).
+-- leaves `rlanes` (a claim puts it back). The queue's per-lane counter (what queue_stats
+-- reads) is set to its length where they differ: a store made by an older release kept none.
 local band = 1099511627776
 local function oldest(q)
   local best, raw = nil, ''
@@ -78,6 +81,9 @@ for name in pairs(names) do
   local queued = redis.call('ZCARD', P .. 'q:' .. name)
   local running = redis.call('SCARD', P .. 'r:' .. name)
   if running == 0 then redis.call('SREM', P .. 'rlanes', name) end
+  if tonumber(redis.call('HGET', P .. 'stats', 'l:' .. name) or '0') ~= queued then
+    redis.call('HSET', P .. 'stats', 'l:' .. name, queued)
+  end
   if queued > 0 or running > 0 then
     local lane, preset = string.match(name, '^([^:]*):(.*)$')
     local since = ''
@@ -86,18 +92,4 @@ for name in pairs(names) do
   end
 end
 return out
-"""
-
-QUEUE_STATS = PRELUDE + r"""
--- Answers {the stats hash (field, value ...), lane:preset and queued count of each non-empty
--- queue}: the counters, and each queue's length (a ZCARD, exact whatever moved it).
-local lanes = {}
-for _, name in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
-  local n = redis.call('ZCARD', P .. 'q:' .. name)
-  if n > 0 then
-    lanes[#lanes + 1] = name
-    lanes[#lanes + 1] = n
-  end
-end
-return {redis.call('HGETALL', P .. 'stats'), lanes}
 """
