@@ -29,8 +29,8 @@ def target_preset(registry: PresetRegistry, preset: str | None, content_type: st
             known = registry.routes.patterns()
             raise UnsupportedMediaTypeError(
                 "no_route", f"{where}content_type={content_type!r} has no route: "
-                + (f"send one of the routed types {known}" if known else
-                   "this node has no routes") + " (GET /v1/routes), or name the preset",
+                + (f"send one of the routed types {known} (GET /v1/routes), or name the "
+                   "preset" if known else "this node has no routes, so name the preset"),
                 field=f"{where}content_type", extra={"routes": registry.routes.view()})
         preset = name
     found = registry.get(preset)
