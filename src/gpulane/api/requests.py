@@ -102,7 +102,8 @@ class TaskSubmit(BaseModel):
     content_type: Annotated[str | None, fix(
         "unsupported_content_type", "{field}={value!r} must be a content type string such as "
         "\"image/png\" (the preset's accepts lists them)")] = Field(
-        None, description="the input's content type")
+        None, description="what the input is (e.g. image/png): it must match one of the "
+        "preset's accepts, and routes the task when preset is left out")
     idempotency_key: Annotated[str | None, fix(
         "invalid_request", "{field}={value!r} must be a string such as \"order-42\": a key "
         "you choose, the same for a retry of the same task")] = Field(
