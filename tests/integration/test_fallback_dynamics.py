@@ -50,9 +50,10 @@ def _presets(tmp_path: Path) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def started(tmp_path: Path, gpus: str = "1x24GiB") -> AsyncIterator[Node]:
+async def started(tmp_path: Path, gpus: str = "1x24GiB",
+                  **settings: Any) -> AsyncIterator[Node]:
     node = Node(make_settings(tmp_path, simulate_gpus=gpus, presets=[str(_presets(tmp_path))],
-                              examples=False))
+                              examples=False, **settings))
     await node.start()
     try:
         yield node
@@ -162,9 +163,17 @@ async def _running_on_gpu(node: Node, task_id: str) -> Task:
     return await eventually(check)
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Settings for each store: the moves and requeues to another lane are the store's."""
+    if request.param == "sqlite":
+        return {}
+    return {"store": request.getfixturevalue("redis_url")}
+
+
 async def test_a_lost_gpu_requeues_its_tasks_unspent_and_takes_work_after_restore(
-        tmp_path: Path) -> None:
-    async with started(tmp_path) as node:
+        tmp_path: Path, store: dict[str, Any]) -> None:
+    async with started(tmp_path, **store) as node:
         provider = node.provider
         assert isinstance(provider, SimulatedProvider)
         # One batch of two on gpu:0: an auto task and a device gpu one.
@@ -216,8 +225,9 @@ async def test_a_lost_gpu_requeues_its_tasks_unspent_and_takes_work_after_restor
         assert (where(fresh), fresh.fallback_reason) == ("gpu:0", None)
 
 
-async def test_an_oom_in_a_batch_of_one_reruns_on_the_cpu(tmp_path: Path) -> None:
-    async with started(tmp_path) as node:
+async def test_an_oom_in_a_batch_of_one_reruns_on_the_cpu(
+        tmp_path: Path, store: dict[str, Any]) -> None:
+    async with started(tmp_path, **store) as node:
         task = await done(node, (await submit(node, "fb-pair", {"oom_on_gpu": True})).id)
         assert (task.state, where(task), task.fallback_reason, task.attempts) == (
             TaskState.SUCCEEDED, "cpu", "gpu_oom", 1)
