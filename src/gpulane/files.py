@@ -30,7 +30,7 @@ import re
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -39,7 +39,7 @@ from gpulane.config import Settings
 from gpulane.errors import ConfigError, NotFoundError, PayloadTooLargeError, RequestError
 from gpulane.protocol import ENV_ALLOWED_ROOTS
 
-UPLOAD_ID = re.compile(r"^file-[0-9a-f]{32}$")
+UPLOAD_ID = re.compile(r"file-[0-9a-f]{32}")
 """What an upload's id looks like; nothing else is ever taken for one (nor joined to a path)."""
 FILE_KEY = "file"
 """The input key that names one file."""
@@ -177,12 +177,12 @@ class Files:
 
     def resolve(self, value: Any, field: str, owner: str | None = None) -> str:
         """One reference as a canonical absolute path a worker may open."""
-        if isinstance(value, str) and UPLOAD_ID.match(value):
+        if isinstance(value, str) and UPLOAD_ID.fullmatch(value):
             return self._data_path(self.find(value, owner, field=field).id)
         if not isinstance(value, str) or not value:
             raise FileReferenceError(
                 "invalid_path", f"{field} must be an absolute path or an upload id "
-                f"(file-...), not {value!r}", field=field)
+                f"(file-...), not {repr(value)[:80]}", field=field)
         if "\x00" in value or len(value) > PATH_MAX_CHARS:
             shown = value[:80] + ("..." if len(value) > 80 else "")
             raise FileReferenceError(
@@ -240,7 +240,7 @@ class Files:
     def find(self, upload_id: str, owner: str | None = None, *, field: str = "id") -> Upload:
         """The upload, unexpired and visible to ``owner``; NotFoundError otherwise (a foreign
         one is not told apart from a missing one)."""
-        found = self._read(upload_id) if UPLOAD_ID.match(upload_id) else None
+        found = self._read(upload_id) if UPLOAD_ID.fullmatch(upload_id) else None
         if (found is None or not self.visible(found, owner) or found.expires_at <= self.clock()
                 or not os.path.isfile(self._data_path(upload_id))):
             raise NotFoundError(
@@ -252,8 +252,10 @@ class Files:
     def _read(self, upload_id: str) -> Upload | None:
         try:
             with open(self._meta_path(upload_id), "rb") as fh:
-                return Upload(**json.load(fh))
-        except (OSError, ValueError, TypeError):
+                record = json.load(fh)
+            # Fields a later version may add are left out, not taken for a broken record.
+            return Upload(**{f: record[f] for f in Upload.__dataclass_fields__})
+        except (OSError, ValueError, TypeError, KeyError):
             return None
 
     def delete(self, upload_id: str, owner: str | None = None) -> Upload:
@@ -329,23 +331,29 @@ class Files:
         Runs on a worker thread."""
         now = self.clock() if now is None else now
         removed = 0
+        names: dict[str, os.DirEntry[str]] = {}
         with contextlib.suppress(FileNotFoundError), os.scandir(self.dir) as entries:
             names = {e.name: e for e in entries if e.is_file(follow_symlinks=False)}
         for name, entry in names.items():
             stem = name.removesuffix(".json")
-            if stem != name and UPLOAD_ID.match(stem):
+            if stem != name and UPLOAD_ID.fullmatch(stem):
                 upload = self._read(stem)
                 if upload is not None and upload.expires_at <= now:
                     self._remove(stem)
                     removed += 1
                 elif upload is None and _stale(entry, now):  # a sidecar that does not read
                     self._remove(stem)
-            elif (name.endswith(TEMP_SUFFIX) or (UPLOAD_ID.match(name)
-                                                 and f"{name}.json" not in names)) \
-                    and _stale(entry, now):  # a crashed upload's leftover
+            elif _leftover(name, names) and _stale(entry, now):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
         return removed
+
+
+def _leftover(name: str, names: Mapping[str, object]) -> bool:
+    """Whether ``name`` is what a crashed upload leaves: a temporary file, or data whose
+    record was never written."""
+    return name.startswith("file-") and (name.endswith(TEMP_SUFFIX) or (
+        UPLOAD_ID.fullmatch(name) is not None and f"{name}.json" not in names))
 
 
 def _stale(entry: os.DirEntry[str], now: float) -> bool:

@@ -89,6 +89,7 @@ def test_an_upload_is_named_by_id_never_by_its_path(tree: Path) -> None:
     ("/tmp/a\x00b", "invalid_path"),
     ("/" + "a" * 5000, "invalid_path"),
     ("", "invalid_path"),
+    ("file-" + "0" * 32 + "\n", "relative_path"),  # not an upload id: ids match whole
     (42, "invalid_path"),
     (None, "invalid_path"),
 ])
@@ -199,16 +200,18 @@ async def test_retention_removes_expired_uploads_and_crashed_leftovers(tree: Pat
     orphan = tree / "uploads" / f"file-{'b' * 32}"  # renamed, its record never written
     fresh = tree / "uploads" / f"file-{'c' * 32}{TEMP_SUFFIX}"  # an upload under way
     mine = tree / "uploads" / "README"
-    for p in (crashed, orphan, fresh, mine):
+    theirs = tree / "uploads" / "notes.part"  # not an upload's: left alone, however old
+    for p in (crashed, orphan, fresh, mine, theirs):
         p.write_bytes(b"x")
     stale = now[0] - TEMP_GRACE_S - 1
-    for p in (crashed, orphan):
+    for p in (crashed, orphan, theirs):
         os.utime(p, (stale, stale))
     fresh_at = now[0] + 40 - 5
     os.utime(fresh, (fresh_at, fresh_at))
     now[0] += 40  # old is 70 s old, young 40 s
     assert f.purge() == 1
-    assert on_disk(tree) == sorted([young.id, f"{young.id}.json", fresh.name, "README"])
+    assert on_disk(tree) == sorted([young.id, f"{young.id}.json", fresh.name, "README",
+                                    "notes.part"])
     with pytest.raises(NotFoundError):
         f.find(old.id)
     assert f.find(young.id) == young
