@@ -8,7 +8,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
+from gpulane.cli import main
 from gpulane.client import Client
 from gpulane.errors import APIError
 from tests.unit.test_cli_client import invoke
@@ -73,3 +75,11 @@ def test_sdk_upload_of_bytes_has_no_name_and_a_default_type() -> None:
             lambda r: httpx.Response(404, json={"error": {
                 "code": "unknown_file", "message": "m", "field": "id"}}))) as client:
         client.upload(b"abc")
+
+
+def test_serve_refuses_an_allowed_root_that_is_not_a_folder(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, [
+        "serve", "--data-dir", str(tmp_path / "data"), "--simulate-gpus", "1x1GiB",
+        "--allowed-root", str(tmp_path), "--allowed-root", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert "allowed_roots" in result.output and "nope" in result.output
