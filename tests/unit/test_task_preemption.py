@@ -92,3 +92,10 @@ def test_a_clearing_whose_room_never_came_is_given_up() -> None:
     pre.expire(now=pre.clearings["big"].until + CLEARING_SLACK_S)
     assert not pre.clearing("big") and released == [True]
     assert ledger.gpus[0].free_mb == GPU_MB - 4000  # the held room went back
+
+
+def test_a_lost_gpu_is_never_cleared() -> None:
+    ledger, sup, pre = _setup()
+    ledger.gpus[0].lost = True
+    assert not pre.preempt_for(BIG, 90, lease_reserved=set())
+    assert sup.preempted == []

@@ -89,8 +89,8 @@ class TaskPreemption:
         skip = lease_reserved | self.reserved_devices()
         plans = {}
         for d, acct in self.ledger.gpus.items():
-            if d in skip or acct.total_vram_mb < preset.vram_mb:
-                continue
+            if d in skip or acct.lost or acct.total_vram_mb < preset.vram_mb:
+                continue  # (a lost GPU's workers are stopped already: no room comes there)
             shadow, stopping_mb = self._shadow(acct)
             if acct.free_mb + stopping_mb >= preset.vram_mb and not acct.held_whole:
                 return False  # workers stopping here make room already: the next pass fits
