@@ -362,9 +362,7 @@ class SqliteStore:
     async def move_queued(self, task_ids: Sequence[str], lane: str, reason: str,
                           events: Sequence[NewEvent] = ()) -> list[Task]:
         with self._tx():
-            moved = sqlite_lanes.move(self.db, task_ids, lane, reason)
-            for _, task in moved:
-                self._append(task.id, events)
+            moved = sqlite_lanes.move(self.db, task_ids, lane, reason, events)
         for old, task in moved:  # counted and announced once committed
             self._queued[(task.preset, old)] -= 1
             self._queued[(task.preset, lane)] += 1

@@ -11,9 +11,12 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Mapping, Sequence
 
-from gpulane.model import Task
-from gpulane.store.base import LaneStats, QueueStats
-from gpulane.store.sqlite_schema import COLUMNS, row_to_task
+from gpulane.model import Task, now
+from gpulane.store.base import LaneStats, NewEvent, QueueStats
+from gpulane.store.sqlite_schema import COLUMNS, INSERT_EVENT, dumps, row_to_task
+
+MOVE_CHUNK = 500
+"""Tasks one move statement names (SQLite caps a statement's parameters)."""
 
 QUEUED = (f"SELECT {COLUMNS} FROM tasks WHERE state='queued' AND preset=? AND lane=? "
           "ORDER BY priority DESC, seq LIMIT ?")
@@ -58,20 +61,32 @@ def running(db: sqlite3.Connection) -> dict[tuple[str, str], int]:
     return {(preset, lane): n for preset, lane, n in db.execute(RUNNING)}
 
 
-def move(db: sqlite3.Connection, task_ids: Sequence[str], lane: str,
-         reason: str) -> list[tuple[str, Task]]:
+def move(db: sqlite3.Connection, task_ids: Sequence[str], lane: str, reason: str,
+         events: Sequence[NewEvent]) -> list[tuple[str, Task]]:
     """Inside the caller's transaction: point each task still queued in another lane at
-    ``lane``, its priority and seq (its place) kept. Returns each one moved with the lane it
-    left, as it now stands; the caller appends their events and counts them."""
-    moved = []
-    for tid in dict.fromkeys(task_ids):  # a task named twice moves once
-        row = db.execute(f"SELECT {COLUMNS} FROM tasks WHERE id=? AND state='queued'",
-                         (tid,)).fetchone()
-        if row is None or (task := row_to_task(row)).lane == lane:
+    ``lane``, its priority and seq (its place) kept, and append ``events`` to each. Returns
+    each one moved with the lane it left, as it now stands, in the order asked; the caller
+    counts them. A few statements per chunk of tasks, not per task: a mover may hand a
+    whole backlog over at once, on the event loop."""
+    order = {tid: i for i, tid in enumerate(dict.fromkeys(task_ids))}
+    ids = list(order)
+    moved: list[tuple[str, Task]] = []
+    ts = now()
+    for at in range(0, len(ids), MOVE_CHUNK):
+        chunk = ids[at:at + MOVE_CHUNK]
+        where = f"id IN ({','.join('?' * len(chunk))}) AND state='queued' AND lane != ?"
+        left = dict(db.execute(f"SELECT id, lane FROM tasks WHERE {where}", (*chunk, lane)))
+        if not left:
             continue
-        db.execute("UPDATE tasks SET lane=?, fallback_reason=? WHERE id=?", (lane, reason, tid))
-        moved.append((task.lane, task))
-        task.lane, task.fallback_reason = lane, reason
+        rows = db.execute(
+            f"UPDATE tasks SET lane=?, fallback_reason=?, event_seq=event_seq+? "
+            f"WHERE {where} RETURNING {COLUMNS}, event_seq",
+            (lane, reason, len(events), *chunk, lane)).fetchall()
+        tasks = [(row_to_task(r[:-1]), r[-1] - len(events) + 1) for r in rows]
+        db.executemany(INSERT_EVENT, [(t.id, first + i, e.type, dumps(e.data), ts)
+                                      for t, first in tasks for i, e in enumerate(events)])
+        moved += [(left[t.id], t) for t, _ in tasks]
+    moved.sort(key=lambda m: order[m[1].id])
     return moved
 
 
