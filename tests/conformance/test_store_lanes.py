@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
-from tests.conformance.test_store import claim_one, states, submit
+from tests.conformance.test_store import claim_one, spec, states, submit
 
 from gpulane.errors import StaleTokenError
 from gpulane.model import Task, TaskState
@@ -149,6 +149,18 @@ async def test_move_queued_moves_only_tasks_still_queued_in_another_lane(store: 
         await store.finish(running.id, claimed.token + 1, TaskState.SUCCEEDED)
     await store.finish(running.id, claimed.token, TaskState.SUCCEEDED)
     assert ids(await store.claim("p", "cpu", 3, "n1", "cpu")) == [urgent.id, there.id, first.id]
+
+
+async def test_move_queued_hands_a_backlog_over_in_the_order_asked(store: Store) -> None:
+    tasks = [t for t, _ in await store.submit_many([spec(input=i) for i in range(1200)])]
+    ask = [t.id for t in reversed(tasks)]
+    moved = await store.move_queued([*ask, ask[0]], "cpu", "gpu_busy", [FALLBACK])
+    assert ids(moved) == ask  # each once, though named twice
+    assert all(t.lane == "cpu" and t.fallback_reason == "gpu_busy" for t in moved)
+    assert await lanes(store) == {"cpu": 1200}
+    assert ids(await store.queued("p", "cpu", 1200)) == [t.id for t in tasks]
+    for task in (tasks[0], tasks[600], tasks[-1]):
+        assert [e.type for e in await store.events(task.id)] == ["state", "fallback"]
 
 
 async def test_move_queued_keeps_an_aged_tasks_place(store: Store) -> None:
