@@ -183,8 +183,11 @@ class Store(Protocol):
                           events: Sequence[NewEvent] = ()) -> list[Task]:
         """Move tasks that are still queued in another lane to ``lane``'s queue, keeping
         their place by priority and age: ``fallback_reason`` becomes ``reason`` and
-        ``events`` are appended to each (the fallback event). Tasks no longer queued, or
-        already in ``lane``, are skipped; returns the moved tasks as they now stand."""
+        ``events`` are appended to each (the fallback event), in one atomic write for the
+        whole list. Tasks no longer queued, or already in ``lane``, are skipped; returns the
+        moved tasks as they now stand, in the order asked. The store wakes other nodes'
+        schedulers (``on_work``) and this process's waiters on each task; the caller wakes
+        its own scheduler."""
 
     async def lane_stats(self) -> Mapping[tuple[str, str], LaneStats]:
         """Per (preset, lane): queued now, running now (every node) and the oldest queued
