@@ -20,6 +20,9 @@ STATUS: dict[str, Any] = {
          "drain_per_worker_s": 40.0},
         {"preset": "embed", "lane": "cpu", "queued": 1, "running": 0, "oldest_wait_s": 0.5,
          "workers": {"warm": 1, "loading": 0, "busy": 0}, "load_s": None,
+         "drain_per_worker_s": None},
+        {"preset": "sleep", "lane": "gpu", "queued": 0, "running": 0, "oldest_wait_s": None,
+         "workers": {"warm": 0, "loading": 0, "busy": 0}, "load_s": None,
          "drain_per_worker_s": None}],
     "devices": [
         {"index": 0, "name": "Simulated GPU 0", "health": "ok", "simulated": True,
@@ -53,6 +56,8 @@ def test_status_draws_lanes_devices_and_fallbacks(monkeypatch: pytest.MonkeyPatc
     busy = next(line for line in lines if "gpu_busy" in line)
     assert "3" in busy and "0.2" in busy and "embed 3" in busy
     assert "fallbacks (5 in all)" in res.stdout
+    # A quiet lane (nothing queued or running, no worker) is left out, and the title says so.
+    assert "1 quiet ones left out" in res.stdout and "sleep" not in res.stdout
 
 
 def test_status_json_is_the_body(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,8 +66,11 @@ def test_status_json_is_the_body(monkeypatch: pytest.MonkeyPatch) -> None:
     assert json.loads(raw.stdout) == STATUS
 
 
-def test_status_without_fallbacks_says_none(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_status_without_fallbacks_or_busy_lanes_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     quiet = {**STATUS, "fallbacks": {"total": 0, "reasons": {}}}
     res = invoke(lambda _r: httpx.Response(200, json=quiet), monkeypatch, "status")
     assert res.exit_code == 0, res.output
     assert "fallbacks: none" in res.stdout
+    idle = {**STATUS, "lanes": STATUS["lanes"][2:]}
+    res = invoke(lambda _r: httpx.Response(200, json=idle), monkeypatch, "status")
+    assert "lanes: all 1 quiet" in res.stdout

@@ -2,7 +2,8 @@
 its preset queues, its lanes (preset x lane), its devices and its fallbacks.
 
 Every key past the old ones (``lanes``, ``devices``, ``cpu``, ``fallbacks``) may be absent (a
-server from before they were added): its table is then left out, never an error. Values come
+server from before they were added): its table is then left out, never an error. Lanes with
+nothing queued or running and no worker are left out of the table (``--json`` has them). Values come
 from the server and are escaped, since a preset's or a GPU's name is not Rich markup.
 """
 
@@ -31,14 +32,20 @@ def render_status(out: Console, info: dict[str, Any]) -> None:
     state = "[yellow]draining[/]" if info.get("draining") else "[green]taking tasks[/]"
     out.print(f"node {escape(str(info.get('node', '?')))}: {state}, "
               f"{info.get('queued', '?')} queued")
-    table = Table("preset", "queued", "max_queued", "drain /s", title="queues")
+    table = Table(title="queues")
+    table.add_column("preset", no_wrap=True)
+    for header in ("queued", "max_queued", "drain /s"):
+        table.add_column(header)
     for name, queue in sorted((info.get("presets") or {}).items()):
         table.add_row(escape(name), str(queue.get("queued", "?")),
                       str(queue.get("max_queued", "?")), _num(queue.get("drain_per_s")))
     out.print(table)
     lanes = info.get("lanes")
-    if lanes:
+    if lanes and not all(_quiet(lane) for lane in lanes):
         out.print(_lanes_table(lanes))
+    elif lanes:
+        out.print(f"lanes: all {len(lanes)} quiet (nothing queued or running, no worker)",
+                  markup=False)
     devices, cpu = info.get("devices"), info.get("cpu")
     if devices is not None or cpu:
         out.print(_devices_table(devices or [], cpu or {}))
@@ -47,16 +54,29 @@ def render_status(out: Console, info: dict[str, Any]) -> None:
         _print_fallbacks(out, fallbacks)
 
 
+def _quiet(lane: dict[str, Any]) -> bool:
+    """Nothing queued or running, and no worker: a row of zeros the JSON keeps."""
+    return not lane.get("queued") and not lane.get("running") and \
+        not any((lane.get("workers") or {}).values())
+
+
 def _lanes_table(lanes: list[dict[str, Any]]) -> Table:
-    table = Table("preset", "lane", "queued", "running", "oldest wait s", "warm", "loading",
-                  "busy", "load s", "tasks/s per worker", title="lanes")
+    quiet = sum(1 for lane in lanes if _quiet(lane))
+    table = Table(title="lanes" + (f" ({quiet} quiet ones left out)" if quiet else ""))
+    table.add_column("preset", no_wrap=True)  # a name cut short names nothing
+    for header in ("lane", "queued", "running", "oldest wait s", "warm", "loading", "busy",
+                   "load s", "tasks/s per worker"):
+        table.add_column(header)
     for lane in lanes:
+        if _quiet(lane):
+            continue
         workers = lane.get("workers") or {}
         table.add_row(escape(str(lane.get("preset", "?"))), str(lane.get("lane", "?")),
                       str(lane.get("queued", "?")), str(lane.get("running", "?")),
                       _num(lane.get("oldest_wait_s"), ".1f"), str(workers.get("warm", 0)),
                       str(workers.get("loading", 0)), str(workers.get("busy", 0)),
-                      _num(lane.get("load_s"), ".2f"), _num(lane.get("drain_per_worker_s")))
+                      _num(lane.get("load_s"), ".2f"),
+                      _num(lane.get("drain_per_worker_s"), ".3g"))
     return table
 
 
