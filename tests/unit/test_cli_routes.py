@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
+from gpulane.cli import main
 from tests.unit.test_cli_client import FakeServer, invoke, task
 
 ROUTES = {"routes": [{"content_type": "image/*", "preset": "faces"},
@@ -60,3 +63,16 @@ def test_run_needs_a_preset_or_a_content_type(monkeypatch: pytest.MonkeyPatch) -
     result = invoke(server, monkeypatch, "run", "--input", "{}")
     assert result.exit_code == 2 and "--content-type" in result.output
     assert server.requests == []
+
+
+def test_presets_check_checks_routes_across_files(tmp_path: Path) -> None:
+    presets = tmp_path / "a.yaml"
+    presets.write_text("presets:\n  - {name: mine, argv: [x], accepts: [text/csv]}\n")
+    routes = tmp_path / "b.yaml"
+    routes.write_text("routes:\n  text/csv: mine\n")
+    ok = CliRunner().invoke(main, ["presets", "check", str(tmp_path)])
+    assert ok.exit_code == 0 and "ok: 1 preset(s) valid" in ok.output
+    routes.write_text("routes:\n  text/csv: mien\n")
+    bad = CliRunner().invoke(main, ["presets", "check", str(routes)])
+    assert bad.exit_code == 1
+    assert f"{routes}:2: route 'text/csv': preset 'mien' is not known" in bad.output

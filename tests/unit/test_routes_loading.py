@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gpulane.errors import PresetError
-from gpulane.presets import Preset, check_file, load_presets
+from gpulane.presets import Preset, check_file, example_presets_dir, load_presets
 from gpulane.presets.content_types import (
     ContentRoute,
     RouteTable,
@@ -195,3 +195,25 @@ def test_malformed_sections(tmp_path: Path, section: str, line: int, what: str) 
 
 def test_a_route_made_in_code_has_no_source() -> None:
     assert ContentRoute("image/*", "faces").source == ":0"
+
+
+# -- check_routes (gpulane presets check) ------------------------------------------------------
+
+
+def test_check_routes_sees_the_other_files_and_the_examples(tmp_path: Path) -> None:
+    from gpulane.presets.loading import check_routes
+
+    presets = write(tmp_path, "a.yaml", PRESETS.replace("faces", "my-faces"))
+    routes = write(tmp_path, "b.yaml", 'routes:\n  image/png: my-faces\n  text/csv: nope\n'
+                   '  image/gif: faces\n')  # faces: an example preset
+    assert check_routes([presets, routes]) == [
+        f"{routes}:3: route 'text/csv': preset 'nope' is not known; fix: route it to one of: "
+        + ", ".join([*load_presets([example_presets_dir()]).names(), "my-faces", "anything"])]
+
+
+def test_check_routes_of_the_examples_themselves_counts_them_once() -> None:
+    from gpulane.presets.loading import check_routes
+
+    folder = example_presets_dir()
+    assert check_routes(sorted(folder.glob("*.yaml"))) == []
+    assert check_routes([folder / "routes.yaml"]) == []

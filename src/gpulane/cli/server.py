@@ -152,9 +152,11 @@ def presets() -> None:
 def presets_check(files: tuple[Path, ...]) -> None:
     """Validate preset files; report every problem with FILE:LINE and the fix."""
     from gpulane.presets import check_file, load_file
+    from gpulane.presets.loading import check_routes
 
     problems: list[str] = []
     count = 0
+    checked: list[Path] = []
     for f in files:
         targets = sorted([*f.glob("*.yaml"), *f.glob("*.yml")]) if f.is_dir() else [f]
         for t in targets:
@@ -162,6 +164,9 @@ def presets_check(files: tuple[Path, ...]) -> None:
             problems.extend(found)
             if not found:
                 count += len(load_file(t))
+                checked.append(t)
+    if not problems:  # routes name presets of other files (the examples' too): all at once
+        problems = check_routes(checked)
     if problems:
         for p in problems:
             click.echo(p, err=True)

@@ -466,6 +466,24 @@ def load_presets(paths: Iterable[str | Path]) -> PresetRegistry:
     return registry
 
 
+def check_routes(paths: Iterable[str | Path]) -> list[str]:
+    """The problems of the routes of these files (each well-formed on its own) against their
+    presets and the examples', which ``serve`` loads first unless told not to; [] if fine."""
+    files = [Path(p) for p in paths]
+    given = {f.resolve() for f in files}
+    folder = example_presets_dir()
+    examples = sorted(f for f in [*folder.glob("*.yaml"), *folder.glob("*.yml")]
+                      if f.resolve() not in given)
+    registry = PresetRegistry()
+    routes: list[ContentRoute] = []
+    for f in [*examples, *files]:
+        presets, written, _ = _parse(f.absolute(), str(f))
+        routes += written
+        for preset in presets:
+            registry.add(preset)
+    return _check_routes(routes, registry)
+
+
 def example_presets_dir() -> Path:
     """The repo's examples/presets folder, or $GPULANE_EXAMPLES_DIR when set."""
     env = os.environ.get("GPULANE_EXAMPLES_DIR")
