@@ -138,3 +138,21 @@ async def test_an_immediate_lease_spares_immediate_work_and_preempts_background(
     assert task["state"] == "succeeded" and task["attempts"] == 1
     for lz in (other, r.json()):
         await api.delete(f"/v1/leases/{lz['id']}", params={"token": lz["token"]})
+
+
+async def test_an_immediate_one_off_preempts_too(pair: tuple[Node, httpx.AsyncClient]) -> None:
+    node, api = pair
+    tid = (await submit(api, "behave", {"action": "slow", "s": 1.0},
+                        priority="background"))["id"]
+    gpu = await _running_on(api, tid)
+    one_off_mb = 14000  # big-oneoff's vram_mb
+    other = (await _lease(api, device=1 - gpu, vram_mb=GPU_MB, preemptible=False)).json()
+    filler = (await _lease(api, device=gpu, vram_mb=GPU_MB - WORKER_MB - one_off_mb + 1,
+                           preemptible=False)).json()
+    urgent = (await submit(api, "big-oneoff", {"action": "ok"}, priority="immediate"))["id"]
+    done = await wait_done(api, urgent)
+    assert done["state"] == "succeeded" and done["placement"]["device"] == f"gpu:{gpu}"
+    assert (await wait_done(api, tid))["attempts"] == 1  # its batch ran to the end
+    assert node.scheduler.preemption.preemptions == 1
+    for lz in (other, filler):
+        await api.delete(f"/v1/leases/{lz['id']}", params={"token": lz["token"]})
