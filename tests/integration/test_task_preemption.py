@@ -51,7 +51,7 @@ async def _running_on(api: httpx.AsyncClient, task_id: str) -> int:
     async def running() -> dict[str, Any] | None:
         task: dict[str, Any] = (await api.get(f"/v1/tasks/{task_id}")).json()
         return task if task["state"] == "running" else None
-    task = await eventually(running)
+    task = await eventually(running, timeout=30)  # a worker's start on a loaded host
     return int(task["placement"]["device"][4:])
 
 
@@ -74,7 +74,7 @@ async def test_an_immediate_task_preempts_a_background_worker(
 
     async def next_batch_held() -> list[str]:  # its second batch runs, its third is held
         return list(victim.next)
-    held = await eventually(next_batch_held)
+    held = await eventually(next_batch_held, timeout=30)
     assert _holding_priority(node, victim.id) == Priority.BACKGROUND
 
     urgent = (await submit(api, "big", {"action": "ok"}, priority="immediate"))["id"]
