@@ -25,8 +25,8 @@ Every move sets the task's fallback_reason, appends a ``fallback`` event ({reaso
 and what explains it) and is counted in the node's fallback log (``record``).
 
 Cost: a round reads QueueStats (O(1), no query) and stops there unless a preset that falls
-back has GPU-lane tasks queued; then it reads at most SCAN_LIMIT of them per preset, and for
-busy at most once per tick of that preset. Rounds run on a wake-up (a submit, a capacity
+back has GPU-lane tasks queued; then it reads at most SCAN_LIMIT of them per preset, at most
+once per tick of that preset. Rounds run on a wake-up (a submit, a capacity
 change), at most one per ROUND_GAP_S, and on the shortest tick.
 
 In a fleet the GPU lane drains on every node with GPUs; each node figures the wait from its
@@ -180,12 +180,16 @@ class FallbackMover:
             if st is None or not st.lanes.get(GPU_LANE):
                 continue  # no GPU backlog: nothing to look at
             broken = self._broken(preset)
+            if broken is None and not preset.falls_back(FallbackKind.BUSY):
+                continue
+            if not self._scan_due(preset):
+                continue  # looked at less than a tick ago
             if broken is not None:
                 reason, data = broken
                 tasks = await self.store.queued(preset.name, GPU_LANE, SCAN_LIMIT)
                 moved += await self._move(preset, [t for t in tasks if _movable(t)], reason,
                                           data)
-            elif preset.falls_back(FallbackKind.BUSY) and self._scan_due(preset):
+            else:
                 moved += await self._busy(preset, st.lanes.get(CPU_LANE, 0))
         if moved:
             self.moved += moved
@@ -193,8 +197,8 @@ class FallbackMover:
         return moved
 
     def _scan_due(self, preset: Preset) -> bool:
-        """A busy scan reads up to SCAN_LIMIT tasks: once per tick of the preset (half a tick
-        of slack for the timer), however many submits wake the loop meanwhile."""
+        """A scan reads up to SCAN_LIMIT tasks: once per tick of the preset (half a tick of
+        slack for the timer), however many submits wake the loop meanwhile."""
         now = self.monotonic()
         if now - self._scanned.get(preset.name, float("-inf")) < _busy_tick_s(preset) / 2:
             return False
