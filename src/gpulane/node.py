@@ -53,10 +53,9 @@ from gpulane.scheduling.ledger import Ledger
 from gpulane.scheduling.router import GPU_LANE, route
 from gpulane.scheduling.scheduler import CapacityEvents, Scheduler
 from gpulane.scheduling.status import status_body
-from gpulane.scheduling.targets import device_wish, target_preset
+from gpulane.scheduling.targets import device_wish, target_preset, task_spec
 from gpulane.scheduling.views import devices_view, fleet_nodes_view, presets_view
 from gpulane.store import Store, open_store, wait_final
-from gpulane.store.base import body_hash
 
 log = logging.getLogger("gpulane.node")
 
@@ -286,53 +285,31 @@ class Node:
         gpu_circuit = self.supervisor.circuits.get((found.name, GPU_LANE))
         r = route(found, wish, self.ledger.gpu_totals_mb(), self.fleet_view.gpu_totals(),
                   gpu_unavailable=gpu_circuit is not None and gpu_circuit.is_open())
-        return TaskSpec(
-            preset=found.name, input=resolved, device_wish=wish, priority=priority,
-            timeout_s=float(timeout_s) if timeout_s is not None else None,
-            content_type=content_type, idempotency_key=idempotency_key,
-            body_hash=body_hash({"preset": found.name, "input": input,
-                                 "device": wish.value, "priority": priority,
-                                 "timeout_s": timeout_s, "content_type": content_type})
-            if idempotency_key else None, lane=r.lane,
-            fallback_reason=r.fallback_reason, submitted_by=submitted_by)
+        return task_spec(found, wish, r, input, resolved, priority=priority,
+                         timeout_s=timeout_s, content_type=content_type,
+                         idempotency_key=idempotency_key, submitted_by=submitted_by)
 
     async def submit(self, spec: TaskSpec) -> tuple[Task, bool]:
         """Queue a task, or answer the one its idempotency key made; UnavailableError (503)
         while draining, TooManyRequestsError (429) when its preset's queue is full."""
-        await self._admit([spec], bulk=False)
+        await self.intake.admit([spec], bulk=False)
         task, created = await self.store.submit(spec)
         if created:
             self.scheduler.wake()
             self.movers.wake()
-            if spec.fallback_reason is not None:
-                self.fallbacks.record(spec.fallback_reason, spec.preset)
+            self.fallbacks.submitted([spec])
         return task, created
 
     async def submit_many(self, specs: list[TaskSpec]) -> list[tuple[Task, bool]]:
         """Queue many tasks in one transaction, all or none: refused whole (503, 429) when
         the new ones among them would not all be taken."""
-        await self._admit(specs, bulk=True)
+        await self.intake.admit(specs, bulk=True)
         out = await self.store.submit_many(specs)
         self.scheduler.wake()
         self.movers.wake()
-        for spec, (_task, created) in zip(specs, out, strict=True):
-            if created and spec.fallback_reason is not None:
-                self.fallbacks.record(spec.fallback_reason, spec.preset)
+        self.fallbacks.submitted([s for s, (_t, created) in zip(specs, out, strict=True)
+                                  if created])
         return out
-
-    async def _admit(self, specs: list[TaskSpec], *, bulk: bool) -> None:
-        """Refuse new tasks while draining (503) or past a queue limit (429). A repeated
-        keyed submit was taken before: it still gets its task (the store answers it)."""
-        refusal = await self.intake.refusal([s.preset for s in specs], bulk)
-        if refusal is None:
-            return
-        fresh = [s for s in specs if s.idempotency_key is None
-                 or await self.store.task_for_key(s.idempotency_key) is None]
-        if len(fresh) < len(specs):
-            refusal = (await self.intake.refusal([s.preset for s in fresh], bulk)
-                       if fresh else None)
-        if refusal is not None:
-            raise refusal
 
     async def get(self, task_id: str) -> Task:
         task = await self.store.get(task_id)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+from gpulane.model import TaskSpec
 
 WINDOWS_S = {"1m": 60.0, "15m": 900.0}
 """The rate windows ``view`` reports, by name."""
@@ -35,6 +37,12 @@ class FallbackLog:
         recent = self._recent.setdefault(reason, deque())
         recent.extend([now] * n)
         self._trim(recent, now)
+
+    def submitted(self, specs: Iterable[TaskSpec]) -> None:
+        """New tasks were queued: those the router sent to the CPU at submit count."""
+        for spec in specs:
+            if spec.fallback_reason is not None:
+                self.record(spec.fallback_reason, spec.preset)
 
     def _trim(self, recent: deque[float], now: float) -> None:
         horizon = now - max(WINDOWS_S.values())

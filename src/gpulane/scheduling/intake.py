@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from gpulane.errors import RequestError, UnavailableError, ValidationError
+from gpulane.model import TaskSpec
 from gpulane.presets import PresetRegistry
 from gpulane.scheduling.admission import Admission
 from gpulane.store import Store
@@ -31,6 +32,20 @@ class Intake:
         self.admission = admission
         self.registry = registry
         self.draining = draining
+
+    async def admit(self, specs: Sequence[TaskSpec], *, bulk: bool) -> None:
+        """Raise the refusal (503 while draining, 429 past a queue limit) for queueing
+        ``specs``. A repeated keyed submit was taken before: it still gets its task (the
+        store answers it), so only the new ones are weighed."""
+        refusal = await self.refusal([s.preset for s in specs], bulk)
+        if refusal is None:
+            return
+        fresh = [s for s in specs if s.idempotency_key is None
+                 or await self.store.task_for_key(s.idempotency_key) is None]
+        if len(fresh) < len(specs):
+            refusal = await self.refusal([s.preset for s in fresh], bulk) if fresh else None
+        if refusal is not None:
+            raise refusal
 
     async def refusal(self, presets: Sequence[str], bulk: bool) -> RequestError | None:
         """The refusal (503, 422, 429) for queueing one task of each of ``presets``."""

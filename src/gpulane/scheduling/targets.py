@@ -8,10 +8,14 @@ the fix.
 
 from __future__ import annotations
 
+from typing import Any
+
 from gpulane.errors import NotFoundError, UnsupportedMediaTypeError, ValidationError
-from gpulane.model import DeviceWish
+from gpulane.model import DeviceWish, TaskSpec
 from gpulane.presets import Preset, PresetRegistry
 from gpulane.presets.content_types import accepted
+from gpulane.scheduling.router import Route
+from gpulane.store import body_hash
 
 
 def target_preset(registry: PresetRegistry, preset: str | None, content_type: str | None,
@@ -54,3 +58,21 @@ def device_wish(preset: Preset, device: str, fallback: bool | None) -> DeviceWis
     if fallback is False and wish is DeviceWish.AUTO and preset.allows_gpu:
         return DeviceWish.GPU
     return wish
+
+
+def task_spec(preset: Preset, wish: DeviceWish, route: Route, input_as_sent: Any,
+              resolved_input: Any, *, priority: int, timeout_s: float | None,
+              content_type: str | None, idempotency_key: str | None,
+              submitted_by: str | None) -> TaskSpec:
+    """The spec the store queues: the input with its file references resolved, and (for a
+    keyed submit) the hash of the request as sent with its wish resolved, so that the same
+    request in two spellings is the same task and a changed one is a 409."""
+    return TaskSpec(
+        preset=preset.name, input=resolved_input, device_wish=wish, priority=priority,
+        timeout_s=float(timeout_s) if timeout_s is not None else None,
+        content_type=content_type, idempotency_key=idempotency_key,
+        body_hash=body_hash({"preset": preset.name, "input": input_as_sent,
+                             "device": wish.value, "priority": priority,
+                             "timeout_s": timeout_s, "content_type": content_type})
+        if idempotency_key else None, lane=route.lane,
+        fallback_reason=route.fallback_reason, submitted_by=submitted_by)
