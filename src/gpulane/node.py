@@ -283,8 +283,10 @@ class Node:
         found = target_preset(self.registry, preset, content_type, where)
         wish = device_wish(found, device, fallback)
         gpu_circuit = self.supervisor.circuits.get((found.name, GPU_LANE))
-        r = route(found, wish, self.ledger.gpu_totals_mb(), self.fleet_view.gpu_totals(),
-                  gpu_unavailable=gpu_circuit is not None and gpu_circuit.is_open())
+        elsewhere = self.fleet_view.gpu_totals()
+        r = route(found, wish, self.ledger.gpu_totals_mb(), elsewhere,
+                  gpu_unavailable=gpu_circuit is not None and gpu_circuit.is_open(),
+                  devices_lost=self.ledger.all_lost and not any(elsewhere))
         return task_spec(found, wish, r, input, resolved, priority=priority,
                          timeout_s=timeout_s, content_type=content_type,
                          idempotency_key=idempotency_key, submitted_by=submitted_by)

@@ -209,9 +209,13 @@ async def test_a_lost_gpu_requeues_its_tasks_unspent_and_takes_work_after_restor
         async def gone() -> bool:
             return not any(w.device.kind == "gpu" for w in node.supervisor.workers.values())
         await eventually(gone)
-        # Every GPU of the node lost, no other node: a new auto task moves to the CPU too.
-        new = await done(node, (await submit(node, "fb-lost", {"gpu_ms": 20000})).id)
+        # Every GPU of the node lost, no other node: a new auto task goes to the CPU lane at
+        # submit (the router reads the lost GPUs), not through the GPU lane and the mover.
+        new = await submit(node, "fb-lost", {"gpu_ms": 20000})
+        assert (new.lane, new.fallback_reason) == ("cpu", "device_lost")
+        new = await done(node, new.id)
         assert (where(new), new.fallback_reason) == ("cpu", "device_lost")
+        assert await fallback_events(node, new.id) == []  # never moved
         assert node.fallbacks.totals == {"device_lost": 2}
         assert (await node.get(strict.id)).state is TaskState.QUEUED  # waits for a GPU
 

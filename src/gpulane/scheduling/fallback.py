@@ -210,10 +210,9 @@ class FallbackMover:
         it; None when it can."""
         if not preset.falls_back(FallbackKind.ERROR):
             return None
-        accounts = self.ledger.gpus.values()
-        if all(a.lost for a in accounts) and not self.elsewhere():
+        if self.ledger.all_lost and not self.elsewhere():
             return FallbackReason.DEVICE_LOST, {
-                "lost_gpus": sorted(a.index for a in accounts),
+                "lost_gpus": sorted(self.ledger.gpus),
                 "message": "every GPU of this node is lost"}
         circuit = self.supervisor.circuits.get((preset.name, GPU_LANE))
         if circuit is None or self.supervisor.session_workers(preset.name, GPU_LANE):

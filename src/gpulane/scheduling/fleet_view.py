@@ -43,9 +43,12 @@ class FleetView:
         return nodes
 
     def gpu_totals(self) -> list[list[int]]:
-        """Each other node's GPU VRAM totals (MB), for the router; draining nodes left out."""
-        return [[int(d.get("total_vram_mb", 0)) for d in n.devices]
-                for n in self.others if not n.draining and n.devices]
+        """Each other node's GPU VRAM totals (MB), for the router; draining nodes and lost
+        GPUs (health "lost" in the node's entry) left out, so work is not sent to wait there."""
+        totals = [[int(d.get("total_vram_mb", 0)) for d in n.devices
+                   if d.get("health", "ok") != "lost"]
+                  for n in self.others if not n.draining]
+        return [t for t in totals if t]
 
     def others_take_work(self) -> bool:
         """Whether another live node takes work (is not draining): then a draining node may

@@ -82,6 +82,11 @@ class Ledger:
     def gpu_totals_mb(self) -> list[int]:
         return [g.total_vram_mb for g in self.gpus.values()]
 
+    @property
+    def all_lost(self) -> bool:
+        """The node has GPUs and every one of them reads lost: nothing runs on a GPU here."""
+        return bool(self.gpus) and all(g.lost for g in self.gpus.values())
+
     def observe(self, snapshots: list[DeviceSnapshot]) -> None:
         """Take in fresh device readings (measured free VRAM)."""
         for snap in snapshots:

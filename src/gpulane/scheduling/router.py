@@ -33,11 +33,14 @@ class Route:
 
 
 def route(preset: Preset, wish: DeviceWish, gpu_totals_mb: Sequence[int],
-          elsewhere: Sequence[Sequence[int]] = (), *, gpu_unavailable: bool = False) -> Route:
+          elsewhere: Sequence[Sequence[int]] = (), *, gpu_unavailable: bool = False,
+          devices_lost: bool = False) -> Route:
     """Pick the lane for a task of ``preset`` on a node whose GPUs have these VRAM totals,
     in a fleet whose other live nodes have the GPUs in ``elsewhere`` (one list per node).
     ``gpu_unavailable``: the preset's GPU start circuit on this node is open (not half-open:
-    once its cooldown ends new tasks go back to the GPU, where the probe worker starts)."""
+    once its cooldown ends new tasks go back to the GPU, where the probe worker starts).
+    ``devices_lost``: every GPU of this node reads lost and no other node has one: an auto
+    task of a policy with error goes to the CPU (device_lost), not to wait for the mover."""
     if not _fits(preset, gpu_totals_mb):
         # Another node's GPUs that could hold it stand in for this node's: the reasons and
         # errors below then describe the best of them.
@@ -70,6 +73,8 @@ def route(preset: Preset, wish: DeviceWish, gpu_totals_mb: Sequence[int],
     for kind in preset.devices:
         if kind.value == GPU_LANE:
             if fits:
+                if devices_lost and preset.falls_back(FallbackKind.ERROR):
+                    return Route(CPU_LANE, FallbackReason.DEVICE_LOST)
                 if gpu_unavailable and preset.falls_back(FallbackKind.ERROR):
                     return Route(CPU_LANE, FallbackReason.GPU_UNAVAILABLE)
                 return Route(GPU_LANE)
