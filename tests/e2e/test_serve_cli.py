@@ -159,6 +159,19 @@ def test_presets_check_reports_file_and_line(tmp_path: Path) -> None:
     assert ok.returncode == 0 and f"{shipped} preset(s)" in ok.stdout
 
 
+def test_presets_check_routes_with_and_without_the_examples(tmp_path: Path) -> None:
+    """A user's image/* route overrides the examples' (no duplicate), and --no-examples checks
+    the routes as serve --no-examples loads them: faces is then unknown."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("presets:\n  - {name: pics, argv: [x], accepts: [image/*]}\n"
+                    "routes:\n  image/*: pics\n  image/gif: faces\n")
+    r = _gpulane("presets", "check", str(mine))
+    assert r.returncode == 0, r.stderr
+    r = _gpulane("presets", "check", "--no-examples", str(mine))
+    assert r.returncode == 1 and f"{mine}:5: route 'image/gif': preset 'faces' is not known" \
+        in r.stderr
+
+
 def test_exec_runs_the_command_under_a_lease(server: Server) -> None:
     code = "import os, sys; print('cvd=' + os.environ['CUDA_VISIBLE_DEVICES']); sys.exit(7)"
     r = _gpulane("exec", "--vram", "1GiB", "--url", server.url, "--", sys.executable, "-c",

@@ -147,13 +147,35 @@ def test_a_bad_pattern(tmp_path: Path, pattern: str) -> None:
     assert "is not a content type pattern; fix: write type/subtype, type/* or */*" in found
 
 
-def test_the_same_pattern_twice_across_files(tmp_path: Path) -> None:
+def test_a_later_file_s_route_replaces_an_earlier_one(tmp_path: Path) -> None:
     presets = write(tmp_path, "a.yaml", PRESETS)
-    one = write(tmp_path, "b.yaml", "routes:\n  image/*: faces\n")
+    one = write(tmp_path, "b.yaml", "routes:\n  image/*: faces\n  image/png: faces\n")
     two = write(tmp_path, "c.yaml", "routes:\n  Image/*: anything\n")
-    assert problems(presets, one, two) == [
-        f"{two}:2: route 'image/*' is given again (first in {one}:2); fix: keep only one of "
-        "them"]
+    registry = load_presets([presets, one, two])
+    assert registry.routes.view() == [{"content_type": "image/png", "preset": "faces"},
+                                      {"content_type": "image/*", "preset": "anything"}]
+
+
+def test_a_user_file_overrides_the_examples_routes(tmp_path: Path) -> None:
+    """The examples are loaded first by default: a user's image/* route is no duplicate."""
+    from gpulane.presets.loading import check_routes
+
+    mine = write(tmp_path, "mine.yaml", PRESETS.replace("faces", "my-faces")
+                 + "routes:\n  image/*: my-faces\n")
+    registry = load_presets([example_presets_dir(), mine])
+    assert registry.routes.match("image/jpeg") == "my-faces"
+    assert registry.routes.match("text/plain") == "embed"  # the examples' route stays
+    assert check_routes([mine]) == []
+
+
+def test_presets_check_without_the_examples(tmp_path: Path) -> None:
+    """A route to an example preset is unknown when the examples are not loaded."""
+    from gpulane.presets.loading import check_routes
+
+    mine = write(tmp_path, "mine.yaml", "routes:\n  image/gif: faces\n")
+    assert check_routes([mine]) == []
+    (found,) = check_routes([mine], examples=False)
+    assert found.startswith(f"{mine}:2: route 'image/gif': preset 'faces' is not known")
 
 
 def test_the_same_pattern_twice_in_one_file(tmp_path: Path) -> None:
@@ -168,7 +190,7 @@ def test_a_route_to_a_preset_that_does_not_accept_the_type(tmp_path: Path) -> No
     assert problems(path) == [
         f"{path}:12: route 'image/*': preset 'embed' does not accept image/* (its accepts: "
         "[application/json, text/plain]); fix: add image/* to the accepts of preset 'embed', "
-        "or route the type to a preset that takes it"]
+        "or route the type to a preset that takes it (a later file's route replaces it)"]
 
 
 def test_a_later_file_that_narrows_a_preset_breaks_its_route(tmp_path: Path) -> None:

@@ -149,7 +149,9 @@ def presets() -> None:
 
 @presets.command("check")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-def presets_check(files: tuple[Path, ...]) -> None:
+@click.option("--no-examples", is_flag=True,
+              help="check routes without the examples (as serve --no-examples loads them)")
+def presets_check(files: tuple[Path, ...], no_examples: bool) -> None:
     """Validate preset files; report every problem with FILE:LINE and the fix."""
     from gpulane.presets import check_file, load_file
     from gpulane.presets.loading import check_routes
@@ -166,7 +168,7 @@ def presets_check(files: tuple[Path, ...]) -> None:
                 count += len(load_file(t))
                 checked.append(t)
     if not problems:  # routes name presets of other files (the examples' too): all at once
-        problems = check_routes(checked)
+        problems = check_routes(checked, examples=not no_examples)
     if problems:
         for p in problems:
             click.echo(p, err=True)

@@ -8,7 +8,9 @@ name -> entry). Every problem is reported at once as
 Any file may also hold ``routes:``, content types to preset names (``{"image/*": faces}``, or a
 list of ``{content_type, preset}``; see :mod:`gpulane.presets.content_types`). A route may name
 a preset of another file, so the checks across files (an unknown preset, one that does not
-accept the type, a pattern given twice) run once every file is read.
+accept the type) run once every file is read. A pattern given again in a later file replaces
+the earlier route, as a later preset replaces one of the same name: the examples' routes are
+defaults that a user's files override (within one file a pattern given twice is an error).
 """
 
 from __future__ import annotations
@@ -397,29 +399,34 @@ def _routes(value: object, at: int, out: _Problems, named: set[int]) -> list[Con
     return routes
 
 
-def _check_routes(routes: list[ContentRoute], registry: PresetRegistry) -> list[str]:
-    """The problems of the routes of every file against the presets they name: an unknown
-    preset, one whose accepts does not cover the type, a pattern given in two files."""
-    problems: list[str] = []
-    seen: dict[str, ContentRoute] = {}
+def _check_routes(routes: list[ContentRoute], registry: PresetRegistry
+                  ) -> tuple[list[ContentRoute], list[str]]:
+    """The routes in effect (a pattern given again in a later file replaces the earlier route,
+    as a later preset of the same name replaces the earlier one: the examples' routes are
+    defaults a user's file overrides), and their problems against the presets they name: an
+    unknown preset, or one whose accepts does not cover the type."""
+    effective: dict[str, ContentRoute] = {}
     for r in routes:
+        old = effective.pop(r.content_type, None)
+        if old is not None:
+            log.info("route %r from %s overrides the one from %s", r.content_type, r.source,
+                     old.source)
+        effective[r.content_type] = r
+    problems: list[str] = []
+    for r in effective.values():
         out = _Problems(r.file)
         head = f"route '{r.content_type}'"
         target = registry.get(r.preset)
-        if r.content_type in seen:
-            out.add(r.line, f"{head} is given again (first in {seen[r.content_type].source})",
-                    "keep only one of them")
-        elif target is None:
+        if target is None:
             out.add(r.line, f"{head}: preset {show_value(r.preset)} is not known",
                     _near(r.preset, registry.names(), "route it to one of"))
         elif not covers(target.accepts, r.content_type):
             out.add(r.line, f"{head}: preset '{r.preset}' does not accept {r.content_type} "
                     f"(its accepts: [{', '.join(target.accepts)}])",
                     f"add {r.content_type} to the accepts of preset '{r.preset}', or route the "
-                    "type to a preset that takes it")
-        seen.setdefault(r.content_type, r)
+                    "type to a preset that takes it (a later file's route replaces it)")
         problems += out.items()
-    return problems
+    return list(effective.values()), problems
 
 
 def check_file(path: str | Path) -> list[str]:
@@ -459,29 +466,30 @@ def load_presets(paths: Iterable[str | Path]) -> PresetRegistry:
             routes += written
             for preset in presets:
                 registry.add(preset)
-    problems += _check_routes(routes, registry)
+    effective, found_in_routes = _check_routes(routes, registry)
+    problems += found_in_routes
     if problems:
         raise PresetError(problems)
-    registry.routes = RouteTable(routes)
+    registry.routes = RouteTable(effective)
     return registry
 
 
-def check_routes(paths: Iterable[str | Path]) -> list[str]:
+def check_routes(paths: Iterable[str | Path], *, examples: bool = True) -> list[str]:
     """The problems of the routes of these files (each well-formed on its own) against their
-    presets and the examples', which ``serve`` loads first unless told not to; [] if fine."""
+    presets and, with ``examples``, the examples', which ``serve`` loads first unless told
+    not to (--no-examples); [] if fine."""
     files = [Path(p) for p in paths]
     given = {f.resolve() for f in files}
     folder = example_presets_dir()
-    examples = sorted(f for f in [*folder.glob("*.yaml"), *folder.glob("*.yml")]
-                      if f.resolve() not in given)
+    found = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]) if examples else []
     registry = PresetRegistry()
     routes: list[ContentRoute] = []
-    for f in [*examples, *files]:
+    for f in [*(e for e in found if e.resolve() not in given), *files]:
         presets, written, _ = _parse(f.absolute(), str(f))
         routes += written
         for preset in presets:
             registry.add(preset)
-    return _check_routes(routes, registry)
+    return _check_routes(routes, registry)[1]
 
 
 def example_presets_dir() -> Path:
