@@ -6,14 +6,15 @@ whatever path a task takes (backends: see conftest.py)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import pytest
 from tests.conformance.test_store import claim_one, spec, states, submit
 
 from gpulane.errors import StaleTokenError
-from gpulane.model import Task, TaskState
-from gpulane.store import LaneStats, NewEvent, Store
+from gpulane.model import DeviceWish, Task, TaskState
+from gpulane.store import LaneStats, NewEvent, QueuedTask, Store
 
 if TYPE_CHECKING:
     from tests.conformance.conftest import Backend
@@ -33,7 +34,7 @@ async def counts(store: Store) -> dict[tuple[str, str], tuple[int, int]]:
             if s.queued or s.running}
 
 
-def ids(tasks: list[Task]) -> list[str]:
+def ids(tasks: Sequence[Task | QueuedTask]) -> list[str]:
     return [t.id for t in tasks]
 
 
@@ -95,8 +96,13 @@ async def test_queued_lists_a_queue_in_claim_order(store: Store) -> None:
     assert ids(await store.queued("p", "gpu", 10)) == [high.id, low.id, mid.id]
     assert ids(await store.queued("p", "gpu", 2)) == [high.id, low.id]
     assert running.id not in ids(await store.queued("p", "gpu", 10))
-    got = (await store.queued("p", "gpu", 1))[0]
-    assert got == await store.get(high.id)
+    # What a mover weighs, and not the input (never read nor decoded for a scan).
+    assert await store.queued("p", "gpu", 1) == [
+        QueuedTask(high.id, DeviceWish.AUTO, high.created_at)]
+    strict = await submit(store, priority=45, device_wish=DeviceWish.GPU)
+    assert (await store.queued("p", "gpu", 10))[1] == QueuedTask(
+        strict.id, DeviceWish.GPU, strict.created_at)
+    await store.cancel_queued(strict.id)
     assert await store.queued("p", "none", 5) == [] and await store.queued("z", "gpu", 5) == []
 
     # Ageing lifts every waiting task to 100: then the oldest goes first, as claim takes it.

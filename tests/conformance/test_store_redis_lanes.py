@@ -159,4 +159,4 @@ async def test_each_lane_method_is_one_round_trip(store: RedisStore,
         calls.clear()
         await step()
         assert calls == [command]
-    assert [t.lane for t in await store.queued("p", "cpu", 5)] == ["cpu", "cpu"]
+    assert [t.id for t in await store.queued("p", "cpu", 5)] == [task.id, other.id]

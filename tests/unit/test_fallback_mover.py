@@ -13,7 +13,7 @@ from gpulane.runtime.measures import LaneMeasures
 from gpulane.runtime.supervisor import Supervisor
 from gpulane.scheduling.fallback import LOAD_GUESS_S, FallbackMover, LaneOutlook
 from gpulane.scheduling.ledger import Ledger
-from gpulane.store import NewEvent, QueueStats, Store
+from gpulane.store import NewEvent, QueuedTask, QueueStats, Store
 from tests.unit.test_ledger import snap
 
 NOW = 1_000_000.0
@@ -40,9 +40,9 @@ class FakeStore:
         lanes = {"gpu": len(self.gpu), "cpu": self.cpu_queued}
         return {"p": QueueStats(len(self.gpu) + self.cpu_queued, 0, lanes)}
 
-    async def queued(self, preset: str, lane: str, limit: int) -> list[Task]:
+    async def queued(self, preset: str, lane: str, limit: int) -> list[QueuedTask]:
         self.queued_calls += 1
-        return self.gpu[:limit]
+        return [QueuedTask(t.id, t.device_wish, t.created_at) for t in self.gpu[:limit]]
 
     async def move_queued(self, task_ids: Sequence[str], lane: str, reason: str,
                           events: Sequence[NewEvent] = ()) -> list[Task]:
@@ -167,6 +167,17 @@ async def test_an_unmeasured_cpu_takes_one_task_per_worker() -> None:
     m, _ = mover(store, sup, preset(**BUSY))
     await m.run_round()
     assert [len(ids) for ids, *_ in store.moves] == [1]
+
+
+async def test_a_full_unmeasured_cpu_lane_costs_no_read() -> None:
+    # CPU warm with one worker, its rate unknown, one task queued there already: it can start
+    # no more, so the GPU queue is not read at all.
+    store = FakeStore([task(i, waited_s=5.0) for i in range(10)], cpu_queued=1)
+    sup = FakeSupervisor()
+    measured(sup, gpu_rate=1.0, cpu_rate=None)
+    m, recorded = mover(store, sup, preset(**BUSY))
+    assert await m.run_round() == 0
+    assert store.queued_calls == 0 and store.moves == [] and recorded == []
 
 
 async def test_an_unmeasured_gpu_is_not_guessed_busy() -> None:

@@ -25,8 +25,9 @@ Every move sets the task's fallback_reason, appends a ``fallback`` event ({reaso
 and what explains it) and is counted in the node's fallback log (``record``).
 
 Cost: a round reads QueueStats (O(1), no query) and stops there unless a preset that falls
-back has GPU-lane tasks queued; then it reads at most SCAN_LIMIT of them per preset, at most
-once per tick of that preset. Rounds run on a wake-up (a submit, a capacity
+back has GPU-lane tasks queued (and, for busy, the CPU lane could start one more); then it
+reads at most SCAN_LIMIT of them per preset (id, device wish and created_at: no input), at
+most once per tick of that preset. Rounds run on a wake-up (a submit, a capacity
 change), at most one per ROUND_GAP_S, and on the shortest tick.
 
 In a fleet the GPU lane drains on every node with GPUs; each node figures the wait from its
@@ -45,13 +46,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpulane.errors import StoreUnavailableError
-from gpulane.model import DeviceWish, FallbackReason, Task
+from gpulane.model import DeviceWish, FallbackReason
 from gpulane.presets import FallbackKind, Preset, PresetRegistry
 from gpulane.runtime.outcomes import FALLBACK_EVENT
 from gpulane.runtime.supervisor import Supervisor
 from gpulane.scheduling.ledger import Ledger
 from gpulane.scheduling.router import CPU_LANE, GPU_LANE
-from gpulane.store import NewEvent, Store
+from gpulane.store import NewEvent, QueuedTask, Store
 
 log = logging.getLogger("gpulane.fallback")
 
@@ -229,10 +230,12 @@ class FallbackMover:
         CPU would start them sooner (see the module's docstring)."""
         gpu = outlook(self.supervisor, preset, GPU_LANE)
         cpu = outlook(self.supervisor, preset, CPU_LANE)
+        if cpu.start_s(cpu_queued) is None:
+            return 0  # its rate unmeasured, the CPU lane has all it can start: no read
         after_s = preset.fallback_after_ms / 1000
         tasks = await self.store.queued(preset.name, GPU_LANE, SCAN_LIMIT)
         now = self.clock()
-        picked: list[Task] = []
+        picked: list[QueuedTask] = []
         expected: list[float] = []
         for i, task in enumerate(tasks):
             ahead = i - len(picked)  # those picked before it leave the GPU queue
@@ -242,7 +245,9 @@ class FallbackMover:
             if not _movable(task) or wait_s <= after_s:
                 continue
             cpu_s = cpu.start_s(cpu_queued + len(picked))
-            if cpu_s is None or cpu_s >= gpu_s:
+            if cpu_s is None:
+                break  # the CPU starts no more before its rate is known
+            if cpu_s >= gpu_s:
                 continue
             picked.append(task)
             expected.append(wait_s)
@@ -254,7 +259,7 @@ class FallbackMover:
             "fallback_after_ms": preset.fallback_after_ms, "gpu_queued": len(tasks),
             "gpu_tasks_per_s": None if gpu.rate is None else round(gpu.rate, 2)})
 
-    async def _move(self, preset: Preset, tasks: list[Task], reason: str,
+    async def _move(self, preset: Preset, tasks: list[QueuedTask], reason: str,
                     data: dict[str, Any]) -> int:
         if not tasks:
             return 0
@@ -273,6 +278,6 @@ def _busy_tick_s(preset: Preset) -> float:
     return min(BUSY_TICK_S, preset.fallback_after_ms / 4000)
 
 
-def _movable(task: Task) -> bool:
-    """Only ``auto`` tasks waiting in the GPU lane may move."""
-    return task.device_wish is DeviceWish.AUTO and task.lane == GPU_LANE
+def _movable(task: QueuedTask) -> bool:
+    """Only ``auto`` tasks may move (those read are queued in the GPU lane)."""
+    return task.device_wish is DeviceWish.AUTO

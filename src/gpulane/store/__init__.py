@@ -5,6 +5,7 @@ from gpulane.store.base import (
     LaneStats,
     NewEvent,
     PurgeReport,
+    QueuedTask,
     QueueHead,
     QueueStats,
     Store,
@@ -14,5 +15,5 @@ from gpulane.store.base import (
 )
 from gpulane.store.factory import open_store
 
-__all__ = ["Finish", "LaneStats", "NewEvent", "PurgeReport", "QueueHead", "QueueStats", "Store",
-           "TaskNotifier", "body_hash", "open_store", "wait_final"]
+__all__ = ["Finish", "LaneStats", "NewEvent", "PurgeReport", "QueueHead", "QueueStats",
+           "QueuedTask", "Store", "TaskNotifier", "body_hash", "open_store", "wait_final"]

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import orjson
 
 from gpulane.errors import StaleTokenError
-from gpulane.model import FINAL_STATES, Event, Task, TaskSpec, TaskState
+from gpulane.model import FINAL_STATES, DeviceWish, Event, Task, TaskSpec, TaskState
 from gpulane.notify import Notifier, Waiters
 
 
@@ -43,6 +43,16 @@ class QueueHead:
     priority: int
     seq: int
     task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedTask:
+    """A queued task as the fallback movers weigh it (``Store.queued``): what decides a
+    move, without the input, which a scan of a long backlog would otherwise read and decode."""
+
+    id: str
+    device_wish: DeviceWish
+    created_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,9 +185,10 @@ class Store(Protocol):
         queue instead of its own (a GPU OOM in a batch of one, a lost device: the CPU),
         and ``fallback_reason`` is recorded on the task."""
 
-    async def queued(self, preset: str, lane: str, limit: int) -> list[Task]:
+    async def queued(self, preset: str, lane: str, limit: int) -> list[QueuedTask]:
         """Up to ``limit`` queued tasks of (preset, lane), in the order ``claim`` would take
-        them (highest effective priority first, then oldest)."""
+        them (highest effective priority first, then oldest): id, device wish and created_at
+        only, read from the index and the task's fields, never its input."""
 
     async def move_queued(self, task_ids: Sequence[str], lane: str, reason: str,
                           events: Sequence[NewEvent] = ()) -> list[Task]:

@@ -45,7 +45,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import orjson
 
 from gpulane.errors import ConflictError, StaleTokenError, StoreError, StoreUnavailableError
-from gpulane.model import ErrorKind, Event, Task, TaskSpec, TaskState, task_error
+from gpulane.model import DeviceWish, ErrorKind, Event, Task, TaskSpec, TaskState, task_error
 from gpulane.store import redis_scripts as lua
 from gpulane.store import redis_scripts_lanes as lanes
 from gpulane.store import redis_scripts_upkeep as upkeep
@@ -54,6 +54,7 @@ from gpulane.store.base import (
     LaneStats,
     NewEvent,
     PurgeReport,
+    QueuedTask,
     QueueHead,
     QueueStats,
     TaskNotifier,
@@ -276,8 +277,9 @@ class RedisStore:
         return decode_queue_stats(await self._conn.call("HGETALL", lua.PREFIX + "stats"))
 
     @_guarded
-    async def queued(self, preset: str, lane: str, limit: int) -> list[Task]:
-        return [decode_task(f) for f in await self._run(lanes.QUEUED, preset, lane, limit)]
+    async def queued(self, preset: str, lane: str, limit: int) -> list[QueuedTask]:
+        return [QueuedTask(tid.decode(), DeviceWish(wish.decode()), float(created))
+                for tid, wish, created in await self._run(lanes.QUEUED, preset, lane, limit)]
 
     @_guarded
     async def move_queued(self, task_ids: Sequence[str], lane: str, reason: str,

@@ -12,13 +12,14 @@ from __future__ import annotations
 from gpulane.store.redis_scripts import PRELUDE
 
 QUEUED = PRELUDE + r"""
--- ARGV[5..7]: preset lane limit. Answers up to limit queued tasks, in claim order.
+-- ARGV[5..7]: preset lane limit. Answers up to limit queued tasks, in claim order, as
+-- {id, device wish, created_at}: what a mover weighs, never the input.
 local limit = tonumber(ARGV[7])
 local out = {}
 if limit < 1 then return out end
 for _, id in ipairs(redis.call('ZRANGE', qkey(ARGV[6], ARGV[5]), 0, limit - 1)) do
-  local flat = hgetall(id)
-  if #flat > 0 then out[#out + 1] = flat end
+  local h = redis.call('HMGET', P .. 't:' .. id, 'w', 'c')
+  if h[1] then out[#out + 1] = {id, h[1], h[2]} end
 end
 return out
 """

@@ -29,6 +29,7 @@ from gpulane.store.base import (
     LaneStats,
     NewEvent,
     PurgeReport,
+    QueuedTask,
     QueueHead,
     QueueStats,
     TaskNotifier,
@@ -217,7 +218,7 @@ class SqliteStore:
     async def queue_stats(self) -> Mapping[str, QueueStats]:
         return sqlite_lanes.queue_stats(self._queued, self._claimed)
 
-    async def queued(self, preset: str, lane: str, limit: int) -> list[Task]:
+    async def queued(self, preset: str, lane: str, limit: int) -> list[QueuedTask]:
         return sqlite_lanes.queued(self.db, preset, lane, limit)
 
     async def lane_stats(self) -> Mapping[tuple[str, str], LaneStats]:

@@ -11,16 +11,17 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Mapping, Sequence
 
-from gpulane.model import Task, now
-from gpulane.store.base import LaneStats, NewEvent, QueueStats
+from gpulane.model import DeviceWish, Task, now
+from gpulane.store.base import LaneStats, NewEvent, QueuedTask, QueueStats
 from gpulane.store.sqlite_schema import COLUMNS, INSERT_EVENT, dumps, row_to_task
 
 MOVE_CHUNK = 500
 """Tasks one move statement names (SQLite caps a statement's parameters)."""
 
-QUEUED = (f"SELECT {COLUMNS} FROM tasks WHERE state='queued' AND preset=? AND lane=? "
-          "ORDER BY priority DESC, seq LIMIT ?")
-"""Up to N queued tasks of one (preset, lane), in the order claim takes them."""
+QUEUED = ("SELECT id, device_wish, created_at FROM tasks WHERE state='queued' AND preset=? "
+          "AND lane=? ORDER BY priority DESC, seq LIMIT ?")
+"""Up to N queued tasks of one (preset, lane), in the order claim takes them: what a mover
+weighs, not their inputs."""
 
 # The longest-waiting task is not the head when priorities differ (ageing lifts old tasks, but
 # not above 100 nor at once): it is the oldest head among the queue's priority bands. The
@@ -48,8 +49,9 @@ RUNNING = ("SELECT preset, lane, COUNT(*) FROM tasks INDEXED BY tasks_running_on
 is walked; left to itself the planner walks the preset index, every task."""
 
 
-def queued(db: sqlite3.Connection, preset: str, lane: str, limit: int) -> list[Task]:
-    return [row_to_task(r) for r in db.execute(QUEUED, (preset, lane, limit))]
+def queued(db: sqlite3.Connection, preset: str, lane: str, limit: int) -> list[QueuedTask]:
+    return [QueuedTask(tid, DeviceWish(wish), created)
+            for tid, wish, created in db.execute(QUEUED, (preset, lane, limit))]
 
 
 def oldest_queued_at(db: sqlite3.Connection, preset: str, lane: str) -> float | None:
