@@ -105,6 +105,11 @@ def canonical_roots(roots: Iterable[str | Path]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def names_files(input: Any) -> bool:
+    """Whether a task's input names files (an object with a ``file`` or ``files`` key)."""
+    return isinstance(input, dict) and (FILE_KEY in input or FILES_KEY in input)
+
+
 def is_under(path: str, root: str) -> bool:
     """Whether canonical ``path`` is ``root`` or below it, by whole path components."""
     return os.path.commonpath([path, root]) == root
@@ -151,15 +156,20 @@ class Files:
 
     # -- references in a task's input --------------------------------------------------------
 
-    def resolve_input(self, input: Any, where: str = "", owner: str | None = None) -> Any:
+    def resolve_input(self, input: Any, where: str = "", owner: str | None = None, *,
+                      uploads_checked: bool = True) -> Any:
         """``input`` with each file reference replaced by its canonical path (the same object
         when it names none); FileReferenceError (400) or NotFoundError (404, an upload
-        unknown to ``owner``) for the first bad one."""
-        if not isinstance(input, dict) or (FILE_KEY not in input and FILES_KEY not in input):
+        unknown to ``owner``) for the first bad one. Walks the paths (realpath, stat): on
+        shared storage call it off the event loop. ``uploads_checked=False``: an upload id
+        becomes its path whether or not the upload is still there (the input as a keyed
+        submit stored it, for its repeat: api/task_inputs.py)."""
+        if not names_files(input):
             return input
         out = dict(input)
         if FILE_KEY in input:
-            out[FILE_KEY] = self.resolve(input[FILE_KEY], f"{where}input.{FILE_KEY}", owner)
+            out[FILE_KEY] = self.resolve(input[FILE_KEY], f"{where}input.{FILE_KEY}", owner,
+                                         uploads_checked=uploads_checked)
         if FILES_KEY in input:
             many = input[FILES_KEY]
             field = f"{where}input.{FILES_KEY}"
@@ -171,13 +181,17 @@ class Files:
                 raise FileReferenceError(
                     "too_many_files", f"{field} names {len(many)} files, over {FILES_MAX}: "
                     "split the work into several tasks", field=field)
-            out[FILES_KEY] = [self.resolve(v, f"{field}[{i}]", owner)
+            out[FILES_KEY] = [self.resolve(v, f"{field}[{i}]", owner,
+                                           uploads_checked=uploads_checked)
                               for i, v in enumerate(many)]
         return out
 
-    def resolve(self, value: Any, field: str, owner: str | None = None) -> str:
+    def resolve(self, value: Any, field: str, owner: str | None = None, *,
+                uploads_checked: bool = True) -> str:
         """One reference as a canonical absolute path a worker may open."""
         if isinstance(value, str) and UPLOAD_ID.fullmatch(value):
+            if not uploads_checked:
+                return self._data_path(value)
             return self._data_path(self.find(value, owner, field=field).id)
         if not isinstance(value, str) or not value:
             raise FileReferenceError(

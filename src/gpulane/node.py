@@ -274,12 +274,12 @@ class Node:
                    priority: int = Priority.NORMAL, timeout_s: float | None = None,
                    content_type: str | None = None, idempotency_key: str | None = None,
                    where: str = "", submitted_by: str | None = None,
-                   fallback: bool | None = None) -> TaskSpec:
-        """One well-formed submit (the API's request model checked each field) checked
-        against what only the node knows: the registry and its routes (no ``preset``: the
-        content type's), what a preset accepts, the router. ``fallback=False``: a GPU or
-        nothing (scheduling/targets.py)."""
-        resolved = self.files.resolve_input(input, where, submitted_by)  # file refs: files.py
+                   fallback: bool | None = None, resolved: Any = None) -> TaskSpec:
+        """One well-formed submit checked against what only the node knows: the registry and
+        its routes, what a preset accepts, the router (scheduling/targets.py). ``resolved``:
+        the input with its files resolved (api/task_inputs.py does it off the event loop)."""
+        if resolved is None:
+            resolved = self.files.resolve_input(input, where, submitted_by)
         found = target_preset(self.registry, preset, content_type, where)
         wish = device_wish(found, device, fallback)
         gpu_circuit = self.supervisor.circuits.get((found.name, GPU_LANE))

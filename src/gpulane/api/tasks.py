@@ -32,6 +32,7 @@ from gpulane.api.requests import (
 from gpulane.api.responses import JSON
 from gpulane.api.routing import HotRoute
 from gpulane.api.schemas import ErrorView, TaskPage, TaskView
+from gpulane.api.task_inputs import resolve_inputs
 from gpulane.errors import ValidationError
 from gpulane.model import TaskSpec, TaskState
 from gpulane.node import Node
@@ -64,15 +65,25 @@ def _node(request: Request) -> Node:
     return node
 
 
-def _spec(request: Request, node: Node, item: TaskSubmit, key: str | None,
-          where: str = "", gpu: bool | None = None) -> TaskSpec:
+def _submitter(request: Request) -> str | None:
+    """The caller's key name; None on a node without API keys."""
     who = caller(request)
-    name = who.name if who is not None else None
-    return node.build_spec(preset=item.preset, input=item.input,
-                           device=resolve_device(item, gpu, where), fallback=item.fallback,
-                           priority=int(item.priority), timeout_s=item.timeout_s,
-                           content_type=item.content_type, where=where, submitted_by=name,
-                           idempotency_key=_idempotency_key(key, name, where))
+    return who.name if who is not None else None
+
+
+async def _specs(request: Request, node: Node, items: list[TaskSubmit],
+                 keys: list[str | None], wheres: list[str], gpu: bool | None) -> list[TaskSpec]:
+    """The specs of a submit's items: each key checked, the files of every input resolved off
+    the event loop (api/task_inputs.py), then each checked against the node."""
+    name = _submitter(request)
+    stored = [_idempotency_key(k, name, w) for k, w in zip(keys, wheres, strict=True)]
+    inputs = await resolve_inputs(node, [i.input for i in items], wheres, stored, name)
+    return [node.build_spec(preset=item.preset, input=item.input, resolved=resolved,
+                            device=resolve_device(item, gpu, where), fallback=item.fallback,
+                            priority=int(item.priority), timeout_s=item.timeout_s,
+                            content_type=item.content_type, where=where, submitted_by=name,
+                            idempotency_key=key)
+            for item, resolved, key, where in zip(items, inputs, stored, wheres, strict=True)]
 
 
 def _idempotency_key(key: str | None, owner: str | None, where: str) -> str | None:
@@ -100,8 +111,9 @@ async def submit_task(request: Request, wait: WaitQuery = None, gpu: GpuQuery = 
     goes where its ``content_type`` is routed (415 ``no_route`` when nowhere)."""
     node = _node(request)
     body = await read_body(request, TaskSubmit, TASK_EXAMPLE)
-    task, _created = await node.submit(
-        _spec(request, node, body, request.headers.get("idempotency-key"), gpu=gpu))
+    (spec,) = await _specs(request, node, [body], [request.headers.get("idempotency-key")],
+                           [""], gpu)
+    task, _created = await node.submit(spec)
     if wait:
         task = await node.wait(task.id, wait)
     return JSON(task.to_json(), status_code=200 if task.state.final else 202)
@@ -127,8 +139,8 @@ async def submit_bulk(request: Request, gpu: GpuQuery = None) -> JSON:
     its own content_type when it names no preset, and ``?gpu=`` applies to every one."""
     node = _node(request)
     body = await read_body(request, BulkSubmit, TASK_EXAMPLE)
-    specs = [_spec(request, node, item, item.idempotency_key, f"tasks[{i}].", gpu)
-             for i, item in enumerate(body.tasks)]
+    specs = await _specs(request, node, body.tasks, [t.idempotency_key for t in body.tasks],
+                         [f"tasks[{i}]." for i in range(len(body.tasks))], gpu)
     results = await node.submit_many(specs)
     return JSON({"tasks": [t.to_json() for t, _ in results]}, status_code=202)
 
