@@ -99,3 +99,50 @@ def test_a_lost_gpu_is_never_cleared() -> None:
     ledger.gpus[0].lost = True
     assert not pre.preempt_for(BIG, 90, lease_reserved=set())
     assert sup.preempted == []
+
+
+def test_room_freed_in_part_is_held_so_a_lease_cannot_take_it() -> None:
+    # gpu:0 holds two background workers (10,000 MB each): BIG (20,000 MB) needs both gone.
+    ledger = Ledger([DeviceSnapshot(0, "GPU-0", "sim", GPU_MB, 0, None, None, None, None,
+                                    None, simulated=True)], cpu_slots=2)
+    sup = FakeSupervisor()
+    for wid in ("bg1", "bg2"):
+        ledger.acquire(wid, 0, 10000, priority=10)
+        sup.views[wid] = View(wid)
+    pre = TaskPreemption(ledger, sup, grace_s=5.0)  # type: ignore[arg-type]
+    released: list[bool] = []
+    pre.on_release = lambda: released.append(True)
+    assert pre.preempt_for(BIG, 90, lease_reserved=set())
+    assert sorted(w for w, _ in sup.preempted) == ["bg1", "bg2"]
+    ledger.release("bg1")  # the first victim exits: 14,576 MB free, not yet enough
+    pre.hold_freed_room()
+    assert ledger.fits(4000) == []  # a lease of 4,000 MB finds no room there now
+    assert [(h.kind, h.vram_mb, h.preemptible) for h in ledger.holders(0)
+            if h.holder != "bg2"] == [("clearing", GPU_MB - 10000, False)]
+    assert not ledger.acquire("lease-y", 0, 4000, kind="lease")
+    assert pre.take("big") is None
+    ledger.release("bg2")  # the second one exits: the whole room goes to the new worker
+    pre.hold_freed_room()
+    device, wid = pre.take("big") or (None, None)
+    assert device is not None and wid is not None
+    assert [(h.holder, h.vram_mb) for h in ledger.holders(0)] == [(wid, 20000)]
+    assert released == []
+
+
+def test_a_clearing_given_up_releases_the_part_it_held() -> None:
+    ledger = Ledger([DeviceSnapshot(0, "GPU-0", "sim", GPU_MB, 0, None, None, None, None,
+                                    None, simulated=True)], cpu_slots=2)
+    sup = FakeSupervisor()
+    for wid in ("bg1", "bg2"):
+        ledger.acquire(wid, 0, 10000, priority=10)
+        sup.views[wid] = View(wid)
+    pre = TaskPreemption(ledger, sup, grace_s=5.0)  # type: ignore[arg-type]
+    released: list[bool] = []
+    pre.on_release = lambda: released.append(True)
+    pre.preempt_for(BIG, 90, lease_reserved=set())
+    ledger.release("bg1")
+    pre.hold_freed_room()
+    pre.expire(now=pre.clearings["big"].until)  # bg2 outlived its grace and more
+    assert not pre.clearing("big") and released == [True]
+    assert [h.holder for h in ledger.holders(0)] == ["bg2"]
+    assert ledger.gpus[0].free_mb == GPU_MB - 10000

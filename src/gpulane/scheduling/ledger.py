@@ -24,7 +24,8 @@ class Holding:
     vram_mb: int
     priority: int = 50
     preemptible: bool = True
-    kind: str = "worker"  # "worker" (gpulane's own) or "lease" (an outside service)
+    kind: str = "worker"  # "worker" (gpulane's own), "lease" (an outside service) or
+    # "clearing" (room freed so far for an immediate task's worker: task_preemption.py)
     whole: bool = False  # holds the whole device: nothing else is placed beside it
 
 

@@ -10,9 +10,11 @@ gracefully (Supervisor.preempt): it takes no new work, finishes its current batc
 spending an attempt.
 
 While the victims drain, the device is kept for the preset: task placement of other presets
-keeps off it (``reserved_devices``), and the moment its room is free (``hold_freed_room``,
-called synchronously on every capacity change, before waiting leases are granted) the room is
-held in the ledger under the new worker's id, which the next pass takes (``take``). One
+keeps off it (``reserved_devices``), and whatever room is free there is held in the ledger for
+it (``hold_freed_room``, called synchronously on every capacity change, before waiting leases
+are granted): part of the room, as one victim of several exits, under the clearing's own
+holder (``Clearing.partial``), so a lease cannot take it meanwhile and leave the rest too
+small; the whole room under the new worker's id, which the next pass takes (``take``). One
 clearing per preset at a time: the same head never preempts again while its victims drain.
 A clearing whose room never came (a victim outlived its grace, the head was cancelled) is
 given up after the grace plus ``CLEARING_SLACK_S``, and what it held goes back.
@@ -54,6 +56,11 @@ class Clearing:
     until: float  # time.monotonic(): given up after this
     held: str | None = None  # the new worker's id, once its room is held in the ledger
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def partial(self) -> str:
+        """The ledger holder of the part of the room freed so far (before all of it is)."""
+        return f"clearing-{self.preset.name}"
 
 
 def _noop() -> None:
@@ -133,7 +140,13 @@ class TaskPreemption:
             if c.held is not None:
                 continue
             acct = self.ledger.gpus.get(c.device)
-            if acct is None or acct.free_mb < c.preset.vram_mb or acct.held_whole:
+            if acct is None or acct.held_whole or acct.lost:
+                continue
+            self.ledger.release(c.partial)  # what it held so far counts as free below
+            if acct.free_mb < c.preset.vram_mb:
+                if acct.free_mb > 0:  # no worker: never a victim, never preempted
+                    self.ledger.acquire(c.partial, c.device, acct.free_mb, kind="clearing",
+                                        priority=c.priority, preemptible=False)
                 continue
             device = DeviceAssignment("gpu", c.device, acct.uuid, acct.simulated)
             wid = self.supervisor.next_worker_id(c.preset, device)
@@ -155,8 +168,13 @@ class TaskPreemption:
     def done(self, preset: str) -> None:
         """``preset`` found room elsewhere: its clearing ends, and room it held goes back."""
         c = self.clearings.pop(preset, None)
-        if c is not None and c.held is not None:
-            self.ledger.release(c.held)
+        if c is None:
+            return
+        held = [h for h in (c.held, c.partial) if h is not None
+                and h in self.ledger.gpus[c.device].holdings]
+        for holder in held:
+            self.ledger.release(holder)
+        if held:
             self.on_release()
 
     def expire(self, now: float | None = None) -> None:
