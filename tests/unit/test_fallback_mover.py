@@ -169,6 +169,18 @@ async def test_an_unmeasured_cpu_takes_one_task_per_worker() -> None:
     assert [len(ids) for ids, *_ in store.moves] == [1]
 
 
+async def test_cpu_slots_held_by_other_presets_keep_tasks_on_the_gpu() -> None:
+    store = FakeStore([task(i, waited_s=5.0) for i in range(10)])
+    sup = FakeSupervisor()
+    measured(sup, gpu_rate=1.0, cpu_rate=10.0)
+    m, recorded = mover(store, sup, preset(**BUSY))
+    m.ledger.cpu_used = m.ledger.cpu_slots  # every slot runs another preset's batch
+    assert await m.run_round() == 0
+    assert store.queued_calls == 0 and recorded == []
+    m.ledger.cpu_used -= 1  # one comes free: the CPU starts work again
+    assert await m.run_round() > 0
+
+
 async def test_a_full_unmeasured_cpu_lane_costs_no_read() -> None:
     # CPU warm with one worker, its rate unknown, one task queued there already: it can start
     # no more, so the GPU queue is not read at all.

@@ -12,7 +12,8 @@ the kinds in its preset's ``fallback`` (Preset.falls_back):
   a guess never moves work). The CPU's start is figured the same way from its own queue,
   workers and rate, and while the CPU lane's rate is unmeasured it takes one task per worker
   (whose batch measures it). So the CPU takes no more than it can start before the GPU would
-  have: what stays on the GPU waits about fallback_after_ms at most.
+  have: what stays on the GPU waits about fallback_after_ms at most. While other presets hold
+  every CPU slot (none of them this preset's) nothing moves: the CPU would not start it.
 - error -> ``gpu_unavailable``: the preset's GPU start circuit on this node is open (its
   workers keep failing to start, and the cooldown runs) and no GPU worker of it is live: its
   queued tasks move. A half-open circuit moves nothing: the task at the head starts the probe
@@ -232,6 +233,8 @@ class FallbackMover:
         cpu = outlook(self.supervisor, preset, CPU_LANE)
         if cpu.start_s(cpu_queued) is None:
             return 0  # its rate unmeasured, the CPU lane has all it can start: no read
+        if not self._cpu_slot_for(preset):
+            return 0  # other presets hold every CPU slot: the CPU starts nothing soon
         after_s = preset.fallback_after_ms / 1000
         tasks = await self.store.queued(preset.name, GPU_LANE, SCAN_LIMIT)
         now = self.clock()
@@ -258,6 +261,14 @@ class FallbackMover:
             "expected_wait_ms": round(min(expected) * 1000),
             "fallback_after_ms": preset.fallback_after_ms, "gpu_queued": len(tasks),
             "gpu_tasks_per_s": None if gpu.rate is None else round(gpu.rate, 2)})
+
+    def _cpu_slot_for(self, preset: Preset) -> bool:
+        """Whether the preset's CPU lane can run a batch soon: a CPU slot is free, or one of
+        its own CPU workers holds one (a batch there takes a slot: the outlook's rate is
+        only true while the preset gets slots)."""
+        if self.ledger.cpu_used < self.ledger.cpu_slots:
+            return True
+        return any(w.busy for w in self.supervisor.session_workers(preset.name, CPU_LANE))
 
     async def _move(self, preset: Preset, tasks: list[QueuedTask], reason: str,
                     data: dict[str, Any]) -> int:
