@@ -69,10 +69,12 @@ class FakeWorker:
     simulated: bool = True
     session: bool = True
     alive: bool = True
+    kind: str = "gpu"
     device: DeviceAssignment = field(init=False)
 
     def __post_init__(self) -> None:
-        self.device = DeviceAssignment("gpu", 0, "GPU-0", self.simulated)
+        self.device = (DeviceAssignment("cpu") if self.kind == "cpu"
+                       else DeviceAssignment("gpu", 0, "GPU-0", self.simulated))
 
 
 def test_simulated_gpu_workers_are_capped_by_the_cores() -> None:
@@ -81,6 +83,14 @@ def test_simulated_gpu_workers_are_capped_by_the_cores() -> None:
     assert cpu_room(busy, cores=3)
     real = [FakeWorker("a", busy=True, simulated=False), FakeWorker("b", busy=True)]
     assert cpu_room(real, cores=2)  # a real GPU's worker computes on its GPU
+
+
+def test_cpu_lane_workers_at_work_count_against_the_cores() -> None:
+    # One simulated-GPU worker busy and one CPU-lane worker busy (the busy fallback's): both
+    # on the host's two cores, so no second simulated-GPU worker loads.
+    working = [FakeWorker("g", busy=True), FakeWorker("c", busy=True, kind="cpu")]
+    assert not cpu_room(working, cores=2)
+    assert cpu_room([FakeWorker("g", busy=True), FakeWorker("c", kind="cpu")], cores=2)
 
 
 class FakeStore:

@@ -29,7 +29,7 @@ from gpulane.devices import usable_cores
 from gpulane.presets import Preset
 from gpulane.runtime.supervisor import Supervisor
 from gpulane.runtime.view import WorkerView
-from gpulane.scheduling.router import GPU_LANE
+from gpulane.scheduling.router import CPU_LANE, GPU_LANE
 from gpulane.store import QueueStats, Store
 
 BACKLOG_FRESH_S = 0.25
@@ -67,17 +67,19 @@ def backlog_of(stats: QueueStats | None, lane: str) -> int:
 
 
 def cpu_room(workers: list[WorkerView], cores: int) -> bool:
-    """Whether one more simulated-GPU worker may load: fewer of them loading or busy than the
-    host has cores.
+    """Whether one more simulated-GPU worker may load: fewer workers loading or busy on the
+    host's cores (simulated-GPU and CPU-lane ones alike) than the host has cores.
 
     A simulated GPU has no compute of its own: its worker's model runs on the host's CPU,
-    like the node itself. Past one loading or busy worker per core they only share the same
-    cores, so another one adds no throughput, and its model load (seconds of full-core work)
-    slows every worker already serving. Idle workers take no CPU and do not count; nor does a
+    like the node itself and the CPU lane's workers (those the busy fallback keeps busy
+    too). Past one loading or busy worker per core they only share the same cores, so
+    another one adds no throughput, and its model load (seconds of full-core work) slows
+    every worker already serving. Idle workers take no CPU and do not count; nor does a
     lane's first worker, which is always allowed (else its queue would never run).
     """
     working = sum(1 for w in workers
-                  if w.device.simulated and w.session and (w.loading or w.busy))
+                  if (w.device.simulated or w.device.kind == CPU_LANE) and w.session
+                  and (w.loading or w.busy))
     return working < cores
 
 
