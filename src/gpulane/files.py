@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ import re
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -59,6 +60,9 @@ WRITE_CHUNK_BYTES = 1 << 20
 """An upload is written to disk (off the event loop) in pieces of about this size."""
 TEMP_SUFFIX = ".part"
 """Suffix of an upload being written (and of its sidecar being written)."""
+UPLOAD_IDLE_S = 60.0
+"""Longest an upload may send nothing: a sender that stalls mid-body (a slow-loris, each
+holding an open file and a socket) is cut off with a 408 and its temporary file removed."""
 TEMP_GRACE_S = 3600.0
 """A temporary file (or an upload without its sidecar) untouched for this long is a crashed
 upload's leftover: an upload in progress touches its file with every piece it writes."""
@@ -70,6 +74,18 @@ class FileReferenceError(RequestError):
     """400: a task's input names a file it may not have (the field names which)."""
 
     status = 400
+
+
+class UploadStalledError(RequestError):
+    """408: an upload sent nothing for ``idle_s`` (Connection: close; nothing kept)."""
+
+    status = 408
+
+
+class StorageFullError(RequestError):
+    """507: the uploads folder is out of space (or quota); nothing kept."""
+
+    status = 507
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,12 +145,14 @@ class Files:
     """The node's allowed roots and uploads (see the module docstring)."""
 
     def __init__(self, roots: Iterable[str | Path], files_dir: str | Path, *, max_bytes: int,
-                 retain_s: float, clock: Callable[[], float] = time.time) -> None:
+                 retain_s: float, clock: Callable[[], float] = time.time,
+                 idle_s: float = UPLOAD_IDLE_S) -> None:
         self.roots = canonical_roots(roots)
         os.makedirs(files_dir, exist_ok=True)
         self.dir = os.path.realpath(files_dir)
         self.max_bytes = max_bytes
         self.retain_s = retain_s
+        self.idle_s = idle_s
         self.clock = clock
         self.admins: frozenset[str] = frozenset()
         """Key names that see every upload (the API sets its admin keys here)."""
@@ -296,7 +314,9 @@ class Files:
                    content_type: str | None = None, name: str | None = None,
                    owner: str | None = None) -> Upload:
         """Stream ``chunks`` to a new upload. PayloadTooLargeError (413) when ``declared``
-        (a Content-Length) or the bytes received pass ``max_bytes``: nothing is left on disk."""
+        (a Content-Length) or the bytes received pass ``max_bytes``, UploadStalledError (408)
+        when nothing arrives for ``idle_s``, StorageFullError (507) when the disk is full:
+        nothing is left on disk in any case."""
         if declared is not None and declared > self.max_bytes:
             raise self.too_large(f"{declared} bytes")
         upload_id = f"file-{uuid.uuid4().hex}"
@@ -306,7 +326,7 @@ class Files:
         fh: IO[bytes] = await asyncio.to_thread(open, temp, "xb")
         try:
             pending = bytearray()
-            async for chunk in chunks:
+            async for chunk in self._arriving(chunks):
                 size += len(chunk)
                 if size > self.max_bytes:
                     raise self.too_large(f"over {self.max_bytes} bytes")
@@ -321,13 +341,35 @@ class Files:
                             clean_name(name), now, now + self.retain_s, owner)
             os.rename(temp, self._data_path(upload_id))
             await asyncio.to_thread(self._write_meta, upload)
-        except BaseException:
+        except BaseException as exc:
             fh.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
             self._remove(upload_id)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFullError(
+                    "storage_full", f"the node's uploads folder is out of space ({size} bytes "
+                    "of this upload were received, none kept): retry later, put the file "
+                    "under an allowed root and name its path, or free space in files_dir",
+                    field="body") from None
             raise
         return upload
+
+    async def _arriving(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        """``chunks`` as they arrive; UploadStalledError when none comes for ``idle_s``."""
+        it = aiter(chunks)
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_s):
+                    chunk = await anext(it)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise UploadStalledError(
+                    "upload_stalled", f"the upload sent nothing for {self.idle_s:g} s; "
+                    "nothing was kept: send the file again, at a steady pace", field="body",
+                    headers={"Connection": "close"}) from None
+            yield chunk
 
     def _write_meta(self, upload: Upload) -> None:
         path = self._meta_path(upload.id)

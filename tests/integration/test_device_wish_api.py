@@ -62,6 +62,19 @@ async def test_gpu_takes_true_or_false_only(api: httpx.AsyncClient, value: str) 
     assert "must be true or false" in err["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/tasks", "/v1/tasks/bulk"])
+async def test_gpu_given_twice_must_agree(api: httpx.AsyncClient, path: str) -> None:
+    """FastAPI keeps the last of repeated query values: ?gpu=true&gpu=false ran on the CPU."""
+    body = {"preset": "sleep"} if path == "/v1/tasks" else {"tasks": [{"preset": "sleep"}]}
+    r = await api.post(f"{path}?gpu=true&gpu=false", json=body)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert (err["code"], err["field"]) == ("conflicting_device", "gpu")
+    assert "send it once" in err["message"]
+    same = await api.post(f"{path}?gpu=true&gpu=TRUE", json=body)
+    assert same.status_code == 202, same.text
+
+
 @pytest.mark.parametrize("value", ["yes", "false", 0, None])
 async def test_fallback_takes_booleans_only(api: httpx.AsyncClient, value: object) -> None:
     r = await api.post("/v1/tasks", json={"preset": "sleep", "fallback": value})

@@ -5,7 +5,8 @@ An upload is streamed to disk as it arrives (gpulane/files.py), never held whole
 ``id`` is what a task's input names it by (``{"file": "file-..."}``). The body may be of any
 Content-Type (recorded as the upload's ``content_type``); ``?name=`` keeps an original name.
 Over ``upload_max_bytes`` it is 413 upload_too_large, at once when its Content-Length says
-so, else as soon as the bytes pass the limit; nothing is left on disk either way.
+so, else as soon as the bytes pass the limit; a sender that stalls is 408 upload_stalled, a
+full disk 507 storage_full; nothing is left on disk in any case.
 
 Scopes come from the guard's table (api/auth.py): these routes need ``tasks``. With API keys
 an upload belongs to the key that sent it: to another key it does not exist (404), as a task
@@ -77,7 +78,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, object]]:
 
 
 @router.post("", status_code=201, response_model=FileView, openapi_extra=UPLOAD_BODY,
-             responses=_errors(400, 413, 422))
+             responses=_errors(400, 408, 413, 422, 507))
 async def upload(request: Request, name: NameQuery = None) -> JSON:
     """Store the request body as a file that task inputs may name by its ``id``."""
     files = _files(request)

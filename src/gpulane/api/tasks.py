@@ -65,6 +65,17 @@ def _node(request: Request) -> Node:
     return node
 
 
+def _one_gpu(request: Request, gpu: bool | None) -> bool | None:
+    """``?gpu=`` as FastAPI read it (the last of repeated ones): 422 when it was given more than
+    once with values that disagree (?gpu=true&gpu=false), rather than the last one winning."""
+    said = {v.strip().lower() for v in request.query_params.getlist("gpu")}
+    if len(said) > 1:
+        raise ValidationError(
+            "conflicting_device", f"?gpu= is given {len(request.query_params.getlist('gpu'))} "
+            f"times and disagrees ({sorted(said)}): send it once", field="gpu")
+    return gpu
+
+
 def _submitter(request: Request) -> str | None:
     """The caller's key name; None on a node without API keys."""
     who = caller(request)
@@ -75,6 +86,7 @@ async def _specs(request: Request, node: Node, items: list[TaskSubmit],
                  keys: list[str | None], wheres: list[str], gpu: bool | None) -> list[TaskSpec]:
     """The specs of a submit's items: each key checked, the files of every input resolved off
     the event loop (api/task_inputs.py), then each checked against the node."""
+    gpu = _one_gpu(request, gpu)
     name = _submitter(request)
     stored = [_idempotency_key(k, name, w) for k, w in zip(keys, wheres, strict=True)]
     inputs = await resolve_inputs(node, [i.input for i in items], wheres, stored, name)
