@@ -339,7 +339,7 @@ class Files:
             upload = Upload(upload_id, size, digest.hexdigest(),
                             (content_type or DEFAULT_CONTENT_TYPE)[:CONTENT_TYPE_MAX_CHARS],
                             clean_name(name), now, now + self.retain_s, owner)
-            os.rename(temp, self._data_path(upload_id))
+            await asyncio.to_thread(os.rename, temp, self._data_path(upload_id))
             await asyncio.to_thread(self._write_meta, upload)
         except BaseException as exc:
             fh.close()

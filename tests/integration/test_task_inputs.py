@@ -87,3 +87,19 @@ async def test_file_references_resolve_off_the_event_loop(
     plain = await api.post("/v1/tasks", json={"preset": "sleep", "input": {"ms": 1}},
                            headers=A)
     assert plain.status_code == 202 and threads == []  # nothing named: no thread hop
+
+
+async def test_an_upload_s_record_is_read_and_removed_off_the_event_loop(
+        api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[threading.Thread] = []
+    real = Files.find
+
+    def spy(self: Files, *args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Files, "find", spy)
+    up = (await api.post("/v1/files", content=b"img", headers=A)).json()["id"]
+    assert (await api.get(f"/v1/files/{up}", headers=A)).status_code == 200
+    assert (await api.delete(f"/v1/files/{up}", headers=A)).status_code == 200
+    assert len(threads) == 2 and threading.main_thread() not in threads

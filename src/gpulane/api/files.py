@@ -115,11 +115,14 @@ async def _discard(chunks: AsyncIterator[bytes]) -> None:
 @router.get("/{file_id}", response_model=FileView, responses=_errors(404))
 async def get_file(request: Request, file_id: str) -> JSON:
     """An upload's record: size, SHA-256, type, name, when it expires."""
-    return JSON(_files(request).find(file_id, _viewer(request)).to_json())
+    # On a worker thread, as every file operation here: files_dir may be shared storage.
+    found = await asyncio.to_thread(_files(request).find, file_id, _viewer(request))
+    return JSON(found.to_json())
 
 
 @router.delete("/{file_id}", response_model=FileView, responses=_errors(404))
 async def delete_file(request: Request, file_id: str) -> JSON:
     """Remove an upload now (tasks that name it and have not run yet will not find it);
     answers its record."""
-    return JSON(_files(request).delete(file_id, _viewer(request)).to_json())
+    gone = await asyncio.to_thread(_files(request).delete, file_id, _viewer(request))
+    return JSON(gone.to_json())
