@@ -3,6 +3,7 @@ file goes as the raw body with its length, type and name, and the id is printed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -83,3 +84,24 @@ def test_serve_refuses_an_allowed_root_that_is_not_a_folder(tmp_path: Path) -> N
         "--allowed-root", str(tmp_path), "--allowed-root", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "allowed_roots" in result.output and "nope" in result.output
+
+
+def test_a_file_that_changes_size_while_it_uploads(tmp_path: Path) -> None:
+    """Its Content-Length was its size at the start: a file that grew is sent up to it (more
+    would break the request), one that shrank fails at once instead of leaving the node
+    waiting for bytes that never come."""
+    from gpulane.client.uploads import AsyncFileChunks, FileChunks
+
+    path = tmp_path / "log.txt"
+    path.write_bytes(b"0123456789")
+    assert b"".join(FileChunks(path, 4)) == b"0123"
+    assert b"".join(FileChunks(path, 0)) == b""
+    with pytest.raises(OSError, match="shrank while it was being uploaded"):
+        b"".join(FileChunks(path, 12))
+
+    async def read(size: int) -> bytes:
+        return b"".join([c async for c in AsyncFileChunks(path, size)])
+
+    assert asyncio.run(read(7)) == b"0123456"
+    with pytest.raises(OSError, match="shrank"):
+        asyncio.run(read(11))

@@ -11,8 +11,8 @@ from gpulane.cli.client import _dumps, _session, client_options
 
 
 @click.command("upload")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, readable=True,
-                                        path_type=Path))
+@click.argument("path", metavar="FILE", type=click.Path(exists=True, dir_okay=False,
+                                                       readable=True, path_type=Path))
 @click.option("--content-type", default=None,
               help="The file's type [guessed from its suffix, else application/octet-stream].")
 @click.option("--name", default=None, help="The name kept in its record [the file's name].")

@@ -25,30 +25,44 @@ Source = str | os.PathLike[str] | bytes | bytearray | memoryview
 
 
 class FileChunks:
-    """A file's bytes, chunk by chunk, for the blocking client."""
+    """A file's first ``size`` bytes (its Content-Length), chunk by chunk, for the blocking
+    client: a file that grew since is cut there (more than the length said is a protocol
+    error), one that shrank raises OSError rather than leave the node waiting."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, size: int) -> None:
         self.path = path
+        self.size = size
 
     def __iter__(self) -> Iterator[bytes]:
         with open(self.path, "rb") as fh:
-            while chunk := fh.read(UPLOAD_CHUNK_BYTES):
-                yield chunk
+            left = self.size
+            while left > 0:
+                data = _piece(self.path, fh.read(min(left, UPLOAD_CHUNK_BYTES)))
+                left -= len(data)
+                yield data
 
 
-class AsyncFileChunks:
-    """A file's bytes, chunk by chunk, read off the event loop, for the asyncio client."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
+class AsyncFileChunks(FileChunks):
+    """The same, read off the event loop, for the asyncio client."""
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         fh = await asyncio.to_thread(open, self.path, "rb")
         try:
-            while chunk := await asyncio.to_thread(fh.read, UPLOAD_CHUNK_BYTES):
-                yield chunk
+            left = self.size
+            while left > 0:
+                data = _piece(self.path, await asyncio.to_thread(
+                    fh.read, min(left, UPLOAD_CHUNK_BYTES)))
+                left -= len(data)
+                yield data
         finally:
             fh.close()
+
+
+def _piece(path: Path, data: bytes) -> bytes:
+    if not data:
+        raise OSError(f"{path} shrank while it was being uploaded: upload it again once it "
+                      "is complete")
+    return data
 
 
 def upload_request(source: Source, content_type: str | None, name: str | None, *,
@@ -61,7 +75,7 @@ def upload_request(source: Source, content_type: str | None, name: str | None, *
         path = Path(source)
         size = path.stat().st_size  # FileNotFoundError here, before anything is sent
         headers["Content-Length"] = str(size)
-        body = AsyncFileChunks(path) if asynchronous else FileChunks(path)
+        body = AsyncFileChunks(path, size) if asynchronous else FileChunks(path, size)
         name = path.name if name is None else name
         content_type = content_type or mimetypes.guess_type(path.name)[0]
     headers["Content-Type"] = content_type or DEFAULT_CONTENT_TYPE
