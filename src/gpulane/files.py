@@ -63,6 +63,9 @@ TEMP_SUFFIX = ".part"
 UPLOAD_IDLE_S = 60.0
 """Longest an upload may send nothing: a sender that stalls mid-body (a slow-loris, each
 holding an open file and a socket) is cut off with a 408 and its temporary file removed."""
+DISK_RESERVE_BYTES = 1 << 30
+"""Free space an upload never takes from the disk of files_dir: by default it is the data
+dir's disk, where the store writes too, and uploads of many keys must not fill it (507)."""
 TEMP_GRACE_S = 3600.0
 """A temporary file (or an upload without its sidecar) untouched for this long is a crashed
 upload's leftover: an upload in progress touches its file with every piece it writes."""
@@ -146,13 +149,15 @@ class Files:
 
     def __init__(self, roots: Iterable[str | Path], files_dir: str | Path, *, max_bytes: int,
                  retain_s: float, clock: Callable[[], float] = time.time,
-                 idle_s: float = UPLOAD_IDLE_S) -> None:
+                 idle_s: float = UPLOAD_IDLE_S, reserve_bytes: int = DISK_RESERVE_BYTES
+                 ) -> None:
         self.roots = canonical_roots(roots)
         os.makedirs(files_dir, exist_ok=True)
         self.dir = os.path.realpath(files_dir)
         self.max_bytes = max_bytes
         self.retain_s = retain_s
         self.idle_s = idle_s
+        self.reserve_bytes = reserve_bytes
         self.clock = clock
         self.admins: frozenset[str] = frozenset()
         """Key names that see every upload (the API sets its admin keys here)."""
@@ -319,6 +324,9 @@ class Files:
         nothing is left on disk in any case."""
         if declared is not None and declared > self.max_bytes:
             raise self.too_large(f"{declared} bytes")
+        free = await asyncio.to_thread(_free_bytes, self.dir)
+        if free - (self.max_bytes if declared is None else declared) < self.reserve_bytes:
+            raise self.full(0)
         upload_id = f"file-{uuid.uuid4().hex}"
         temp = self._data_path(upload_id) + TEMP_SUFFIX
         digest = hashlib.sha256()
@@ -347,13 +355,17 @@ class Files:
                 os.unlink(temp)
             self._remove(upload_id)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageFullError(
-                    "storage_full", f"the node's uploads folder is out of space ({size} bytes "
-                    "of this upload were received, none kept): retry later, put the file "
-                    "under an allowed root and name its path, or free space in files_dir",
-                    field="body") from None
+                raise self.full(size) from None
             raise
         return upload
+
+    def full(self, received: int) -> StorageFullError:
+        """The 507 for an upload the disk of files_dir cannot take (keeping its reserve)."""
+        return StorageFullError(
+            "storage_full", f"the node's uploads folder is out of space ({received} bytes of "
+            f"this upload received, none kept; {self.reserve_bytes} bytes are kept free for "
+            "the node): retry later, put the file under an allowed root and name its path, "
+            "or free space in files_dir", field="body", headers={"Connection": "close"})
 
     async def _arriving(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
         """``chunks`` as they arrive; UploadStalledError when none comes for ``idle_s``."""
@@ -416,6 +428,11 @@ def _stale(entry: os.DirEntry[str], now: float) -> bool:
     with contextlib.suppress(OSError):
         return entry.stat(follow_symlinks=False).st_mtime < now - TEMP_GRACE_S
     return False
+
+
+def _free_bytes(folder: str) -> int:
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
 
 
 def _write(fh: IO[bytes], digest: Any, data: bytes) -> None:

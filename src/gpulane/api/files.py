@@ -29,7 +29,7 @@ from gpulane.api.bodies import DISCARD_MAX_BYTES, DISCARD_MAX_S
 from gpulane.api.responses import JSON
 from gpulane.api.schemas import ErrorView
 from gpulane.errors import PayloadTooLargeError, RequestError
-from gpulane.files import NAME_MAX_CHARS, Files
+from gpulane.files import NAME_MAX_CHARS, Files, StorageFullError
 from gpulane.node import Node
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -90,9 +90,9 @@ async def upload(request: Request, name: NameQuery = None) -> JSON:
         saved = await files.save(chunks, declared=size,
                                  content_type=request.headers.get("content-type"), name=name,
                                  owner=who.name if who is not None else None)
-    except PayloadTooLargeError:
+    except (PayloadTooLargeError, StorageFullError):
         # Read what is left (within bounds) so that a client that sends its whole body
-        # before reading gets the 413 rather than a reset; a longer body is cut off.
+        # before reading gets the 413 (507) rather than a reset; a longer body is cut off.
         if size is None or size <= DISCARD_MAX_BYTES:
             await _discard(chunks)
         raise
