@@ -76,6 +76,20 @@ async def test_a_named_preset_is_not_routed_and_its_accepts_take_wildcards(
     assert "image/*" in bad.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("content_type", ["*/*", "image/*", "png", "", "image/png/x"])
+async def test_a_task_s_content_type_names_one_type(api: httpx.AsyncClient,
+                                                    content_type: str) -> None:
+    """A wildcard or a word without a slash is no type: image/* matched the image/* route and
+    "png" a */* route, each routed as if it said what it is."""
+    r = await api.post("/v1/tasks", json={"preset": "faces", "content_type": content_type})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert (err["code"], err["field"]) == ("unsupported_content_type", "content_type")
+    assert "no wildcard" in err["message"]
+    ok = await api.post("/v1/tasks", json={"content_type": "Image/PNG; q=1"})
+    assert ok.status_code == 202 and ok.json()["content_type"] == "Image/PNG; q=1"
+
+
 async def test_neither_preset_nor_content_type_is_a_clear_422(api: httpx.AsyncClient) -> None:
     r = await api.post("/v1/tasks", json={"input": {}})
     assert r.status_code == 422

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Header, Query
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     BeforeValidator,
@@ -33,6 +34,7 @@ from gpulane.config import (
 from gpulane.errors import RequestError, ValidationError
 from gpulane.model import Priority
 from gpulane.presets import MAX_GPUS, parse_size_mb
+from gpulane.presets.content_types import is_pattern, normalize
 
 BULK_MAX = 10_000
 """Most tasks one bulk submit may carry: the whole bulk is one request body and one store
@@ -74,6 +76,14 @@ TimeoutSeconds = (Annotated[int, Field(strict=True, gt=0, le=TIMEOUT_MAX_S)]
 compare the body as it was sent."""
 
 
+def _concrete_type(value: str | None) -> str | None:
+    """A task's content type names one type (``image/png; q=1``): ``*/*`` or ``image/*`` would
+    match every route's pattern, and text without a slash none but ``*/*``."""
+    if value is not None and (not is_pattern(normalize(value)) or "*" in value):
+        raise ValueError("not a content type")
+    return value
+
+
 class TaskSubmit(BaseModel):
     """Body of POST /v1/tasks (and each item of a bulk submit)."""
 
@@ -99,9 +109,9 @@ class TaskSubmit(BaseModel):
         TimeoutSeconds | None,
         fix("invalid_timeout", "{field}={value!r} must be a number of seconds between 0 and "
             f"{TIMEOUT_MAX_S}")] = Field(None, description="overrides the preset's timeout_s")
-    content_type: Annotated[str | None, fix(
-        "unsupported_content_type", "{field}={value!r} must be a content type string such as "
-        "\"image/png\" (the preset's accepts lists them)")] = Field(
+    content_type: Annotated[str | None, AfterValidator(_concrete_type), fix(
+        "unsupported_content_type", "{field}={value!r} must be a content type such as "
+        "\"image/png\" (type/subtype, no wildcard; the preset's accepts lists them)")] = Field(
         None, description="what the input is (e.g. image/png): it must match one of the "
         "preset's accepts, and routes the task when preset is left out")
     idempotency_key: Annotated[str | None, fix(
