@@ -10,6 +10,7 @@ from typing import Any, cast
 import pytest
 
 from gpulane.devices import NvmlProvider, SimulatedGpu, SimulatedProvider
+from gpulane.devices.nvml import UNKNOWN_LOST_READINGS
 from gpulane.runtime.supervisor import Supervisor
 from gpulane.scheduling.device_health import DeviceHealth
 from gpulane.scheduling.leases import LeaseManager, LeaseRequest, LeaseState
@@ -41,14 +42,22 @@ class NVMLError_GpuIsLost(Exception):  # pynvml's class name: the provider reads
     pass
 
 
-def _nvml(lost: set[int]) -> types.ModuleType:
-    """A pynvml stand-in whose GPUs in ``lost`` fail their memory reading as lost."""
+class NVMLError_Unknown(Exception):  # what a lost GPU, or a passing hiccup, answers
+    pass
+
+
+def _nvml(lost: set[int], unknown: set[int] | None = None) -> types.ModuleType:
+    """A pynvml stand-in whose GPUs in ``lost`` fail their memory reading as lost, and those
+    in ``unknown`` with NVML's Unknown error."""
     mod = types.ModuleType("pynvml")
     ns = types.SimpleNamespace
+    unknown = set() if unknown is None else unknown
 
     def memory(handle: Any) -> Any:
         if handle[1] in lost:
             raise NVMLError_GpuIsLost("GPU is lost")
+        if handle[1] in unknown:
+            raise NVMLError_Unknown("Unknown Error")
         return ns(total=81920 * MIB, used=1024 * MIB, free=80896 * MIB)
 
     funcs: dict[str, Any] = {
@@ -80,6 +89,26 @@ def test_nvml_a_lost_gpu_reads_lost_and_the_others_read_on(
     assert (second.health, second.free_vram_mb) == ("ok", 80896)
     lost.clear()
     assert [s.health for s in nvml.snapshot()] == ["ok", "ok"]
+
+
+def test_nvml_an_unknown_error_reads_lost_only_when_it_lasts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    unknown: set[int] = set()
+    monkeypatch.setitem(sys.modules, "pynvml", _nvml(set(), unknown))
+    nvml = NvmlProvider.try_create()
+    assert nvml is not None
+    nvml.snapshot()
+    unknown.add(1)
+    hiccup = nvml.snapshot()[1]  # once: no readings, not lost (its workers keep running)
+    assert (hiccup.health, hiccup.uuid, hiccup.free_vram_mb) == ("ok", "GPU-real-1", None)
+    unknown.clear()
+    assert nvml.snapshot()[1].health == "ok"
+    unknown.add(1)
+    assert [nvml.snapshot()[1].health for _ in range(UNKNOWN_LOST_READINGS)] == \
+        ["ok"] * (UNKNOWN_LOST_READINGS - 1) + ["lost"]
+    assert nvml.snapshot()[0].health == "ok"  # the other GPU reads on
+    unknown.clear()
+    assert nvml.snapshot()[1].health == "ok"
 
 
 def test_the_ledger_places_nothing_on_a_lost_gpu() -> None:

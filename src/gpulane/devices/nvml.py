@@ -3,8 +3,9 @@
 As in nvitop's ``libnvml``, every NVML call goes through :meth:`NvmlProvider._query`, which
 turns any failure (unsupported field, lost GPU, old driver missing a function) into a
 default (N/A) and logs the first failure of each function once, so a snapshot never raises.
-A device whose handle or memory reading fails with a lost-GPU error (``_LOST_ERRORS``) reads
-``health="lost"`` with its last known identity: the other GPUs read on as usual.
+A device whose handle or memory reading fails with a lost-GPU error (``_LOST_ERRORS``), or
+with NVML's Unknown error UNKNOWN_LOST_READINGS readings in a row, reads ``health="lost"``
+with its last known identity: the other GPUs read on as usual.
 """
 
 from __future__ import annotations
@@ -33,9 +34,16 @@ _QUIET_ERRORS = (
 )
 _FAILED = object()  # sentinel default: tells "call failed" apart from a legitimate None
 _LOST = object()  # sentinel: the call failed because the GPU is lost
-_LOST_ERRORS = ("NVMLError_GpuIsLost", "NVMLError_GPUIsLost", "NVMLError_Unknown")
+_UNKNOWN = object()  # sentinel: the call failed with NVML's Unknown error
+_LOST_ERRORS = ("NVMLError_GpuIsLost", "NVMLError_GPUIsLost")
 """Errors of one device's calls that mean the GPU itself is gone (fell off the bus, an Xid
 that needs a reset): that GPU reads health "lost" instead of failing the whole snapshot."""
+_UNKNOWN_ERROR = "NVMLError_Unknown"
+"""What a lost GPU often answers, but also a passing driver hiccup: lost only when it lasts
+(UNKNOWN_LOST_READINGS)."""
+UNKNOWN_LOST_READINGS = 2
+"""Readings in a row a GPU must answer NVML's Unknown error to read lost: a lost GPU has its
+workers stopped and its tasks requeued, which one hiccup must not cost (a poll is 2 s)."""
 
 
 def _text(value: Any) -> str | None:
@@ -78,6 +86,7 @@ class NvmlProvider:
         self._count = 0
         self._handles: dict[int, Any] = {}
         self._known: dict[int, tuple[str, str, int]] = {}  # index -> (uuid, name, total MiB)
+        self._unknown: dict[int, int] = {}  # index -> readings in a row that answered Unknown
         self.driver_version: str | None = None
 
     # -- construction -------------------------------------------------------------------
@@ -148,7 +157,7 @@ class NvmlProvider:
         handle = self._handles.get(index)
         if handle is None:
             handle = self._device_call("nvmlDeviceGetHandleByIndex", index)
-            if handle is not None and handle is not _LOST:
+            if handle is not None and handle is not _LOST and handle is not _UNKNOWN:
                 self._handles[index] = handle
         return handle
 
@@ -160,17 +169,24 @@ class NvmlProvider:
         except Exception as exc:
             if type(exc).__name__ in _LOST_ERRORS:
                 return _LOST
+            if type(exc).__name__ == _UNKNOWN_ERROR:
+                return _UNKNOWN
             self._note_failure(fname, exc)
             return None
 
-    def _lost(self, index: int) -> DeviceSnapshot:
+    def _lost(self, index: int, health: str = "lost") -> DeviceSnapshot:
         """A lost GPU: its last known identity (so its index and uuid keep their meaning),
-        no readings, health "lost"."""
+        no readings, health "lost" (``health`` "ok": one unread reading, not lost yet)."""
         uuid, name, total = self._known.get(index, (f"GPU-unknown-{index}", "Unknown GPU", 0))
         return DeviceSnapshot(
             index=index, uuid=uuid, name=name, total_vram_mb=total, used_vram_mb=None,
             free_vram_mb=None, utilization_pct=None, memory_utilization_pct=None,
-            temperature_c=None, power_w=None, health="lost")
+            temperature_c=None, power_w=None, health=health)
+
+    def _unknown_reading(self, index: int) -> DeviceSnapshot:
+        """The GPU answered Unknown: lost once it has UNKNOWN_LOST_READINGS times in a row."""
+        n = self._unknown[index] = self._unknown.get(index, 0) + 1
+        return self._lost(index, "lost" if n >= UNKNOWN_LOST_READINGS else "ok")
 
     def snapshot(self) -> list[DeviceSnapshot]:
         if self._closed:
@@ -181,6 +197,8 @@ class NvmlProvider:
         handle = self._handle(index)
         if handle is _LOST:
             return self._lost(index)
+        if handle is _UNKNOWN:
+            return self._unknown_reading(index)
         if handle is None:
             # Lost or inaccessible GPU: keep its index so others do not shift; no capacity.
             return DeviceSnapshot(
@@ -199,6 +217,9 @@ class NvmlProvider:
         memory = self._device_call("nvmlDeviceGetMemoryInfo", handle)
         if memory is _LOST:
             return self._lost(index)
+        if memory is _UNKNOWN:
+            return self._unknown_reading(index)
+        self._unknown.pop(index, None)
         rates = q("nvmlDeviceGetUtilizationRates", handle)
         temp_sensor = getattr(self._nvml, "NVML_TEMPERATURE_GPU", 0)
         power_mw = _float(q("nvmlDeviceGetPowerUsage", handle))
