@@ -180,19 +180,20 @@ class Files:
     # -- references in a task's input --------------------------------------------------------
 
     def resolve_input(self, input: Any, where: str = "", owner: str | None = None, *,
-                      uploads_checked: bool = True) -> Any:
+                      exists_checked: bool = True) -> Any:
         """``input`` with each file reference replaced by its canonical path (the same object
         when it names none); FileReferenceError (400) or NotFoundError (404, an upload
         unknown to ``owner``) for the first bad one. Walks the paths (realpath, stat): on
-        shared storage call it off the event loop. ``uploads_checked=False``: an upload id
-        becomes its path whether or not the upload is still there (the input as a keyed
-        submit stored it, for its repeat: api/task_inputs.py)."""
+        shared storage call it off the event loop. ``exists_checked=False``: an upload id
+        becomes its path, and a path under a root its canonical path, whether or not the file
+        is still there (the input as a keyed submit stored it, for its repeat:
+        api/task_inputs.py); a path outside the roots is refused all the same."""
         if not names_files(input):
             return input
         out = dict(input)
         if FILE_KEY in input:
             out[FILE_KEY] = self.resolve(input[FILE_KEY], f"{where}input.{FILE_KEY}", owner,
-                                         uploads_checked=uploads_checked)
+                                         exists_checked=exists_checked)
         if FILES_KEY in input:
             many = input[FILES_KEY]
             field = f"{where}input.{FILES_KEY}"
@@ -205,15 +206,15 @@ class Files:
                     "too_many_files", f"{field} names {len(many)} files, over {FILES_MAX}: "
                     "split the work into several tasks", field=field)
             out[FILES_KEY] = [self.resolve(v, f"{field}[{i}]", owner,
-                                           uploads_checked=uploads_checked)
+                                           exists_checked=exists_checked)
                               for i, v in enumerate(many)]
         return out
 
     def resolve(self, value: Any, field: str, owner: str | None = None, *,
-                uploads_checked: bool = True) -> str:
+                exists_checked: bool = True) -> str:
         """One reference as a canonical absolute path a worker may open."""
         if isinstance(value, str) and UPLOAD_ID.fullmatch(value):
-            if not uploads_checked:
+            if not exists_checked:
                 return self._data_path(value)
             return self._data_path(self.find(value, owner, field=field).id)
         if not isinstance(value, str) or not value:
@@ -241,6 +242,8 @@ class Files:
                     "this node has no allowed_roots; set them (--allowed-root DIR, "
                     "GPULANE_ALLOWED_ROOTS), or upload the file (POST /v1/files) and send its "
                     "id"), field=field, extra={"roots": list(self.roots)})
+        if not exists_checked:
+            return real
         try:
             st = os.stat(real)
         except FileNotFoundError:

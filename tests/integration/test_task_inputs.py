@@ -67,6 +67,24 @@ async def test_a_keyed_repeat_whose_upload_is_gone_gets_its_task(api: httpx.Asyn
     assert [t["id"] for t in listed] == [first.json()["id"]]
 
 
+async def test_a_keyed_repeat_whose_file_is_gone_gets_its_task(api: httpx.AsyncClient,
+                                                                node: Node) -> None:
+    doc = Path(node.files.roots[0]) / "gone.txt"
+    doc.write_text("soon gone")
+    body = {"preset": "sleep", "input": {"files": [str(doc)]}}
+    first = await api.post("/v1/tasks", json=body, headers={**A, "Idempotency-Key": "k9"})
+    assert first.status_code == 202, first.text
+    doc.unlink()
+    again = await api.post("/v1/tasks", json=body, headers={**A, "Idempotency-Key": "k9"})
+    assert again.status_code in (200, 202) and again.json()["id"] == first.json()["id"]
+    fresh = await api.post("/v1/tasks", json=body, headers={**A, "Idempotency-Key": "k10"})
+    assert fresh.status_code == 400 and fresh.json()["error"]["code"] == "file_not_found"
+    # Never past the roots: a path outside them is refused whatever its key made.
+    outside = await api.post("/v1/tasks", json={**body, "input": {"file": "/etc/hostname"}},
+                             headers={**A, "Idempotency-Key": "k9"})
+    assert outside.json()["error"]["code"] == "path_outside_roots"
+
+
 async def test_file_references_resolve_off_the_event_loop(
         api: httpx.AsyncClient, node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
     threads: list[threading.Thread] = []

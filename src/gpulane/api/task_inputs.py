@@ -8,9 +8,11 @@ the node. So the API resolves every input of a request in one worker thread, and
 one names files (most submits don't, and skip the hop).
 
 A keyed submit (Idempotency-Key) is answered with the task its key made, as the store does,
-even when an upload it names was deleted or expired since: its client only asks again after a
-lost answer. Its upload ids then become the paths they were stored as, unchecked, and the
-store answers the task or a 409 (a different body); without a task for the key, the 404 stands.
+even when a file it names is gone since (an upload deleted or expired, a file under a root
+removed once the task ran): its client only asks again after a lost answer. Its references
+then become the paths they were stored as, unchecked for existence (never for the roots), and
+the store answers the task or a 409 (a different body); without a task for the key, the 404
+(400 file_not_found) stands.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from gpulane.errors import NotFoundError
+from gpulane.errors import RequestError
 from gpulane.files import Files, names_files
 from gpulane.node import Node
 
-UNKNOWN_FILE = "unknown_file"
-"""The code of an upload that is not there (files.Files.find)."""
+GONE = frozenset({"unknown_file", "file_not_found"})
+"""The codes of a file reference to nothing (an upload, a path under a root): all a keyed
+repeat may get past."""
 
 
 async def resolve_inputs(node: Node, inputs: Sequence[Any],
@@ -45,15 +48,15 @@ async def resolve_inputs(node: Node, inputs: Sequence[Any],
 
 def _resolve_all(files: Files, inputs: Sequence[Any], wheres: Sequence[str],
                  keys: Sequence[str | None], owner: str | None
-                 ) -> tuple[list[Any], list[tuple[str, NotFoundError]]]:
+                 ) -> tuple[list[Any], list[tuple[str, RequestError]]]:
     out: list[Any] = []
-    missing: list[tuple[str, NotFoundError]] = []  # (key, the 404) of a keyed repeat
+    missing: list[tuple[str, RequestError]] = []  # (key, the 404) of a keyed repeat
     for input, where, key in zip(inputs, wheres, keys, strict=True):
         try:
             out.append(files.resolve_input(input, where, owner))
-        except NotFoundError as exc:
-            if key is None or exc.code != UNKNOWN_FILE:
+        except RequestError as exc:
+            if key is None or exc.code not in GONE:
                 raise
-            out.append(files.resolve_input(input, where, owner, uploads_checked=False))
+            out.append(files.resolve_input(input, where, owner, exists_checked=False))
             missing.append((key, exc))
     return out, missing
