@@ -105,3 +105,25 @@ def test_a_file_that_changes_size_while_it_uploads(tmp_path: Path) -> None:
     assert asyncio.run(read(7)) == b"0123456"
     with pytest.raises(OSError, match="shrank"):
         asyncio.run(read(11))
+
+
+def test_async_sdk_upload_streams_a_file_from_disk(tmp_path: Path) -> None:
+    """The asyncio client's file body has no blocking __iter__: httpx takes one first, and
+    would read the file on the event loop (or refuse a sync stream on an async client)."""
+    from gpulane.client import AsyncClient
+
+    (tmp_path / "face.png").write_bytes(b"\x89PNG..")
+    seen: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        seen.append(request)
+        return httpx.Response(201, json=RECORD)
+
+    async def upload() -> object:
+        async with AsyncClient("http://t", transport=httpx.MockTransport(handler)) as client:
+            return await client.upload(tmp_path / "face.png")
+
+    assert asyncio.run(upload()) == RECORD
+    assert seen[0].content == b"\x89PNG.." and seen[0].headers["content-length"] == "6"
+    assert seen[0].headers["content-type"] == "image/png"

@@ -42,8 +42,13 @@ class FileChunks:
                 yield data
 
 
-class AsyncFileChunks(FileChunks):
-    """The same, read off the event loop, for the asyncio client."""
+class AsyncFileChunks:
+    """The same, read off the event loop, for the asyncio client (no ``__iter__``: httpx
+    would take the blocking one first)."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         fh = await asyncio.to_thread(open, self.path, "rb")
