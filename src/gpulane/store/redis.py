@@ -7,14 +7,13 @@ then seq, events a stream per task whose entry ids are the event numbers, so ``e
 and a ``Last-Event-ID`` resume are one XRANGE, and ``follow`` tails a task that another node
 runs with ``XREAD BLOCK`` on a pool of connections of its own (redis_follow.py).
 
-Wake-ups: this store's writes notify its TaskNotifier as the SQLite store's do; the other
-stores' writes arrive by pub/sub (redis_wakeups.py). Retention: a task that ends gets a TTL
-(``retain_s`` and half again: the purge normally deletes it first and exactly, the TTL is the
-backstop when no node purges), and ``purge`` deletes what finished before its cutoff in small
-batches. Calls go through one pipelined connection of the store's own (redis_conn.py says
-why). Redis unreachable: every method raises StoreUnavailableError within about a second (a
-refused connection at once, a connect timeout of 1 s), and the next call after the server is
-back connects again by itself.
+Wake-ups: this store's writes notify its TaskNotifier as the SQLite store's do; the other stores'
+writes arrive by pub/sub (redis_wakeups.py). Retention: a task that ends gets a TTL (``retain_s``
+and half again: the purge normally deletes it first and exactly, the TTL is the backstop when no
+node purges), and ``purge`` deletes what finished before its cutoff in small batches. Calls go
+through one pipelined connection of the store's own (redis_conn.py says why). Redis unreachable:
+every method raises StoreUnavailableError within about a second (a refused connection at once, a
+connect timeout of 1 s), and the next call after the server is back connects again by itself.
 
 What fails how (for docs/fleet.md): a write that the server applied but whose answer was lost
 raises StoreUnavailableError too; a claim lost so is reaped after the claim TTL, a submit is
@@ -45,7 +44,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import orjson
 
 from gpulane.errors import ConflictError, StaleTokenError, StoreError, StoreUnavailableError
-from gpulane.model import DeviceWish, ErrorKind, Event, Task, TaskSpec, TaskState, task_error
+from gpulane.model import ErrorKind, Event, Task, TaskSpec, TaskState, task_error
 from gpulane.store import redis_scripts as lua
 from gpulane.store import redis_scripts_lanes as lanes
 from gpulane.store import redis_scripts_upkeep as upkeep
@@ -64,7 +63,9 @@ from gpulane.store.base import (
 )
 from gpulane.store.redis_codec import (
     decode_entries,
+    decode_lane_stats,
     decode_queue_stats,
+    decode_queued,
     decode_task,
     event_args,
     new_task,
@@ -278,8 +279,7 @@ class RedisStore:
 
     @_guarded
     async def queued(self, preset: str, lane: str, limit: int) -> list[QueuedTask]:
-        return [QueuedTask(tid.decode(), DeviceWish(wish.decode()), float(created))
-                for tid, wish, created in await self._run(lanes.QUEUED, preset, lane, limit)]
+        return decode_queued(await self._run(lanes.QUEUED, preset, lane, limit))
 
     @_guarded
     async def move_queued(self, task_ids: Sequence[str], lane: str, reason: str,
@@ -296,9 +296,7 @@ class RedisStore:
 
     @_guarded
     async def lane_stats(self) -> Mapping[tuple[str, str], LaneStats]:
-        return {(preset.decode(), lane.decode()): LaneStats(
-                    int(queued), int(running), float(since) if since else None)
-                for preset, lane, queued, running, since in await self._run(lanes.LANE_STATS)}
+        return decode_lane_stats(await self._run(lanes.LANE_STATS))
 
     # -- claim, events, finish ---------------------------------------------------------------
 

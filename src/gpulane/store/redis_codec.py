@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from gpulane.model import DeviceWish, Event, Placement, Task, TaskSpec, TaskState
-from gpulane.store.base import QueueStats
+from gpulane.store.base import LaneStats, QueuedTask, QueueStats
 
 
 def spec_args(task_id: str, spec: TaskSpec) -> list[str | bytes]:
@@ -112,3 +112,16 @@ def decode_queue_stats(flat: Sequence[bytes]) -> dict[str, QueueStats]:
             lanes.setdefault(preset, {})[lane] = int(v)
     return {p: QueueStats(queued.get(p, 0), claimed.get(p, 0), lanes.get(p, {}))
             for p in queued.keys() | claimed.keys()}
+
+
+def decode_queued(rows: Sequence[Sequence[bytes]]) -> list[QueuedTask]:
+    """The QUEUED script's answer: (id, device wish, created_at) per task."""
+    return [QueuedTask(tid.decode(), _WISHES[wish], float(created))
+            for tid, wish, created in rows]
+
+
+def decode_lane_stats(rows: Sequence[Sequence[bytes]]) -> dict[tuple[str, str], LaneStats]:
+    """The LANE_STATS script's answer: (preset, lane, queued, running, oldest created_at)."""
+    return {(preset.decode(), lane.decode()): LaneStats(
+                int(queued), int(running), float(since) if since else None)
+            for preset, lane, queued, running, since in rows}
