@@ -126,8 +126,7 @@ class Node:
         self.drains = Drain(self.name, self.scheduler, self.supervisor, settings.drain_grace_s,
                             fleet=self.fleet, status=self.status_view)
         self.fleet_view = FleetView(self.fleet, self.name)
-        # Queued GPU tasks that leave for the CPU (busy, open circuit, lost GPUs), and what a
-        # lost GPU stops: scheduling/fallback.py, scheduling/device_health.py.
+        # GPU tasks that leave for the CPU, and a lost GPU's work: fallback.py, device_health.py
         self.movers = FallbackMover(
             self.store, lambda: self.registry, self.supervisor, self.ledger,
             record=self.fallbacks.record, on_moved=self.scheduler.wake,
@@ -141,6 +140,7 @@ class Node:
         self.fleet_leases = FleetLeases(self.leases, self.fleet, self.name)
         self.fleet_leases.draining = lambda: self.draining
         self.scheduler.warm_elsewhere = self.fleet_view.warm_elsewhere
+        self.scheduler.scaling.elsewhere = self.fleet_view.serving_elsewhere
         self.scheduler.warm_window_s = settings.warm_window_s
         self.calls: dict[str, Op] = {"drain": self.drains.call_drain,
                                               "resume": self.drains.call_resume}

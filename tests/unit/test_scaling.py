@@ -171,3 +171,28 @@ async def test_the_backlog_is_read_only_while_a_lane_has_session_workers() -> No
     await scale.refresh()
     await scale.refresh()  # fresh for BACKLOG_FRESH_S: not read again
     assert scale.store.reads == 1  # type: ignore[attr-defined]
+
+
+async def test_in_a_fleet_a_node_weighs_only_its_share_of_the_queue() -> None:
+    # 600 queued fleet-wide, 128 tasks/s per worker, 4 s loads: alone, one worker would not
+    # clear it before a new one is ready (4.7 s); with two more workers on other nodes
+    # draining the same queue this node's share is 200 tasks, 1.6 s of work.
+    one = [FakeWorker("w1", busy=True)]
+    scale, sup = _scale(one, queued=600)
+    sup.measures.batch("embed", "gpu", 64, 0.5, full=True)
+    sup.measures.loaded("embed", "gpu", 4.0)
+    await scale.refresh()
+    assert scale.may_add(PRESET, "gpu", one, cap=2)
+    scale.elsewhere = lambda preset, lane: 2 if (preset, lane) == ("embed", "gpu") else 0
+    assert not scale.may_add(PRESET, "gpu", one, cap=2)
+
+
+def test_a_node_registers_the_workers_it_serves_each_lane_with() -> None:
+    from gpulane.fleet import NodeInfo
+
+    info = NodeInfo(name="a", url=None, started_at=1.0, heartbeat_at=2.0,
+                    serving={"embed/gpu": 2})
+    assert NodeInfo.from_json(info.to_json()).serving == {"embed/gpu": 2}
+    old = info.to_json()
+    del old["serving"]  # an entry from a node of an older release
+    assert NodeInfo.from_json(old).serving == {}

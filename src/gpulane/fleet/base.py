@@ -39,12 +39,16 @@ class NodeInfo:
     running: int = 0
     """Tasks it runs now."""
     simulated: bool = False
+    serving: dict[str, int] = field(default_factory=dict)
+    """``preset/lane`` -> its live session workers there (busy or idle): the nodes that
+    drain a queue of the fleet, which each weighs only its share of (scheduling/scaling.py)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "url": self.url, "started_at": self.started_at,
                 "heartbeat_at": self.heartbeat_at, "draining": self.draining,
                 "devices": self.devices, "cpu": self.cpu, "warm": self.warm,
-                "running": self.running, "simulated": self.simulated}
+                "running": self.running, "simulated": self.simulated,
+                "serving": self.serving}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> NodeInfo:
@@ -52,7 +56,8 @@ class NodeInfo:
                    heartbeat_at=d["heartbeat_at"], draining=bool(d.get("draining")),
                    devices=list(d.get("devices", [])), cpu=dict(d.get("cpu", {})),
                    warm=list(d.get("warm", [])), running=int(d.get("running", 0)),
-                   simulated=bool(d.get("simulated")))
+                   simulated=bool(d.get("simulated")),
+                   serving={str(k): int(v) for k, v in dict(d.get("serving", {})).items()})
 
 
 class Fleet(Protocol):

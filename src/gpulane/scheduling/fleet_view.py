@@ -55,6 +55,12 @@ class FleetView:
         still queue submits, since the queue is the fleet's and another node will run them."""
         return any(not n.draining for n in self.others)
 
+    def serving_elsewhere(self, preset: str, lane: str) -> int:
+        """Live session workers of ``preset`` on ``lane`` that other live nodes (not
+        draining) registered: they drain the same fleet-wide queue as this node's."""
+        key = f"{preset}/{lane}"
+        return sum(n.serving.get(key, 0) for n in self.others if not n.draining)
+
     def warm_elsewhere(self, preset: str, lane: str) -> bool:
         """Whether another live node (not draining) has an idle worker of ``preset`` on
         ``lane``."""
@@ -77,10 +83,16 @@ def describe_node(name: str, url: str | None, started_at: float, *, draining: bo
         devices.append(d)
     warm = sorted({f"{w.preset_name}/{w.device.kind}" for w in supervisor.workers.values()
                    if w.session and w.alive and w.idle})
+    serving: dict[str, int] = {}
+    for w in supervisor.workers.values():
+        if w.session and w.alive:
+            key = f"{w.preset_name}/{w.device.kind}"
+            serving[key] = serving.get(key, 0) + 1
     return NodeInfo(name=name, url=url, started_at=started_at, heartbeat_at=time.time(),
                     draining=draining, devices=devices,
                     cpu={**cpu, "in_use": ledger.cpu_used}, warm=warm,
-                    running=len(supervisor.held_runs()), simulated=simulated)
+                    running=len(supervisor.held_runs()), simulated=simulated,
+                    serving=serving)
 
 
 def nodes_view(nodes: Sequence[NodeInfo], now: float | None = None) -> list[dict[str, Any]]:

@@ -17,13 +17,16 @@ burst). Besides the rule:
 The backlog is the lane's queued count from the store's O(1) counters (``QueueStats.lanes``,
 the preset's whole queue on a store that does not count lanes), read at most every
 ``BACKLOG_FRESH_S`` and only while some lane has live session workers, so a pass of a busy
-node usually costs no query.
+node usually costs no query. In a fleet that count is the whole fleet's queue, which every
+node serving the lane drains: a node weighs only its workers' share of it (``elsewhere``,
+the other nodes' live workers of the lane from their registry entries), else each node
+would add workers for the backlog all of them together clear.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from gpulane.devices import usable_cores
 from gpulane.presets import Preset
@@ -92,6 +95,9 @@ class ScaleOut:
         self.cores = usable_cores()
         self._stats: Mapping[str, QueueStats] = {}
         self._read_at = float("-inf")
+        # (preset, lane) -> other live nodes' session workers there (the node sets it from
+        # its fleet view; alone, none).
+        self.elsewhere: Callable[[str, str], int] = lambda preset, lane: 0
 
     async def refresh(self) -> None:
         """Read the backlog counters again when the last reading is stale and some lane has
@@ -112,8 +118,12 @@ class ScaleOut:
         load_s = measures.load_s(preset.name, lane)
         if load_s is None:
             load_s = preset.start_timeout_s / LOAD_GUESS_DIVISOR
+        backlog = backlog_of(self._stats.get(preset.name), lane)
+        others = self.elsewhere(preset.name, lane)
+        if others > 0:  # the fleet's queue: this node's workers drain their share of it
+            backlog = backlog * len(live) // (len(live) + others)
         if not wants_another(live=len(live), loading=sum(1 for w in live if w.loading),
-                             backlog=backlog_of(self._stats.get(preset.name), lane),
+                             backlog=backlog,
                              drain_rate=measures.drain_rate(preset.name, lane),
                              load_s=load_s, cap=cap):
             return False
