@@ -95,7 +95,7 @@ async def _read_within(request: Request, limit: int) -> bytes:
     Content-Length says it will), the rest thrown away first (see the module's docstring)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        await _discard(request, int(declared))
+        await discard_body(request, int(declared))
         raise _too_large(f"{int(declared)} bytes", limit)
     chunks: list[bytes] = []
     size = 0
@@ -104,13 +104,13 @@ async def _read_within(request: Request, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             chunks.clear()
-            await _discard(request, None, stream)
+            await discard_body(request, None, stream)
             raise _too_large(f"over {limit} bytes", limit)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def _discard(request: Request, declared: int | None,
+async def discard_body(request: Request, declared: int | None,
                    stream: AsyncIterator[bytes] | None = None) -> None:
     """Read and drop what is left of the body within DISCARD_MAX_BYTES and DISCARD_MAX_S;
     nothing when its Content-Length already says it is longer than that."""

@@ -16,8 +16,6 @@ input too; an admin key sees every upload.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -25,7 +23,7 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from gpulane.api.auth import caller
-from gpulane.api.bodies import DISCARD_MAX_BYTES, DISCARD_MAX_S
+from gpulane.api.bodies import discard_body
 from gpulane.api.responses import JSON
 from gpulane.api.schemas import ErrorView
 from gpulane.errors import PayloadTooLargeError, RequestError
@@ -93,23 +91,12 @@ async def upload(request: Request, name: NameQuery = None) -> JSON:
     except (PayloadTooLargeError, StorageFullError):
         # Read what is left (within bounds) so that a client that sends its whole body
         # before reading gets the 413 (507) rather than a reset; a longer body is cut off.
-        if size is None or size <= DISCARD_MAX_BYTES:
-            await _discard(chunks)
+        await discard_body(request, size, chunks)
         raise
     except ClientDisconnect:
         raise RequestError("upload_incomplete", "the client left before the whole file "
                            "arrived; nothing was kept: upload it again", field="body") from None
     return JSON(saved.to_json(), status_code=201)
-
-
-async def _discard(chunks: AsyncIterator[bytes]) -> None:
-    thrown = 0
-    with contextlib.suppress(TimeoutError, ClientDisconnect):
-        async with asyncio.timeout(DISCARD_MAX_S):
-            async for chunk in chunks:
-                thrown += len(chunk)
-                if thrown > DISCARD_MAX_BYTES:
-                    return
 
 
 @router.get("/{file_id}", response_model=FileView, responses=_errors(404))
