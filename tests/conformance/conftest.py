@@ -27,6 +27,7 @@ import pytest
 from redis.asyncio import Redis
 
 from gpulane.store import Store, open_store
+from gpulane.store.redis import RedisStore
 from gpulane.store.sqlite import SqliteStore
 
 BACKENDS = ["sqlite-memory", "sqlite-file"]
@@ -85,3 +86,27 @@ async def raw(redis_url: str) -> AsyncIterator[Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def redis_store(redis_url: str) -> AsyncIterator[RedisStore]:
+    """One Redis store on the redis fixture's server, for the tests of what only it has."""
+    s = RedisStore(redis_url)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def two(redis_url: str) -> AsyncIterator[tuple[Store, Store]]:
+    """Two stores on one server, as two nodes of a fleet have."""
+    a, b = open_store(redis_url), open_store(redis_url)
+    await a.open()
+    await b.open()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 
 import pytest
 from redis.asyncio import Redis
@@ -17,21 +17,6 @@ from gpulane.errors import StoreUnavailableError
 from gpulane.model import Event, TaskState
 from gpulane.store import NewEvent, Store, open_store, wait_final
 from gpulane.store.redis import RedisStore
-
-
-@pytest.fixture
-async def two(redis_url: str) -> AsyncIterator[tuple[Store, Store]]:
-    """Two stores on one server, as two nodes of a fleet have."""
-    a, b = open_store(redis_url), open_store(redis_url)
-    await a.open()
-    await b.open()
-    try:
-        yield a, b
-    finally:
-        await a.close()
-        await b.close()
-
-
 
 # -- a fleet's stores see each other ------------------------------------------------------------
 

@@ -5,7 +5,6 @@ call, and a listing filter that few tasks pass (it must not hold the server)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -22,13 +21,9 @@ from gpulane.store.redis import RedisStore
 
 
 @pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[RedisStore]:
-    s = RedisStore(redis_url)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
+def store(redis_store: RedisStore) -> RedisStore:
+    """This module's tests are the Redis store's own (conftest.py's store is per backend)."""
+    return redis_store
 
 
 

@@ -5,7 +5,7 @@ empty as tasks stop running, and each lane method is one round trip."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -14,33 +14,16 @@ from tests.conformance.test_store import claim_one, submit
 from tests.conftest import eventually
 
 from gpulane.model import TaskState
-from gpulane.store import LaneStats, NewEvent, Store, open_store
+from gpulane.store import LaneStats, NewEvent, Store
 from gpulane.store import redis_scripts as lua
 from gpulane.store import redis_scripts_lanes as lanes
 from gpulane.store.redis import RedisStore
 
 
 @pytest.fixture
-async def two(redis_url: str) -> AsyncIterator[tuple[Store, Store]]:
-    """Two stores on one server, as two nodes of a fleet have."""
-    a, b = open_store(redis_url), open_store(redis_url)
-    await a.open()
-    await b.open()
-    try:
-        yield a, b
-    finally:
-        await a.close()
-        await b.close()
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[RedisStore]:
-    s = RedisStore(redis_url)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
+def store(redis_store: RedisStore) -> RedisStore:
+    """This module's tests are the Redis store's own (conftest.py's store is per backend)."""
+    return redis_store
 
 
 async def _true(value: bool) -> bool:
