@@ -90,8 +90,8 @@ async def serve_live(node: Node) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def node_api(tmp_path: Path, *, paused: bool = False,
-                   **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+async def node_with_api(tmp_path: Path, *, paused: bool = False,
+                        **settings: Any) -> AsyncIterator[tuple[Node, httpx.AsyncClient]]:
     """A node started with these settings (its scheduler paused if asked, so tasks stay
     queued) and an in-process client of its app; the node is stopped after."""
     n = Node(make_settings(tmp_path, **settings))
@@ -100,9 +100,17 @@ async def node_api(tmp_path: Path, *, paused: bool = False,
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(
                 app=create_app(n, manage_node=False)), base_url="http://t") as api:
-            yield api
+            yield n, api
     finally:
         await stop_node(n)
+
+
+@contextlib.asynccontextmanager
+async def node_api(tmp_path: Path, *, paused: bool = False,
+                   **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """node_with_api's client alone."""
+    async with node_with_api(tmp_path, paused=paused, **settings) as (_, api):
+        yield api
 
 
 def route_table(app: FastAPI) -> list[tuple[str, str]]:

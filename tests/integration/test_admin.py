@@ -9,11 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
-from gpulane.api.app import create_app
 from gpulane.model import TaskSpec
 from gpulane.node import Node
 from tests.conftest import eventually
-from tests.integration.conftest import make_settings, stop_node, submit, wait_done
+from tests.integration.conftest import node_api, submit, wait_done
 
 SLEEP_WORKER = Path(__file__).parents[2] / "examples" / "presets" / "workers" / "sleep_worker.py"
 
@@ -84,14 +83,8 @@ def _preset(name: str, **fields: Any) -> str:
 async def reloadable(tmp_path: Path) -> AsyncIterator[tuple[Path, httpx.AsyncClient]]:
     file = tmp_path / "presets.yaml"
     file.write_text("presets:\n" + _preset("a"))
-    node = Node(make_settings(tmp_path, presets=[str(file)], examples=False))
-    await node.start()
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(
-                app=create_app(node, manage_node=False)), base_url="http://t") as api:
-            yield file, api
-    finally:
-        await stop_node(node)
+    async with node_api(tmp_path, presets=[str(file)], examples=False) as api:
+        yield file, api
 
 
 async def _names(api: httpx.AsyncClient) -> list[str]:

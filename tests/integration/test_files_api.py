@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gpulane.api.app import create_app
 from gpulane.client import AsyncClient, Client
 from gpulane.node import Node
 from tests.integration.conftest import make_settings, serve_live, stop_node
@@ -46,13 +45,6 @@ async def node(tmp_path: Path, root: Path) -> AsyncIterator[Node]:
         yield n
     finally:
         await stop_node(n)
-
-
-@pytest.fixture
-async def api(node: Node) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(
-            app=create_app(node, manage_node=False)), base_url="http://t") as c:
-        yield c
 
 
 def uploads(node: Node) -> list[str]:

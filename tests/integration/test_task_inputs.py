@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 import pytest
 
-from gpulane.api.app import create_app
 from gpulane.files import Files
 from gpulane.node import Node
 from tests.integration.conftest import make_settings, stop_node
@@ -32,13 +31,6 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
         yield n
     finally:
         await stop_node(n)
-
-
-@pytest.fixture
-async def api(node: Node) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(
-            app=create_app(node, manage_node=False)), base_url="http://t") as c:
-        yield c
 
 
 async def test_a_keyed_repeat_whose_upload_is_gone_gets_its_task(api: httpx.AsyncClient) -> None:

@@ -16,12 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
-from gpulane.api.app import create_app
 from gpulane.model import Priority
 from gpulane.node import Node
 from gpulane.scheduling.priorities import IDLE_PRIORITY
 from tests.conftest import eventually
-from tests.integration.conftest import make_settings, stop_node, submit, wait_done
+from tests.integration.conftest import node_with_api, submit, wait_done
 
 GPU_MB = 24576
 """Each simulated GPU of the test node (2x24GiB)."""
@@ -33,14 +32,8 @@ BIG_MB = 20000
 
 @pytest.fixture
 async def pair(tmp_path: Path) -> AsyncIterator[tuple[Node, httpx.AsyncClient]]:
-    n = Node(make_settings(tmp_path, task_preempt_grace_s=10))
-    await n.start()
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(
-                app=create_app(n, manage_node=False)), base_url="http://t") as api:
-            yield n, api
-    finally:
-        await stop_node(n)
+    async with node_with_api(tmp_path, task_preempt_grace_s=10) as both:
+        yield both
 
 
 async def _lease(api: httpx.AsyncClient, **body: Any) -> httpx.Response:
