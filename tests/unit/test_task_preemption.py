@@ -52,6 +52,21 @@ def _setup() -> tuple[Ledger, FakeSupervisor, TaskPreemption]:
     return ledger, sup, TaskPreemption(ledger, sup, grace_s=5.0)  # type: ignore[arg-type]
 
 
+def _two_background() -> tuple[Ledger, FakeSupervisor, TaskPreemption, list[bool]]:
+    """gpu:0 holding two background workers of 10,000 MB each (BIG needs both gone), and the
+    list each on_release call appends to."""
+    ledger = Ledger([DeviceSnapshot(0, "GPU-0", "sim", GPU_MB, 0, None, None, None, None,
+                                    None, simulated=True)], cpu_slots=2)
+    sup = FakeSupervisor()
+    for wid in ("bg1", "bg2"):
+        ledger.acquire(wid, 0, 10000, priority=10)
+        sup.views[wid] = View(wid)
+    pre = TaskPreemption(ledger, sup, grace_s=5.0)  # type: ignore[arg-type]
+    released: list[bool] = []
+    pre.on_release = lambda: released.append(True)
+    return ledger, sup, pre, released
+
+
 def test_the_cheapest_lower_priority_workers_on_one_device_are_preempted() -> None:
     _ledger, sup, pre = _setup()
     assert pre.preempt_for(BIG, 90, lease_reserved=set())
@@ -102,16 +117,7 @@ def test_a_lost_gpu_is_never_cleared() -> None:
 
 
 def test_room_freed_in_part_is_held_so_a_lease_cannot_take_it() -> None:
-    # gpu:0 holds two background workers (10,000 MB each): BIG (20,000 MB) needs both gone.
-    ledger = Ledger([DeviceSnapshot(0, "GPU-0", "sim", GPU_MB, 0, None, None, None, None,
-                                    None, simulated=True)], cpu_slots=2)
-    sup = FakeSupervisor()
-    for wid in ("bg1", "bg2"):
-        ledger.acquire(wid, 0, 10000, priority=10)
-        sup.views[wid] = View(wid)
-    pre = TaskPreemption(ledger, sup, grace_s=5.0)  # type: ignore[arg-type]
-    released: list[bool] = []
-    pre.on_release = lambda: released.append(True)
+    ledger, sup, pre, released = _two_background()
     assert pre.preempt_for(BIG, 90, lease_reserved=set())
     assert sorted(w for w, _ in sup.preempted) == ["bg1", "bg2"]
     ledger.release("bg1")  # the first victim exits: 14,576 MB free, not yet enough
@@ -130,15 +136,7 @@ def test_room_freed_in_part_is_held_so_a_lease_cannot_take_it() -> None:
 
 
 def test_a_clearing_given_up_releases_the_part_it_held() -> None:
-    ledger = Ledger([DeviceSnapshot(0, "GPU-0", "sim", GPU_MB, 0, None, None, None, None,
-                                    None, simulated=True)], cpu_slots=2)
-    sup = FakeSupervisor()
-    for wid in ("bg1", "bg2"):
-        ledger.acquire(wid, 0, 10000, priority=10)
-        sup.views[wid] = View(wid)
-    pre = TaskPreemption(ledger, sup, grace_s=5.0)  # type: ignore[arg-type]
-    released: list[bool] = []
-    pre.on_release = lambda: released.append(True)
+    ledger, _sup, pre, released = _two_background()
     pre.preempt_for(BIG, 90, lease_reserved=set())
     ledger.release("bg1")
     pre.hold_freed_room()
