@@ -6,44 +6,38 @@ A task whose input has ``crash: true`` kills the worker (a poison input: a segfa
 model), whatever batch it is in; ``progress: true`` streams a progress event for the task first.
 """
 
-import json
 import os
 import sys
 import time
 
+from session_loop import serve
+
 OOM_ABOVE = int(os.environ.get("BATCHY_OOM_ABOVE") or -1)
 
 
+def run_batch(tasks):
+    n = len(tasks)
+    if any((t["input"] or {}).get("crash") for t in tasks):
+        sys.stderr.write(f"Fatal Python error: Segmentation fault (batch of {n})\n")
+        sys.stderr.flush()
+        os._exit(139)
+    lines = [{"event": "progress", "task": t["task"], "done": 0, "total": 1}
+             for t in tasks if (t["input"] or {}).get("progress")]
+    if OOM_ABOVE >= 0 and n > OOM_ABOVE:
+        for t in tasks:
+            lines.append({"event": "finish", "task": t["task"], "status": "failed",
+                          "error": {"kind": "oom", "message": "CUDA out of memory"}})
+    else:
+        time.sleep(max((t["input"] or {}).get("ms", 0) for t in tasks) / 1000)
+        for t in tasks:
+            lines.append({"event": "result", "task": t["task"],
+                          "output": {"batch_size": n}})
+            lines.append({"event": "finish", "task": t["task"], "status": "completed"})
+    return lines
+
+
 def main():
-    out = sys.stdout
-    out.write(json.dumps({"event": "worker", "status": "ready"}) + "\n")
-    out.flush()
-    for line in sys.stdin:
-        op = json.loads(line)
-        if op["op"] == "shutdown":
-            return
-        if op["op"] != "run":
-            continue
-        tasks = op["tasks"]
-        n = len(tasks)
-        if any((t["input"] or {}).get("crash") for t in tasks):
-            sys.stderr.write(f"Fatal Python error: Segmentation fault (batch of {n})\n")
-            sys.stderr.flush()
-            os._exit(139)
-        lines = [{"event": "progress", "task": t["task"], "done": 0, "total": 1}
-                 for t in tasks if (t["input"] or {}).get("progress")]
-        if OOM_ABOVE >= 0 and n > OOM_ABOVE:
-            for t in tasks:
-                lines.append({"event": "finish", "task": t["task"], "status": "failed",
-                              "error": {"kind": "oom", "message": "CUDA out of memory"}})
-        else:
-            time.sleep(max((t["input"] or {}).get("ms", 0) for t in tasks) / 1000)
-            for t in tasks:
-                lines.append({"event": "result", "task": t["task"],
-                              "output": {"batch_size": n}})
-                lines.append({"event": "finish", "task": t["task"], "status": "completed"})
-        out.write("".join(json.dumps(x) + "\n" for x in lines))
-        out.flush()
+    serve(run_batch)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ while that file exists, the worker dies while loading on a GPU (its start circui
 the CPU it starts as usual.
 """
 
-import json
 import os
 import sys
 import time
+
+from session_loop import serve
 
 DEVICE = os.environ.get("GPULANE_DEVICE", "cpu")
 ON_GPU = DEVICE.startswith("gpu")
@@ -22,31 +23,24 @@ def main():
     if ON_GPU and broken and os.path.exists(broken):
         sys.stderr.write("Traceback: load() raised RuntimeError: CUDA driver error\n")
         sys.exit(1)
-    out = sys.stdout
-    out.write(json.dumps({"event": "worker", "status": "ready"}) + "\n")
-    out.flush()
-    for line in sys.stdin:
-        op = json.loads(line)
-        if op["op"] == "shutdown":
-            return
-        if op["op"] != "run":
+    serve(run_batch)
+
+
+def run_batch(tasks):
+    lines = []
+    for t in tasks:
+        inp = t["input"] or {}
+        if ON_GPU and inp.get("oom_on_gpu"):
+            lines.append({"event": "finish", "task": t["task"], "status": "failed",
+                          "error": {"kind": "oom", "message": "CUDA out of memory"}})
             continue
-        tasks = op["tasks"]
-        lines = []
-        for t in tasks:
-            inp = t["input"] or {}
-            if ON_GPU and inp.get("oom_on_gpu"):
-                lines.append({"event": "finish", "task": t["task"], "status": "failed",
-                              "error": {"kind": "oom", "message": "CUDA out of memory"}})
-                continue
-            released = inp.get("until") and os.path.exists(inp["until"])
-            gpu_ms = inp.get("gpu_ms", 0) if ON_GPU and not released else 0
-            time.sleep((inp.get("ms", 0) + gpu_ms) / 1000)
-            lines.append({"event": "result", "task": t["task"],
-                          "output": {"device": DEVICE, "batch_size": len(tasks)}})
-            lines.append({"event": "finish", "task": t["task"], "status": "completed"})
-        out.write("".join(json.dumps(x) + "\n" for x in lines))
-        out.flush()
+        released = inp.get("until") and os.path.exists(inp["until"])
+        gpu_ms = inp.get("gpu_ms", 0) if ON_GPU and not released else 0
+        time.sleep((inp.get("ms", 0) + gpu_ms) / 1000)
+        lines.append({"event": "result", "task": t["task"],
+                      "output": {"device": DEVICE, "batch_size": len(tasks)}})
+        lines.append({"event": "finish", "task": t["task"], "status": "completed"})
+    return lines
 
 
 if __name__ == "__main__":
