@@ -19,7 +19,6 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from gpulane.api.auth import caller
@@ -27,26 +26,13 @@ from gpulane.api.bodies import discard_body
 from gpulane.api.responses import JSON
 from gpulane.api.schemas import ErrorView
 from gpulane.errors import PayloadTooLargeError, RequestError
-from gpulane.files import NAME_MAX_CHARS, Files, StorageFullError
+from gpulane.files import NAME_MAX_CHARS, Files, StorageFullError, Upload
 from gpulane.node import Node
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 NAME_QUERY_MAX_CHARS = 4 * NAME_MAX_CHARS
 """Longest ``?name=`` taken (422 above); what is kept is cut to NAME_MAX_CHARS."""
-
-
-class FileView(BaseModel):
-    """An upload as the API shows it."""
-
-    id: str
-    bytes: int
-    sha256: str
-    content_type: str
-    name: str | None
-    created_at: float
-    expires_at: float
-    uploaded_by: str | None
 
 
 NameQuery = Annotated[str | None, Query(
@@ -75,7 +61,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, object]]:
     return {s: {"model": ErrorView} for s in statuses}
 
 
-@router.post("", status_code=201, response_model=FileView, openapi_extra=UPLOAD_BODY,
+@router.post("", status_code=201, response_model=Upload, openapi_extra=UPLOAD_BODY,
              responses=_errors(400, 408, 413, 422, 507))
 async def upload(request: Request, name: NameQuery = None) -> JSON:
     """Store the request body as a file that task inputs may name by its ``id``."""
@@ -99,7 +85,7 @@ async def upload(request: Request, name: NameQuery = None) -> JSON:
     return JSON(saved.to_json(), status_code=201)
 
 
-@router.get("/{file_id}", response_model=FileView, responses=_errors(404))
+@router.get("/{file_id}", response_model=Upload, responses=_errors(404))
 async def get_file(request: Request, file_id: str) -> JSON:
     """An upload's record: size, SHA-256, type, name, when it expires."""
     # On a worker thread, as every file operation here: files_dir may be shared storage.
@@ -107,7 +93,7 @@ async def get_file(request: Request, file_id: str) -> JSON:
     return JSON(found.to_json())
 
 
-@router.delete("/{file_id}", response_model=FileView, responses=_errors(404))
+@router.delete("/{file_id}", response_model=Upload, responses=_errors(404))
 async def delete_file(request: Request, file_id: str) -> JSON:
     """Remove an upload now (tasks that name it and have not run yet will not find it);
     answers its record."""
