@@ -185,16 +185,10 @@ class OutcomeWriter:
 
     def _requeue_unspent(self, task_id: str, token: int, event: dict[str, object]) -> Write:
         async def write() -> None:
-            try:
-                await self.store.requeue(task_id, token, None, events=[NewEvent(
-                    EventType.ERROR.value, {**event, "retrying": True})], spent=False)
-            except StoreUnavailableError:
-                raise
-            except StaleTokenError:
-                pass  # ended elsewhere (cancelled, reaped): nothing left to put back
-            except Exception:
-                log.exception("task %s could not go back to the queue (%s); it does once its "
-                              "claim expires", task_id, event.get("kind"))
+            await _landed(self.store.requeue(task_id, token, None, events=[NewEvent(
+                EventType.ERROR.value, {**event, "retrying": True})], spent=False),
+                "task %s could not go back to the queue (%s); it does once its claim expires",
+                task_id, event.get("kind"))
         return write
 
     async def gpu_oom(self, runs: list[TaskRun], device: str) -> None:
@@ -252,18 +246,11 @@ class OutcomeWriter:
                   NewEvent(FALLBACK_EVENT, {"reason": reason, **fallback, "to": lane})]
 
         async def write() -> None:
-            try:
-                await self.store.requeue(task_id, token, None, events=events, spent=False,
-                                         lane=lane, fallback_reason=reason)
-            except StoreUnavailableError:
-                raise
-            except StaleTokenError:
-                return  # ended elsewhere (cancelled, reaped): nothing left to put back
-            except Exception:
-                log.exception("task %s could not go to the %s queue (%s); it goes back to "
-                              "its own once its claim expires", task_id, lane, reason)
-                return
-            self.listener.fell_back(reason, preset, 1)
+            if await _landed(self.store.requeue(task_id, token, None, events=events,
+                                                spent=False, lane=lane, fallback_reason=reason),
+                             "task %s could not go to the %s queue (%s); it goes back to its "
+                             "own once its claim expires", task_id, lane, reason):
+                self.listener.fell_back(reason, preset, 1)
         return write
 
     async def retry(self, task_id: str, token: int, error: dict[str, object],
@@ -281,3 +268,20 @@ class OutcomeWriter:
                               "claim expires", task_id)
         await self._through(f"the retry of task {task_id}", write)
         self.listener.capacity_changed()
+
+
+async def _landed(requeue: Awaitable[object], failure: str, *args: object) -> bool:
+    """Whether an unspent requeue landed: one whose attempt ended elsewhere (cancelled,
+    reaped) has nothing left to put back, and any other failure is logged with ``failure``
+    (its claim expires and the task goes back then); a store that is away is raised for
+    _through to retry."""
+    try:
+        await requeue
+    except StoreUnavailableError:
+        raise
+    except StaleTokenError:
+        return False
+    except Exception:
+        log.exception(failure, *args)
+        return False
+    return True
