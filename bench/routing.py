@@ -84,26 +84,21 @@ SCALEOUT_GOALS = {"2x24GiB": 2.0, "1x24GiB": 3.4}
 """Concurrent over sequential embed rate, per simulated GPU spec."""
 SLEEP_WORKER = REPO / "examples" / "presets" / "workers" / "sleep_worker.py"
 
-PRESETS = """\
-# Written by bench/routing.py: the sleep worker on one GPU worker and up to {cpu} CPU workers.
-presets:
-  - name: route-strict
+PRESET = """\
+  - name: {name}
     argv: [{python}, {worker}]
     devices: [gpu, cpu]
     vram_mb: {vram}
     replicas: {cpu}
     batch: {{max_size: 1}}
     idle_unload_s: 600
-  - name: route-busy
-    argv: [{python}, {worker}]
-    devices: [gpu, cpu]
-    vram_mb: {vram}
-    replicas: {cpu}
-    batch: {{max_size: 1}}
-    idle_unload_s: 600
+"""
+"""One bench preset: the two differ only in route-busy's fallback lines (BUSY_FALLBACK)."""
+BUSY_FALLBACK = """\
     fallback: [no_gpu, busy, error, oom]
     fallback_after_ms: {after_ms}
 """
+"""What route-busy has that route-strict has not: it falls back to the CPU."""
 
 
 # --- servers -------------------------------------------------------------------------------
@@ -125,8 +120,13 @@ def serve(procs: Procs, tmp: Path, name: str, gpus: str, *extra: str,
 
 def write_presets(tmp: Path, after_ms: int) -> Path:
     path = tmp / "routing-presets.yaml"
-    path.write_text(PRESETS.format(python=sys.executable, worker=SLEEP_WORKER, vram=GPU_VRAM_MB,
-                                   cpu=CPU_WORKERS, after_ms=after_ms))
+    fields = {"python": sys.executable, "worker": SLEEP_WORKER, "vram": GPU_VRAM_MB,
+              "cpu": CPU_WORKERS}
+    path.write_text(
+        f"# Written by bench/routing.py: the sleep worker on one GPU worker and up to "
+        f"{CPU_WORKERS} CPU workers.\npresets:\n"
+        + PRESET.format(name="route-strict", **fields)
+        + PRESET.format(name="route-busy", **fields) + BUSY_FALLBACK.format(after_ms=after_ms))
     return path
 
 
