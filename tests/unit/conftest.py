@@ -18,3 +18,14 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     await s.open()
     yield s
     await s.close()
+
+
+class Clock:
+    """A clock that stands still until a test moves ``now``: pass it where the code under test
+    takes a ``clock`` (a callable that returns seconds)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now

@@ -11,14 +11,7 @@ from gpulane.scheduling.admission import (
     Admission,
 )
 from gpulane.store.base import QueueStats
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.conftest import Clock
 
 
 def test_within_the_limit_nothing_is_refused() -> None:

@@ -7,14 +7,7 @@ from __future__ import annotations
 from gpulane.presets import BatchSettings
 from gpulane.runtime.batcher import Batcher
 from gpulane.runtime.poison import SUSPECT_TTL_S, CrashCeiling
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.conftest import Clock
 
 
 def test_halving_ends_at_one_and_never_rises_while_suspects_remain() -> None:

@@ -7,18 +7,11 @@ from typing import Any
 
 from gpulane.model import TaskSpec
 from gpulane.scheduling.fallbacks import BUCKET_S, WINDOWS_S, FallbackLog
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 10_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.conftest import Clock
 
 
 def test_counts_and_rates_by_reason_and_preset() -> None:
-    clock = Clock()
+    clock = Clock(10_000.0)
     log = FallbackLog(clock)
     log.record("gpu_busy", "embed", 30)
     clock.now += 120  # two minutes on: out of the 1 m window, inside the 15 m one
@@ -38,7 +31,7 @@ def test_counts_and_rates_by_reason_and_preset() -> None:
 
 
 def test_the_log_stays_small_however_many_fall_back() -> None:
-    clock = Clock()
+    clock = Clock(10_000.0)
     log = FallbackLog(clock)
     for _ in range(2000):  # 2,000 bulk submits of 500 CPU-bound tasks each, 0.9 s apart
         log.submitted([TaskSpec(preset="p", input=None, lane="cpu", fallback_reason="no_gpu")

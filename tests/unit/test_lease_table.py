@@ -18,19 +18,12 @@ from gpulane.scheduling import leases as leases_mod
 from gpulane.scheduling.leases import LeaseManager, LeaseRequest, LeaseState
 from gpulane.scheduling.ledger import Ledger
 from tests.conftest import settle
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.conftest import Clock
 
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1_000_000.0)
 
 
 @pytest.fixture

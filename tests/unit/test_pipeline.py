@@ -17,6 +17,7 @@ from gpulane.runtime.pipeline import Pipeline
 from gpulane.runtime.worker import Worker
 from gpulane.runtime.worker_process import WorkerProcess, WorkerState
 from gpulane.store import Finish
+from tests.unit.conftest import Clock
 
 
 class FakeProc(WorkerProcess):
@@ -73,20 +74,12 @@ class Listener:
         self.heard.append("capacity")
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def make(store: FakeStore, *, pipelines: bool = False
          ) -> tuple[Pipeline, Worker, Listener, Clock]:
     preset = Preset(name="batched", argv=("python", "w.py"), devices=(DeviceKind.CPU,),
                     batch=BatchSettings(max_size=2, adaptive=False))
     worker = Worker(FakeProc(pipelines=pipelines), preset)
-    listener, clock = Listener(), Clock()
+    listener, clock = Listener(), Clock(100.0)
     spawned: list[Coroutine[object, object, None]] = []
     pipeline = Pipeline(store, {worker.id: worker}, listener,  # type: ignore[arg-type]
                         spawn=spawned.append, stop=lambda w: None, clock=clock)

@@ -5,14 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gpulane.api.ratelimit import RateLimiter, burst_of, retry_after_s
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.conftest import Clock
 
 
 def test_a_burst_goes_through_then_the_rate_holds() -> None:
