@@ -18,10 +18,12 @@ that a CI image missing it cannot pass silently.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from redis.asyncio import Redis
@@ -68,14 +70,23 @@ def durable_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return _make_backend(request.param, request, tmp_path)
 
 
-@pytest.fixture
-async def store(backend: Backend) -> AsyncIterator[Store]:
-    s = backend.make()
+S = TypeVar("S", bound=Store)
+
+
+@contextlib.asynccontextmanager
+async def opened(s: S) -> AsyncIterator[S]:
+    """``s`` opened, and closed after."""
     await s.open()
     try:
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[Store]:
+    async with opened(backend.make()) as s:
+        yield s
 
 
 @pytest.fixture
@@ -91,22 +102,12 @@ async def raw(redis_url: str) -> AsyncIterator[Redis]:
 @pytest.fixture
 async def redis_store(redis_url: str) -> AsyncIterator[RedisStore]:
     """One Redis store on the redis fixture's server, for the tests of what only it has."""
-    s = RedisStore(redis_url)
-    await s.open()
-    try:
+    async with opened(RedisStore(redis_url)) as s:
         yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture
 async def two(redis_url: str) -> AsyncIterator[tuple[Store, Store]]:
     """Two stores on one server, as two nodes of a fleet have."""
-    a, b = open_store(redis_url), open_store(redis_url)
-    await a.open()
-    await b.open()
-    try:
+    async with opened(open_store(redis_url)) as a, opened(open_store(redis_url)) as b:
         yield a, b
-    finally:
-        await a.close()
-        await b.close()
