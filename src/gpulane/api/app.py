@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from gpulane import __version__
-from gpulane.api import admin, files, leases, system, tasks
+from gpulane.api import admin, dashboard, files, leases, status_stream, system, tasks
 from gpulane.api.auth import OPEN_PATHS, Guard, rate_limited
 from gpulane.api.keys import KeyRing, load_keys
 from gpulane.api.requests import BulkSubmit, LeaseBody, RenewBody, TaskSubmit
@@ -58,7 +58,8 @@ def create_app(node: Node, *, manage_node: bool = True, keys: KeyRing | None = N
     # The hot routes go into the app's own table, flat and first: the calls every task makes
     # match at once, without the walk through FastAPI's included routers.
     app.router.routes[0:0] = tasks.hot.routes
-    for router in (tasks.router, system.router, leases.router, admin.router, files.router):
+    for router in (tasks.router, system.router, leases.router, admin.router, files.router,
+                   status_stream.router, dashboard.router):
         app.include_router(router)
     app.add_middleware(HotEntrance, routes=tasks.hot.routes)
     app.add_middleware(Guard, keys=keys, settings=node.settings)  # outside the table: all

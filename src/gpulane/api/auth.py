@@ -31,11 +31,14 @@ from gpulane.api.responses import JSON
 from gpulane.config import Settings
 from gpulane.errors import RequestError, TooManyRequestsError, UnsupportedMediaTypeError
 
-__all__ = ["OPEN_PATHS", "SCOPE_TABLE", "Caller", "Forbidden", "Guard", "Unauthorized",
-           "caller", "check_owner", "rate_limited", "scope_for"]
+__all__ = ["OPEN_PATHS", "OPEN_PREFIXES", "SCOPE_TABLE", "Caller", "Forbidden", "Guard",
+           "Unauthorized", "caller", "check_owner", "rate_limited", "scope_for"]
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-"""Paths that never need a key: probes carry no credentials, and these hold no data."""
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
+"""Paths that never need a key: probes carry no credentials, and these hold no data (``/`` is
+the dashboard's page, which asks its user for a key before it reads anything)."""
+OPEN_PREFIXES = ("/static/",)
+"""Path prefixes that never need a key: the dashboard's script and style (api/dashboard.py)."""
 READ_METHODS = frozenset({"GET", "HEAD"})
 """Methods that only read."""
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -139,7 +142,7 @@ class Guard:
         # prefix or served with a root_path, scope["path"] keeps the prefix, and reading it
         # would let /prefix/v1/... through unguarded.
         path = get_route_path(scope)
-        if path in OPEN_PATHS:
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         try:

@@ -32,7 +32,7 @@ from gpulane.runtime.worker_process import WorkerState
 from gpulane.scheduling.admission import Admission
 from gpulane.scheduling.fallbacks import FallbackLog
 from gpulane.scheduling.housekeeping import Housekeeper
-from gpulane.scheduling.ledger import Ledger
+from gpulane.scheduling.ledger import GpuAccount, Ledger
 from gpulane.store import Store
 from gpulane.store.base import LaneStats
 
@@ -148,5 +148,26 @@ def gpus_status(gpus: Sequence[DeviceSnapshot], ledger: Ledger,
             "simulated": snap.simulated, "total_vram_mb": snap.total_vram_mb,
             "declared_vram_mb": None if acct is None else acct.declared_mb,
             "free_vram_mb": None if acct is None else acct.free_mb,
+            "held_vram_mb": held_by_kind(acct), "outside_vram_mb": outside_use_mb(snap, acct),
             "workers": sorted(w.id for w in workers if snap.index in _gpu_indexes(w.device))})
     return out
+
+
+def held_by_kind(acct: GpuAccount | None) -> dict[str, int]:
+    """VRAM the ledger declares on a GPU by kind of holder: ``worker`` (gpulane's own),
+    ``lease`` (outside services through the API), ``clearing`` (room being freed)."""
+    held = {"worker": 0, "lease": 0, "clearing": 0}
+    for h in (acct.holdings.values() if acct is not None else ()):
+        held[h.kind] = held.get(h.kind, 0) + h.vram_mb
+    return held
+
+
+def outside_use_mb(snap: DeviceSnapshot, acct: GpuAccount | None) -> int | None:
+    """VRAM in use by processes gpulane did not declare: what the driver says is used beyond
+    the ledger's declarations (a simulated GPU reports only such outside use); None when the
+    reading is N/A."""
+    if snap.used_vram_mb is None:
+        return None
+    if snap.simulated or acct is None:
+        return snap.used_vram_mb
+    return max(snap.used_vram_mb - acct.declared_mb, 0)
