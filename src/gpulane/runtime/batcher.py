@@ -1,5 +1,6 @@
 """How many queued tasks one session worker takes at a time, and how long it waits for them.
 
+Sizes count items, not tasks (runtime/items.py): a task of 32 texts is 32 of ``max_size``.
 A preset's ``batch`` settings give the bounds (``max_size``, ``max_wait_ms``) and the mode:
 
 * fixed (``adaptive: false``): every batch takes up to ``max_size`` tasks;
@@ -35,6 +36,7 @@ GROWTH_FACTOR = 2.0
 class BatchStats:
     batches: int = 0
     tasks: int = 0
+    items: int = 0  # what the batches held: a task of N texts is N (runtime/items.py)
     last_size: int = 0
     last_latency_ms: float | None = None
     ooms: int = 0
@@ -63,17 +65,27 @@ class Batcher:
         size = min(self._limit, self.ceiling)
         return max(1, size if cap is None else min(size, cap))
 
+    def tasks_for(self, items: int) -> int:
+        """How many tasks to claim for ``items`` items of room: by the mean items per task
+        seen so far (one each before any), at least one."""
+        s = self.stats
+        per_task = s.items / s.tasks if s.tasks else 1.0
+        return max(1, int(items / per_task))
+
     @property
     def waits(self) -> bool:
         """Whether a batch that is not full should wait up to ``max_wait_s`` for more."""
         return self.max_wait_s > 0 and self.size > 1
 
-    def observe(self, n: int, seconds: float, *, full: bool) -> None:
-        """A batch of ``n`` tasks took ``seconds`` from being sent to its last finish; ``full``
-        when it took as many as it was allowed (more were probably waiting)."""
+    def observe(self, n: int, seconds: float, tasks: int | None = None, *,
+                full: bool) -> None:
+        """A batch of ``n`` items (in ``tasks`` tasks, ``n`` when not said) took ``seconds``
+        from being sent to its last finish; ``full`` when it took as many as it was allowed
+        (more were probably waiting)."""
         s = self.stats
         s.batches += 1
-        s.tasks += n
+        s.tasks += n if tasks is None else tasks
+        s.items += n
         s.last_size = n
         s.last_latency_ms = round(seconds * 1000, 3)
         s.busy_s += seconds
@@ -107,7 +119,8 @@ class Batcher:
                 "max_size": self.max_size, "ceiling": self.ceiling,
                 "target_latency_ms": None if self.target_s is None else self.target_s * 1000,
                 "max_wait_ms": self.max_wait_s * 1000, "batches": s.batches, "tasks": s.tasks,
-                "mean_size": round(s.tasks / s.batches, 2) if s.batches else None,
+                "items": s.items,
+                "mean_size": round(s.items / s.batches, 2) if s.batches else None,
                 "last_size": s.last_size, "last_latency_ms": s.last_latency_ms,
                 "busy_s": round(s.busy_s, 6), "ooms": s.ooms,
                 "crash_ceiling": None if self.crash is None else self.crash.cap}

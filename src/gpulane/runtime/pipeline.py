@@ -27,6 +27,7 @@ from collections.abc import Callable, Coroutine, Iterable
 
 from gpulane.model import DeviceWish, ErrorKind, Task, TaskState, task_error
 from gpulane.protocol import EventType, WorkerMessage, run_op
+from gpulane.runtime.items import fit
 from gpulane.runtime.measures import LaneMeasures
 from gpulane.runtime.outcomes import OutcomeWriter
 from gpulane.runtime.poison import CrashCeiling
@@ -98,7 +99,7 @@ class Pipeline:
         if worker.state is not WorkerState.READY:
             return  # still booting: the batch goes out once it is ready
         batcher = worker.batcher
-        if batcher is not None and len(worker.runs) < batcher.size and batcher.waits:
+        if batcher is not None and worker.held_items < batcher.size and batcher.waits:
             if worker.forming is None:
                 worker.forming = asyncio.get_running_loop().call_later(
                     batcher.max_wait_s, self._flush, worker)
@@ -137,22 +138,22 @@ class Pipeline:
         if not runs:
             return  # the last _settle gave the worker (and its CPU slot) back
         # The cap fell since these were claimed (a crash ceiling, an OOM): the rest go back.
-        size = worker.batch_size
-        runs, over = runs[:size], runs[size:]
+        size = worker.batcher.size if worker.batcher is not None else 1  # items: see items.py
+        runs, over, items = fit(runs, size)
         proc = worker.proc
         proc.state = WorkerState.BUSY
         proc.last_used = time.monotonic()  # the idle reaper's clock, as in Worker.release
         now = self._clock()
         sent = worker.sent
-        sent.append(SentBatch({r.id for r in runs}, len(runs), len(runs) >= worker.batch_size,
-                              None if sent else now))
+        sent.append(SentBatch({r.id for r in runs}, len(runs), items >= size,
+                              None if sent else now, items))
         if len(sent) == 1:
             self._time_next_batch(worker)
         if over:  # settled while the batch is owed: the worker stays busy with it
             again = self._settle_unsent(over)
             self._spawn(self.outcomes.requeue_unspent(again, {
                 "kind": "batch_cut", "message": f"the preset's batches are now at most {size} "
-                                                f"tasks: runs in a later batch"}))
+                                                f"items: runs in a later batch"}))
         if not proc.send(run_op([(r.id, r.task.input) for r in runs])):
             proc.kill()  # its exit fails these attempts and retries them
             return
@@ -324,7 +325,7 @@ class Pipeline:
             ended = True
             done = sent.popleft()
             if worker.batcher is not None and done.started is not None:
-                worker.batcher.observe(done.size, now - done.started, full=done.full)
+                worker.batcher.observe(done.items, now - done.started, done.size, full=done.full)
                 self.measures.batch(worker.preset_name, worker.device.kind, done.size,
                                     now - done.started, full=done.full)
             if sent:

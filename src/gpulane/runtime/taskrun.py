@@ -8,6 +8,7 @@ from typing import Any
 from gpulane.model import Task
 from gpulane.presets import Preset
 from gpulane.protocol import EventType, WorkerMessage
+from gpulane.runtime.items import items_of
 from gpulane.store import NewEvent
 
 _UNSET: Any = object()
@@ -37,6 +38,11 @@ class TaskRun:
     @property
     def id(self) -> str:
         return self.task.id
+
+    @property
+    def items(self) -> int:
+        """What it counts towards its batch (runtime/items.py)."""
+        return items_of(self.task.input)
 
     def take(self, msg: WorkerMessage) -> tuple[NewEvent | None, bool]:
         """Record a message; returns (event to write now or None, whether it is held)."""

@@ -38,6 +38,7 @@ class SentBatch:
     size: int
     full: bool  # it took as many tasks as the batcher allowed: more were probably waiting
     started: float | None  # when the worker could start it; None while one runs before it
+    items: int = 0  # what its tasks count towards the batch (runtime/items.py)
 
 
 def _cancel(timer: asyncio.TimerHandle | None) -> None:
@@ -103,8 +104,14 @@ class Worker:
 
     @property
     def batch_size(self) -> int:
-        """How many tasks its next batch may take."""
-        return self.batcher.size if self.batcher is not None else 1
+        """How many tasks its next batch may take: its batcher's size in items over the mean
+        items per task (runtime/items.py)."""
+        return self.batcher.tasks_for(self.batcher.size) if self.batcher is not None else 1
+
+    @property
+    def held_items(self) -> int:
+        """The items of the runs it holds."""
+        return sum(r.items for r in self.runs.values())
 
     @property
     def loading(self) -> bool:
