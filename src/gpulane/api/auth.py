@@ -51,6 +51,8 @@ ANY_KEY = ""
 SCOPE_TABLE: tuple[tuple[frozenset[str] | None, str, str], ...] = (
     (None, "/v1/tasks", "tasks"),
     (None, "/v1/files", "tasks"),  # uploads are task inputs
+    (None, "/v1/embeddings", "tasks"),  # the OpenAI face (api/openai.py) submits tasks
+    (None, "/v1/chat", "tasks"),
     (None, "/v1/leases", "leases"),
     (None, "/v1/admin", "admin"),
     (READ_METHODS, "/", ANY_KEY),  # presets, gpus, workers, status, the API description

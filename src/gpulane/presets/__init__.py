@@ -20,6 +20,7 @@ from gpulane.presets.schema import (
     Mode,
     Preset,
     Runtime,
+    Serves,
     parse_size_mb,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "Preset",
     "PresetRegistry",
     "Runtime",
+    "Serves",
     "check_file",
     "example_presets_dir",
     "load_file",

@@ -51,6 +51,13 @@ class FallbackKind(str, enum.Enum):
     OOM = "oom"  # out of device memory in a batch of one
 
 
+class Serves(str, enum.Enum):
+    """What a preset serves through the OpenAI-compatible routes (api/openai.py)."""
+
+    EMBEDDINGS = "embeddings"  # POST /v1/embeddings: input {"texts": [...]}, output vectors
+    CHAT = "chat"  # POST /v1/chat/completions: input {"text": ...}, streams text_delta
+
+
 DEFAULT_FALLBACK = (FallbackKind.NO_GPU, FallbackKind.ERROR, FallbackKind.OOM)
 """Without ``busy``: for most models the CPU is many times slower than a busy GPU's queue,
 so leaving the queue is a choice a preset makes (with its fallback_after_ms)."""
@@ -112,6 +119,7 @@ class Preset(pydantic.BaseModel):
     fallback: tuple[FallbackKind, ...] = DEFAULT_FALLBACK
     fallback_after_ms: float = Field(default=DEFAULT_FALLBACK_AFTER_MS, gt=0,
                                      allow_inf_nan=False)
+    serves: tuple[Serves, ...] = ()  # listed by GET /v1/models, named as its `model`
     description: str = ""
     workdir: str | None = None
     source: str | None = None
@@ -152,6 +160,11 @@ class Preset(pydantic.BaseModel):
             d["fallback"] = [lowercase(x) for x in v]
         if isinstance(d.get("accepts"), str):
             d["accepts"] = [d["accepts"]]
+        v = d.get("serves")
+        if isinstance(v, str):  # "embeddings" or "chat"
+            v = [v]
+        if isinstance(v, list | tuple):
+            d["serves"] = [lowercase(x) for x in v]
         if isinstance(d.get("batch"), int) and not isinstance(d["batch"], bool):
             d["batch"] = {"max_size": d["batch"]}  # `batch: 8` is short for max_size 8
         return d
@@ -162,6 +175,14 @@ class Preset(pydantic.BaseModel):
         if len(set(v)) != len(v):
             raise _bad("fallback", "lists a kind twice",
                        "list each of no_gpu, busy, error, oom at most once")
+        return v
+
+    @field_validator("serves")
+    @classmethod
+    def _check_serves(cls, v: tuple[Serves, ...]) -> tuple[Serves, ...]:
+        if len(set(v)) != len(v):
+            raise _bad("serves", "lists a kind twice",
+                       "list each of embeddings, chat at most once")
         return v
 
     @field_validator("name", "env", "devices", "accepts", "image")
