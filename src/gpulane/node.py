@@ -50,6 +50,7 @@ from gpulane.scheduling.housekeeping import PURGE_INTERVAL_S, Housekeeper
 from gpulane.scheduling.intake import Intake
 from gpulane.scheduling.leases import Lease, LeaseManager, LeaseRequest
 from gpulane.scheduling.ledger import Ledger
+from gpulane.scheduling.metrics import NodeMetrics
 from gpulane.scheduling.router import GPU_LANE, route
 from gpulane.scheduling.scheduler import CapacityEvents, Scheduler
 from gpulane.scheduling.status import status_body
@@ -142,10 +143,10 @@ class Node:
         self.scheduler.warm_elsewhere = self.fleet_view.warm_elsewhere
         self.scheduler.scaling.elsewhere = self.fleet_view.serving_elsewhere
         self.scheduler.warm_window_s = settings.warm_window_s
-        self.calls: dict[str, Op] = {"drain": self.drains.call_drain,
-                                              "resume": self.drains.call_resume}
-        self.calls.update(self.fleet_leases.ops())  # lease.acquire, .renew, .release
+        self.calls: dict[str, Op] = {"drain": self.drains.call_drain,  # and the lease ops
+                                     "resume": self.drains.call_resume, **self.fleet_leases.ops()}
         self.started_at = time.time()
+        self.metrics = NodeMetrics(self)  # GET /metrics; times the store's calls from here on
 
     @staticmethod
     def _load_registry(settings: Settings) -> PresetRegistry:
@@ -494,7 +495,6 @@ class Node:
         return [w.to_json() for w in self.supervisor.workers.values()]
 
     async def status_view(self) -> dict[str, Any]:
-        """The node at a glance (scheduling/status.py): its queues by preset and lane, its
-        workers, devices and fallbacks, and the housekeeping of its store."""
+        """The node at a glance: queues, workers, devices, fallbacks (scheduling/status.py)."""
         return await status_body(self, {"leases": self.leases.table_size(),
                                         "task_notifier": len(self.store.notifier)})

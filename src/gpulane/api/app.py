@@ -18,6 +18,7 @@ from gpulane import __version__
 from gpulane.api import admin, dashboard, files, leases, status_stream, system, tasks
 from gpulane.api.auth import OPEN_PATHS, Guard, rate_limited
 from gpulane.api.keys import KeyRing, load_keys
+from gpulane.api.metrics import router as metrics_router
 from gpulane.api.openai import router as openai_router
 from gpulane.api.requests import BulkSubmit, LeaseBody, RenewBody, TaskSubmit
 from gpulane.api.responses import JSON
@@ -62,6 +63,7 @@ def create_app(node: Node, *, manage_node: bool = True, keys: KeyRing | None = N
     for router in (tasks.router, system.router, leases.router, admin.router, files.router,
                    status_stream.router, dashboard.router):
         app.include_router(router)
+    app.include_router(metrics_router)  # GET /metrics, keyed as the status view is
     app.include_router(openai_router)  # /v1/models, /v1/embeddings, /v1/chat/completions
     app.add_middleware(HotEntrance, routes=tasks.hot.routes)
     app.add_middleware(Guard, keys=keys, settings=node.settings)  # outside the table: all

@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
 
+from gpulane.metrics import Meters
 from gpulane.model import DeviceWish, ErrorKind, Task, TaskState, task_error
 from gpulane.protocol import EventType, WorkerMessage, run_op
 from gpulane.runtime.items import fit
@@ -65,18 +66,16 @@ class Pipeline:
         self.crash_ceilings: dict[str, CrashCeiling] = {}  # preset -> its poison isolation
         self.outcomes = OutcomeWriter(store, listener)
         self.measures = LaneMeasures()  # the supervisor hands in its own
+        self.meters = Meters()  # the node's metrics hand in theirs (task ends, batches)
 
     def crash_ceiling(self, preset: str) -> CrashCeiling:
         """The preset's crash ceiling (runtime/poison.py), shared by all its workers."""
-        ceiling = self.crash_ceilings.get(preset)
-        if ceiling is None:
-            ceiling = self.crash_ceilings[preset] = CrashCeiling()
-        return ceiling
+        return self.crash_ceilings.setdefault(preset, CrashCeiling())
 
-    def resolved(self, run: TaskRun) -> None:
-        """The run reached a final outcome: its task is no longer suspected of crashing."""
-        ceiling = self.crash_ceilings.get(run.preset.name)
-        if ceiling is not None:
+    def resolved(self, run: TaskRun, state: TaskState, error: dict[str, object] | None) -> None:
+        """The run reached a final outcome: counted, and its task no longer suspected."""
+        self.meters.task_ended(run.task, state.value, error)
+        if (ceiling := self.crash_ceilings.get(run.preset.name)) is not None:
             ceiling.resolved(run.id)
 
     # -- 1. form ---------------------------------------------------------------------------------
@@ -158,6 +157,7 @@ class Pipeline:
             proc.kill()  # its exit fails these attempts and retries them
             return
         self.arm_watchdog(worker)
+        self.meters.batch_sent(worker.preset_name, worker.device.kind, len(runs))
 
     def _time_next_batch(self, worker: Worker) -> None:
         """A batch started running: its successor may start forming (see ``dispatch``) once
@@ -230,7 +230,7 @@ class Pipeline:
                     to_cpu.append(run)
                 else:
                     ends.append(end)
-                    self.resolved(run)
+                    self.resolved(run, end.state, end.error)
                 self._settle(run)
                 settled = True
                 continue
@@ -339,7 +339,7 @@ class Pipeline:
         """Write a run's final state once and give its worker back its capacity."""
         if run.cancelled or not self._settle(run):
             return
-        self.resolved(run)
+        self.resolved(run, state, error)
         await self.outcomes.finish_many([Finish(run.id, run.token, state, output=output,
                                                 error=error, events=events or [])])
 

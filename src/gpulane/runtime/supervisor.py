@@ -372,7 +372,7 @@ class Supervisor:
             # cancelled one's: the task waits for the claim-TTL reaper and runs again.
             run.cancelled = False
             raise
-        self.pipeline.resolved(run)
+        self.pipeline.resolved(run, TaskState.CANCELLED, None)
         self._call_off(run)
         return True
 

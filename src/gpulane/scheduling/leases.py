@@ -144,6 +144,7 @@ class LeaseManager:
         self._seq = itertools.count(1)
         self._reserved: dict[int, str] = {}  # device -> the urgent lease it is cleared for
         self._ticker: asyncio.Task[None] | None = None
+        self.preemptions: dict[str, int] = {}  # by holder kind (lease, worker): the metrics
         self.mirror: Callable[[Lease], None] | None = None
         """Told of every change to a lease (the fleet's lease book copies them); None on a
         node of its own."""
@@ -383,6 +384,7 @@ class LeaseManager:
             else:
                 log.info("worker %s preempted by lease %s", h.holder, lease.id)
                 self.preempt_worker(h.holder, req.grace_s)
+            self.preemptions[h.kind] = self.preemptions.get(h.kind, 0) + 1
 
     # -- endings -----------------------------------------------------------------------------
 
