@@ -13,6 +13,7 @@ from gpulane.cli import client, server
 from gpulane.cli.exec import exec_cmd
 from gpulane.cli.files import upload_cmd
 from gpulane.cli.routes import routes_cmd
+from gpulane.cli.top import top_cmd
 
 __all__ = ["main"]
 
@@ -28,3 +29,4 @@ server.register(main)
 main.add_command(exec_cmd)
 main.add_command(upload_cmd)
 main.add_command(routes_cmd)
+main.add_command(top_cmd)

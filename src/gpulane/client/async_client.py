@@ -248,6 +248,10 @@ class AsyncClient(ClientBase):
     async def workers(self) -> JSON:
         return await self._call(core.simple_get("/v1/workers"))
 
+    async def leases(self) -> JSON:
+        """The leases that are waiting or held, in the whole fleet (never their tokens)."""
+        return await self._call(core.simple_get("/v1/leases"))
+
     async def status(self) -> JSON:
         """The node: draining or not, each preset's queue, max_queued and drain rate."""
         return await self._call(core.simple_get("/v1/status"))

@@ -282,6 +282,10 @@ class Client(ClientBase):
     def workers(self) -> JSON:
         return self._call(core.simple_get("/v1/workers"))
 
+    def leases(self) -> JSON:
+        """The leases that are waiting or held, in the whole fleet (never their tokens)."""
+        return self._call(core.simple_get("/v1/leases"))
+
     def status(self) -> JSON:
         """The node: draining or not, each preset's queue, max_queued and drain rate."""
         return self._call(core.simple_get("/v1/status"))
