@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gpulane.cli import progress
 from gpulane.cli.status import render_status
 from gpulane.client import Client
 from gpulane.client._core import DEFAULT_URL, TOKEN_ENV, URL_ENV, is_final
@@ -136,6 +137,10 @@ class _EventPrinter:
         self.err = _stderr()
         self.line_open = False  # stdout holds streamed text without a final newline
         self.saw_text = False
+        # On a terminal, progress events draw a bar (until text streams: the text is then
+        # the progress); piped, each is a plain line on stderr.
+        bar_console = progress.console_factory()
+        self.bar = progress.ProgressBar(bar_console) if bar_console.is_terminal else None
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind, data = event["event"], event["data"]
@@ -145,9 +150,18 @@ class _EventPrinter:
                 return  # the whole text after its deltas: already printed
             if kind == "text" and not str(text).endswith("\n"):
                 text = f"{text}\n"
+            if self.bar is not None:
+                self.bar.stop()
             self._text(str(text))
             self.saw_text = self.saw_text or kind == "text_delta"
             return
+        if self.bar is not None and not self.saw_text:
+            if kind == "progress":
+                self.bar.update(data)
+                return
+            if self.bar.active:
+                self.bar.note(_describe(kind, data), style="dim")
+                return
         if self.line_open and sys.stdout.isatty() and sys.stderr.isatty():
             self._text("\n")  # keep the dim line off the end of the streamed text
         self.err.print(_describe(kind, data), style="dim", markup=False)
@@ -159,6 +173,8 @@ class _EventPrinter:
             self.line_open = not text.endswith("\n")
 
     def end_line(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
         if self.line_open:
             click.echo("")
             self.line_open = False
@@ -171,15 +187,8 @@ def _describe(kind: str, data: dict[str, Any]) -> str:
         where = f" on {placement['device']}" if placement.get("device") else ""
         reason = data.get("reason") or data.get("fallback_reason")
         return f"· {data.get('state', '?')}{where}" + (f" ({reason})" if reason else "")
-    if kind == "progress":
-        parts = []
-        value = data.get("progress", data.get("pct"))
-        if isinstance(value, int | float):
-            parts.append(f"{value * 100:.0f}%" if value <= 1 else f"{value:.0f}%")
-        if data.get("message"):
-            parts.append(str(data["message"]))
-        if parts:
-            return "· progress " + " ".join(parts)
+    if kind == "progress" and (line := progress.describe(data)):
+        return f"· {line}"
     if kind == "worker" and "status" in data:
         return f"· worker {data['status']}"
     if kind == "log" and "line" in data:
@@ -227,10 +236,12 @@ def run_cmd(preset: str | None, input_value: Any, device: str, gpu: bool | None,
                 click.echo(_dumps(task))
             else:
                 printer = _EventPrinter()
-                for event in client.events(str(task["id"])):
-                    printer(event)
-                task = _wait_final(client, task)
-                printer.end_line()
+                try:  # the bar is stopped (the terminal's cursor back) on Ctrl-C too
+                    for event in client.events(str(task["id"])):
+                        printer(event)
+                    task = _wait_final(client, task)
+                finally:
+                    printer.end_line()
                 if task.get("state") == "succeeded":
                     click.echo(_dumps(task.get("output")))
         except KeyboardInterrupt:
