@@ -73,13 +73,18 @@ def fallbacks_per_min(status: dict[str, Any]) -> float | None:
     return float(sum(r for r in rates if isinstance(r, int | float)))
 
 
+def _view(body: Any) -> dict[str, Any]:
+    """A view's body, or {} when it is not an object (something else answers at that URL)."""
+    return body if isinstance(body, dict) else {}
+
+
 def read(client: Client, frame: Frame, meter: RateMeter) -> None:
     """One reading into ``frame``. Raises TransportError (no answer) or APIError."""
-    frame.status = client.status()
-    frame.gpus = client.gpus()
-    frame.workers = client.workers()
+    frame.status = _view(client.status())
+    frame.gpus = _view(client.gpus())
+    frame.workers = _view(client.workers())
     try:
-        frame.leases = client.leases()
+        frame.leases = _view(client.leases())
         frame.leases_note = None
     except APIError as exc:
         if exc.status != 403:
