@@ -30,8 +30,7 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
                     10.0, 30.0, 60.0, 300.0, math.inf)
 """Histogram buckets for a task's request, queue and compute durations, in seconds: from a
 no-op batch (a millisecond) to a long one-off job (minutes)."""
-STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                 1.0, math.inf)
+STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, math.inf)
 """Histogram buckets for one store call, in seconds: SQLite answers in tens of microseconds,
 Redis over a network in a millisecond or so."""
 MAX_REASONS = 32
@@ -40,10 +39,10 @@ names its own error kinds, and a label's values must stay few)."""
 SUCCEEDED = "succeeded"
 """The outcome (TaskState's value) counted as a success; every other final state fails."""
 STORE_OPS = ("submit", "submit_many", "get", "claim", "append_events", "finish_many",
-             "requeue", "queued", "move_queued", "queue_stats", "lane_stats", "cancel_queued",
-             "heartbeat", "reap", "purge", "queue_heads")
-"""The store calls timed by ``timed_store``: the hot path (submit, claim, events, finish)
-and the periodic ones that could stall it."""
+             "requeue", "queue_stats", "lane_stats")
+"""The store calls ``timed_store`` times: those every task makes (submit, claim, events,
+finish, a result read) and the node's queue readings. Each costs a histogram's series in every
+scrape, so the periodic upkeep (heartbeat, reap, purge) is left out."""
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 

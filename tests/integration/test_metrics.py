@@ -20,6 +20,7 @@ async def _scrape(api: httpx.AsyncClient) -> list[Sample]:
     r = await api.get("/metrics")
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert r.headers["server-timing"].startswith("scrape;dur=")  # the node's own time
     return [s for fam in text_string_to_metric_families(r.text) for s in fam.samples]
 
 

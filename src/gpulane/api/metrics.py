@@ -9,6 +9,8 @@ keys answers anyone, as every route there does.
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Request, Response
 
 from gpulane.node import Node
@@ -26,4 +28,8 @@ async def metrics(request: Request) -> Response:
     """This node's metrics: tasks by preset, lane and outcome, durations, queues, workers,
     GPUs, leases, fallbacks, store latency (docs/metrics.md)."""
     node: Node = request.app.state.node
-    return Response(await node.metrics.scrape(), media_type=CONTENT_TYPE)
+    start = time.perf_counter()
+    body = await node.metrics.scrape()
+    # The node's own time for the scrape (the rest of a scrape's latency is HTTP's).
+    took = f"scrape;dur={(time.perf_counter() - start) * 1000:.3f}"
+    return Response(body, media_type=CONTENT_TYPE, headers={"Server-Timing": took})
