@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 import pytest
 from rich.console import Console
 
 from gpulane.cli import progress
+from gpulane.cli.client import _EventPrinter
 from tests.unit.test_cli_client import FakeServer, invoke, sse, task
 
 
@@ -58,7 +60,7 @@ def test_on_a_terminal_run_draws_a_bar(monkeypatch: pytest.MonkeyPatch) -> None:
     bar = drawn.splitlines()[-1]  # the bar's last state stays on screen
     assert "step 4" in bar and "100%" in bar and "4/4" in bar and "━" in bar
     assert "running on gpu:0" in res.stderr  # before the first progress event: plain
-    assert "· succeeded" in drawn  # once the bar stands, other events print above it
+    assert "· succeeded" in res.stderr  # stderr is no terminal here: its lines stay there
     assert " 0%" not in drawn  # the bar starts where the first event says
     assert "progress" not in res.stderr  # none as plain lines
 
@@ -87,3 +89,18 @@ def test_a_bar_with_no_measure_shows_its_message() -> None:
     assert not bar.active
     text = console.export_text()
     assert "· worker ready" in text and "loading weights" in text and "50%" in text
+
+
+def test_with_both_on_a_terminal_other_events_print_above_the_bar(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    console = Console(record=True, force_terminal=True, width=100, file=io.StringIO())
+    monkeypatch.setattr(progress, "console_factory", lambda: console)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    printer = _EventPrinter()
+    printer({"event": "progress", "data": {"done": 1, "total": 2}})
+    printer({"event": "worker", "data": {"status": "ready"}})
+    printer({"event": "progress", "data": {"done": 2, "total": 2}})
+    printer.end_line()
+    # The record holds every redraw of the bar, their cursor moves left out.
+    lines = console.export_text().splitlines()
+    assert lines[0].endswith("· worker ready") and "100% 2/2" in lines[-1]

@@ -159,7 +159,7 @@ class _EventPrinter:
             if kind == "progress":
                 self.bar.update(data)
                 return
-            if self.bar.active:
+            if self.bar.active and sys.stderr.isatty():  # 2>file still gets its lines
                 self.bar.note(_describe(kind, data), style="dim")
                 return
         if self.line_open and sys.stdout.isatty() and sys.stderr.isatty():
