@@ -40,12 +40,14 @@ def narrowed(document: dict[str, Any]) -> dict[str, Any]:
     """The published document, with what would block a run for minutes taken out.
 
     - Event streams (``.../events``) stay open until their task or lease ends, minutes for a
-      generated one, so they are left out; tests/integration covers them.
+      generated one, and the status stream (``/v1/status/stream``) until its client leaves,
+      so they are left out; tests/integration covers them.
     - ``wait`` (submit, result) and a lease's ``wait_s`` are bounded: a generated long-poll
       or lease wait would hold its request for up to 300 s or an hour.
     """
     doc = copy.deepcopy(document)
-    doc["paths"] = {p: item for p, item in doc["paths"].items() if not p.endswith("/events")}
+    doc["paths"] = {p: item for p, item in doc["paths"].items()
+                    if not p.endswith(("/events", "/stream"))}
     for item in doc["paths"].values():
         for operation in item.values():
             for param in operation.get("parameters", []):
