@@ -11,6 +11,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from gpulane.errors import StoreUnavailableError
 from gpulane.node import Node
 from tests.conftest import eventually
 from tests.integration.conftest import submit, wait_done
@@ -117,7 +118,20 @@ async def test_queue_depth_and_cancels(api: httpx.AsyncClient, node: Node) -> No
         got = await _scrape(api)
         return got if _value(got, "gpulane_queue_depth", preset="behave") == 0 else None
 
-    samples = await eventually(drained)
-    assert _value(samples, "gpulane_inference_request_success_total", preset="behave") == 2
+    final = await eventually(drained)
+    assert final is not None
+    assert _value(final, "gpulane_inference_request_success_total", preset="behave") == 2
     # Cancelled while queued: it never reached a worker, so it is no request's outcome.
-    assert _value(samples, "gpulane_inference_request_failure_total", preset="behave") == 0
+    assert _value(final, "gpulane_inference_request_failure_total", preset="behave") == 0
+
+
+async def test_scrape_answers_with_the_store_away(api: httpx.AsyncClient, node: Node) -> None:
+    async def away() -> None:
+        raise StoreUnavailableError("redis://127.0.0.1:1/0 is unreachable")
+
+    node.store.lane_stats = away  # type: ignore[assignment,method-assign]
+    samples = await _scrape(api)
+    assert _value(samples, "gpulane_store_up") == 0
+    # Queues unknown are left out, not shown empty; the rest is the node's own.
+    assert not [s for s in samples if s.name == "gpulane_queue_depth"]
+    assert _value(samples, "gpulane_gpu_memory_total_bytes") == 2 * 24 * 1024**3

@@ -166,7 +166,9 @@ class StateCollector(Collector):
         workers = _gauge("workers", "This node's workers by state", ("preset", "lane", "state"))
         for (preset, lane, state), count in sorted(counts.items()):
             workers.add_metric([n, preset, lane, state.value], count)
-        yield from (depth, running, oldest, workers)
+        if self.store_up:  # else the queues are unknown, not empty
+            yield from (depth, running, oldest)
+        yield workers
 
     def _gpus(self, n: str) -> Iterator[Metric]:
         """Each GPU as the last device poll read it (DCGM's fields), and as the ledger holds
