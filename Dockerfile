@@ -21,7 +21,7 @@ WORKDIR /opt/gpulane
 # (pip install 'gpulane[models]').
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install . && rm -rf src
+RUN pip install . && rm -rf src build
 
 COPY examples/presets ./examples/presets
 

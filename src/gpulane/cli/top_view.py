@@ -197,9 +197,10 @@ def _leases_table(leases: dict[str, Any], note: str | None) -> Table:
     # A preempting lease still holds its VRAM until it lets go or its grace ends.
     held = sum(1 for lease in rows if lease.get("state") in ("granted", "preempting"))
     waiting = sum(1 for lease in rows if lease.get("state") == "waiting")
-    table = _table(f"leases ({held} held, {waiting} waiting)", "lease", "holder", "state",
-                   "node", "gpu", "VRAM MiB", "prio", "expires s")
-    table.caption = note
+    counts = "" if note else f" ({held} held, {waiting} waiting)"  # not known without them
+    table = _table(f"leases{counts}", "lease", "holder", "state", "node", "gpu", "VRAM MiB",
+                   "prio", "expires s")
+    table.caption, table.caption_justify = note, "left"
     now = time.time()
     for lease in rows:
         expires = lease.get("expires_at")
