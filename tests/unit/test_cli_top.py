@@ -189,6 +189,7 @@ def test_a_key_without_the_leases_scope_sees_the_rest(monkeypatch: pytest.Monkey
     res = invoke(handler, monkeypatch, "top", "--once", env={"COLUMNS": "140"})
     assert res.exit_code == 0, res.output
     assert "this key has no leases scope" in res.stdout and "embed-gpu0-1" in res.stdout
+    assert "leases (" not in res.stdout  # no counts it cannot know
 
 
 def stop_after(ticks: int) -> Callable[[float], None]:
