@@ -59,13 +59,22 @@ def task_state(driver: WebDriver, task_id: str) -> str | None:
     return cells[0].get_attribute("data-state") if cells else None
 
 
-def submit(server: Server, preset: str, inp: dict[str, Any], key: str | None = None) -> str:
+def submit(server: Server, preset: str, inp: dict[str, Any], key: str | None = None,
+           device: str = "cpu") -> str:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     r = httpx.post(f"{server.url}/v1/tasks", headers=headers, timeout=10,
-                   json={"preset": preset, "input": inp, "device": "cpu"})
+                   json={"preset": preset, "input": inp, "device": device})
     assert r.status_code == 202, r.text
     task_id: str = r.json()["id"]
     return task_id
+
+
+def held_width(driver: WebDriver, kind: str) -> float:
+    """The widest VRAM bar segment of one kind of holder, in percent of its GPU."""
+    widths = driver.execute_script(
+        "return [...document.querySelectorAll('#gpus .seg.' + arguments[0])]"
+        ".map(e => parseFloat(e.style.width))", kind)
+    return max(widths, default=0.0)
 
 
 def test_the_page_goes_live_and_shows_a_task_through_to_succeeded(
@@ -92,6 +101,15 @@ def test_the_page_goes_live_and_shows_a_task_through_to_succeeded(
     assert "<img src=x id=pwned" in shown  # the input as text, not as an element
     assert not chrome.find_elements(By.ID, "pwned") and chrome.title == "gpulane"
     assert chrome.find_element(By.ID, "events-task").text == task_id
+
+    # VRAM by holder: a GPU worker's declared VRAM, and a lease with its row in the table.
+    submit(server, "sleep", {"ms": 5}, device="gpu")
+    wait(chrome, lambda d: held_width(d, "worker") > 0, "a GPU worker's VRAM in a bar")
+    lease = httpx.post(f"{server.url}/v1/leases", timeout=10,
+                       json={"holder": "<b>trainer</b>", "vram_mb": 8192, "ttl_s": 60}).json()
+    wait(chrome, lambda d: held_width(d, "lease") > 30, "the lease's VRAM in a bar")
+    row = chrome.find_element(By.CSS_SELECTOR, "#leases tbody tr")
+    assert lease["id"] in row.text and "<b>trainer</b>" in row.text
 
     shot = artifacts / "dashboard.png"
     assert chrome.save_screenshot(str(shot)) and shot.stat().st_size > 0

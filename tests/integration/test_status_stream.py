@@ -46,10 +46,10 @@ async def served(tmp_path: Path, **settings: Any) -> AsyncIterator[tuple[FastAPI
         await stop_node(node)
 
 
-async def first_status(response: httpx.Response) -> dict[str, Any]:
-    """The data of the first ``status`` event of an open stream."""
+async def first_status(lines: AsyncIterator[str]) -> dict[str, Any]:
+    """The data of the next ``status`` event of an open stream's lines."""
     event = None
-    async for line in response.aiter_lines():
+    async for line in lines:
         if line.startswith("event: "):
             event = line[7:]
         elif line.startswith("data: ") and event == "status":
@@ -89,7 +89,7 @@ async def test_the_stream_sends_status_nodes_workers_and_the_newest_tasks(
         async with c.stream("GET", "/v1/status/stream", params={"interval_s": 0.5}) as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
-            body = await first_status(r)
+            body = await first_status(r.aiter_lines())
         assert body["status"]["node"] == body["nodes"][0]["name"]
         gpu = body["status"]["devices"][0]
         assert gpu["held_vram_mb"] == {"worker": 0, "lease": 0, "clearing": 0}
@@ -109,7 +109,7 @@ async def test_a_key_sees_in_the_stream_only_what_its_scopes_let_it_read(
             async with c.stream("GET", "/v1/status/stream",
                                 headers={"Authorization": f"Bearer {key}"}) as r:
                 assert r.status_code == 200
-                body = await first_status(r)
+                body = await first_status(r.aiter_lines())
             assert (body["tasks"] is not None) is tasks_seen
             assert (body["leases"] is not None) is leases_seen
         wrong = await c.get("/v1/status/stream", headers={"Authorization": "Bearer k-nobody"})
@@ -121,7 +121,7 @@ async def test_a_stream_gives_its_slot_back_when_the_client_leaves_and_a_full_no
     async with served(tmp_path) as (app, url), httpx.AsyncClient(base_url=url) as c:
         app.state.status_streams = room = StreamSlots(limit=1)
         async with c.stream("GET", "/v1/status/stream") as r:
-            await first_status(r)
+            await first_status(r.aiter_lines())
             assert room.open == 1
             busy = await c.get("/v1/status/stream")
             assert busy.status_code == 503 and busy.headers["retry-after"] == "5"
@@ -130,3 +130,19 @@ async def test_a_stream_gives_its_slot_back_when_the_client_leaves_and_a_full_no
         async with c.stream("GET", "/v1/status/stream") as r:
             assert r.status_code == 200
 
+
+
+async def test_a_drain_to_exit_ends_the_stream_so_the_server_can_exit(tmp_path: Path) -> None:
+    async with served(tmp_path) as (app, url), httpx.AsyncClient(base_url=url) as c:
+        node: Node = app.state.node
+        async with c.stream("GET", "/v1/status/stream", params={"interval_s": 0.5}) as r:
+            lines = r.aiter_lines()
+            await first_status(lines)
+            node.drain(exit=True)
+            statuses = [line async for line in lines if line == "event: status"]
+        assert len(statuses) <= 2  # at most the one on its way, then the one that says so
+        async with c.stream("GET", "/v1/status/stream") as r:  # a reconnect: one, then the end
+            lines = r.aiter_lines()
+            last = await first_status(lines)
+            assert [line async for line in lines if line] == []
+        assert last["status"]["draining"] is True

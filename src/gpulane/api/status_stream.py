@@ -10,7 +10,8 @@ nothing its routes would refuse.
 Bounded: a body is built only after the one before it was handed to the connection, so a slow
 reader holds one body, never a queue of them; at most :data:`MAX_STREAMS` streams run at
 once per app (503 with Retry-After beyond that); a stream ends when its client leaves
-(Starlette cancels the generator on the disconnect).
+(Starlette cancels the generator on the disconnect), and after one status once the node
+drains to exit (else an open dashboard would keep the server from exiting).
 
 The page reads this stream with ``fetch()`` rather than ``EventSource``, so it can send the key
 in the Authorization header (docs/dashboard.md says why that over a ticket in the URL).
@@ -125,6 +126,11 @@ async def _events(node: Node, room: StreamSlots, interval_s: float, *, tasks: bo
         while True:
             body = await stream_body(node, tasks=tasks, leases=leases)
             yield b"event: status\ndata: %s\n\n" % orjson.dumps(body)
+            if node.drains.exiting:
+                # The server waits for open answers before it exits: a stream that never
+                # ends would hold a drain to exit (SIGTERM) forever. The page reconnects and
+                # gets one status (draining) a time, until the node is gone.
+                return
             await asyncio.sleep(interval_s)
     finally:
         room.give()

@@ -22,6 +22,11 @@ from gpulane.errors import ConfigError, PresetError
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_GRACE_S = 5.0
+"""Once the server stops (after a drain to exit, or on Ctrl+C), how long answers still open may
+run before they are cut: an event stream or a dashboard tab left open would otherwise hold
+the process forever (clients resume with Last-Event-ID, the page reconnects)."""
+
 
 def is_loopback(host: str) -> bool:
     """Whether binding ``host`` is reachable from this machine only ('localhost' counts;
@@ -135,7 +140,7 @@ def serve(config_file: str | None, host: str | None, port: int | None,
     app = create_app(node, keys=api_keys)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(), access_log=False,
-                            lifespan="on")
+                            lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     server = DrainingServer(config, node)
     server.run()
     if not server.started:
