@@ -67,6 +67,8 @@ async def test_the_page_and_its_files_are_open_strict_and_revalidated(tmp_path: 
         assert page.headers["x-content-type-options"] == "nosniff"
         assert page.headers["cache-control"] == "no-cache"
         assert b'src="/static/app.js"' in page.content and b"<script>" not in page.content
+        head = await c.head("/")
+        assert head.content == b"" and head.headers["content-length"] == str(len(page.content))
         again = await c.get("/", headers={"If-None-Match": page.headers["etag"]})
         assert again.status_code == 304 and again.content == b""
         js = await c.get("/static/app.js")

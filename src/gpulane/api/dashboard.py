@@ -61,8 +61,8 @@ def _answer(request: Request, asset: Asset) -> Response:
     headers = {**SECURITY_HEADERS, "ETag": asset.etag}
     if asset.etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
-    body = b"" if request.method == "HEAD" else asset.body
-    return Response(body, media_type=asset.media_type, headers=headers)
+    # The server drops the body of a HEAD answer and keeps its Content-Length.
+    return Response(asset.body, media_type=asset.media_type, headers=headers)
 
 
 @router.api_route("/", methods=["GET", "HEAD"])
