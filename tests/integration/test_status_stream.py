@@ -12,12 +12,13 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 import uvicorn
 from fastapi import FastAPI
 
 from gpulane.api.app import create_app
 from gpulane.api.dashboard import CONTENT_SECURITY_POLICY
-from gpulane.api.status_stream import StreamSlots
+from gpulane.api.status_stream import SlotStream, StreamSlots
 from gpulane.node import Node
 from tests.conftest import eventually, free_port
 from tests.integration.conftest import make_settings, stop_node
@@ -148,3 +149,25 @@ async def test_a_drain_to_exit_ends_the_stream_so_the_server_can_exit(tmp_path: 
             last = await first_status(lines)
             assert [line async for line in lines if line] == []
         assert last["status"]["draining"] is True
+
+
+@pytest.mark.parametrize("spec", ["2.3", "2.4"])
+async def test_a_slot_comes_back_when_the_client_left_before_the_first_event(spec: str) -> None:
+    room = StreamSlots(limit=1)
+    room.take()
+    started = []
+
+    async def events() -> AsyncIterator[bytes]:
+        started.append(True)
+        yield b"retry: 2000\n\n"
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        raise OSError("the client is gone")
+
+    scope = {"type": "http", "asgi": {"spec_version": spec}, "method": "GET", "path": "/"}
+    with contextlib.suppress(Exception):
+        await SlotStream(events(), room, headers={})(scope, receive, send)
+    assert started == [] and room.open == 0

@@ -27,6 +27,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from gpulane.api.auth import caller
 from gpulane.api.tasks import errors
@@ -65,6 +66,22 @@ class StreamSlots:
 
     def give(self) -> None:
         self.open -= 1
+
+
+class SlotStream(StreamingResponse):
+    """A streaming answer that gives its slot back when it ends, however it ends (a
+    generator's own ``finally`` would not run if the client left before its first step)."""
+
+    def __init__(self, content: AsyncIterator[bytes], room: StreamSlots,
+                 headers: dict[str, str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self.room = room
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.room.give()
 
 
 def slots(request: Request) -> StreamSlots:
@@ -112,25 +129,21 @@ async def status_stream(request: Request,
     who = caller(request)
     room = slots(request)
     room.take()
-    return StreamingResponse(
-        _events(node, room, interval_s, tasks=who is None or who.allows("tasks"),
+    return SlotStream(
+        _events(node, interval_s, tasks=who is None or who.allows("tasks"),
                 leases=who is None or who.allows("leases")),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        room, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-async def _events(node: Node, room: StreamSlots, interval_s: float, *, tasks: bool,
+async def _events(node: Node, interval_s: float, *, tasks: bool,
                   leases: bool) -> AsyncIterator[bytes]:
-    try:
-        yield b"retry: 2000\n\n"
-        while True:
-            body = await stream_body(node, tasks=tasks, leases=leases)
-            yield b"event: status\ndata: %s\n\n" % orjson.dumps(body)
-            if node.drains.exiting:
-                # The server waits for open answers before it exits: a stream that never
-                # ends would hold a drain to exit (SIGTERM) forever. The page reconnects and
-                # gets one status (draining) a time, until the node is gone.
-                return
-            await asyncio.sleep(interval_s)
-    finally:
-        room.give()
+    yield b"retry: 2000\n\n"
+    while True:
+        body = await stream_body(node, tasks=tasks, leases=leases)
+        yield b"event: status\ndata: %s\n\n" % orjson.dumps(body)
+        if node.drains.exiting:
+            # The server waits for open answers before it exits: a stream that never ends
+            # would hold a drain to exit (SIGTERM) forever. The page reconnects and gets one
+            # status (draining) a time, until the node is gone.
+            return
+        await asyncio.sleep(interval_s)
