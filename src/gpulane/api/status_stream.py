@@ -9,9 +9,10 @@ nothing its routes would refuse.
 
 Bounded: a body is built only after the one before it was handed to the connection, so a slow
 reader holds one body, never a queue of them; at most :data:`MAX_STREAMS` streams run at
-once per app (503 with Retry-After beyond that); a stream ends when its client leaves
-(Starlette cancels the generator on the disconnect), and after one status once the node
-drains to exit (else an open dashboard would keep the server from exiting).
+once per app (503 with Retry-After beyond that), each giving its slot back however its answer
+ends; a stream ends when its client leaves (Starlette cancels the answer on the disconnect),
+and after one status once the node drains to exit (else an open dashboard would keep the
+server from exiting).
 
 The page reads this stream with ``fetch()`` rather than ``EventSource``, so it can send the key
 in the Authorization header (docs/dashboard.md says why that over a ticket in the URL).
