@@ -5,6 +5,7 @@ series carries the node's name, and the series stay the same set however many ta
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -135,3 +136,30 @@ async def test_scrape_answers_with_the_store_away(api: httpx.AsyncClient, node: 
     # Queues unknown are left out, not shown empty; the rest is the node's own.
     assert not [s for s in samples if s.name == "gpulane_queue_depth"]
     assert _value(samples, "gpulane_gpu_memory_total_bytes") == 2 * 24 * 1024**3
+
+
+async def test_lease_preemption_is_counted(api: httpx.AsyncClient) -> None:
+    """Two background leases hold both GPUs; an immediate one asks one of them to step aside:
+    a lease preempting, one waiting, one preemption of a lease."""
+    bg = [(await api.post("/v1/leases", json={"holder": "batch-job", "gpus": 1, "grace_s": 5,
+                                               "priority": "background"})).json()
+          for _ in range(2)]
+    urgent = asyncio.create_task(api.post("/v1/leases", json={
+        "holder": "ml-service", "vram_mb": 8192, "priority": "immediate", "wait_s": 10}))
+
+    async def preempting() -> list[Sample] | None:
+        got = await _scrape(api)
+        return got if _value(got, "gpulane_leases", state="preempting") == 1 else None
+
+    samples = await eventually(preempting)
+    assert samples is not None
+    assert _value(samples, "gpulane_lease_preemptions_total", kind="lease") == 1
+    assert _value(samples, "gpulane_lease_preemptions_total", kind="worker") == 0
+    assert _value(samples, "gpulane_leases", state="waiting") == 1
+    states = [(await api.get(f"/v1/leases/{b['id']}")).json()["state"] for b in bg]
+    victim = bg[states.index("preempting")]
+    await api.delete(f"/v1/leases/{victim['id']}", params={"token": victim["token"]})
+    assert (await urgent).json()["state"] == "granted"
+    after = await _scrape(api)
+    assert _value(after, "gpulane_leases", state="granted") == 2
+    assert _value(after, "gpulane_lease_preemptions_total", kind="lease") == 1
