@@ -37,6 +37,7 @@ from gpulane.api.openai_shapes import (
     stream_error,
 )
 from gpulane.api.responses import JSON
+from gpulane.api.tasks import errors
 from gpulane.errors import NotFoundError, RequestError, UnavailableError, ValidationError
 from gpulane.model import Task, TaskState
 from gpulane.node import Node
@@ -48,6 +49,8 @@ KEEPALIVE_S = 15.0
 """A comment line is sent this often on a quiet stream so proxies keep it open."""
 WAIT_SLACK_S = 5.0
 """Past a preset's start and run timeouts, how much longer a request waits for its task."""
+REFUSALS = (400, 404, 413, 415, 422, 429, 500, 503)
+"""The error statuses a submitting route may answer (500: the task failed, not on its input)."""
 OWNER = "gpulane"
 """``owned_by`` of every model listed."""
 
@@ -122,7 +125,7 @@ async def list_models(request: Request) -> JSON:
         for p in node.registry.values() if p.serves]})
 
 
-@router.get("/models/{model}")
+@router.get("/models/{model}", responses=errors(404))
 async def get_model(request: Request, model: str) -> JSON:
     preset = _node(request).registry.get(model)
     if preset is None or not preset.serves:
@@ -132,7 +135,7 @@ async def get_model(request: Request, model: str) -> JSON:
                  "serves": [s.value for s in preset.serves]})
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", responses=errors(*REFUSALS))
 async def embeddings(request: Request) -> JSON:
     """Embed a string or a list of strings in one task of the preset (a list counts towards
     its batch item by item); ``encoding_format: base64`` sends little-endian float32 bytes."""
@@ -159,7 +162,10 @@ async def embeddings(request: Request) -> JSON:
         return _openai_errors(exc)
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, responses={
+    200: {"content": {"application/json": {}, "text/event-stream": {}},
+          "description": "the whole completion, or its chunks as Server-Sent Events"},
+    **errors(*REFUSALS)})
 async def chat_completions(request: Request) -> JSON | StreamingResponse:
     """A protocol adapter: the last user message's text goes to the preset as ``{"text"}``;
     its ``text_delta`` events come back as chunks (``stream: true``) or as one message."""
