@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from gpulane.cli import top
-from gpulane.cli.top_view import BAR_WIDTH, Frame, render, vram_bar
+from gpulane.cli.top_view import BAR_WIDTH, Frame, render, vram_bar, vram_split
 from tests.unit.test_cli_client import invoke
 
 GPU0 = {"index": 0, "name": "Simulated GPU", "health": "ok", "total_vram_mb": 24000,
@@ -112,16 +112,34 @@ def test_a_frame_shows_gpus_workers_queues_leases_rates_and_nodes() -> None:
 
 
 def test_the_vram_bar_splits_workers_leases_outside_and_free() -> None:
-    bar = vram_bar(GPU0, {"lease-aa"}, width=24)
-    # 3000 of 24000 each for the worker and the lease, 3000 used outside: 3 cells each.
+    # From the GPU's holders: 3000 of 24000 each for the worker and the lease, 3000 used
+    # outside (9000 used, 6000 declared): 3 cells each on a bar of 24.
+    split = vram_split(GPU0, None, {"lease-aa"})
+    assert split == {"workers": 3000, "leases": 3000, "freeing": 0, "outside": 3000}
+    bar = vram_bar(24000, split, width=24)
     spans = {str(span.style): span.end - span.start for span in bar.spans}
     assert spans == {"cyan": 3, "magenta": 3, "yellow": 3, "dim": 15}
     assert len(bar.plain) == 24
     # A holder too small for a cell still gets one; an unknown total draws no bar.
-    tiny = vram_bar({"total_vram_mb": 80000, "used_vram_mb": 0,
-                     "holders": [{"holder": "w", "vram_mb": 10}]}, set())
+    tiny = vram_bar(80000, {"workers": 10})
     assert tiny.plain.startswith("█") and len(tiny.plain) == BAR_WIDTH
-    assert vram_bar({"name": "x"}, set()).plain == "-"
+    assert vram_bar(None, split).plain == "-"
+
+
+def test_the_status_views_split_comes_before_the_holders() -> None:
+    # The ledger's kinds and its outside reading, where the server gives them.
+    status_device = {"index": 0, "held_vram_mb": {"worker": 6000, "lease": 0, "clearing": 2000},
+                     "outside_vram_mb": 1000}
+    assert vram_split(GPU0, status_device, set()) == {
+        "workers": 6000, "leases": 0, "freeing": 2000, "outside": 1000}
+    frame = full_frame()
+    frame.status = {**VIEWS["/v1/status"], "devices": [status_device]}
+    gpu0 = next(line for line in recorded(frame).splitlines() if line.startswith("0 "))
+    # On a bar of 20 for 24000 MiB: workers 5 cells, being freed 2, outside 1, free 12.
+    assert "█" * 8 + "·" * 12 in gpu0
+    spans = vram_bar(24000, vram_split(GPU0, status_device, set())).spans
+    assert [(str(sp.style), sp.end - sp.start) for sp in spans] == [
+        ("cyan", 5), ("blue", 2), ("yellow", 1), ("dim", 12)]
 
 
 def test_missing_keys_draw_dashes_not_errors() -> None:

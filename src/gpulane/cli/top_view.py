@@ -22,8 +22,9 @@ from rich.text import Text
 BAR_WIDTH = 20
 """Cells in a GPU's VRAM bar."""
 
-BAR_STYLES = {"workers": "cyan", "leases": "magenta", "outside": "yellow"}
-"""The colour of each holder's share of a VRAM bar (free VRAM is dim)."""
+BAR_STYLES = {"workers": "cyan", "leases": "magenta", "freeing": "blue", "outside": "yellow"}
+"""The colour of each holder's share of a VRAM bar, in its order (free VRAM is dim): gpulane's
+workers, leases, room being freed for an urgent claim, use outside gpulane."""
 
 HEALTH_STYLES = {"ok": "green", "lost": "red"}
 """How a device's health is coloured (anything else shows plain)."""
@@ -110,27 +111,41 @@ def _header(frame: Frame) -> Text:
     return text
 
 
-def vram_bar(device: dict[str, Any], lease_ids: set[str], width: int = BAR_WIDTH) -> Text:
-    """A device's VRAM as a bar: its workers' and its leases' declared shares, use outside
-    gpulane (used beyond what is declared), then free."""
-    total = device.get("total_vram_mb")
-    if not isinstance(total, int | float) or total <= 0:
-        return Text("-")
-    shares = {"workers": 0.0, "leases": 0.0}
+def vram_split(device: dict[str, Any], status_device: dict[str, Any] | None,
+               lease_ids: set[str]) -> dict[str, float]:
+    """MiB of a GPU by holder: the status view's split when the server gives one (the
+    ledger's kinds, and its reading of use outside gpulane), else one made from the GPU's
+    holders (a lease by its id) and NVML's used beyond what they declare."""
+    held = (status_device or {}).get("held_vram_mb")
+    if isinstance(held, dict):
+        outside = (status_device or {}).get("outside_vram_mb")
+        return {"workers": float(held.get("worker") or 0),
+                "leases": float(held.get("lease") or 0),
+                "freeing": float(held.get("clearing") or 0),
+                "outside": float(outside) if isinstance(outside, int | float) else 0.0}
+    shares = {"workers": 0.0, "leases": 0.0, "freeing": 0.0}
     for holder in device.get("holders") or []:
         name, mb = str(holder.get("holder", "")), holder.get("vram_mb")
         if isinstance(mb, int | float):
             shares["leases" if name in lease_ids or name.startswith("lease-") else "workers"] \
                 += mb
     used = device.get("used_vram_mb")
-    declared = shares["workers"] + shares["leases"]
+    declared = sum(shares.values())
     shares["outside"] = max(0.0, used - declared) if isinstance(used, int | float) else 0.0
+    return shares
+
+
+def vram_bar(total: Any, split: dict[str, float], width: int = BAR_WIDTH) -> Text:
+    """A GPU's VRAM as a bar: each holder's share in its colour (BAR_STYLES), then free."""
+    if not isinstance(total, int | float) or total <= 0:
+        return Text("-")
     bar, filled = Text(), 0
-    for kind in ("workers", "leases", "outside"):
-        cells = min(width - filled, round(shares[kind] / total * width))
-        if shares[kind] > 0 and cells == 0 and filled < width:
+    for kind, style in BAR_STYLES.items():
+        share = split.get(kind, 0.0)
+        cells = min(width - filled, round(share / total * width))
+        if share > 0 and cells == 0 and filled < width:
             cells = 1  # a holder too small for a cell still shows
-        bar.append("█" * cells, style=BAR_STYLES[kind])
+        bar.append("█" * cells, style=style)
         filled += cells
     bar.append("·" * (width - filled), style="dim")
     return bar
@@ -138,14 +153,17 @@ def vram_bar(device: dict[str, Any], lease_ids: set[str], width: int = BAR_WIDTH
 
 def _gpus_table(frame: Frame) -> Table:
     lease_ids = {str(lease.get("id")) for lease in frame.leases.get("leases") or []}
-    table = _table("GPUs  [cyan]█[/] workers  [magenta]█[/] leases  [yellow]█[/] outside "
-                   "gpulane", "gpu", "name", "health", "VRAM", "used/total MiB", "util%", "°C",
-                   "W")
+    splits = {d.get("index"): d for d in frame.status.get("devices") or []}
+    legend = "  ".join(f"[{style}]█[/] {kind}" for kind, style in BAR_STYLES.items())
+    table = _table(f"GPUs  {legend}", "gpu", "name", "health", "VRAM", "used/total MiB",
+                   "util%", "°C", "W")
     table.columns[1].max_width, table.columns[1].overflow = 20, "ellipsis"
     table.columns[3].no_wrap = True
     for dev in frame.gpus.get("devices") or []:
         table.add_row(str(dev.get("index", "?")), escape(str(dev.get("name", "?"))),
-                      _styled(dev.get("health", "?"), HEALTH_STYLES), vram_bar(dev, lease_ids),
+                      _styled(dev.get("health", "?"), HEALTH_STYLES),
+                      vram_bar(dev.get("total_vram_mb"),
+                               vram_split(dev, splits.get(dev.get("index")), lease_ids)),
                       f"{_mb(dev.get('used_vram_mb'))}/{_mb(dev.get('total_vram_mb'))}",
                       _num(dev.get("utilization_pct"), ".0f"),
                       _num(dev.get("temperature_c"), ".0f"), _num(dev.get("power_w"), ".0f"))
