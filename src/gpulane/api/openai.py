@@ -37,7 +37,7 @@ from gpulane.api.openai_shapes import (
     stream_error,
 )
 from gpulane.api.responses import JSON
-from gpulane.api.tasks import errors
+from gpulane.api.tasks import errors, json_body
 from gpulane.errors import NotFoundError, RequestError, UnavailableError, ValidationError
 from gpulane.model import Task, TaskState
 from gpulane.node import Node
@@ -135,7 +135,8 @@ async def get_model(request: Request, model: str) -> JSON:
                  "serves": [s.value for s in preset.serves]})
 
 
-@router.post("/embeddings", responses=errors(*REFUSALS))
+@router.post("/embeddings", responses=errors(*REFUSALS),
+             openapi_extra=json_body("EmbeddingsBody"))
 async def embeddings(request: Request) -> JSON:
     """Embed a string or a list of strings in one task of the preset (a list counts towards
     its batch item by item); ``encoding_format: base64`` sends little-endian float32 bytes."""
@@ -165,7 +166,7 @@ async def embeddings(request: Request) -> JSON:
 @router.post("/chat/completions", response_model=None, responses={
     200: {"content": {"application/json": {}, "text/event-stream": {}},
           "description": "the whole completion, or its chunks as Server-Sent Events"},
-    **errors(*REFUSALS)})
+    **errors(*REFUSALS)}, openapi_extra=json_body("ChatBody"))
 async def chat_completions(request: Request) -> JSON | StreamingResponse:
     """A protocol adapter: the last user message's text goes to the preset as ``{"text"}``;
     its ``text_delta`` events come back as chunks (``stream: true``) or as one message."""
