@@ -22,7 +22,7 @@ from gpulane.errors import ConfigError, PresetError
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE_S = 5.0
+SHUTDOWN_GRACE_S = 5
 """Once the server stops (after a drain to exit, or on Ctrl+C), how long answers still open may
 run before they are cut: an event stream or a dashboard tab left open would otherwise hold
 the process forever (clients resume with Last-Event-ID, the page reconnects)."""
