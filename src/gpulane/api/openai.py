@@ -37,7 +37,7 @@ from gpulane.api.openai_shapes import (
     stream_error,
 )
 from gpulane.api.responses import JSON
-from gpulane.api.tasks import errors, json_body
+from gpulane.api.tasks import SSE_KEEPALIVE_S, errors, json_body
 from gpulane.errors import NotFoundError, RequestError, UnavailableError, ValidationError
 from gpulane.model import Task, TaskState
 from gpulane.node import Node
@@ -45,8 +45,6 @@ from gpulane.presets import Preset, Serves
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-KEEPALIVE_S = 15.0
-"""A comment line is sent this often on a quiet stream so proxies keep it open."""
 WAIT_SLACK_S = 5.0
 """Past a preset's start and run timeouts, how much longer a request waits for its task."""
 REFUSALS = (400, 404, 413, 415, 422, 429, 500, 503)
@@ -193,7 +191,7 @@ async def _stream(node: Node, task: Task, model: str) -> AsyncIterator[bytes]:
     ended = False
     try:
         yield chunk(task.id, created, model, {"role": "assistant", "content": ""})
-        async for batch in node.follow(task.id, 0, KEEPALIVE_S):
+        async for batch in node.follow(task.id, 0, SSE_KEEPALIVE_S):
             if not batch:
                 yield b": keep-alive\n\n"
             for event in batch:

@@ -15,22 +15,16 @@ GPU series follow DCGM (``DCGM_FI_DEV_GPU_UTIL``, ``_FB_USED``, ``_FB_TOTAL``, `
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Protocol
 
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gpulane.devices import CpuPool, DeviceSnapshot
 from gpulane.errors import StoreUnavailableError
 from gpulane.metrics import Meters, name
-from gpulane.presets import PresetRegistry
-from gpulane.runtime.supervisor import Supervisor
 from gpulane.runtime.worker_process import WorkerState
-from gpulane.scheduling.fallbacks import FallbackLog
-from gpulane.scheduling.leases import LeaseManager, LeaseState
-from gpulane.scheduling.ledger import Ledger
-from gpulane.store import Store
+from gpulane.scheduling.leases import LeaseState
+from gpulane.scheduling.node_parts import NodeParts
 from gpulane.store.base import LaneStats
 
 MIB = 1024 * 1024
@@ -42,37 +36,10 @@ LEASE_STATES = (LeaseState.WAITING, LeaseState.GRANTED, LeaseState.PREEMPTING)
 """The live lease states, each reported even at 0."""
 
 
-class MetricsParts(Protocol):
-    """What a node hands its metrics (node.Node satisfies it)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def draining(self) -> bool: ...
-    @property
-    def started_at(self) -> float: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def registry(self) -> PresetRegistry: ...
-    @property
-    def gpus(self) -> list[DeviceSnapshot]: ...
-    @property
-    def cpu(self) -> CpuPool: ...
-    @property
-    def ledger(self) -> Ledger: ...
-    @property
-    def fallbacks(self) -> FallbackLog: ...
-    @property
-    def supervisor(self) -> Supervisor: ...
-    @property
-    def leases(self) -> LeaseManager: ...
-
-
 class NodeMetrics:
     """The node's meters, fed by its runtime and store, and its scrape."""
 
-    def __init__(self, node: MetricsParts) -> None:
+    def __init__(self, node: NodeParts) -> None:
         self.meters = Meters(node.name)
         node.supervisor.pipeline.meters = self.meters  # task ends and batches (runtime)
         self.meters.timed_store(node.store)
@@ -96,7 +63,7 @@ def _gauge(suffix: str, doc: str, labels: tuple[str, ...]) -> GaugeMetricFamily:
 class StateCollector(Collector):
     """Gauges (and the counters the node keeps itself) read from the node at each scrape."""
 
-    def __init__(self, node: MetricsParts) -> None:
+    def __init__(self, node: NodeParts) -> None:
         self.node = node
         self.lanes: Mapping[tuple[str, str], LaneStats] = {}
         self.store_up = True

@@ -23,17 +23,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from gpulane.devices import CpuPool, DeviceSnapshot
+from gpulane.devices import DeviceSnapshot
 from gpulane.presets import PresetRegistry
 from gpulane.runtime.launchers import DeviceAssignment
 from gpulane.runtime.measures import LaneMeasures
-from gpulane.runtime.supervisor import Supervisor
 from gpulane.runtime.worker_process import WorkerState
-from gpulane.scheduling.admission import Admission
-from gpulane.scheduling.fallbacks import FallbackLog
-from gpulane.scheduling.housekeeping import Housekeeper
 from gpulane.scheduling.ledger import GpuAccount, Ledger
-from gpulane.store import Store
+from gpulane.scheduling.node_parts import NodeParts
 from gpulane.store.base import LaneStats
 
 WORKER_STATES = {WorkerState.READY: "warm", WorkerState.STARTING: "loading",
@@ -60,36 +56,7 @@ def _gpu_indexes(device: DeviceAssignment) -> tuple[int, ...]:
     return device.indexes or (device.index,)
 
 
-class StatusParts(Protocol):
-    """What a node hands the status view (node.Node satisfies it)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def started(self) -> bool: ...
-    @property
-    def draining(self) -> bool: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def registry(self) -> PresetRegistry: ...
-    @property
-    def admission(self) -> Admission: ...
-    @property
-    def housekeeper(self) -> Housekeeper: ...
-    @property
-    def ledger(self) -> Ledger: ...
-    @property
-    def gpus(self) -> list[DeviceSnapshot]: ...
-    @property
-    def cpu(self) -> CpuPool: ...
-    @property
-    def fallbacks(self) -> FallbackLog: ...
-    @property
-    def supervisor(self) -> Supervisor: ...
-
-
-async def status_body(node: StatusParts, tables: Mapping[str, Any],
+async def status_body(node: NodeParts, tables: Mapping[str, Any],
                       clock: Callable[[], float] = time.time) -> dict[str, Any]:
     """The whole body; ``tables`` are the in-memory tables that must return to their idle
     size (nothing grows without bound)."""
