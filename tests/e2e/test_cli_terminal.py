@@ -46,6 +46,10 @@ for line in sys.stdin:
 """
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """A gpulane command on a 120x40 pseudo-terminal, its output read as it comes."""
 
@@ -54,8 +58,12 @@ class Terminal:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
         env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
         env.pop("GPULANE_TOKEN", None)
+        # Ctrl-C as a terminal's user gives it: a test run started in the background (nohup,
+        # `cmd &` in a script) ignores SIGINT, the child inherits that, and Python then never
+        # turns SIGINT into KeyboardInterrupt.
         self.proc = subprocess.Popen([sys.executable, "-m", "gpulane", *args], stdin=slave,
-                                     stdout=slave, stderr=slave, env=env, close_fds=True)
+                                     stdout=slave, stderr=slave, env=env, close_fds=True,
+                                     preexec_fn=_default_sigint)
         os.close(slave)
         self.master = master
         self.output = ""
