@@ -45,3 +45,12 @@ def test_adaptive_sizes_grow_in_items() -> None:
     b = Batcher(BatchSettings(max_size=64))
     b.observe(32, 0.001, 1, full=True)  # one task of 32 filled a batch of size 1
     assert b.size == 2  # doubled, in items; a 32-text task still goes alone until it fits
+
+
+def test_a_task_bigger_than_the_batch_does_not_shrink_later_claims() -> None:
+    b = Batcher(BatchSettings(max_size=64, adaptive=False))
+    b.observe(10_000, 0.01, 1, full=True)  # one task of 10,000 texts, sent alone
+    for _ in range(63):
+        b.observe(1, 0.001, 1, full=False)  # then single texts
+    assert b.tasks_for(b.size) == 64 // 2  # mean (64 + 63) / 64 items a task, not ~157
+    assert b.to_json()["items"] == 64 + 63 and max(b.stats.sizes) == 64

@@ -83,6 +83,10 @@ class Batcher:
         from being sent to its last finish; ``full`` when it took as many as it was allowed
         (more were probably waiting)."""
         s = self.stats
+        # A task bigger than the batch runs alone: it counts as a full batch, not its own
+        # length, else one task of 10,000 texts would set the mean items per task (and so
+        # every later claim) to one task a batch for the next thousands of tasks.
+        n = min(n, self.max_size)
         s.batches += 1
         s.tasks += n if tasks is None else tasks
         s.items += n
