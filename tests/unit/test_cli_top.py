@@ -249,3 +249,18 @@ def test_on_a_terminal_top_redraws_one_screen(monkeypatch: pytest.MonkeyPatch) -
     drawn = console.file.getvalue()  # type: ignore[attr-defined]
     assert "\x1b[?1049h" in drawn and "\x1b[?1049l" in drawn  # the alternate screen, left
     assert "embed-gpu0-1" in console.export_text()
+
+
+def test_views_of_an_odd_shape_are_named_not_a_traceback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    odd: dict[str, dict[str, Any]] = {"/v1/status": {"lanes": "x", "devices": [1]},
+                                      "/v1/gpus": {"gpus": [], "nodes": 1},
+                                      "/v1/workers": {"workers": ["x"]},
+                                      "/v1/leases": {"leases": {"a": 1}}}
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=odd[request.url.path])
+
+    res = invoke(answer, monkeypatch, "top", "--once", env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "answered views gpulane top cannot read" in res.stdout
+    assert "Traceback" not in res.output

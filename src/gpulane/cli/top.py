@@ -18,8 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 import click
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.live import Live
+from rich.text import Text
 
 from gpulane.cli import client as cli_client
 from gpulane.cli.client import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _session, _stderr, client_options
@@ -29,6 +30,9 @@ from gpulane.errors import APIError, TransportError
 
 READ_TIMEOUT_S = 5.0
 """Seconds one reading may take before the server counts as gone for this frame."""
+ODD_SHAPES = (AttributeError, TypeError, ValueError, KeyError, IndexError)
+"""What reading a view of an unexpected shape raises (another service at --url, or a
+different version): the frame says so instead of the command dying with a traceback."""
 
 
 def _console() -> Console:
@@ -91,8 +95,11 @@ def read(client: Client, frame: Frame, meter: RateMeter) -> None:
             raise
         # A key without the leases scope still sees the rest.
         frame.leases, frame.leases_note = {}, "this key has no leases scope"
-    frame.tasks_per_s = meter.update(time.monotonic(), frame.workers)
-    frame.fallbacks_per_min = fallbacks_per_min(frame.status)
+    try:
+        frame.tasks_per_s = meter.update(time.monotonic(), frame.workers)
+        frame.fallbacks_per_min = fallbacks_per_min(frame.status)
+    except ODD_SHAPES:  # views not shaped as a gpulane node's: no rates
+        frame.tasks_per_s = frame.fallbacks_per_min = None
     frame.read_at, frame.gone = time.time(), None
 
 
@@ -108,19 +115,29 @@ def _read_or_gone(client: Client, frame: Frame, meter: RateMeter) -> None:
         frame.gone = f"error {exc.status} {exc.code}: {exc.message}"
 
 
+def draw(frame: Frame) -> RenderableType:
+    """The frame, or a line saying its views could not be read (``render`` trusts their
+    shapes: a list where an object should be raises)."""
+    try:
+        return render(frame)
+    except ODD_SHAPES as exc:
+        return Text(f"{frame.url} answered views gpulane top cannot read ({type(exc).__name__}: "
+                    f"{exc}): is --url a gpulane node?", style="bold red")
+
+
 def _watch(client: Client, frame: Frame, console: Console) -> None:
     """Read and draw every frame.interval_s until Ctrl-C."""
     meter = RateMeter()
     if not console.is_terminal:
         while True:  # piped: one frame after another
             _read_or_gone(client, frame, meter)
-            console.print(render(frame))
+            console.print(draw(frame))
             console.print()
             sleep(frame.interval_s)
-    with Live(render(frame), console=console, screen=True, auto_refresh=False) as live:
+    with Live(draw(frame), console=console, screen=True, auto_refresh=False) as live:
         while True:
             _read_or_gone(client, frame, meter)
-            live.update(render(frame), refresh=True)
+            live.update(draw(frame), refresh=True)
             sleep(frame.interval_s)
 
 
@@ -137,7 +154,7 @@ def top_cmd(interval: float, once: bool, url: str, token: str | None) -> None:
     if once:
         with _session(url, token) as client:
             read(client, frame, RateMeter())
-        console.print(render(frame))
+        console.print(draw(frame))
         return
     # No retries: a reading that fails shows at once, and the next tick is the retry.
     client = Client(url, token, transport=cli_client.transport_factory(), retry=None, breaker=None,
