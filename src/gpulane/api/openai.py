@@ -14,6 +14,7 @@ project's ``code``, ``message`` and ``field`` (api/openai_shapes.py).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -174,7 +175,7 @@ async def chat_completions(request: Request) -> JSON | StreamingResponse:
         preset = _model(node, body.model, Serves.CHAT)
         task = await _submit(request, preset, {"text": prompt_text(body.messages)})
         if body.stream:
-            return StreamingResponse(_stream(node, task, preset.name),
+            return StreamingResponse(_stream(node, task, preset.name, _wait_s(preset)),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
@@ -186,9 +187,13 @@ async def chat_completions(request: Request) -> JSON | StreamingResponse:
         return _openai_errors(exc)
 
 
-async def _stream(node: Node, task: Task, model: str) -> AsyncIterator[bytes]:
+async def _stream(node: Node, task: Task, model: str, wait_s: float) -> AsyncIterator[bytes]:
     created = int(task.created_at)
     ended = False
+    # The same bound as a whole answer's: a task that never starts (no room on any device)
+    # would otherwise hold the stream open forever, its keep-alives resetting the SDK's
+    # read timeout.
+    deadline = time.monotonic() + wait_s
     try:
         yield chunk(task.id, created, model, {"role": "assistant", "content": ""})
         async for batch in node.follow(task.id, 0, SSE_KEEPALIVE_S):
@@ -198,7 +203,15 @@ async def _stream(node: Node, task: Task, model: str) -> AsyncIterator[bytes]:
                 if event.type == "text_delta":
                     yield chunk(task.id, created, model,
                                 {"content": str(event.data.get("delta", ""))})
+            if time.monotonic() > deadline:
+                break
         final = await node.get(task.id)
+        if not final.state.final:
+            yield stream_error(UnavailableError(
+                "task_timeout", f"task {task.id} did not end within {wait_s:.0f} s; it was "
+                "cancelled: retry later"))
+            yield DONE
+            return
         ended = final.state.final
         if final.state is TaskState.SUCCEEDED:
             yield chunk(task.id, created, model, {}, "stop")
