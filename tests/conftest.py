@@ -183,6 +183,17 @@ class RedisProcess:
                 self.proc.wait()
 
 
+@pytest.fixture
+def own_redis() -> Iterator[RedisProcess]:
+    """A redis-server of this test's own on a free port, to kill -9 and start again."""
+    server = RedisProcess()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[int]:
     """A throwaway redis-server on a free port, without persistence; yields the port."""

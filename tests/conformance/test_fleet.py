@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -350,17 +350,6 @@ async def test_an_unreachable_redis_raises_store_unavailable() -> None:
     with pytest.raises(StoreUnavailableError):
         await asyncio.wait_for(f.call("b", "x", {}, timeout_s=1), GUARD_S)
     await f.close()
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    """A redis-server of this test's own on a free port, to kill -9 and start again."""
-    server = RedisProcess()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 async def test_calls_and_the_registry_come_back_after_redis_is_killed_and_restarted(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator
 
 import pytest
 from redis.asyncio import Redis
@@ -190,16 +190,6 @@ async def test_purge_prunes_the_listings_of_tasks_that_expired(
 
 
 # -- Redis away and back ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    server = RedisProcess()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 async def test_redis_away_is_store_unavailable_and_the_store_recovers(
