@@ -21,14 +21,15 @@ from gpulane.api.keys import KeyRing, load_keys
 from gpulane.api.metrics import router as metrics_router
 from gpulane.api.openai import router as openai_router
 from gpulane.api.openai_shapes import ChatBody, EmbeddingsBody
-from gpulane.api.requests import BulkSubmit, LeaseBody, RenewBody, TaskSubmit
+from gpulane.api.requests import BulkSubmit, LeaseBody, RenewBody, ResultsQuery, TaskSubmit
 from gpulane.api.responses import JSON
 from gpulane.api.routing import HotEntrance, documented, http_error
 from gpulane.api.validation import request_error
 from gpulane.errors import RequestError
 from gpulane.node import Node
 
-BODY_MODELS = (TaskSubmit, BulkSubmit, LeaseBody, RenewBody, EmbeddingsBody, ChatBody)
+BODY_MODELS = (TaskSubmit, BulkSubmit, ResultsQuery, LeaseBody, RenewBody, EmbeddingsBody,
+               ChatBody)
 """Request bodies the endpoints validate themselves (within the size limit); published as
 components so that the routes' ``$ref``s resolve."""
 CORS_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID",

@@ -132,6 +132,26 @@ class BulkSubmit(BaseModel):
                      ] = Field(description="a non-empty list of task bodies")
 
 
+RESULTS_MAX = 1_000
+"""Most task ids one POST /v1/tasks/results may ask about: one store read for the lot."""
+TASK_ID_MAX = 100
+"""Longest text taken as a task id (ids are 24 hex digits; a longer one is simply missing)."""
+RESULTS_EXAMPLE = '{"ids": ["0193b1c2d3e4a1b2c3d4e5f6"]}'
+"""A valid results request, shown when a body is not a JSON object."""
+
+
+class ResultsQuery(BaseModel):
+    """Body of POST /v1/tasks/results: the tasks whose ends the caller collects."""
+
+    ids: Annotated[list[Annotated[str, Field(strict=True, max_length=TASK_ID_MAX)]],
+                   Field(min_length=1, max_length=RESULTS_MAX),
+                   fix("invalid_ids", "{field} must be a non-empty list of task ids "
+                       "(strings)", cases={"too_long": (
+                           "too_many_ids", "{field} has {actual_length} ids; send at most "
+                           "{max_length} per request")})
+                   ] = Field(description=f"1 to {RESULTS_MAX} task ids")
+
+
 def _query_bool(value: object) -> object:
     """``true``/``false`` in any case as a bool; anything else stays text and is refused."""
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):

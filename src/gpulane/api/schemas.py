@@ -47,6 +47,20 @@ class TaskPage(BaseModel):
     next_cursor: str | None
 
 
+class TaskResults(BaseModel):
+    """POST /v1/tasks/results: the asked tasks that are final, and the ids of the others."""
+
+    tasks: list[TaskView]
+    pending: list[str]
+    missing: list[str]
+
+
+class TaskList(BaseModel):
+    """POST /v1/tasks/bulk: the tasks, in the order sent."""
+
+    tasks: list[TaskView]
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str

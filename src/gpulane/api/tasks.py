@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from gpulane.api.auth import caller, check_owner
 from gpulane.api.bodies import read_body
 from gpulane.api.requests import (
+    RESULTS_EXAMPLE,
     TASK_EXAMPLE,
     BulkSubmit,
     CursorQuery,
@@ -24,6 +25,7 @@ from gpulane.api.requests import (
     LastEventIdHeader,
     LastEventIdQuery,
     LimitQuery,
+    ResultsQuery,
     StateQuery,
     TaskSubmit,
     WaitQuery,
@@ -31,11 +33,12 @@ from gpulane.api.requests import (
 )
 from gpulane.api.responses import JSON
 from gpulane.api.routing import HotRoute
-from gpulane.api.schemas import ErrorView, TaskPage, TaskView
+from gpulane.api.schemas import ErrorView, TaskList, TaskPage, TaskResults, TaskView
 from gpulane.api.task_inputs import resolve_inputs
 from gpulane.errors import ValidationError
 from gpulane.model import TaskSpec, TaskState
 from gpulane.node import Node
+from gpulane.store.base import wait_final_many
 
 hot = APIRouter(prefix="/v1/tasks", tags=["tasks"], route_class=HotRoute)
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
@@ -131,6 +134,27 @@ async def submit_task(request: Request, wait: WaitQuery = None, gpu: GpuQuery = 
     return JSON(task.to_json(), status_code=200 if task.state.final else 202)
 
 
+@hot.post("/results", response_model=TaskResults, responses=errors(413, 415, 422),
+          openapi_extra=json_body("ResultsQuery"))
+async def task_results(request: Request, wait: WaitQuery = None) -> JSON:
+    """Collect many tasks' ends in one call: each asked task that is final (in the order
+    asked), the ids still queued or running (``pending``) and those unknown (``missing``).
+    Answers at once when any is final or unknown; otherwise waits up to ``wait`` seconds for
+    the first to end, then answers with every one final by then."""
+    body = await read_body(request, ResultsQuery, RESULTS_EXAMPLE)
+    ids = list(dict.fromkeys(body.ids))  # one answer per id, however often it was asked
+    got = await wait_final_many(_node(request).store, ids, wait or 0.0)
+    final, pending, missing = [], [], []
+    for task_id, task in zip(ids, got, strict=True):
+        if task is None:
+            missing.append(task_id)
+        elif task.state.final:
+            final.append(task.to_json())
+        else:
+            pending.append(task_id)
+    return JSON({"tasks": final, "pending": pending, "missing": missing})
+
+
 @hot.get("/{task_id}", response_model=TaskView, responses=errors(404))
 async def get_task(request: Request, task_id: str) -> JSON:
     return JSON((await _node(request).get(task_id)).to_json())
@@ -143,18 +167,26 @@ async def task_result(request: Request, task_id: str, wait: WaitQuery = None) ->
     return JSON(task.to_json())
 
 
-@router.post("/bulk", status_code=202,
-             responses=errors(400, 404, 409, 413, 415, 422, 429, 503),
+@router.post("/bulk", status_code=202, response_model=TaskList,
+             responses={200: {"model": TaskList, "description": "every task ended within wait"},
+                        **errors(400, 404, 409, 413, 415, 422, 429, 503)},
              openapi_extra=json_body("BulkSubmit"))
-async def submit_bulk(request: Request, gpu: GpuQuery = None) -> JSON:
+async def submit_bulk(request: Request, wait: WaitQuery = None, gpu: GpuQuery = None) -> JSON:
     """Queue many tasks in one request and one transaction (all or none); each is routed by
-    its own content_type when it names no preset, and ``?gpu=`` applies to every one."""
+    its own content_type when it names no preset, and ``?gpu=`` applies to every one. With
+    ``?wait=S`` the answer waits up to S seconds for every task to end (200 when all have,
+    202 with the tasks as they stand otherwise)."""
     node = _node(request)
     body = await read_body(request, BulkSubmit, TASK_EXAMPLE)
     specs = await _specs(request, node, body.tasks, [t.idempotency_key for t in body.tasks],
                          [f"tasks[{i}]." for i in range(len(body.tasks))], gpu)
-    results = await node.submit_many(specs)
-    return JSON({"tasks": [t.to_json() for t, _ in results]}, status_code=202)
+    tasks = [t for t, _ in await node.submit_many(specs)]
+    if wait:
+        got = await wait_final_many(node.store, [t.id for t in tasks], wait, every=True)
+        # A task gone meanwhile (purged, its retention shorter than the wait) shows as sent.
+        tasks = [g or t for g, t in zip(got, tasks, strict=True)]
+    done = bool(wait) and all(t.state.final for t in tasks)
+    return JSON({"tasks": [t.to_json() for t in tasks]}, status_code=200 if done else 202)
 
 
 @router.get("", response_model=TaskPage, responses=errors(422))

@@ -139,6 +139,11 @@ class Store(Protocol):
 
     async def get(self, task_id: str) -> Task | None: ...
 
+    async def get_many(self, ids: Sequence[str]) -> list[Task | None]:
+        """Each id's task (None if unknown), in the order asked, in one read: what a
+        collector of many results asks (POST /v1/tasks/results) costs one query or round
+        trip, not one per id."""
+
     async def list_tasks(self, state: TaskState | None = None, preset: str | None = None,
                          limit: int = 50, cursor: str | None = None
                          ) -> tuple[list[Task], str | None]:
@@ -309,6 +314,31 @@ class TaskNotifier(Notifier):
             return False
         return True if task is None else task
 
+    async def until_any_final(self, seen: Mapping[str, int], timeout: float) -> Task | bool:
+        """``until_final`` for many tasks at once (``seen``: each id's version as read before
+        the caller read the tasks): one future parked under every id, woken by the first
+        of them to end (or change without a task). The entries go with the wait, so a
+        thousand-id wait holds nothing once it answers."""
+        for task_id, version in seen.items():
+            if self.version(task_id) != version:
+                return True
+        fut: asyncio.Future[Task | None] = asyncio.get_running_loop().create_future()
+        for task_id in seen:
+            self._final.setdefault(task_id, []).append(fut)
+        try:
+            async with asyncio.timeout(timeout):
+                task = await fut
+        except TimeoutError:
+            return False
+        finally:
+            for task_id in seen:
+                parked = self._final.get(task_id)
+                if parked and fut in parked:  # not the key that woke it (that one popped)
+                    parked.remove(fut)
+                    if not parked:
+                        del self._final[task_id]
+        return True if task is None else task
+
 
 async def finish_one(store: Store, task_id: str, token: int, state: TaskState,
                      output: Any = None, error: dict[str, Any] | None = None,
@@ -371,3 +401,40 @@ async def wait_final(store: Store, task_id: str, timeout: float) -> Task | None:
             return got
         if got is False:
             return await store.get(task_id)
+
+
+async def wait_final_many(store: Store, ids: Sequence[str], timeout: float, *,
+                          every: bool = False) -> list[Task | None]:
+    """Many tasks (None for an unknown id), in the order asked: at once when any of them is
+    final or unknown, else once the first ends or ``timeout`` passes; with ``every``, once
+    all are final or ``timeout`` passes. One read for the lot, then reads of only the ids
+    whose version moved, and one notifier wait per wake-up, whatever the number of ids."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    notifier = store.notifier
+    unique = list(dict.fromkeys(ids))
+    seen = {i: notifier.version(i) for i in unique}
+    got = dict(zip(unique, await store.get_many(unique), strict=True))
+    while True:
+        open_ = {i: seen[i] for i, t in got.items() if t is not None and not t.state.final}
+        if not open_ or (not every and len(open_) < len(got)):
+            break
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        woke = await notifier.until_any_final(open_, left)
+        if isinstance(woke, Task):
+            got[woke.id] = woke
+        # Re-read only what moved (the task handed over aside): a finished batch bumps
+        # its tasks together, the rest of a thousand ids did not change. On a timeout,
+        # every open one is read once more (as wait_final does: a change may have been
+        # unheard, written by another node).
+        moved = [i for i, v in open_.items() if (woke is False or notifier.version(i) != v)
+                 and not (isinstance(woke, Task) and i == woke.id)]
+        if moved:
+            for i in moved:
+                seen[i] = notifier.version(i)
+            got.update(zip(moved, await store.get_many(moved), strict=True))
+        if woke is False:
+            break
+    return [got[i] for i in ids]

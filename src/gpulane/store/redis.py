@@ -27,23 +27,15 @@ quick and must not block (set an event).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
-from collections.abc import (
-    AsyncIterator,
-    Callable,
-    Coroutine,
-    Iterable,
-    Mapping,
-    Sequence,
-)
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import orjson
 
-from gpulane.errors import ConflictError, StaleTokenError, StoreError, StoreUnavailableError
+from gpulane.errors import ConflictError, StaleTokenError, StoreError
 from gpulane.model import ErrorKind, Event, Task, TaskSpec, TaskState, task_error
 from gpulane.store import redis_scripts as lua
 from gpulane.store import redis_scripts_lanes as lanes
@@ -71,8 +63,10 @@ from gpulane.store.redis_codec import (
     new_task,
     spec_args,
 )
-from gpulane.store.redis_conn import PASSING_ERRORS, RedisDown, RedisReplyError, RespConnection
+from gpulane.store.redis_conn import RespConnection
 from gpulane.store.redis_follow import Tails, follow
+from gpulane.store.redis_guard import guarded as _guarded
+from gpulane.store.redis_guard import num as _num
 from gpulane.store.redis_wakeups import Wakeups
 
 DEFAULT_RETAIN_S = 7 * 24 * 3600.0
@@ -95,36 +89,6 @@ several calls."""
 
 PURGE_BATCH_TASKS = 200
 """Finished tasks deleted per script call: each call holds the server a millisecond or so."""
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _guarded(fn: Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, R]]
-             ) -> Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, R]]:
-    """Redis that cannot be reached (refused, reset, timed out) is StoreUnavailableError."""
-    @functools.wraps(fn)
-    async def guarded(self: RedisStore, /, *args: P.args, **kw: P.kwargs) -> R:
-        try:
-            return await fn(self, *args, **kw)
-        except (RedisDown, OSError) as exc:
-            raise StoreUnavailableError(f"Redis at {self.url} failed ({exc})") from exc
-        except RedisReplyError as exc:
-            if str(exc).startswith(PASSING_ERRORS):
-                raise StoreUnavailableError(f"Redis at {self.url} failed ({exc})") from exc
-            if str(exc).startswith("OOM"):  # full: no write until memory is freed
-                raise StoreUnavailableError(
-                    f"Redis at {self.url} is out of memory and refuses writes ({exc}): raise "
-                    "its maxmemory, or shorten --retain so that the purge frees more (keep "
-                    "maxmemory-policy noeviction: an evicted task is lost)") from exc
-            raise StoreError(f"Redis at {self.url} refused a call ({exc})") from exc
-    return guarded
-
-
-def _num(x: float) -> str:
-    """A float as the scripts take it: exact (repr) and parsed back to the same value."""
-    return repr(float(x))
-
 
 class RedisStore:
     """Store on a Redis server that many nodes share (``redis://host:port/db``)."""
@@ -223,6 +187,13 @@ class RedisStore:
     async def get(self, task_id: str) -> Task | None:
         flat = await self._conn.call("HGETALL", lua.PREFIX + "t:" + task_id)
         return decode_task(flat) if flat else None
+
+    @_guarded
+    async def get_many(self, ids: Sequence[str]) -> list[Task | None]:
+        if not ids:
+            return []
+        flats = await self._conn.script(lua.GET_MANY, *ids)
+        return [decode_task(flat) if flat else None for flat in flats]
 
     @_guarded
     async def list_tasks(self, state: TaskState | None = None, preset: str | None = None,

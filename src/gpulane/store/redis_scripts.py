@@ -288,6 +288,13 @@ flush()
 return {'ok', out}
 """
 
+GET_MANY = r"""
+-- ARGV: task ids; each task's fields as HGETALL gives them (empty for an unknown id).
+local out = {}
+for i, id in ipairs(ARGV) do out[i] = redis.call('HGETALL', '""" + PREFIX + r"""t:' .. id) end
+return out
+"""
+
 BY_KEY = PRELUDE + r"""
 local v = redis.call('GET', P .. 'k:' .. ARGV[5])
 if not v then return nil end

@@ -179,6 +179,14 @@ class SqliteStore:
     async def get(self, task_id: str) -> Task | None:
         return self._get(task_id)
 
+    async def get_many(self, ids: Sequence[str]) -> list[Task | None]:
+        # One statement whatever the count: the ids travel as one JSON array, so the
+        # statement cache holds one query, not one per length.
+        found = {row[1]: row_to_task(row) for row in self.db.execute(
+            f"SELECT {COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
+            (orjson.dumps(list(ids)).decode(),))}
+        return [found.get(i) for i in ids]
+
     async def list_tasks(self, state: TaskState | None = None, preset: str | None = None,
                          limit: int = 50, cursor: str | None = None
                          ) -> tuple[list[Task], str | None]:
