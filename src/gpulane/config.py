@@ -55,6 +55,16 @@ killed; what it held goes back to the queue unspent): as long as a lease's holde
 DEFAULT_AGEING_S = 30.0
 """A queued task gains one priority point per this many seconds of waiting (0 turns it off):
 background work (10) overtakes fresh normal work (50) after 20 minutes."""
+DEFAULT_ONLINE_SPILL_AFTER_S = 2.0
+"""A task of a ``durable: false`` preset still queued or running this long after its submit
+is written to the store, and lives there from then on (docs/reliability.md, "The online
+lane"): the most a crash of the node can lose of it is this window's worth."""
+DEFAULT_ONLINE_KEEP_S = 300.0
+"""How long a succeeded or cancelled online task's result stays readable in the node's memory
+(``GET /v1/tasks/{id}``); after it, 404."""
+DEFAULT_ONLINE_MAX_TASKS = 100_000
+"""Most online tasks one node holds in memory (queued, running and finished together);
+submits above it go to the store, as a durable preset's do: nothing is refused or lost."""
 GPU_LOCK_DIRS = ("/run/gpulane/gpu-locks",)
 """Host-wide folders tried, in order, for the per-GPU lock files when gpu_lock_dir is not
 set (never world-writable /tmp); the data dir's ``gpu-locks`` is the last resort."""
@@ -156,6 +166,10 @@ class Settings(BaseSettings):
     files_dir: Path | None = None  # where uploads are kept; None: <data_dir>/files
     upload_max_bytes: int = Field(DEFAULT_UPLOAD_MAX_BYTES, ge=1)  # per upload; 413 above
     file_retain_s: float = Field(DEFAULT_FILE_RETAIN_S, gt=0)  # uploads ("24h" too) kept this long
+    # the online lane (presets with durable: false): docs/reliability.md, "The online lane"
+    online_spill_after_s: float = Field(DEFAULT_ONLINE_SPILL_AFTER_S, gt=0, le=3600)
+    online_keep_s: float = Field(DEFAULT_ONLINE_KEEP_S, ge=0)
+    online_max_tasks: int = Field(DEFAULT_ONLINE_MAX_TASKS, ge=0)  # 0: the lane is off
 
     @field_validator("durability")
     @classmethod

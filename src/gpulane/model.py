@@ -132,6 +132,7 @@ class TaskSpec:
     lane: str = "gpu"  # "gpu" or "cpu": the queue the router put it in
     fallback_reason: str | None = None  # why an auto task was sent to the CPU lane
     submitted_by: str | None = None  # the name of the API key that submitted it
+    durable: bool = True  # False: its preset's online lane (kept in memory; store/tiered.py)
 
 
 @dataclass(slots=True)

@@ -56,7 +56,7 @@ from gpulane.scheduling.scheduler import CapacityEvents, Scheduler
 from gpulane.scheduling.status import status_body
 from gpulane.scheduling.targets import device_wish, target_preset, task_spec
 from gpulane.scheduling.views import devices_view, fleet_nodes_view, presets_view
-from gpulane.store import Store, open_store, wait_final
+from gpulane.store import Store, store_for, wait_final
 
 log = logging.getLogger("gpulane.node")
 
@@ -83,8 +83,7 @@ class Node:
         self.provider = provider
         self.provider_reason = reason
         self.cpu: CpuPool = cpu_pool(settings.cpu_concurrency)
-        self.store: Store = open_store(settings.store_url, settings.sqlite_synchronous,
-                                       retain_s=settings.retain, events_max=settings.events_max)
+        self.store: Store = store_for(settings)  # the online lane too (store/tiered.py)
         self.fleet: Fleet = open_fleet(settings.store_url, self.name)
         self.gpus: list[DeviceSnapshot] = provider.snapshot()
         self.ledger = Ledger(self.gpus, self.cpu.concurrency)

@@ -116,6 +116,9 @@ class Preset(pydantic.BaseModel):
     accepts: tuple[str, ...] = ("application/json",)
     replicas: int = Field(default=1, ge=1)
     preemptible: bool = True
+    # false: the online lane (store/tiered.py), tasks kept in memory unless they fail or
+    # outlive online_spill_after_s; docs/reliability.md says what a crash loses
+    durable: bool = True
     fallback: tuple[FallbackKind, ...] = DEFAULT_FALLBACK
     fallback_after_ms: float = Field(default=DEFAULT_FALLBACK_AFTER_MS, gt=0,
                                      allow_inf_nan=False)

@@ -75,4 +75,5 @@ def task_spec(preset: Preset, wish: DeviceWish, route: Route, input_as_sent: Any
                              "device": wish.value, "priority": priority,
                              "timeout_s": timeout_s, "content_type": content_type})
         if idempotency_key else None, lane=route.lane,
-        fallback_reason=route.fallback_reason, submitted_by=submitted_by)
+        fallback_reason=route.fallback_reason, submitted_by=submitted_by,
+        durable=preset.durable)

@@ -13,7 +13,8 @@ from gpulane.store.base import (
     body_hash,
     wait_final,
 )
-from gpulane.store.factory import open_store
+from gpulane.store.factory import open_store, store_for
 
 __all__ = ["Finish", "LaneStats", "NewEvent", "PurgeReport", "QueueHead", "QueueStats",
-           "QueuedTask", "Store", "TaskNotifier", "body_hash", "open_store", "wait_final"]
+           "QueuedTask", "Store", "TaskNotifier", "body_hash", "open_store", "store_for",
+           "wait_final"]
