@@ -1,4 +1,5 @@
-"""``AsyncClient``: the asyncio twin of :class:`gpulane.client.client.Client`, over httpx.
+"""``AsyncClient``: the asyncio twin of :class:`gpulane.client.client.Client`, over a lean
+asyncio HTTP/1.1 pool (:mod:`gpulane.client._http11_async`) or httpx.
 
 The shared configuration, error mapping and fallbacks are in :mod:`gpulane.client._base`.
 """
@@ -13,6 +14,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import httpx
+import orjson
 
 from gpulane.client import _core as core
 from gpulane.client._base import (
@@ -28,6 +30,8 @@ from gpulane.client._base import (
     ClientBase,
     TaskList,
 )
+from gpulane.client._http11 import Reply
+from gpulane.client._http11_async import AsyncHttp11Pool
 from gpulane.client.leases import AsyncGpuLease, PreemptCallback, acquire_request
 from gpulane.client.resilience import RetryPolicy
 from gpulane.client.uploads import Source, upload_request
@@ -50,6 +54,13 @@ class AsyncClient(ClientBase):
         self._http = httpx.AsyncClient(base_url=self.url, headers=core.base_headers(self._token),
                                        timeout=self._timeout, transport=transport, limits=limits,
                                        http2=core.h2_available() if http2 is None else http2)
+        # Plain calls take the lean HTTP/1.1 pool unless the caller chose the transport or
+        # HTTP/2; event streams and uploads always go through httpx.
+        self._fast = (AsyncHttp11Pool(self.url, core.base_headers(self._token), self._timeout,
+                                      max_connections=limits.max_connections,
+                                      max_idle=limits.max_keepalive_connections or 32,
+                                      keepalive_expiry=limits.keepalive_expiry)
+                      if transport is None and not http2 else None)
 
     async def __aenter__(self) -> Self:
         return self
@@ -59,9 +70,11 @@ class AsyncClient(ClientBase):
         await self.close()
 
     async def close(self) -> None:
+        if self._fast is not None:
+            await self._fast.aclose()
         await self._http.aclose()
 
-    async def _send(self, request: core.Request) -> httpx.Response:
+    async def _send(self, request: core.Request) -> httpx.Response | Reply:
         """Do one HTTP exchange, retried and guarded by the breaker. Raises TransportError (no
         answer; CircuitOpenError when not even tried) or APIError (error status).
 
@@ -86,7 +99,9 @@ class AsyncClient(ClientBase):
             call.abandon()  # cancelled or interrupted: hand back a half-open probe's place
             raise
 
-    async def _send_once(self, request: core.Request) -> httpx.Response:
+    async def _send_once(self, request: core.Request) -> httpx.Response | Reply:
+        if self._fast is not None and not request.stream and request.content is None:
+            return await self._send_fast(self._fast, request)
         http_request = self._http.build_request(request.method, request.path,
                                                 **self._build_kwargs(request))
         try:
@@ -102,6 +117,19 @@ class AsyncClient(ClientBase):
                 await response.aclose()
             raise self._api_error(response, body)
         return response
+
+    async def _send_fast(self, pool: AsyncHttp11Pool, request: core.Request) -> Reply:
+        body = None if request.json is None else orjson.dumps(
+            request.json, option=orjson.OPT_NON_STR_KEYS)
+        try:
+            reply = await pool.request(request.method, request.path, request.params, body,
+                                       request.headers, self._timeout_for(request).read,
+                                       request.idempotent)
+        except httpx.RequestError as exc:
+            raise self._transport_error(request, exc) from exc
+        if core.is_error_status(reply.status_code):
+            raise self._api_error(reply, reply.content)
+        return reply
 
     async def _call(self, request: core.Request) -> JSON:
         response = await self._send(request)
@@ -202,6 +230,7 @@ class AsyncClient(ClientBase):
             request = stream.request()
             try:
                 response = await self._send(request)
+                assert isinstance(response, httpx.Response)  # streams always go through httpx
                 stream.connected = True
                 try:
                     async for line in response.aiter_lines():
