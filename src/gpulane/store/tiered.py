@@ -173,8 +173,14 @@ class TieredStore:
         return task if task is not None else await self.durable.get(task_id)
 
     async def get_many(self, ids: Sequence[str]) -> list[Task | None]:
-        """Each id's task (None when unknown), in the order asked."""
-        return [await self.get(tid) for tid in ids]
+        """Each id's task (None when unknown), in the order asked: memory's from memory,
+        the rest in one read of the durable store."""
+        out = [self.memory.get(tid) for tid in ids]
+        rest = [tid for tid, t in zip(ids, out, strict=True) if t is None]
+        if rest:
+            found = iter(await self.durable.get_many(rest))
+            out = [next(found) if t is None else t for t in out]
+        return out
 
     async def list_tasks(self, state: TaskState | None = None, preset: str | None = None,
                          limit: int = 50, cursor: str | None = None
