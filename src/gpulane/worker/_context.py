@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from gpulane.worker._onnx import CPU, INSTALL_HINT, provider_name, providers_for
 
 ENV_SIMULATED = "GPULANE_SIMULATED"
 """Set to ``1`` by the node when the worker's GPU is simulated: compute on the CPU."""
@@ -95,6 +99,8 @@ class Context:
     """The task ``handle`` works on: set for batch=False, and for a batch of one."""
     tasks: list[str] = field(default_factory=list)
     """The task ids of the current batch, in input order."""
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), repr=False)
+    """The worker's environment as the node set it (GPU_DEVICE, HIP_VISIBLE_DEVICES, ...)."""
     _write: Callable[[str], None] = field(default=lambda line: None, repr=False)
     _cancelled: Callable[[str], bool] = field(default=lambda task: False, repr=False)
 
@@ -141,3 +147,37 @@ class Context:
         if resolved is not None and self.mode != "oneoff":
             event["task"] = resolved
         self.emit({**event, **fields})
+
+    def onnx_providers(self) -> list[str | tuple[str, dict[str, Any]]]:
+        """ONNX Runtime execution providers for this worker's device, best first, CPU last.
+
+        On an NVIDIA GPU: CUDA; on an AMD GPU (the node set HIP_VISIBLE_DEVICES): MIGraphX,
+        ROCm; on any GPU: DirectML; each only when the installed onnxruntime has it, with
+        ``device_id`` set. On the CPU or a simulated GPU: CPU only. Imports onnxruntime now.
+        """
+        ort = _onnxruntime()
+        return providers_for(self.device, self.env, ort.get_available_providers())
+
+    def onnx_session(self, model: Any, sess_options: Any = None, **kwargs: Any) -> Any:
+        """An ``onnxruntime.InferenceSession`` on :meth:`onnx_providers`.
+
+        ``model`` is a path or the model's bytes. On a GPU that only the CPU provider could
+        serve (a CPU-only onnxruntime wheel), warns once (the install hint in the message).
+        """
+        ort = _onnxruntime()
+        providers = self.onnx_providers()
+        session = ort.InferenceSession(model, sess_options=sess_options, providers=providers,
+                                       **kwargs)
+        if self.device != "cpu" and session.get_providers()[:1] == [CPU]:
+            offered = [provider_name(p) for p in providers]
+            self.warn(f"on {self.device} but ONNX Runtime runs this model on the CPU "
+                      f"(providers {offered} of {ort.get_available_providers()}); "
+                      f"{INSTALL_HINT}")
+        return session
+
+
+def _onnxruntime() -> Any:
+    try:
+        return importlib.import_module("onnxruntime")
+    except ImportError as exc:
+        raise ImportError(f"this worker needs onnxruntime: {INSTALL_HINT}") from exc
