@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-bench serve test test-fast lint bench bench-dispatch bench-routing chaos cluster clean
+.PHONY: install install-bench serve test test-fast lint bench bench-dispatch bench-routing bench-engines chaos cluster clean
 
 $(BIN)/gpulane: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,7 @@ bench: install-bench  ## every benchmark, peers included; tables to stdout, JSON
 	$(BIN)/python bench/cluster.py
 	$(BIN)/python bench/routing.py
 	$(BIN)/python bench/dashboard.py || [ $$? -eq 3 ]  # 3: no chromium here, skipped
+	$(BIN)/python bench/engines.py
 
 chaos: install  ## the issue's soak figures: 10 node and 100 worker kill -9 with a poison task, 200,000 tasks through retention
 	$(BIN)/python bench/soak.py $(ARGS)
@@ -49,6 +50,9 @@ cluster: install  ## the fleet's figures: 1-3 nodes on one Redis, Redis against 
 
 bench-routing: install  ## issue 13's figures: the busy fallback under a GPU backlog, fallbacks on healthy GPUs, scale-out, bad input (ARGS=--quick: a smoke run)
 	$(BIN)/python bench/routing.py $(ARGS)
+
+bench-engines: install  ## issue 16's figures: each engine (CTGAN, GCN, XGBoost, embed, ONNX) on the CPU lane and, with a GPU, the GPU lane
+	$(BIN)/python bench/engines.py $(ARGS)
 
 clean:
 	rm -rf .gpulane .pytest_cache .mypy_cache .ruff_cache
