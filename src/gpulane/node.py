@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from gpulane.config import GPU_LOCK_DIRS, Settings
@@ -56,7 +56,7 @@ from gpulane.scheduling.scheduler import CapacityEvents, Scheduler
 from gpulane.scheduling.status import status_body
 from gpulane.scheduling.targets import device_wish, target_preset, task_spec
 from gpulane.scheduling.views import devices_view, fleet_nodes_view, presets_view
-from gpulane.store import Store, store_for, wait_final
+from gpulane.store import Store, store_for, wait_final, wait_final_many
 
 log = logging.getLogger("gpulane.node")
 
@@ -314,16 +314,17 @@ class Node:
         return out
 
     async def get(self, task_id: str) -> Task:
-        task = await self.store.get(task_id)
-        if task is None:
-            raise NotFoundError("unknown_task", f"no task with id {task_id!r}", field="id")
-        return task
+        return await self.wait(task_id, 0.0)
 
     async def wait(self, task_id: str, wait_s: float) -> Task:
         task = await wait_final(self.store, task_id, wait_s)
         if task is None:
             raise NotFoundError("unknown_task", f"no task with id {task_id!r}", field="id")
         return task
+
+    async def wait_many(self, ids: Sequence[str], wait_s: float, every: bool = False
+                        ) -> list[Task | None]:
+        return await wait_final_many(self.store, ids, wait_s, every=every)
 
     async def list_tasks(self, state: TaskState | None, preset: str | None, limit: int,
                          cursor: str | None) -> tuple[list[Task], str | None]:

@@ -38,7 +38,6 @@ from gpulane.api.task_inputs import resolve_inputs
 from gpulane.errors import ValidationError
 from gpulane.model import TaskSpec, TaskState
 from gpulane.node import Node
-from gpulane.store.base import wait_final_many
 
 hot = APIRouter(prefix="/v1/tasks", tags=["tasks"], route_class=HotRoute)
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
@@ -143,7 +142,7 @@ async def task_results(request: Request, wait: WaitQuery = None) -> JSON:
     the first to end, then answers with every one final by then."""
     body = await read_body(request, ResultsQuery, RESULTS_EXAMPLE)
     ids = list(dict.fromkeys(body.ids))  # one answer per id, however often it was asked
-    got = await wait_final_many(_node(request).store, ids, wait or 0.0)
+    got = await _node(request).wait_many(ids, wait or 0.0)
     final, pending, missing = [], [], []
     for task_id, task in zip(ids, got, strict=True):
         if task is None:
@@ -182,7 +181,7 @@ async def submit_bulk(request: Request, wait: WaitQuery = None, gpu: GpuQuery = 
                          [f"tasks[{i}]." for i in range(len(body.tasks))], gpu)
     tasks = [t for t, _ in await node.submit_many(specs)]
     if wait:
-        got = await wait_final_many(node.store, [t.id for t in tasks], wait, every=True)
+        got = await node.wait_many([t.id for t in tasks], wait, every=True)
         # A task gone meanwhile (purged, its retention shorter than the wait) shows as sent.
         tasks = [g or t for g, t in zip(got, tasks, strict=True)]
     done = bool(wait) and all(t.state.final for t in tasks)

@@ -12,9 +12,10 @@ from gpulane.store.base import (
     TaskNotifier,
     body_hash,
     wait_final,
+    wait_final_many,
 )
 from gpulane.store.factory import open_store, store_for
 
 __all__ = ["Finish", "LaneStats", "NewEvent", "PurgeReport", "QueueHead", "QueueStats",
            "QueuedTask", "Store", "TaskNotifier", "body_hash", "open_store", "store_for",
-           "wait_final"]
+           "wait_final", "wait_final_many"]

@@ -53,6 +53,7 @@ from gpulane.store.base import (
     new_task_id,
     requeued_event,
 )
+from gpulane.store.group_commit import SubmitGroups
 from gpulane.store.redis_codec import (
     decode_entries,
     decode_lane_stats,
@@ -110,6 +111,7 @@ class RedisStore:
         # pub/sub (a queue that was empty gets a message), all of them after a reconnect.
         self._empty: set[tuple[str, str]] = set()
         self._work_seen = 0  # rises with each report of work: a stale "empty" is not kept
+        self.submit_groups = SubmitGroups(lambda specs: self._submit_now(specs))
 
     async def _run(self, script: str, *args: Any, at: float | None = None) -> Any:
         """Call one script; the prelude's arguments (instance, now, events cap, TTL) first."""
@@ -148,10 +150,12 @@ class RedisStore:
     async def submit(self, spec: TaskSpec) -> tuple[Task, bool]:
         return (await self.submit_many([spec]))[0]
 
-    @_guarded
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[tuple[Task, bool]]:
-        if not specs:
-            return []
+        # Submits made side by side share one script call (store/group_commit.py).
+        return await self.submit_groups.submit(specs) if specs else []
+
+    @_guarded
+    async def _submit_now(self, specs: Sequence[TaskSpec]) -> list[tuple[Task, bool]]:
         now = time.time()
         ids = [new_task_id() for _ in specs]
         args: list[Any] = [len(specs)]

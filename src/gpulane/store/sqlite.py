@@ -37,6 +37,7 @@ from gpulane.store.base import (
     follow_by_notifier,
     requeued_event,
 )
+from gpulane.store.group_commit import SubmitGroups
 from gpulane.store.sqlite_listing import PageReader, read_page
 from gpulane.store.sqlite_schema import (
     COLUMNS,
@@ -71,6 +72,7 @@ class SqliteStore:
         self._write_gate = threading.Lock()  # this process's writers: the loop and the purge
         self._checkpointer: threading.Thread | None = None
         self._pages: PageReader | None = None  # listings, off the loop (sqlite_listing.py)
+        self.submit_groups = SubmitGroups(lambda specs: self._submit_now(specs))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -151,6 +153,10 @@ class SqliteStore:
         return (await self.submit_many([spec]))[0]
 
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[tuple[Task, bool]]:
+        # Submits made side by side share one transaction (store/group_commit.py).
+        return await self.submit_groups.submit(specs) if specs else []
+
+    async def _submit_now(self, specs: Sequence[TaskSpec]) -> list[tuple[Task, bool]]:
         out: list[tuple[Task, bool]] = []
         with self._tx() as db:
             for spec in specs:
@@ -180,12 +186,7 @@ class SqliteStore:
         return self._get(task_id)
 
     async def get_many(self, ids: Sequence[str]) -> list[Task | None]:
-        # One statement whatever the count: the ids travel as one JSON array, so the
-        # statement cache holds one query, not one per length.
-        found = {row[1]: row_to_task(row) for row in self.db.execute(
-            f"SELECT {COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
-            (orjson.dumps(list(ids)).decode(),))}
-        return [found.get(i) for i in ids]
+        return sqlite_submit.get_many(self.db, ids)
 
     async def list_tasks(self, state: TaskState | None = None, preset: str | None = None,
                          limit: int = 50, cursor: str | None = None

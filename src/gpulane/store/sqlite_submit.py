@@ -1,12 +1,16 @@
-"""How a submit becomes rows in the SQLite store: the idempotency check and the insert.
+"""How a submit becomes rows in the SQLite store: the idempotency check and the insert; and
+the read of many tasks at once that a collector of their results makes.
 
-Functions over the store's connection, called by ``sqlite.py`` inside its write transaction;
-the store counts what they add after the commit.
+Functions over the store's connection, called by ``sqlite.py`` (the writes inside its write
+transaction); the store counts what they add after the commit.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
+
+import orjson
 
 from gpulane.errors import ConflictError
 from gpulane.model import Task, TaskSpec, TaskState, now
@@ -56,3 +60,12 @@ def insert(db: sqlite3.Connection, spec: TaskSpec) -> Task:
                 content_type=spec.content_type, idempotency_key=spec.idempotency_key,
                 lane=spec.lane, fallback_reason=spec.fallback_reason,
                 submitted_by=spec.submitted_by)
+
+
+def get_many(db: sqlite3.Connection, ids: Sequence[str]) -> list[Task | None]:
+    """Each id's task (None if unknown), in the order asked, in one statement whatever the
+    count: the ids travel as one JSON array, so the statement cache holds one query."""
+    found = {row[1]: row_to_task(row) for row in db.execute(
+        f"SELECT {COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
+        (orjson.dumps(list(ids)).decode(),))}
+    return [found.get(i) for i in ids]
