@@ -288,3 +288,40 @@ async def test_open_store_builds_the_tier_for_sqlite_only() -> None:
     assert isinstance(open_store("sqlite://", online=OnlineLimits(2.0, 300.0, 0)), SqliteStore)
     assert isinstance(open_store("sqlite://"), SqliteStore)
     assert not isinstance(open_store("redis://127.0.0.1:1/0", online=limits), TieredStore)
+
+
+async def test_a_spill_that_fails_leaves_the_task_in_memory_for_the_next_round() -> None:
+    clock = Clock()
+    sqlite = SqliteStore(":memory:")
+    failures = [OSError("disk full")]
+
+    def flaky(held: object) -> None:
+        if failures:
+            raise failures.pop()
+        adopt(sqlite, held)  # type: ignore[arg-type]
+
+    store = TieredStore(sqlite, flaky, OnlineLimits(2.0, 300.0, 10), MemoryStore(clock))
+    await store.open()
+    try:
+        task, _ = await store.submit(online())
+        clock.t += 3
+        with pytest.raises(OSError):
+            store.upkeep()
+        assert task.id in store.memory and await sqlite.get(task.id) is None
+        store.upkeep()
+        assert task.id not in store.memory and await sqlite.get(task.id) is not None
+    finally:
+        await store.close()
+
+
+async def test_lane_stats_name_the_oldest_queued_task(tiered: tuple[TieredStore, Clock]) -> None:
+    store, _ = tiered
+    a, _ = await store.submit(online("a"))
+    await store.submit(TaskSpec("q", "other", durable=False))
+    await store.submit(online("b"))
+    stats = await store.lane_stats()
+    assert stats[("p", "gpu")].queued == 2 and stats[("p", "gpu")].oldest_queued_at == a.created_at
+    assert stats[("q", "gpu")].queued == 1
+    await store.claim("p", "gpu", 1, "n", "gpu:0")
+    stats = await store.lane_stats()
+    assert (stats[("p", "gpu")].queued, stats[("p", "gpu")].running) == (1, 1)

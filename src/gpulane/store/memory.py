@@ -17,7 +17,7 @@ import heapq
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gpulane.errors import ConflictError, StaleTokenError, StoreError
@@ -68,7 +68,10 @@ class _Queue:
 
 
 class MemoryStore:
-    """Tasks held in memory only (see the module docstring for what it is not)."""
+    """Tasks held in memory only (see the module docstring for what it is not).
+
+    A Task handed out is never changed afterwards (each change makes a new one, as a
+    database read would): a caller may keep what it got as a snapshot."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.notifier = TaskNotifier()
@@ -182,7 +185,7 @@ class MemoryStore:
 
     def lane_counts(self) -> tuple[dict[tuple[str, str], int], Mapping[str, int]]:
         """Queued now per (preset, lane), and claims since open per preset."""
-        return ({k: q.count for k, q in self._queues.items() if q.count}, self._claimed)
+        return ({k: q.count for k, q in self._queues.items()}, self._claimed)
 
     def queued(self, preset: str, lane: str, limit: int) -> list[QueuedTask]:
         q = self._queues.get((preset, lane))
@@ -200,26 +203,24 @@ class MemoryStore:
         return out
 
     def lane_stats(self) -> dict[tuple[str, str], LaneStats]:
-        out: dict[tuple[str, str], LaneStats] = {}
-        for lane in self._queues.keys() | self._running.keys():
-            q = self._queues.get(lane)
-            queued = q.count if q is not None else 0
-            running = self._running.get(lane, 0)
-            if not queued and not running:
-                continue
-            oldest = None
-            if queued:
-                oldest = min((t.created_at for t in self._queued_tasks(lane)), default=None)
-            out[lane] = LaneStats(queued, running, oldest)
-        return out
-
-    def _queued_tasks(self, lane: tuple[str, str]) -> Iterable[Task]:
-        # Bounded by the spill window: a queued task older than it has left memory.
+        queued = {k: q.count for k, q in self._queues.items() if q.count > 0}
+        oldest: dict[tuple[str, str], float] = {}
+        # One pass over the live tasks (bounded by the spill window: older ones left memory),
+        # stopping once every queue with queued tasks has its oldest.
         for _born, tid in self._live:
+            if len(oldest) == len(queued):
+                break
             held = self._held.get(tid)
-            if (held is not None and held.task.state is TaskState.QUEUED
-                    and (held.task.preset, held.task.lane) == lane):
-                yield held.task
+            if held is None or held.task.state is not TaskState.QUEUED:
+                continue
+            lane = (held.task.preset, held.task.lane)
+            if lane not in oldest or held.task.created_at < oldest[lane]:
+                oldest[lane] = held.task.created_at
+        out: dict[tuple[str, str], LaneStats] = {}
+        for lane in queued.keys() | {k for k, n in self._running.items() if n > 0}:
+            out[lane] = LaneStats(queued.get(lane, 0), self._running.get(lane, 0),
+                                  oldest.get(lane))
+        return out
 
     # -- claim, events, finish ---------------------------------------------------------------
 
@@ -245,12 +246,10 @@ class MemoryStore:
             heapq.heappop(q.heap)
             q.count -= 1
             held = self._held[top[2]]
-            t = held.task
-            t.state = TaskState.RUNNING
-            t.attempts += 1
-            t.token += 1
-            t.started_at = started
-            t.placement = Placement(node, device, t.fallback_reason)
+            old = held.task
+            t = held.task = replace(old, state=TaskState.RUNNING, attempts=old.attempts + 1,
+                                    token=old.token + 1, started_at=started,
+                                    placement=Placement(node, device, old.fallback_reason))
             held.node = node
             held.heartbeat_at = mono
             self._append(held, [NewEvent("state", {
@@ -305,14 +304,11 @@ class MemoryStore:
         if not item.state.final:
             raise StoreError(f"finish() needs a final state, not {item.state.value}")
         held = self._current(item.task_id, item.token)
-        t = held.task
         ended = now()
         self._append(held, [*item.events, NewEvent("state", {"state": item.state.value,
                                                              "error": item.error})], ended)
-        t.state = item.state
-        t.output = item.output
-        t.error = item.error
-        t.finished_at = ended
+        t = held.task = replace(held.task, state=item.state, output=item.output,
+                                error=item.error, finished_at=ended)
         self._running[(t.preset, t.lane)] -= 1
         self._ended_now(held)
         self.notifier.notify(t.id, t)
@@ -327,28 +323,22 @@ class MemoryStore:
                 events: Sequence[NewEvent] = (), *, spent: bool = True,
                 lane: str | None = None, fallback_reason: str | None = None) -> Task:
         held = self._current(task_id, token)
-        t = held.task
+        old = held.task
         self._append(held, [*events, requeued_event(error, lane, fallback_reason)], now())
-        self._running[(t.preset, t.lane)] -= 1
-        t.state = TaskState.QUEUED
-        t.error = error
-        t.placement = None
+        self._running[(old.preset, old.lane)] -= 1
         held.node = None
-        if not spent:
-            t.attempts -= 1
-        if lane is not None:
-            t.lane = lane
-        if fallback_reason is not None:
-            t.fallback_reason = fallback_reason
-        self._requeued(t)
-        return t
+        return self._requeued(held, state=TaskState.QUEUED, error=error, placement=None,
+                              attempts=old.attempts - (0 if spent else 1),
+                              lane=old.lane if lane is None else lane,
+                              fallback_reason=fallback_reason or old.fallback_reason)
 
-    def _requeued(self, t: Task) -> None:
+    def _requeued(self, held: Held, **changes: Any) -> Task:
         """A task back in its queue: a new place (a new seq: older entries go stale)."""
         self._seq += 1
-        t.seq = self._seq
+        t = held.task = replace(held.task, seq=self._seq, **changes)
         self._enqueue(t)
         self.notifier.notify(t.id, t)
+        return t
 
     def move_queued(self, task_ids: Sequence[str], lane: str, reason: str,
                     events: Sequence[NewEvent] = ()) -> list[Task]:
@@ -357,11 +347,10 @@ class MemoryStore:
             held = self._held.get(tid)
             if held is None or held.task.state is not TaskState.QUEUED or held.task.lane == lane:
                 continue
-            t = held.task
-            self._queues[(t.preset, t.lane)].count -= 1
+            old = held.task
+            self._queues[(old.preset, old.lane)].count -= 1
             self._append(held, events, now())
-            t.lane = lane
-            t.fallback_reason = reason
+            t = held.task = replace(old, lane=lane, fallback_reason=reason)
             # Its place by priority and age: the seq it had (an entry in the new heap).
             self._enqueue(t)
             self.notifier.notify(t.id, t)
@@ -372,14 +361,12 @@ class MemoryStore:
         held = self._held.get(task_id)
         if held is None or held.task.state is not TaskState.QUEUED:
             return None
-        t = held.task
         error = task_error(ErrorKind.CANCELLED, "cancelled by request")
         ended = now()
         self._append(held, [NewEvent("state", {"state": "cancelled", "error": error})], ended)
-        self._queues[(t.preset, t.lane)].count -= 1
-        t.state = TaskState.CANCELLED
-        t.error = error
-        t.finished_at = ended
+        self._queues[(held.task.preset, held.task.lane)].count -= 1
+        t = held.task = replace(held.task, state=TaskState.CANCELLED, error=error,
+                                finished_at=ended)
         self._ended_now(held)
         self.notifier.notify(task_id, t)
         return t
@@ -390,18 +377,13 @@ class MemoryStore:
         held = self._held.get(task_id)
         if held is None or held.task.state is not TaskState.CANCELLED:
             return None
-        t = held.task
         self._append(held, [NewEvent("state", {"state": "queued",
                                                "reason": "retried after cancelled"})], now())
-        t.state = TaskState.QUEUED
-        t.attempts = 0
-        t.output = t.error = t.placement = None
-        t.started_at = t.finished_at = None
         held.ended = None
         held.born = self.clock()  # a fresh start gets a fresh window
         self._live.append((held.born, task_id))
-        self._requeued(t)
-        return t
+        return self._requeued(held, state=TaskState.QUEUED, attempts=0, output=None,
+                              error=None, placement=None, started_at=None, finished_at=None)
 
     def heartbeat(self, node: str, held: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
         """Of ``held`` (all of them in memory), those not running here under that token."""
@@ -432,6 +414,14 @@ class MemoryStore:
             if held is not None and held.born == born and not held.task.state.final:
                 out.append(tid)
         return out
+
+    def not_yet(self, task_ids: Sequence[str]) -> None:
+        """Put tasks that ``due`` handed out back at the front (their spill failed: the
+        next round tries again)."""
+        for tid in reversed(task_ids):
+            held = self._held.get(tid)
+            if held is not None:
+                self._live.appendleft((held.born, tid))
 
     def take(self, task_id: str) -> Held:
         """Remove a task (to be written to the durable store); its counters go with it and

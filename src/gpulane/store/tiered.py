@@ -108,7 +108,12 @@ class TieredStore:
     def upkeep(self) -> None:
         """One round: spill what outlived the window, forget results past their keep."""
         clock = self.memory.clock()
-        self._spill(self.memory.due(clock - self.limits.spill_after_s), "window")
+        due = self.memory.due(clock - self.limits.spill_after_s)
+        try:
+            self._spill(due, "window")
+        except BaseException:
+            self.memory.not_yet(due)
+            raise
         self.memory.evict(clock - self.limits.keep_s)
 
     def _spill(self, task_ids: Sequence[str], why: str) -> None:
@@ -205,7 +210,7 @@ class TieredStore:
         stats = dict(await self.durable.queue_stats())
         queued, claimed = self.memory.lane_counts()
         for preset in {p for p, _ in queued} | set(claimed):
-            lanes = {lane: n for (p, lane), n in queued.items() if p == preset}
+            lanes = {lane: n for (p, lane), n in queued.items() if p == preset and n > 0}
             have = stats.get(preset, QueueStats(0, 0))
             merged = dict(have.lanes)
             for lane, n in lanes.items():
@@ -321,7 +326,7 @@ class TieredStore:
         if rest:
             moved.update((t.id, t) for t in await self.durable.move_queued(rest, lane, reason,
                                                                            events))
-        return [moved[t] for t in task_ids if t in moved]
+        return [moved[t] for t in dict.fromkeys(task_ids) if t in moved]
 
     async def cancel_queued(self, task_id: str) -> Task | None:
         if task_id in self.memory:
