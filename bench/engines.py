@@ -2,7 +2,8 @@
 one gpulane node, beside the GPU speedups the apps' authors reported.
 
     .venv/bin/python bench/engines.py [--engines ctgan,gcn,xgboost,embed,matmul,matmul-onnx]
-                                      [--items 256] [--out bench/results/engines.json]
+                                      [--items 256] [--rounds 3] [--no-gpu]
+                                      [--out bench/results/engines.json]
 
 Engines, each an example preset run through the node's HTTP API (one after another, so no
 two compete for the CPU):
@@ -16,8 +17,11 @@ two compete for the CPU):
 * ``matmul`` and ``matmul-onnx``: the same MLP (3 x Linear 2048) on torch and on ONNX Runtime,
   ``--items`` single-row tasks submitted at once (the node batches them); figure: rows/s.
 
-A session preset is warmed first (one task starts its worker and loads the model); a one-off
-starts a fresh worker per task, so its figure is the training time the worker measures. A
+A session preset is warmed first on each lane (one task starts its worker and loads the
+model); a one-off starts a fresh worker per task, so its figure is the training time the
+worker measures. Each engine runs ``--rounds`` times (3) on each lane, engines and lanes
+alternating within a round; the table gives each lane's median with the min-max of the runs
+(the noise of a shared machine). A
 preset this node lacks (gcn-train comes with issue 16's other half; a missing package makes a
 worker fail to start) is recorded as skipped with the reason.
 
@@ -25,13 +29,15 @@ The GPU side runs when NVML and torch both see an NVIDIA GPU (bench/gpu.py's pro
 then serves the real devices and every engine runs twice, ``device: "cpu"`` and ``device:
 "gpu"``. Without one, the node is bench/_util.py's start_gpulane (simulated GPUs, whose workers
 would compute on the CPU: no GPU figure), the CPU side is recorded and the JSON says the GPU
-side was skipped and why.
+side was skipped and why. ``--allow-cpu-only`` instead runs the GPU lane on those simulated
+GPUs as a dry run of the GPU path (its figures are the CPU's; JSON to a temporary file).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -134,12 +140,15 @@ def run_oneoff(api: httpx.Client, preset: str, device: str,
             "placement": task.get("placement"), "output": summary}
 
 
+def warm_up(api: httpx.Client, engine: str, preset: str, device: str) -> str | None:
+    """Start a session preset's worker on the lane (one task); why it failed, or None."""
+    return failure(wait_final(api, submit_all(api, preset, device,
+                                              session_inputs(engine, 1))[0]))
+
+
 def run_session(api: httpx.Client, engine: str, preset: str, device: str,
                 items: int) -> dict[str, Any]:
     inputs = session_inputs(engine, items)
-    warm = wait_final(api, submit_all(api, preset, device, inputs[:1])[0])
-    if (why := failure(warm)) is not None:
-        return {"skipped": why}
     started = time.perf_counter()
     ids = submit_all(api, preset, device, inputs)
     tasks = [wait_final(api, task_id) for task_id in ids]
@@ -161,17 +170,46 @@ def presets_of(api: httpx.Client) -> set[str]:
     return {p["name"] for p in items}
 
 
-def bench_engine(api: httpx.Client, engine: str, lanes: list[str], items: int,
-                 known: set[str]) -> dict[str, Any]:
-    preset, kind, inp = ENGINES[engine]
-    if preset not in known:
-        return {lane: {"skipped": f"preset {preset} is not on this node"} for lane in lanes}
-    out: dict[str, Any] = {}
-    for lane in lanes:
-        print(f"  {engine} on the {lane} lane ...", file=sys.stderr, flush=True)
-        out[lane] = (run_oneoff(api, preset, lane, inp) if kind == "oneoff"
-                     else run_session(api, engine, preset, lane, items))
-    return out
+def bench_all(api: httpx.Client, engines: list[str], lanes: list[str], items: int,
+              rounds: int) -> dict[str, dict[str, Any]]:
+    """Every engine on every lane, ``rounds`` times, engines and lanes alternating within a
+    round (so a slow spell of a shared machine hits them all); each lane's median figure."""
+    known = presets_of(api)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {e: {lane: [] for lane in lanes}
+                                                        for e in engines}
+    skipped: dict[str, dict[str, str]] = {e: {} for e in engines}
+    for engine in engines:
+        preset, kind, _ = ENGINES[engine]
+        for lane in lanes:
+            if preset not in known:
+                skipped[engine][lane] = f"preset {preset} is not on this node"
+            elif kind == "session" and (why := warm_up(api, engine, preset, lane)) is not None:
+                skipped[engine][lane] = f"its worker did not serve: {why}"
+    for n in range(rounds):
+        for engine in engines:
+            preset, kind, inp = ENGINES[engine]
+            for lane in lanes:
+                if lane in skipped[engine]:
+                    continue
+                print(f"  round {n + 1}/{rounds}: {engine} on the {lane} lane",
+                      file=sys.stderr, flush=True)
+                run = (run_oneoff(api, preset, lane, inp) if kind == "oneoff"
+                       else run_session(api, engine, preset, lane, items))
+                if "skipped" in run:
+                    skipped[engine][lane] = run["skipped"]
+                else:
+                    runs[engine][lane].append(run)
+    return {engine: {lane: {"skipped": skipped[engine][lane]} if lane in skipped[engine]
+                     else summary(engine, runs[engine][lane]) for lane in lanes}
+            for engine in engines}
+
+
+def summary(engine: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs and their median figure, with its spread (min, max) to show the noise."""
+    key = "seconds" if ENGINES[engine][1] == "oneoff" else "items_per_s"
+    values = [float(r[key]) for r in runs]
+    return {key: round(statistics.median(values), 3), "min_max": [min(values), max(values)],
+            "runs": runs}
 
 
 def speedup(engine: str, result: dict[str, Any]) -> float | None:
@@ -191,12 +229,15 @@ def figure(engine: str, lane: dict[str, Any] | None) -> str:
     if "skipped" in lane:
         return "skipped"
     if ENGINES[engine][1] == "oneoff":
-        return f"{lane['seconds']:.2f} s"
-    return f"{lane['items_per_s']:,.0f} items/s"
+        low, high = lane["min_max"]
+        return f"{lane['seconds']:.2f} s ({low:.2f}-{high:.2f})"
+    low, high = lane["min_max"]
+    return f"{lane['items_per_s']:,.0f}/s ({low:,.0f}-{high:,.0f})"
 
 
 def table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    headers = ["engine", "preset", "CPU lane", "GPU lane", "speedup", "authors' speedup"]
+    headers = ["engine", "preset", "CPU lane (min-max)", "GPU lane (min-max)", "speedup",
+               "authors' speedup"]
     rows = [[engine, ENGINES[engine][0], figure(engine, r.get("cpu")),
              figure(engine, r.get("gpu")),
              f"{s:.2f}x" if (s := speedup(engine, r)) is not None else "-",
@@ -231,41 +272,53 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--items", type=int, default=256,
                    help="rows per session engine (embed texts, matmul rows)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measured runs per engine and lane (the median is reported)")
     p.add_argument("--no-gpu", action="store_true", help="the CPU lane only, even with a GPU")
-    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--allow-cpu-only", action="store_true",
+                   help="without a GPU, run the GPU lane on simulated GPUs (computing on the "
+                        "CPU): a dry run of the GPU path, JSON to a temporary file")
+    p.add_argument("--out", type=Path, default=None, help=f"default {OUT.relative_to(REPO)}")
     args = p.parse_args(argv)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if not engines or any(e not in ENGINES for e in engines) or args.items < 1:
-        p.error(f"--engines takes a comma-separated subset of {','.join(ENGINES)}; --items >= 1")
+    if not engines or any(e not in ENGINES for e in engines) or min(args.items, args.rounds) < 1:
+        p.error(f"--engines takes a comma-separated subset of {','.join(ENGINES)}; --items "
+                "and --rounds are at least 1")
     stop_on_signals()
     started, load_start = time.time(), list(os.getloadavg())
     use_gpu, why, gpus = (False, "--no-gpu", {}) if args.no_gpu else gpu_probe()
-    lanes = ["cpu", "gpu"] if use_gpu else ["cpu"]
-    if not use_gpu:
+    dry_run = not use_gpu and args.allow_cpu_only
+    lanes = ["cpu", "gpu"] if use_gpu or dry_run else ["cpu"]
+    if dry_run:
+        print(f"bench/engines.py: dry run, the GPU lane on simulated GPUs ({why})",
+              file=sys.stderr)
+    elif not use_gpu:
         print(f"bench/engines.py: no GPU lane ({why}); recording the CPU side only",
               file=sys.stderr)
+    out = args.out or (Path(tempfile.gettempdir()) / "engines-dry-run.json" if dry_run else OUT)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gpulane-engines-") as tmp, Procs() as procs:
         url = start_node(procs, Path(tmp), use_gpu)
         with httpx.Client(base_url=url, timeout=60) as api:
-            known = presets_of(api)
-            for engine in engines:
-                results[engine] = bench_engine(api, engine, lanes, args.items, known)
-                if not use_gpu:
-                    results[engine]["gpu"] = {"skipped": f"no GPU: {why}"}
+            results = bench_all(api, engines, lanes, args.items, args.rounds)
+    if not use_gpu and not dry_run:
+        for engine in engines:
+            results[engine]["gpu"] = {"skipped": f"no GPU: {why}"}
     headers, rows = table(results)
     print_table(headers, rows)
     record = run_record("engines", "bench/engines.py", argv, started, load_start)
-    write_json(args.out, {
+    write_json(out, {
         **record,
-        "gpu": {"used": use_gpu, "skipped_because": None if use_gpu else why, **gpus},
+        "gpu": {"used": use_gpu, "skipped_because": None if use_gpu else why,
+                "dry_run_on_simulated_gpus": dry_run, **gpus},
         "engines": {e: {"preset": ENGINES[e][0], "kind": ENGINES[e][1],
                         "input": ENGINES[e][2], "authors_speedup": REPORTED.get(e),
                         **results[e], "speedup": speedup(e, results[e])} for e in engines},
         "items": args.items,
+        "rounds": args.rounds,
         "table_markdown": markdown_table(headers, rows),
     })
-    print(f"wrote {args.out}", file=sys.stderr)
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
