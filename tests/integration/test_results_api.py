@@ -16,9 +16,10 @@ UNKNOWN = "0" * 24
 
 
 async def _results(api: httpx.AsyncClient, ids: list[str], wait: float | None = None,
-                   **kw: object) -> httpx.Response:
+                   headers: dict[str, str] | None = None) -> httpx.Response:
     params = {} if wait is None else {"wait": wait}
-    return await api.post("/v1/tasks/results", params=params, json={"ids": ids}, **kw)
+    return await api.post("/v1/tasks/results", params=params, json={"ids": ids},
+                          headers=headers)
 
 
 async def test_results_wait_for_the_first_to_end_and_name_the_others(tmp_path: Path) -> None:
