@@ -30,6 +30,7 @@ from gpulane.client._base import (
     ClientBase,
     TaskList,
 )
+from gpulane.client._coalesce_async import AsyncTaskFuture, Coalescer, Item
 from gpulane.client._http11 import Reply
 from gpulane.client._http11_async import AsyncHttp11Pool
 from gpulane.client.leases import AsyncGpuLease, PreemptCallback, acquire_request
@@ -49,8 +50,12 @@ class AsyncClient(ClientBase):
                  limits: httpx.Limits = DEFAULT_LIMITS,
                  retry: RetryPolicy | None = DEFAULT_RETRY,
                  breaker: BreakerArg = DEFAULT_BREAKER,
-                 budget: BudgetArg = DEFAULT_BUDGET) -> None:
+                 budget: BudgetArg = DEFAULT_BUDGET, coalesce: bool = True) -> None:
         super().__init__(url, token, timeout, transport is not None, retry, breaker, budget)
+        # Concurrent run()/submit() callers share bulk requests (coalesce=False: each its own);
+        # enqueue() always goes through it.
+        self._coalesce = coalesce
+        self._coalescer = Coalescer(self._call)
         self._http = httpx.AsyncClient(base_url=self.url, headers=core.base_headers(self._token),
                                        timeout=self._timeout, transport=transport, limits=limits,
                                        http2=core.h2_available() if http2 is None else http2)
@@ -70,6 +75,7 @@ class AsyncClient(ClientBase):
         await self.close()
 
     async def close(self) -> None:
+        await self._coalescer.aclose()
         if self._fast is not None:
             await self._fast.aclose()
         await self._http.aclose()
@@ -140,10 +146,33 @@ class AsyncClient(ClientBase):
                      timeout_s: float | None = None, content_type: str | None = None,
                      idempotency_key: str | None = None, wait: float | None = None,
                      gpu: bool | None = None, fallback: bool | None = None) -> JSON:
-        """Submit one task; ``wait`` lets the server hold the answer until it is final."""
-        return await self._call(self._submit_request(preset, input, device, priority, timeout_s,
-                                                     content_type, idempotency_key, wait, gpu,
-                                                     fallback))
+        """Submit one task; ``wait`` lets the server hold the answer until it is final.
+        Without ``wait``, coroutines submitting in the same loop turn share one bulk request
+        (each still gets its own task or error)."""
+        request = self._submit_request(preset, input, device, priority, timeout_s,
+                                       content_type, idempotency_key, wait, gpu, fallback)
+        if not self._coalesce or wait is not None:
+            return await self._call(request)
+        item, answer = await self._coalescer.submit(request, lambda: self._call(request))
+        return answer if answer is not None else await item.outcome
+
+    def enqueue(self, preset: str | None = None, input: Any = None, *, device: str = "auto",
+                priority: str | int = "normal", timeout_s: float | None = None,
+                content_type: str | None = None, idempotency_key: str | None = None,
+                gpu: bool | None = None, fallback: bool | None = None) -> AsyncTaskFuture:
+        """Queue a submit and return at once (call it on the event loop): the submits
+        enqueued in one loop turn go out as one bulk request. ``await future`` (or
+        ``future.result(timeout)``) gives the final task, collected with the others' in
+        shared ``POST /v1/tasks/results`` polls; :meth:`flush` waits for the
+        acknowledgements."""
+        request = self._submit_request(preset, input, device, priority, timeout_s,
+                                       content_type, idempotency_key, None, gpu, fallback)
+        return AsyncTaskFuture(self._coalescer, self._coalescer.enqueue(request), self.get)
+
+    async def flush(self) -> None:
+        """Wait until every submit enqueued so far is acknowledged (or failed: its future
+        says how)."""
+        await self._coalescer.flush()
 
     async def upload(self, source: Source, content_type: str | None = None,
                      name: str | None = None) -> JSON:
@@ -217,10 +246,32 @@ class AsyncClient(ClientBase):
         self._run_wait(timeout, submit_kwargs)
         request = self._submit_request(preset, input, **submit_kwargs)
         request.deadline = deadline
+        if not self._coalesce:
+            return core.run_outcome(await self._run_alone(request, deadline))
+        item, task = await self._coalescer.submit(
+            request, lambda: self._run_alone(request, deadline))
+        if task is None:
+            task = await self._outcome(item, deadline)
+        return core.run_outcome(task)
+
+    async def _run_alone(self, request: core.Request, deadline: float | None) -> JSON:
         task = await self._call(request)
         if not core.is_final(task):
             task = await self._poll(core.LongPoll(str(task["id"]), deadline))
-        return core.run_outcome(task)
+        return task
+
+    async def _outcome(self, item: Item, deadline: float | None) -> JSON:
+        """A coalesced run()'s end; past ``deadline``, the task as it stands."""
+        if deadline is None:
+            return await item.outcome
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await asyncio.shield(item.outcome)
+        except TimeoutError:
+            pass
+        task_id = str((await item.ack)["id"])
+        self._coalescer.drop(task_id, item.outcome)
+        return await self.get(task_id)
 
     async def events(self, task_id: str,
                      last_event_id: int | None = None) -> AsyncIterator[JSON]:
