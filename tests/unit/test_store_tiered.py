@@ -16,7 +16,7 @@ from gpulane.store import NewEvent, open_store, wait_final
 from gpulane.store.memory import MemoryStore
 from gpulane.store.sqlite import SqliteStore
 from gpulane.store.sqlite_adopt import adopt
-from gpulane.store.tiered import OnlineLimits, TieredStore
+from gpulane.store.tiered import SPILL_BATCH, OnlineLimits, TieredStore
 
 
 class Clock:
@@ -325,3 +325,15 @@ async def test_lane_stats_name_the_oldest_queued_task(tiered: tuple[TieredStore,
     await store.claim("p", "gpu", 1, "n", "gpu:0")
     stats = await store.lane_stats()
     assert (stats[("p", "gpu")].queued, stats[("p", "gpu")].running) == (1, 1)
+
+
+async def test_a_backlog_past_the_window_is_written_in_batches(
+        tiered: tuple[TieredStore, Clock]) -> None:
+    store, clock = tiered
+    store.limits = OnlineLimits(2.0, 300.0, 10_000)
+    await store.submit_many([online(i) for i in range(SPILL_BATCH + 10)])
+    clock.t += 3
+    assert store.upkeep() is True and len(store.memory) == 10
+    assert store.upkeep() is False and len(store.memory) == 0
+    assert await store.queued_count() == SPILL_BATCH + 10
+    assert len(await store.claim("p", "gpu", SPILL_BATCH + 10, "n", "gpu:0")) == SPILL_BATCH + 10

@@ -404,11 +404,12 @@ class MemoryStore:
 
     # -- leaving memory ----------------------------------------------------------------------
 
-    def due(self, born_before: float) -> list[str]:
-        """Ids of tasks submitted before ``born_before`` that have not ended: those the
-        spill window says go to the durable store. Stale entries are dropped as they pass."""
-        out = []
-        while self._live and self._live[0][0] < born_before:
+    def due(self, born_before: float, limit: int) -> list[str]:
+        """Ids of up to ``limit`` tasks submitted before ``born_before`` that have not ended:
+        those the spill window says go to the durable store. Stale entries are dropped as
+        they pass."""
+        out: list[str] = []
+        while self._live and self._live[0][0] < born_before and len(out) < limit:
             born, tid = self._live.popleft()
             held = self._held.get(tid)
             if held is not None and held.born == born and not held.task.state.final:

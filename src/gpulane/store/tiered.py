@@ -45,6 +45,9 @@ log = logging.getLogger("gpulane.store")
 
 UPKEEP_MAX_S = 0.25
 """Longest between two spill rounds: a task passes its window by at most this much."""
+SPILL_BATCH = 500
+"""Most tasks one spill transaction writes (about 20 ms of SQLite on the event loop); a
+backlog that outlived the window together is written in several, the loop served between."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,20 +104,25 @@ class TieredStore:
         while True:
             await asyncio.sleep(every)
             try:
-                self.upkeep()
+                more = self.upkeep()
+                while more:  # a big backlog: the loop serves others between the batches
+                    await asyncio.sleep(0)
+                    more = self.upkeep()
             except Exception:  # a full disk, say: the tasks stay in memory, tried next round
                 log.exception("online lane: spilling to the durable store failed")
 
-    def upkeep(self) -> None:
-        """One round: spill what outlived the window, forget results past their keep."""
+    def upkeep(self) -> bool:
+        """One step: spill up to SPILL_BATCH tasks that outlived the window, forget results
+        past their keep. True when more are due (call again)."""
         clock = self.memory.clock()
-        due = self.memory.due(clock - self.limits.spill_after_s)
+        due = self.memory.due(clock - self.limits.spill_after_s, SPILL_BATCH)
         try:
             self._spill(due, "window")
         except BaseException:
             self.memory.not_yet(due)
             raise
         self.memory.evict(clock - self.limits.keep_s)
+        return len(due) == SPILL_BATCH
 
     def _spill(self, task_ids: Sequence[str], why: str) -> None:
         """Write these memory tasks to the durable store, then drop them from memory: in
