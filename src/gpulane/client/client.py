@@ -31,6 +31,8 @@ from gpulane.client._base import (
 )
 from gpulane.client._http11 import Http11Pool, Reply
 from gpulane.client.leases import GpuLease, PreemptCallback, acquire_request
+from gpulane.client.pipeline import Pipeline
+from gpulane.client.pipeline_collect import TaskFuture
 from gpulane.client.resilience import RetryPolicy
 from gpulane.client.uploads import Source, upload_request
 from gpulane.errors import ClientError, TransportError
@@ -50,8 +52,12 @@ class Client(ClientBase):
                  limits: httpx.Limits = DEFAULT_LIMITS,
                  retry: RetryPolicy | None = DEFAULT_RETRY,
                  breaker: BreakerArg = DEFAULT_BREAKER,
-                 budget: BudgetArg = DEFAULT_BUDGET) -> None:
+                 budget: BudgetArg = DEFAULT_BUDGET, coalesce: bool = True) -> None:
         super().__init__(url, token, timeout, transport is not None, retry, breaker, budget)
+        # Threads calling run()/submit() while others' are in flight share bulk requests
+        # (coalesce=False: each its own); enqueue() always goes through the pipeline.
+        self._coalesce = coalesce
+        self._pipeline = Pipeline(self._call)
         self._http = httpx.Client(base_url=self.url, headers=core.base_headers(self._token),
                                   timeout=self._timeout, transport=transport, limits=limits,
                                   http2=bool(http2) and core.h2_available())
@@ -70,6 +76,9 @@ class Client(ClientBase):
         self.close()
 
     def close(self) -> None:
+        """Flush what was enqueued (every submit acknowledged or refused), stop the SDK's
+        threads, close the connections. Enqueued futures not ended by then get ClientError."""
+        self._pipeline.close()
         if self._fast is not None:
             self._fast.close()
         self._http.close()
@@ -142,10 +151,37 @@ class Client(ClientBase):
         """Submit one task; ``wait`` lets the server hold the answer until it is final.
         Without ``preset`` the server routes it by ``content_type`` (:meth:`routes`).
         ``gpu=True|False`` is ``device="gpu"|"cpu"`` (sent as ``?gpu=``); ``fallback=False``:
-        a GPU or nothing."""
-        return self._call(self._submit_request(preset, input, device, priority, timeout_s,
-                                               content_type, idempotency_key, wait, gpu,
-                                               fallback))
+        a GPU or nothing. Without ``wait``, threads submitting while others' submits are in
+        flight share one bulk request (each still gets its own task or error)."""
+        request = self._submit_request(preset, input, device, priority, timeout_s,
+                                       content_type, idempotency_key, wait, gpu, fallback)
+        if not self._coalesce or wait is not None:
+            return self._call(request)
+        item, answer = self._pipeline.shared(request, lambda: self._call(request))
+        if item is not None:
+            return self._pipeline.outcome(item, None, self.get)
+        assert answer is not None
+        return answer
+
+    def enqueue(self, preset: str | None = None, input: Any = None, *, device: str = "auto",
+                priority: str | int = "normal", timeout_s: float | None = None,
+                content_type: str | None = None, idempotency_key: str | None = None,
+                gpu: bool | None = None, fallback: bool | None = None) -> TaskFuture:
+        """Queue a submit and return at once: the calls made within about a millisecond
+        (and all made while a bulk is in flight) go out as one ``POST /v1/tasks/bulk``.
+        ``future.id`` waits for the acknowledgement; ``future.result(timeout)`` is the final
+        task (TaskFailedError as :meth:`run`), collected in shared ``POST /v1/tasks/results``
+        polls; :meth:`flush` waits for every acknowledgement."""
+        request = self._submit_request(preset, input, device, priority, timeout_s,
+                                       content_type, idempotency_key, None, gpu, fallback)
+        future = TaskFuture(self.get)
+        self._pipeline.enqueue(request, future)
+        return future
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every submit enqueued so far is acknowledged (or refused: its future
+        says how); False when ``timeout`` seconds passed first."""
+        return self._pipeline.flush(timeout)
 
     def upload(self, source: Source, content_type: str | None = None,
                name: str | None = None) -> JSON:
@@ -223,10 +259,19 @@ class Client(ClientBase):
         self._run_wait(timeout, submit_kwargs)
         request = self._submit_request(preset, input, **submit_kwargs)
         request.deadline = deadline
+        if not self._coalesce:
+            return core.run_outcome(self._run_alone(request, deadline))
+        item, task = self._pipeline.shared(request, lambda: self._run_alone(request, deadline))
+        if item is not None:
+            task = self._pipeline.outcome(item, deadline, self.get)
+        assert task is not None
+        return core.run_outcome(task)
+
+    def _run_alone(self, request: core.Request, deadline: float | None) -> JSON:
         task = self._call(request)
         if not core.is_final(task):
             task = self._poll(core.LongPoll(str(task["id"]), deadline))
-        return core.run_outcome(task)
+        return task
 
     def events(self, task_id: str, last_event_id: int | None = None) -> Iterator[JSON]:
         """Yield the task's events; a dropped connection resumes with Last-Event-ID."""
