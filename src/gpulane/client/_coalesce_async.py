@@ -50,7 +50,7 @@ RESEND_STATUSES = range(400, 500)
 """A bulk answered with one of these is sent again item by item (save 408 and 429)."""
 
 
-# --- sans-IO: requests and answers --------------------------------------------------------
+# --- sans-IO: requests and answers (the sync Client's pipeline shares them) -------------
 
 
 def bulk_request(requests: Sequence[core.Request], hold_s: float | None) -> core.Request:
