@@ -5,6 +5,7 @@ shared across the process, and can serve ``run`` from a local fallback when the 
 be reached; see :mod:`gpulane.client.resilience` and ``stats()``.
 """
 
+from gpulane.client._coalesce_async import AsyncTaskFuture
 from gpulane.client.async_client import AsyncClient
 from gpulane.client.client import Client
 from gpulane.client.resilience import (
@@ -16,5 +17,5 @@ from gpulane.client.resilience import (
     shared_breaker,
 )
 
-__all__ = ["AsyncClient", "BreakerConfig", "BudgetConfig", "CircuitBreaker", "Client",
-           "RetryBudget", "RetryPolicy", "shared_breaker"]
+__all__ = ["AsyncClient", "AsyncTaskFuture", "BreakerConfig", "BudgetConfig", "CircuitBreaker",
+           "Client", "RetryBudget", "RetryPolicy", "shared_breaker"]
