@@ -21,12 +21,13 @@ A session preset is warmed first on each lane (one task starts its worker and lo
 model); a one-off starts a fresh worker per task, so its figure is the training time the
 worker measures. Each engine runs ``--rounds`` times (3) on each lane, engines and lanes
 alternating within a round; the table gives each lane's median with the min-max of the runs
-(the noise of a shared machine). A
-preset this node lacks (gcn-train comes with issue 16's other half; a missing package makes a
-worker fail to start) is recorded as skipped with the reason.
+(the noise of a shared machine). A preset this node lacks (gcn-train comes with issue 16's
+other half; a missing package makes a worker fail to start) is recorded as skipped with the
+reason.
 
-The GPU side runs when NVML and torch both see an NVIDIA GPU (bench/gpu.py's probe): the node
-then serves the real devices and every engine runs twice, ``device: "cpu"`` and ``device:
+The GPU side runs when torch sees a GPU (CUDA, or ROCm through torch.cuda) and the node started
+on the real devices finds it (GET /v1/gpus: not simulated, at least one device, whichever
+device provider it chose); every engine then runs twice, ``device: "cpu"`` and ``device:
 "gpu"``. Without one, the node is bench/_util.py's start_gpulane (simulated GPUs, whose workers
 would compute on the CPU: no GPU figure), the CPU side is recorded and the JSON says the GPU
 side was skipped and why. ``--allow-cpu-only`` instead runs the GPU lane on those simulated
@@ -246,16 +247,27 @@ def table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 
 def gpu_probe() -> tuple[bool, str, dict[str, Any]]:
-    """(usable, why not, what the JSON says of the GPUs): bench/gpu.py's NVML + torch probe."""
-    from bench.gpu import gpu_info, probe_gpu
+    """(usable, why not, torch's view): whether torch sees a GPU, CUDA or ROCm (a ROCm torch
+    answers through torch.cuda too), asked in a fresh interpreter (bench/gpu.py's probe)."""
+    from bench.gpu import probe_torch
 
-    provider, torch_info, why = probe_gpu()
-    if provider is None:
-        return False, why, {"torch": torch_info}
-    try:
-        return True, "", gpu_info(provider, torch_info)
-    finally:
-        provider.close()
+    info = probe_torch()
+    if info.get("cuda_available"):
+        return True, "", {"torch": info}
+    why = info.get("error") or f"torch {info.get('torch_version')} sees no CUDA or ROCm GPU"
+    return False, str(why), {"torch": info}
+
+
+def node_gpus(api: httpx.Client) -> tuple[str, dict[str, Any]]:
+    """Why the node has no real GPU lane ("" when it has one), and its GET /v1/gpus view."""
+    r = api.get("/v1/gpus")
+    r.raise_for_status()
+    view = r.json()
+    seen = {k: view.get(k) for k in ("provider", "simulated", "reason", "devices")}
+    if view.get("simulated") or not view.get("devices"):
+        return f"the node found no GPU (provider {view.get('provider')}: " \
+               f"{view.get('reason')})", seen
+    return "", seen
 
 
 def start_node(procs: Procs, tmp: Path, use_gpu: bool) -> str:
@@ -300,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpulane-engines-") as tmp, Procs() as procs:
         url = start_node(procs, Path(tmp), use_gpu)
         with httpx.Client(base_url=url, timeout=60) as api:
+            if use_gpu:
+                why, gpus["node"] = node_gpus(api)
+                if why:
+                    use_gpu, lanes = False, ["cpu"]
+                    print(f"bench/engines.py: no GPU lane ({why})", file=sys.stderr)
             results = bench_all(api, engines, lanes, args.items, args.rounds)
     if not use_gpu and not dry_run:
         for engine in engines:
