@@ -55,7 +55,7 @@ class Held:
     ended: float | None = None
     """When it ended, on the same clock (the keep window counts it)."""
     node: str | None = None
-    heartbeat_at: float = 0.0
+    """The node running it (None unless running)."""
 
 
 @dataclass(slots=True)
@@ -235,7 +235,6 @@ class MemoryStore:
         if q is None:
             return out
         started = now()
-        mono = self.clock()
         while len(out) < limit and q.count > 0:
             top = self._head(q, key)
             if top is None:
@@ -251,7 +250,6 @@ class MemoryStore:
                                     token=old.token + 1, started_at=started,
                                     placement=Placement(node, device, old.fallback_reason))
             held.node = node
-            held.heartbeat_at = mono
             self._append(held, [NewEvent("state", {
                 "state": "running", "attempt": t.attempts, "node": node, "device": device,
                 "fallback_reason": t.fallback_reason})], started)
@@ -386,16 +384,15 @@ class MemoryStore:
                               error=None, placement=None, started_at=None, finished_at=None)
 
     def heartbeat(self, node: str, held: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
-        """Of ``held`` (all of them in memory), those not running here under that token."""
-        at = self.clock()
+        """Of ``held`` (all of them in memory), those not running on ``node`` under that
+        token. Nothing to stamp: no reaper looks at memory (a running task outlives it only
+        by the spill window, then the durable store's heartbeats cover it)."""
         lost = []
         for tid, token in held:
             h = self._held.get(tid)
             if (h is None or h.task.state is not TaskState.RUNNING or h.task.token != token
                     or h.node != node):
                 lost.append((tid, token))
-            else:
-                h.heartbeat_at = at
         return lost
 
     def running_nodes(self) -> set[str]:
