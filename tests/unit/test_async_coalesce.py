@@ -44,6 +44,7 @@ def test_the_sans_io_rules() -> None:
     refused = APIError(422, "unknown_preset", "no preset", field="tasks[1].preset")
     assert bad_item(refused, 2) == 1 and bad_item(refused, 1) is None
     assert resend_singly(refused) and not resend_singly(APIError(429, "busy", "later"))
+    assert not resend_singly(APIError(401, "unauthorized", "no key"))
     assert not resend_singly(TransportError("down"))
 
 

@@ -46,8 +46,10 @@ PEEL_ROUNDS = 3
 """Bad items taken out of a refused bulk one at a time, the rest sent again as a bulk, before
 the remaining items are sent singly."""
 _ITEM_FIELD = re.compile(r"tasks\[(\d+)\]")
-RESEND_STATUSES = range(400, 500)
-"""A bulk answered with one of these is sent again item by item (save 408 and 429)."""
+RESEND_STATUSES = frozenset({400, 404, 409, 413, 422})
+"""A bulk refused with one of these may owe it to one item (a bad body, an unknown preset, a
+key reused for another body, too big as a whole): it is sent again item by item. Others (401,
+403, 408, 429) would refuse every item alike, and are every caller's answer."""
 
 
 # --- sans-IO: requests and answers (the sync Client's pipeline shares them) -------------
@@ -78,8 +80,7 @@ def unknown_task(task_id: str) -> APIError:
 
 def resend_singly(error: ClientError) -> bool:
     """Whether a bulk refused with ``error`` is sent again item by item."""
-    return (isinstance(error, APIError) and error.status in RESEND_STATUSES
-            and error.status not in (408, 429))
+    return isinstance(error, APIError) and error.status in RESEND_STATUSES
 
 
 def bad_item(error: ClientError, count: int) -> int | None:
