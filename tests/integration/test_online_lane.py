@@ -121,3 +121,22 @@ async def test_the_lane_off_keeps_every_task_in_the_store(tmp_path: Path) -> Non
         r = await api.post("/v1/tasks?wait=20", json={"preset": "sleep-online",
                                                       "input": {"ms": 1}})
         assert r.json()["state"] == "succeeded"
+
+
+async def test_bulk_and_many_results_of_online_tasks(tmp_path: Path) -> None:
+    async with node_with_api(tmp_path) as (node, api):
+        r = await api.post("/v1/tasks/bulk", params={"wait": 20}, json={"tasks": [
+            {"preset": "sleep-online", "input": {"ms": 1}},
+            {"preset": "sleep", "input": {"ms": 1}},
+            {"preset": "sleep-online", "input": {"ms": -1}}]})
+        assert r.status_code == 200, r.text
+        tasks = r.json()["tasks"]
+        assert [t["state"] for t in tasks] == ["succeeded", "succeeded", "failed"]
+        ids = [t["id"] for t in tasks]
+        assert ids[0] in tiers(node).memory and ids[2] not in tiers(node).memory
+        got = await api.post("/v1/tasks/results", params={"wait": 5},
+                             json={"ids": [*ids, "0" * 24]})
+        assert got.status_code == 200, got.text
+        body = got.json()
+        assert [t["id"] for t in body["tasks"]] == ids
+        assert body["pending"] == [] and body["missing"] == ["0" * 24]
