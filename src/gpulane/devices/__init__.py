@@ -1,13 +1,16 @@
-"""GPU and CPU device providers: real GPUs through NVML, or simulated ones."""
+"""GPU and CPU device providers: real GPUs through NVML or AMD SMI, or simulated ones."""
 
 from __future__ import annotations
 
+from gpulane.devices.amd import AmdProvider
 from gpulane.devices.base import (
+    AMD_UUID_PREFIX,
     CpuPool,
     DeviceProvider,
     DeviceSnapshot,
     GpuProcess,
     cpu_pool,
+    gpu_vendor,
     usable_cores,
 )
 from gpulane.devices.nvml import NvmlProvider
@@ -21,8 +24,10 @@ from gpulane.devices.simulated import (
 DEFAULT_SIMULATED_GPUS = "2x24GiB"
 
 __all__ = [
+    "AMD_UUID_PREFIX",
     "DEFAULT_SIMULATED_GPUS",
     "DEFAULT_SIMULATED_NAME",
+    "AmdProvider",
     "CpuPool",
     "DeviceProvider",
     "DeviceSnapshot",
@@ -31,6 +36,7 @@ __all__ = [
     "SimulatedGpu",
     "SimulatedProvider",
     "cpu_pool",
+    "gpu_vendor",
     "parse_gpu_spec",
     "select_provider",
     "usable_cores",
@@ -46,8 +52,9 @@ def select_provider(simulate: str | None, prefer_nvml: bool = True) -> tuple[Dev
 
     ``simulate`` (a spec like ``"2x24GiB"``) forces simulated GPUs; a blank string counts
     as not given, since an empty environment variable usually means "unset". Otherwise
-    NVML is tried, falling back to ``DEFAULT_SIMULATED_GPUS``. A bad ``simulate`` spec
-    raises ``ValueError``.
+    NVML is tried (unless ``prefer_nvml`` is false), then AMD SMI, the first that finds GPUs
+    winning, falling back to ``DEFAULT_SIMULATED_GPUS``. A bad ``simulate`` spec raises
+    ``ValueError``.
     """
     if simulate is not None and simulate.strip().lower() in NO_GPUS:
         return SimulatedProvider([]), "no GPUs, as requested (simulate_gpus=none): CPU only"
@@ -61,5 +68,9 @@ def select_provider(simulate: str | None, prefer_nvml: bool = True) -> tuple[Dev
         prefix = f"NVML not available ({why})"
     else:
         prefix = "NVML disabled"
+    amd, why = AmdProvider.probe()
+    if amd is not None:
+        return amd, f"{prefix}; using {amd.describe()} via AMD SMI"
     sim = SimulatedProvider(parse_gpu_spec(DEFAULT_SIMULATED_GPUS))
-    return sim, f"{prefix}; using {sim.describe()} ({DEFAULT_SIMULATED_GPUS})"
+    return sim, (f"{prefix}; AMD SMI not available ({why}); "
+                 f"using {sim.describe()} ({DEFAULT_SIMULATED_GPUS})")

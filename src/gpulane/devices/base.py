@@ -10,6 +10,16 @@ import os
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+AMD_UUID_PREFIX = "AMD-GPU-"
+"""How an AMD GPU's uuid starts (devices/amd.py). The uuid is what every placement carries,
+so it is how a worker's launcher tells an AMD GPU (HIP/ROCR variables, /dev/kfd) from an
+NVIDIA one (CUDA_VISIBLE_DEVICES, --gpus)."""
+
+
+def gpu_vendor(uuid: str | None) -> str:
+    """``amd`` for a uuid the AMD provider gave, else ``nvidia`` (simulated GPUs included)."""
+    return "amd" if uuid is not None and uuid.startswith(AMD_UUID_PREFIX) else "nvidia"
+
 
 @dataclass(frozen=True, slots=True)
 class GpuProcess:

@@ -5,7 +5,8 @@ the spawn (protocol, health, restarts) is the same, so each variant overrides on
 Workers are always started from an argv list, never through a shell.
 
 A container gets only what its worker needs: the GPUs it was placed on (``--gpus device=N``,
-never all), a user that is not root (the preset's ``user``, else the node's uid:gid, else
+never all; an AMD GPU: ``/dev/kfd`` and ``/dev/dri`` with ROCR_VISIBLE_DEVICES naming it, see
+AMD_DEVICES), a user that is not root (the preset's ``user``, else the node's uid:gid, else
 nobody when the node runs as root), no capabilities and no privilege gain, and the folders its
 tasks may name files in (the allowed roots and uploads, ENV_ALLOWED_ROOTS) read-only at the
 same paths, so the resolved paths a task carries open inside as they are. It carries labels
@@ -21,6 +22,7 @@ import sys
 from dataclasses import dataclass
 
 from gpulane.config import Settings
+from gpulane.devices import gpu_vendor
 from gpulane.presets import Preset, Runtime
 from gpulane.protocol import ENV_ALLOWED_ROOTS
 
@@ -36,6 +38,18 @@ LABEL_DATA_DIR = "gpulane.data_dir"
 """Container label: that node's data dir (one node holds it at a time: see locks.py)."""
 LABEL_WORKER = "gpulane.worker"
 """Container label: the worker id it runs."""
+AMD_DEVICES = ("/dev/kfd", "/dev/dri")
+"""What a container on an AMD GPU is given (AMD's ROCm docker guide): the compute driver and
+the render nodes. Docker cannot pass one AMD GPU by index as ``--gpus`` does for NVIDIA, so
+every render node is there and ROCR_VISIBLE_DEVICES picks the placed GPUs: a worker could open
+the others on purpose, which an NVIDIA container cannot. Named render nodes would close that,
+at the cost of the DRM minor of each GPU, which the device snapshot does not carry."""
+AMD_GROUPS = ("video",)
+"""Groups a container on an AMD GPU joins by name (AMD's guide: ``--group-add video``); the
+host groups that own the device files are added by number (``device_groups``)."""
+HIDDEN_HIP_DEVICES = "-1"
+"""HIP_VISIBLE_DEVICES of a CPU worker: an invalid ordinal, after which HIP ignores every
+device, so a CPU worker on an AMD node cannot reach its GPUs (as CUDA_VISIBLE_DEVICES="")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +88,11 @@ class DeviceAssignment:
         return ",".join(str(i) for i in self.gpu_indexes)
 
     @property
+    def vendor(self) -> str:
+        """``amd`` for an AMD GPU, ``nvidia`` for any other GPU, ``cpu`` for the CPU."""
+        return gpu_vendor(self.uuid) if self.kind == "gpu" else "cpu"
+
+    @property
     def name(self) -> str:
         return f"gpu:{self.visible_devices}" if self.kind == "gpu" else "cpu"
 
@@ -106,6 +125,10 @@ def worker_env(preset: Preset, device: DeviceAssignment, model_path: str | None,
         "GPULANE_MODE": preset.mode.value,
         "PYTHONUNBUFFERED": "1",
     })
+    if device.vendor == "amd":
+        env.update(amd_visible_devices(device.gpu_indexes))
+    elif device.kind == "cpu":
+        env["HIP_VISIBLE_DEVICES"] = HIDDEN_HIP_DEVICES
     if device.simulated:
         # No CUDA device stands behind a simulated GPU. The variables above stay what a real
         # one would give (so placement can be tested end to end); this one tells a worker to
@@ -120,6 +143,35 @@ def worker_env(preset: Preset, device: DeviceAssignment, model_path: str | None,
     if extra:
         env.update(extra)
     return env
+
+
+def amd_visible_devices(indexes: tuple[int, ...]) -> dict[str, str]:
+    """The variables that give a worker the AMD GPUs at ``indexes`` (HIP's ordinals).
+
+    ROCm applies ROCR_VISIBLE_DEVICES first and HIP_VISIBLE_DEVICES to what is left, renumbered
+    from 0; HIP reads CUDA_VISIBLE_DEVICES as HIP_VISIBLE_DEVICES. So the placed GPUs go in
+    ROCR_VISIBLE_DEVICES, and the other two count from 0 (the worker's ``cuda:0``): the host
+    indexes there would name GPUs the worker no longer has.
+    """
+    relative = ",".join(str(i) for i in range(len(indexes)))
+    return {"ROCR_VISIBLE_DEVICES": ",".join(str(i) for i in indexes),
+            "HIP_VISIBLE_DEVICES": relative, "CUDA_VISIBLE_DEVICES": relative}
+
+
+def device_groups(paths: tuple[str, ...] = AMD_DEVICES) -> list[str]:
+    """The host gids owning ``paths`` and the render nodes under them: a container user is in
+    none of the host's groups, and the device files keep their host owners inside."""
+    gids: set[int] = set()
+    for path in paths:
+        entries = [path]
+        if os.path.isdir(path):
+            entries += [os.path.join(path, n) for n in os.listdir(path) if n.startswith("render")]
+        for entry in entries:
+            try:
+                gids.add(os.stat(entry).st_gid)
+            except OSError:
+                continue
+    return [str(gid) for gid in sorted(gids) if gid != 0]
 
 
 NODE_ONLY_ENV = frozenset({"GPULANE_TOKEN",
@@ -177,7 +229,14 @@ class DockerLauncher:
                 "--security-opt", "no-new-privileges"]
         for key, value in sorted({**(labels or {}), LABEL_WORKER: name}.items()):
             argv += ["--label", f"{key}={value}"]
-        if device.kind == "gpu":
+        if device.vendor == "amd":
+            for path in AMD_DEVICES:
+                argv += ["--device", path]
+            for group in (*AMD_GROUPS, *device_groups()):
+                argv += ["--group-add", group]
+            # Every GPU is in the container, at its host index: ROCR_VISIBLE_DEVICES stays the
+            # host's (worker_env), and HIP's ordinals count from 0 after it.
+        elif device.kind == "gpu":
             # docker splits --gpus on commas, so a list of devices goes in double quotes.
             count = len(device.gpu_indexes)
             wanted = f"device={device.visible_devices}"
@@ -192,7 +251,7 @@ class DockerLauncher:
         # local user can read with ps.
         passed = {key: value for key, value in env.items()
                   if key == "PYTHONUNBUFFERED" or key in preset.env
-                  or key.startswith(("GPULANE_", "MODEL_", "GPU_", "CUDA_"))}
+                  or key.startswith(("GPULANE_", "MODEL_", "GPU_", "CUDA_", "HIP_", "ROCR_"))}
         for key in sorted(passed):
             argv += ["-e", key]
         if preset.model_path:
