@@ -228,6 +228,38 @@ def _tree_cpu(root: int) -> float:
     return total
 
 
+def proc_cpu_s(pids: Iterable[int]) -> float:
+    """User + system CPU seconds used so far by each of ``pids`` itself (not its children),
+    from /proc; a pid that is gone counts 0."""
+    total = 0
+    for pid in pids:
+        try:
+            rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += int(rest[11]) + int(rest[12])
+    return total / _TICK
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and its live descendants (a server and the processes it forked)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
 class CpuMeter:
     """How much CPU the rest of the machine used while a measurement ran.
 
