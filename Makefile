@@ -17,7 +17,7 @@ $(VENV)/.bench-installed: $(BIN)/gpulane
 	$(BIN)/pip install -q -e '.[dev,models,bench]'
 	@touch $@
 
-install-bench: $(VENV)/.bench-installed  ## add the benchmarks' peers (Celery, Ray Serve)
+install-bench: $(VENV)/.bench-installed  ## add the benchmarks' peers (Celery, Huey, Dramatiq, Ray Serve)
 
 serve: install  ## start a node: SQLite store, simulated GPUs when none, example presets
 	$(BIN)/gpulane serve $(ARGS)
@@ -47,6 +47,9 @@ chaos: install  ## the issue's soak figures: 10 node and 100 worker kill -9 with
 
 cluster: install  ## the fleet's figures: 1-3 nodes on one Redis, Redis against SQLite, a node killed -9
 	$(BIN)/python bench/cluster.py $(ARGS)
+
+bench-dispatch: install-bench  ## issue 15's figures: A, B, 64 threads run() against Celery, Huey, Dramatiq and dff7ec6 (ARGS=--tasks 2000 --rtt 300: shorter)
+	$(BIN)/python bench/dispatch.py $(ARGS)
 
 bench-routing: install  ## issue 13's figures: the busy fallback under a GPU backlog, fallbacks on healthy GPUs, scale-out, bad input (ARGS=--quick: a smoke run)
 	$(BIN)/python bench/routing.py $(ARGS)
