@@ -81,6 +81,18 @@ def test_ctx_opens_a_session_on_its_providers_and_warns_when_a_gpu_falls_to_the_
     assert len(lines) == 1  # the CPU on the CPU is no surprise
 
 
+def test_ctx_follows_the_placement_not_torch_and_a_simulated_gpu_is_the_cpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime",
+                        fake_onnxruntime(["ROCMExecutionProvider", CPU]))
+    # torch (CPU-only) said no CUDA, so ctx.device is "cpu"; the node placed it on an AMD GPU
+    amd = {"GPU_DEVICE": "cuda:0", "HIP_VISIBLE_DEVICES": "1"}
+    assert Context(device="cpu", env=amd).onnx_providers() == [
+        ("ROCMExecutionProvider", {"device_id": 0}), CPU]
+    simulated = Context(device="cpu", simulated=True, env=amd)
+    assert simulated.onnx_device() == "cpu" and simulated.onnx_providers() == [CPU]
+
+
 def test_ctx_without_onnxruntime_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import raises ImportError
     with pytest.raises(ImportError, match="onnxruntime-rocm"):

@@ -148,6 +148,14 @@ class Context:
             event["task"] = resolved
         self.emit({**event, **fields})
 
+    def onnx_device(self) -> str:
+        """Where ONNX Runtime should run: the node's placement (``GPU_DEVICE``), ``cpu`` on a
+        simulated GPU. Unlike ``device`` it does not follow torch's verdict: a worker with a
+        CPU-only torch and a GPU build of onnxruntime still gets the GPU's providers."""
+        if self.simulated:
+            return "cpu"
+        return self.env.get("GPU_DEVICE", "").strip() or self.device
+
     def onnx_providers(self) -> list[str | tuple[str, dict[str, Any]]]:
         """ONNX Runtime execution providers for this worker's device, best first, CPU last.
 
@@ -156,7 +164,7 @@ class Context:
         ``device_id`` set. On the CPU or a simulated GPU: CPU only. Imports onnxruntime now.
         """
         ort = _onnxruntime()
-        return providers_for(self.device, self.env, ort.get_available_providers())
+        return providers_for(self.onnx_device(), self.env, ort.get_available_providers())
 
     def onnx_session(self, model: Any, sess_options: Any = None, **kwargs: Any) -> Any:
         """An ``onnxruntime.InferenceSession`` on :meth:`onnx_providers`.
@@ -168,9 +176,10 @@ class Context:
         providers = self.onnx_providers()
         session = ort.InferenceSession(model, sess_options=sess_options, providers=providers,
                                        **kwargs)
-        if self.device != "cpu" and session.get_providers()[:1] == [CPU]:
+        device = self.onnx_device()
+        if device != "cpu" and session.get_providers()[:1] == [CPU]:
             offered = [provider_name(p) for p in providers]
-            self.warn(f"on {self.device} but ONNX Runtime runs this model on the CPU "
+            self.warn(f"on {device} but ONNX Runtime runs this model on the CPU "
                       f"(providers {offered} of {ort.get_available_providers()}); "
                       f"{INSTALL_HINT}")
         return session
