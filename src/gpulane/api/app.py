@@ -13,6 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp
 
 from gpulane import __version__
 from gpulane.api import admin, dashboard, files, leases, status_stream, system, tasks
@@ -23,7 +24,7 @@ from gpulane.api.openai import router as openai_router
 from gpulane.api.openai_shapes import ChatBody, EmbeddingsBody
 from gpulane.api.requests import BulkSubmit, LeaseBody, RenewBody, ResultsQuery, TaskSubmit
 from gpulane.api.responses import JSON
-from gpulane.api.routing import HotEntrance, documented, http_error
+from gpulane.api.routing import FrontApp, HotEntrance, documented, http_error
 from gpulane.api.validation import request_error
 from gpulane.errors import RequestError
 from gpulane.node import Node
@@ -55,9 +56,9 @@ def create_app(node: Node, *, manage_node: bool = True, keys: KeyRing | None = N
             if manage_node:
                 await node.stop()
 
-    app = FastAPI(title="gpulane", version=__version__, lifespan=lifespan,
-                  default_response_class=JSON,
-                  description="A safe, fast lane to the GPUs: tasks, events, devices.")
+    app = FrontApp(title="gpulane", version=__version__, lifespan=lifespan,
+                   default_response_class=JSON,
+                   description="A safe, fast lane to the GPUs: tasks, events, devices.")
     app.state.node = node
     # The hot routes go into the app's own table, flat and first: the calls every task makes
     # match at once, without the walk through FastAPI's included routers.
@@ -67,14 +68,18 @@ def create_app(node: Node, *, manage_node: bool = True, keys: KeyRing | None = N
         app.include_router(router)
     app.include_router(metrics_router)  # GET /metrics, keyed as the status view is
     app.include_router(openai_router)  # /v1/models, /v1/embeddings, /v1/chat/completions
-    app.add_middleware(HotEntrance, routes=tasks.hot.routes)
-    app.add_middleware(Guard, keys=keys, settings=node.settings)  # outside the table: all
+    # In front of FastAPI (routing.FrontApp): CORS when origins are named, the guard (keys,
+    # scopes, rate limits, JSON bodies: every request), then the hot routes' entrance.
+    front: ASGIApp = Guard(HotEntrance(app.inner, routes=tasks.hot.routes), keys=keys,
+                           settings=node.settings)
     if node.settings.cors_origins:
         # Outermost: a preflight (OPTIONS, no credentials by design) is answered before the
         # guard; the request that follows it carries the key and meets the guard as usual.
-        app.add_middleware(CORSMiddleware, allow_origins=node.settings.cors_origins,
-                           allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=list(CORS_HEADERS), expose_headers=list(CORS_EXPOSED))
+        front = CORSMiddleware(front, allow_origins=node.settings.cors_origins,
+                               allow_methods=["GET", "POST", "DELETE"],
+                               allow_headers=list(CORS_HEADERS),
+                               expose_headers=list(CORS_EXPOSED))
+    app.front = front
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSON:

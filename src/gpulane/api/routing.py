@@ -8,7 +8,8 @@ same annotated types, so what is published is what is enforced. The hot routes s
 the app's one route table; :class:`HotEntrance` hands a request that fully matches one of
 those very route objects straight to it, ahead of two per-request layers they do not use.
 Everything else (a wrong method, an unknown path, every other route) goes through the table
-as usual, and the guard sits in front of both (``auth.Guard``).
+as usual, and the guard sits in front of both (``auth.Guard``). Both sit in front of FastAPI
+itself (:class:`FrontApp`): a hot call skips FastAPI's own per-request layers too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from fastapi import FastAPI
 from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
@@ -97,6 +99,30 @@ class HotEntrance:
                     await route.handle(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+
+class FrontApp(FastAPI):
+    """FastAPI whose HTTP requests meet ``front`` first (the guard, then the hot routes'
+    entrance: app.py builds it around :meth:`inner`), ahead of FastAPI's own per-request
+    layers, which a hot call does not need: OpenTelemetry's check of its settings (an
+    environment read per request) and middleware, the app-wide body limit (unset: the routes
+    read bodies within the node's own limit, api/bodies.py), and Starlette's 500 page (uvicorn
+    answers an unhandled error with the same 500 and logs it). Every other request goes on
+    into FastAPI as before, the guard passed; the lifespan goes there directly."""
+
+    front: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        front = self.front
+        if front is None or scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self  # what Starlette sets first: handlers read request.app.state
+        await front(scope, receive, send)
+
+    async def inner(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """FastAPI as it is: what the front hands a request it does not answer itself."""
+        await super().__call__(scope, receive, send)
 
 
 def _validate(name: str, adapter: TypeAdapter[Any], raw: str) -> Any:

@@ -103,6 +103,7 @@ def serve(config_file: str | None, host: str | None, port: int | None,
 
     from gpulane.api.app import create_app
     from gpulane.api.keys import load_keys
+    from gpulane.api.wire import OneWriteHttpTools
     from gpulane.cli.serving import DrainingServer, name_refusal, store_refusal
     from gpulane.config import Settings
     from gpulane.node import Node
@@ -138,9 +139,11 @@ def serve(config_file: str | None, host: str | None, port: int | None,
         log.warning("listening on %s with no API keys (--insecure-no-auth): anyone who "
                     "reaches it may use every route", settings.host)
     app = create_app(node, keys=api_keys)
+    # Each answer's head and body in one write (api/wire.py); no "server: uvicorn" header.
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(), access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+                            lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                            http=OneWriteHttpTools, server_header=False)
     server = DrainingServer(config, node)
     server.run()
     if not server.started:
