@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from gpulane.presets import Preset
+from gpulane.runtime.launchers import DeviceAssignment, worker_env
 from gpulane.worker import Context
 from gpulane.worker._onnx import CPU, device_index, gpu_vendor, providers_for
 
@@ -37,6 +39,21 @@ def test_an_amd_gpu_gets_migraphx_and_rocm_never_cuda() -> None:
             ("ROCMExecutionProvider", {"device_id": 1}),
             ("DmlExecutionProvider", {"device_id": 1}), CPU]
     assert gpu_vendor({"HIP_VISIBLE_DEVICES": " "}) == "nvidia"  # set but empty: not AMD
+
+
+def test_the_environment_the_node_gives_picks_the_vendor() -> None:
+    """worker_env as the launcher builds it: AMD GPU, NVIDIA GPU, the CPU of an AMD node."""
+    preset = Preset(name="p", argv=("python", "w.py"))
+    amd = worker_env(preset, DeviceAssignment("gpu", 2, "AMD-GPU-0x1234"), None)
+    nvidia = worker_env(preset, DeviceAssignment("gpu", 1, "GPU-5678"), None)
+    cpu = worker_env(preset, DeviceAssignment("cpu"), None)
+    assert providers_for(amd["GPU_DEVICE"], amd, EVERY)[:2] == [
+        ("MIGraphXExecutionProvider", {"device_id": 0}),
+        ("ROCMExecutionProvider", {"device_id": 0})]
+    assert providers_for(nvidia["GPU_DEVICE"], nvidia, EVERY)[0] == (
+        "CUDAExecutionProvider", {"device_id": 0})
+    assert providers_for(cpu["GPU_DEVICE"], cpu, EVERY) == [CPU]
+    assert gpu_vendor({"HIP_VISIBLE_DEVICES": "-1"}) == "nvidia"  # a CPU worker's: no GPU
 
 
 def test_providers_the_build_lacks_are_skipped() -> None:

@@ -33,9 +33,11 @@ INSTALL_HINT = ("pip install onnxruntime (CPU), onnxruntime-gpu (NVIDIA CUDA), "
 
 
 def gpu_vendor(env: Mapping[str, str]) -> str:
-    """``amd`` when the node handed the worker an AMD GPU (HIP/ROCR_VISIBLE_DEVICES set),
-    else ``nvidia``. Only meaningful for a worker placed on a GPU."""
-    return "amd" if any(env.get(name, "").strip() for name in AMD_ENV) else "nvidia"
+    """``amd`` when the node handed the worker an AMD GPU (HIP/ROCR_VISIBLE_DEVICES naming a
+    device), else ``nvidia``. Only meaningful for a worker placed on a GPU. A negative ordinal
+    (``-1``, what a CPU worker gets to hide an AMD node's GPUs) names none."""
+    values = (env.get(name, "").strip() for name in AMD_ENV)
+    return "amd" if any(v and not v.startswith("-") for v in values) else "nvidia"
 
 
 def device_index(device: str) -> int:
