@@ -13,6 +13,7 @@ enqueued future: the task is in the store, so its poll is tried again after a pa
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -188,12 +189,17 @@ class Collector:
                 self._threads -= 1
 
     def _poll(self, ids: list[str]) -> None:
+        start = time.monotonic()
         try:
             answer = self._call(results_request(ids, POLL_WAIT_S))
             tasks = core.task_list(answer)
         except ClientError as exc:
             self._failed(ids, exc)
             return
+        if not tasks and not answer.get("missing") and (
+                time.monotonic() - start < POLL_WAIT_S / 2):
+            with self._cond:  # answered early with nothing: a server not holding; no tight loop
+                self._cond.wait(RETRY_PAUSE_S)
         for task in tasks:
             self._deliver(str(task.get("id")), task, None)
         for task_id in answer.get("missing") or ():
