@@ -98,7 +98,9 @@ def test_run_across_a_kill_resubmits_the_lost_online_task(server: ServerProcess)
     patient = RetryPolicy(max_attempts=20, base_s=0.5, cap_s=2.0)
 
     def call() -> None:
-        with Client(server.url, retry=patient) as c:
+        # No breaker and no retry budget: a slow restart on a busy machine must not end the
+        # call early (that case is the outage's, tested in test_chaos.py).
+        with Client(server.url, retry=patient, breaker=None, budget=None) as c:
             out["task"] = c.run("sleep-online", {"ms": 1500})
 
     thread = threading.Thread(target=call)
