@@ -64,7 +64,9 @@ class HotRoute(APIRoute):
         request = Request(scope, receive)
         try:
             kwargs = dict(scope["path_params"])
-            if self._query:
+            if not scope["query_string"]:  # the usual call: every parameter at its default
+                kwargs.update((name, default) for name, _, default in self._query)
+            elif self._query:
                 params = request.query_params
                 for name, adapter, default in self._query:
                     raw = params.get(name)
