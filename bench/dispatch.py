@@ -27,7 +27,7 @@ method the server side's CPU is read from /proc: the gpulane node process alone 
 apart), the peers' worker processes and redis-server. "Today" is ``--baseline`` (a commit): its
 own server and SDK, from ``git archive`` in a temporary folder, run by this script in a child
 process with that tree first on ``PYTHONPATH`` (as bench/compare.py runs each side), measured
-with B and T. Goals (printed and in the JSON, met or MISSED): A >= 1.5x the best peer;
+with A, B and T. Goals (printed and in the JSON, met or MISSED): A >= 1.5x the best peer;
 B p50 <= 1.0 ms and p99 below every peer's; T >= 2x the baseline's; node CPU per online
 request <= 0.3 ms. Every subprocess is stopped however the run ends.
 """
@@ -313,7 +313,7 @@ def bench_gpulane(args: argparse.Namespace, procs: Procs, tmp: Path,
 
 def bench_baseline(args: argparse.Namespace, procs: Procs, tmp: Path,
                    log_dir: Path) -> dict[str, Any]:
-    """B and T on ``--baseline``'s own server and SDK, run in a child process."""
+    """A, B and T on ``--baseline``'s own server and SDK, run in a child process."""
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", args.baseline], check=True,
                             capture_output=True, text=True).stdout.strip()
     tree = tmp / "baseline"
@@ -353,7 +353,7 @@ def baseline_child(args: argparse.Namespace) -> int:
         # Proof this is the old server: it has no POST /v1/tasks/results (issue 15).
         probe = httpx.post(f"{url}/v1/tasks/results", json={"ids": ["x"]}).status_code
         warm_gpulane(url, proc, args.warmup)
-        res = gpulane_preset(url, proc.pid, "sleep", args, methods=("B", "T"))
+        res = gpulane_preset(url, proc.pid, "sleep", args)
     shutil.rmtree(tmp, ignore_errors=True)
     write_json(args.out, {"sdk_module": gpulane.__file__, "results_route_status": probe, **res})
     return 0
@@ -377,7 +377,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers", default=",".join(PEERS),
                    help="comma-separated peers to measure, of: " + ", ".join(PEERS))
     p.add_argument("--baseline", default=BASELINE_REV, metavar="REV",
-                   help="the commit measured as today's (B and T, its own server and SDK)")
+                   help="the commit measured as today's (A, B, T: its own server and SDK)")
     p.add_argument("--no-baseline", action="store_true", help="skip the baseline commit")
     p.add_argument("--store", default=None, metavar="URL",
                    help="the gpulane node's store, e.g. redis://127.0.0.1:6379/0 "

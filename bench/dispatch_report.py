@@ -92,7 +92,10 @@ def goals_of(results: dict[str, Any], threads: int) -> dict[str, dict[str, Any]]
     goals["A"] = _goal(f"A: gpulane tasks/s >= {GOAL_A_OVER_PEERS}x the best peer's",
                        a_ours[1] / a_peer[1], GOAL_A_OVER_PEERS, higher=True,
                        detail=f"{a_ours[0]} {a_ours[1]:,.0f}/s, best peer {a_peer[0]} "
-                              f"{a_peer[1]:,.0f}/s", why="" if peers else "no peer measured")
+                              f"{a_peer[1]:,.0f}/s",
+                       why="no peer measured" if not peers
+                       else "no peer A figure with right results" if math.isnan(a_peer[1])
+                       else "")
 
     b_ours = min(((k, r.get("B")) for k, r in ours.items() if _ok(r.get("B"))),
                  key=lambda x: x[1]["p50_ms"], default=None)
