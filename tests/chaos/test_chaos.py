@@ -58,10 +58,11 @@ def transition_at(transitions: list[dict[str, Any]], to: str, after: float) -> f
 
 def test_a_lossy_network_loses_no_call_and_duplicates_no_task(server: ServerProcess) -> None:
     """5 % of requests meet a reset (before, during or after the server acts) and 5 % a 200 ms
-    spike; 1,000 submit-and-wait calls from 16 threads."""
+    spike; 1,000 submit-and-wait calls from 16 threads, each its own request (coalesced
+    calls through the same faults: test_pipeline_chaos.py)."""
     with (FaultProxy(server.port, reset_rate=0.05, spike_rate=0.05, spike_s=0.2,
                      seed=2024) as proxy,
-          Client(proxy.url) as client):
+          Client(proxy.url, coalesce=False) as client):
 
         def one(i: int) -> dict[str, Any] | ClientError:
             try:
