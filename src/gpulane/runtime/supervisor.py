@@ -25,6 +25,7 @@ from gpulane.presets import Preset, Runtime
 from gpulane.protocol import ENV_INPUT, ENV_INPUT_FILE, ENV_TASK_ID, cancel_op
 from gpulane.runtime.circuit import PresetCircuit
 from gpulane.runtime.containers import kill_leftovers
+from gpulane.runtime.lanes import LaneState, lane_states
 from gpulane.runtime.launchers import (
     LABEL_DATA_DIR,
     LABEL_NODE,
@@ -125,6 +126,11 @@ class Supervisor:
                 if room > 0:
                     return w, room
         return None
+
+    def lane_states(self) -> dict[tuple[str, str], LaneState]:
+        """What each (preset, lane)'s session workers offer, from one scan (runtime/lanes.py):
+        a pass asks it once instead of the three queries above per queue."""
+        return lane_states(self.workers.values())
 
     def idle_gpu_workers(self, device: int | None) -> list[WorkerView]:
         """Idle GPU session workers on ``device`` (any device when None), least recently used

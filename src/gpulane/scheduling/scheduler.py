@@ -34,9 +34,11 @@ from gpulane.config import DEFAULT_TASK_PREEMPT_GRACE_S
 from gpulane.errors import StoreUnavailableError
 from gpulane.model import Priority, Task
 from gpulane.presets import Mode, Preset, PresetRegistry
+from gpulane.runtime.lanes import LaneState
 from gpulane.runtime.launchers import DeviceAssignment
 from gpulane.runtime.supervisor import Supervisor
 from gpulane.runtime.view import WorkerView
+from gpulane.scheduling.capacity_events import CapacityEvents, task_created_at
 from gpulane.scheduling.ledger import Ledger
 from gpulane.scheduling.priorities import follow_all
 from gpulane.scheduling.router import CPU_LANE, GPU_LANE
@@ -46,6 +48,8 @@ from gpulane.store import QueueHead, Store
 
 log = logging.getLogger("gpulane.scheduler")
 
+__all__ = ["CapacityEvents", "Scheduler"]
+
 AGEING_CHECK_S = 5.0
 """Ageing is applied at most this often (and at least twice per ageing step)."""
 PASS_ROUNDS_MAX = 256
@@ -54,43 +58,13 @@ rounds so that one pass cannot hold the event loop for long while work keeps arr
 SAFETY_TICK_S = 1.0
 """A pass runs at least this often even with no wake-up, so nothing can be forgotten."""
 
+Lane = tuple[str, str]
+"""A queue: (preset, "gpu" | "cpu")."""
+
 
 def _nowhere(preset: str, lane: str) -> bool:
     """No other node has anything warm (a node alone)."""
     return False
-
-
-def task_created_at(task_id: str) -> float:
-    """When a task was created (time.time()): the first 12 hex digits of its id are its
-    creation in milliseconds (store/base.py new_task_id)."""
-    try:
-        return int(task_id[:12], 16) / 1000
-    except ValueError:
-        return 0.0  # not an id of ours: as if old, so it is never held back
-
-
-class CapacityEvents:
-    """Scheduling's ``RuntimeListener``: the ledger follows what runtime reports, and whoever
-    waits for capacity (the claim loop, waiting leases) hears of it through ``on_change``."""
-
-    def __init__(self, ledger: Ledger, on_change: Callable[[], None],
-                 on_fallback: Callable[[str, str, int], None] | None = None) -> None:
-        self.ledger = ledger
-        self.on_change = on_change
-        self.on_fallback = on_fallback  # (reason, preset, n): the node's fallback log
-
-    def worker_exited(self, worker_id: str) -> None:
-        self.ledger.release(worker_id)
-
-    def cpu_slot_freed(self, worker_id: str) -> None:
-        self.ledger.release_cpu()
-
-    def capacity_changed(self) -> None:
-        self.on_change()
-
-    def fell_back(self, reason: str, preset: str, n: int) -> None:
-        if self.on_fallback is not None:
-            self.on_fallback(reason, preset, n)
 
 
 class Scheduler:
@@ -105,6 +79,10 @@ class Scheduler:
         self.node = node
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._tick: asyncio.TimerHandle | None = None  # the safety tick's next wake-up
+        # lanes() of a registry, each queue with its preset: (registry, its size, queues)
+        self._lanes: tuple[object, int, list[tuple[str, str, Preset]]] = (None, 0, [])
+        self._full: set[Lane] = set()  # queues a claim of this round emptied of all it asked
         self.passes = 0
         self._stopping = False
         self.ageing_s = 0.0  # set by the node from its settings
@@ -128,11 +106,20 @@ class Scheduler:
 
     def start(self) -> None:
         self._stopping = False
+        self._safety_tick()
         self._task = asyncio.create_task(self._loop(), name="gpulane-scheduler")
+
+    def _safety_tick(self) -> None:
+        """Wake a pass every SAFETY_TICK_S: one timer for the loop's life, not a timeout armed
+        and cancelled around every wait (two of them per task under sequential load)."""
+        self._tick = asyncio.get_running_loop().call_later(SAFETY_TICK_S, self._safety_tick)
+        self._wake.set()
 
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        if self._tick is not None:
+            self._tick.cancel()
         if self._window_wake is not None:
             self._window_wake.cancel()
         if self._task is not None:
@@ -140,22 +127,28 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):  # the cancel we just asked for
                 await self._task
 
-    def lanes(self) -> list[tuple[str, str]]:
+    def lanes(self) -> list[Lane]:
+        return [(name, lane) for name, lane, _ in self._queues()]
+
+    def _queues(self) -> list[tuple[str, str, Preset]]:
+        """Every queue of the registry's presets, with its preset; worked out once per
+        registry (a reload hands the scheduler a new one), not on every pass."""
+        registry = self.registry
+        of, size, out = self._lanes
+        if of is registry and size == len(registry):
+            return out
         out = []
-        for p in self.registry.values():
+        for p in registry.values():
             if p.allows_gpu:
-                out.append((p.name, GPU_LANE))
+                out.append((p.name, GPU_LANE, p))
             if p.allows_cpu:
-                out.append((p.name, CPU_LANE))
+                out.append((p.name, CPU_LANE, p))
+        self._lanes = (registry, len(registry), out)
         return out
 
     async def _loop(self) -> None:
         while not self._stopping:
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
-            # lands as the wake-up does, and the loop would never stop.
-            with contextlib.suppress(TimeoutError):  # no wake-up: the safety tick's pass
-                async with asyncio.timeout(SAFETY_TICK_S):
-                    await self._wake.wait()
+            await self._wake.wait()  # a wake-up, or the safety tick's
             self._wake.clear()
             try:
                 await self._age()
@@ -189,10 +182,13 @@ class Scheduler:
         if self.paused:
             return 0
         await self.scaling.refresh()
+        candidates = self._queues()
         for _ in range(PASS_ROUNDS_MAX):
             # Only queues that could take work now are looked at: with every worker busy (the
             # usual case under load, when each submit wakes a pass) a pass costs no query.
-            lanes = [(p, lane) for p, lane in self.lanes() if self._could_place(p, lane)]
+            states = self.supervisor.lane_states()  # one scan of the workers per round
+            lanes = [(name, lane) for name, lane, preset in candidates
+                     if self._maybe(preset, lane, states)]
             if not lanes:
                 break
             heads = await self.store.queue_heads(lanes)
@@ -200,31 +196,49 @@ class Scheduler:
                 break
             heads.sort(key=lambda h: (-h.priority, h.seq))
             progress = 0
+            self._full = set()
             for head in heads:
                 progress += await self._place(head)
             placed += progress
             if not progress:
                 break
+            # Another round only for the queues whose claims got all they asked for: one
+            # that got less is empty, and one that placed nothing will not place now either
+            # (a round only takes capacity; what frees some wakes another pass).
+            candidates = [q for q in candidates if (q[0], q[1]) in self._full]
         return placed
 
-    def _could_place(self, preset_name: str, lane: str) -> bool:
-        """A cheap, in-memory "maybe": False only when placing is sure to fail now."""
+    def _claimed(self, preset: str, lane: str, asked: int, tasks: list[Task]) -> list[Task]:
+        """Note a claim that got all it asked for (its queue may hold more); ``tasks``."""
+        if len(tasks) >= asked:
+            self._full.add((preset, lane))
+        return tasks
+
+    def _could_place(self, preset_name: str, lane: str,
+                     states: dict[Lane, LaneState] | None = None) -> bool:
+        """A cheap, in-memory "maybe": False only when placing is sure to fail now.
+        ``states``: the supervisor's lane_states() of this round (asked for when None)."""
         preset = self.registry.get(preset_name)
         if preset is None:
             return False
+        return self._maybe(preset, lane, states or self.supervisor.lane_states())
+
+    def _maybe(self, preset: Preset, lane: str, states: dict[Lane, LaneState]) -> bool:
+        """_could_place for a preset in hand."""
         if lane == GPU_LANE and not self.ledger.gpus:
             return False  # work for another node's GPUs: never claimed here
         if preset.mode is Mode.SESSION:
-            if self.supervisor.forming_worker(preset_name, lane) is not None:
+            st = states.get((preset.name, lane))
+            if st is not None and st.forming:
                 return True  # a top-up: the batch holds its CPU slot already
-            if self.supervisor.idle_worker(preset_name, lane) is not None:
+            if st is not None and st.idle:
                 return lane != CPU_LANE or self.ledger.cpu_used < self.ledger.cpu_slots
-            if self.supervisor.next_batch_worker(preset_name, lane) is not None:
+            if st is not None and st.next_room:
                 return True  # a busy worker's next batch has room (its CPU slot is held)
-            live = self.supervisor.session_workers(preset_name, lane)
+            live = st.live if st is not None else []
             if not self.scaling.may_add(preset, lane, live, self._max_workers(preset, lane)):
                 return False
-        if not self.supervisor.may_start(preset_name, lane):
+        if not self.supervisor.may_start(preset.name, lane):
             return False
         return lane != CPU_LANE or self.ledger.cpu_used < self.ledger.cpu_slots
 
@@ -259,8 +273,8 @@ class Scheduler:
         if forming is not None:
             # A batch waiting to fill (max_wait_ms) takes what has come in since.
             waiting, room = forming
-            tasks = await self.store.claim(preset.name, lane, room, self.node,
-                                           waiting.device.name)
+            tasks = self._claimed(preset.name, lane, room, await self.store.claim(
+                preset.name, lane, room, self.node, waiting.device.name))
             if tasks:
                 self._dispatch(waiting, tasks)
             return len(tasks)
@@ -282,8 +296,8 @@ class Scheduler:
         if lane == CPU_LANE and not self.ledger.acquire_cpu():
             return 0
         try:
-            tasks = await self.store.claim(preset.name, lane, worker.batch_size, self.node,
-                                           worker.device.name)
+            tasks = self._claimed(preset.name, lane, worker.batch_size, await self.store.claim(
+                preset.name, lane, worker.batch_size, self.node, worker.device.name))
         except BaseException:  # a failing store must not keep the slot taken for good
             if lane == CPU_LANE:
                 self.ledger.release_cpu()
@@ -304,7 +318,8 @@ class Scheduler:
         if nxt is None:
             return 0
         worker, room = nxt
-        tasks = await self.store.claim(preset.name, lane, room, self.node, worker.device.name)
+        tasks = self._claimed(preset.name, lane, room, await self.store.claim(
+            preset.name, lane, room, self.node, worker.device.name))
         if tasks:
             self._dispatch(worker, tasks)
         return len(tasks)
@@ -319,8 +334,8 @@ class Scheduler:
             return 0
         device, wid = reserved
         try:
-            tasks: list[Task] = await self.store.claim(preset.name, lane, 1, self.node,
-                                                       device.name)
+            tasks: list[Task] = self._claimed(preset.name, lane, 1, await self.store.claim(
+                preset.name, lane, 1, self.node, device.name))
         except BaseException:  # a failing store must not keep the room taken for good
             self._unreserve(device, wid)
             raise
