@@ -10,8 +10,8 @@ two compete for the CPU):
 
 * ``ctgan``: ctgan-train (CTGAN, wine, 30 epochs, batch 50); figure: the worker's own fit
   seconds (``output.seconds``: data transform and training, no process start or import);
-* ``gcn``: gcn-train (a GCN with torch-geometric on Zachary's karate club), its default input;
-  figure: ``output.seconds`` when the preset reports it, else the task's run time;
+* ``gcn``: gcn-train (a GCN with torch-geometric on Zachary's karate club), its default input
+  (100 epochs); figure: ``output.seconds`` (else the task's run time);
 * ``xgboost``: xgboost-train (200,000 rows, 50 features, 50 rounds); figure: ``output.seconds``;
 * ``embed``: all-MiniLM-L6-v2, ``--items`` texts in tasks of 32; figure: texts/s;
 * ``matmul`` and ``matmul-onnx``: the same MLP (3 x Linear 2048) on torch and on ONNX Runtime,
@@ -21,9 +21,8 @@ A session preset is warmed first on each lane (one task starts its worker and lo
 model); a one-off starts a fresh worker per task, so its figure is the training time the
 worker measures. Each engine runs ``--rounds`` times (3) on each lane, engines and lanes
 alternating within a round; the table gives each lane's median with the min-max of the runs
-(the noise of a shared machine). A preset this node lacks (gcn-train comes with issue 16's
-other half; a missing package makes a worker fail to start) is recorded as skipped with the
-reason.
+(the noise of a shared machine). A preset this node lacks, or whose worker fails (a missing
+package: torch-geometric, ctgan, onnxruntime), is recorded as skipped with the reason.
 
 The GPU side runs when torch sees a GPU (CUDA, or ROCm through torch.cuda) and the node started
 on the real devices finds it (GET /v1/gpus: not simulated, at least one device, whichever
