@@ -17,7 +17,8 @@ The SDK reads the environment the node sets (docs/protocol.md), announces the wo
 task with exactly one ``finish``. An output that is an exception, or an exception ``handle``
 raises, fails the task(s) with a kind (:func:`error_kind`). Anything printed to stdout goes to
 stderr: stdout carries the protocol only. It needs no third-party package (torch is imported
-only to check CUDA when the worker was placed on a GPU). See docs/workers.md.
+only to check CUDA when the worker was placed on a GPU, onnxruntime only when a worker calls
+``ctx.onnx_providers()`` or ``ctx.onnx_session()``). See docs/workers.md.
 """
 
 from gpulane.worker._context import ENV_SIMULATED, Context, TaskError, error_kind
