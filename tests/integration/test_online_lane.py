@@ -79,6 +79,11 @@ async def test_status_and_metrics_count_online_tasks(tmp_path: Path) -> None:
         assert any(line.startswith("gpulane_queue_depth{") and 'preset="sleep-online"' in line
                    and 'lane="gpu"' in line and line.endswith(" 3.0")
                    for line in metrics.splitlines()), metrics
+        # What a crash would lose now, and what was written to the store (nothing yet).
+        assert any(line.startswith("gpulane_online_tasks{") and line.endswith(" 3.0")
+                   for line in metrics.splitlines()), metrics
+        assert any(line.startswith("gpulane_online_spilled_total{") and 'reason="window"' in line
+                   and line.endswith(" 0.0") for line in metrics.splitlines()), metrics
         cancelled = (await api.post(f"/v1/tasks/{ids[0]}/cancel")).json()
         assert cancelled["state"] == "cancelled"
         node.scheduler.paused = False

@@ -26,6 +26,7 @@ from gpulane.runtime.worker_process import WorkerState
 from gpulane.scheduling.leases import LeaseState
 from gpulane.scheduling.node_parts import NodeParts
 from gpulane.store.base import LaneStats
+from gpulane.store.tiered import TieredStore
 
 MIB = 1024 * 1024
 """Bytes in a MiB: the devices report VRAM in MiB, Prometheus wants bytes."""
@@ -100,6 +101,8 @@ class StateCollector(Collector):
         up = _gauge("store_up", "1 when the last scrape could read the store", ())
         up.add_metric([n], 1 if self.store_up else 0)
         yield up
+        if isinstance(node.store, TieredStore):  # the online lane (durable: false presets)
+            yield from _online(n, node.store)
         draining = _gauge("node_draining", "1 while the node drains (takes no new work)", ())
         draining.add_metric([n], 1 if node.draining else 0)
         yield draining
@@ -166,3 +169,17 @@ class StateCollector(Collector):
             if acct is not None:
                 declared.add_metric(key, acct.declared_mb * MIB)
         yield from (util, used, total, declared, power, temp, healthy)
+
+
+def _online(n: str, store: TieredStore) -> Iterator[Metric]:
+    """What the online lane holds in memory (what a crash of this node would lose), and what
+    it wrote to the store, by why."""
+    held = _gauge("online_tasks", "Online (durable: false) tasks held in this node's memory",
+                  ())
+    held.add_metric([n], len(store.memory))
+    yield held
+    spilled = CounterMetricFamily(name("online_spilled"), "Online tasks written to the store, "
+                                  "by why (failed, window, close)", labels=("node", "reason"))
+    for reason, count in sorted(store.spilled.items()):
+        spilled.add_metric([n, reason], count)
+    yield spilled
