@@ -45,7 +45,8 @@ def handle(task, inp):
         emit({"event": "finish", **tid, "status": "completed"})
     elif action == "env":
         keys = ["MODEL_NAME", "MODEL_PATH", "GPU_DEVICE", "CUDA_VISIBLE_DEVICES",
-                "GPULANE_DEVICE", "GPULANE_PRESET", "GPULANE_MODE", "EXTRA"]
+                "GPULANE_DEVICE", "GPULANE_PRESET", "GPULANE_MODE", "EXTRA",
+                "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"]
         emit({"event": "result", **tid, "output": {k: os.environ.get(k) for k in keys}})
         emit({"event": "finish", **tid, "status": "completed"})
     elif action == "slow":
