@@ -8,12 +8,13 @@ into an HTTP exchange in their single ``_send`` method, so retries and circuit b
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from gpulane.errors import APIError, CircuitOpenError, ClientError, TaskFailedError
 
@@ -214,7 +215,7 @@ def api_error(status: int, body: bytes, reason: str = "",
     """An APIError from an error answer, useful even when the body is not our JSON shape."""
     parsed: Any = None
     try:
-        parsed = json.loads(body) if body else None
+        parsed = orjson.loads(body) if body else None
     except ValueError:
         parsed = None
     err = parsed.get("error") if isinstance(parsed, dict) else None
@@ -237,7 +238,7 @@ def api_error(status: int, body: bytes, reason: str = "",
 def parse_json(status: int, body: bytes) -> dict[str, Any]:
     """The JSON object of a successful answer; anything else raises APIError."""
     try:
-        parsed = json.loads(body) if body else {}
+        parsed = orjson.loads(body) if body else {}  # several times json's speed on a bulk
     except ValueError as exc:
         raise APIError(status, "bad_response", f"the server answered non-JSON: {exc}",
                        body={"raw": body[:2000].decode("utf-8", "replace")}) from exc
@@ -349,7 +350,7 @@ class SSEDecoder:
 
 def _event_data(text: str) -> dict[str, Any]:
     try:
-        parsed = json.loads(text)
+        parsed = orjson.loads(text)
     except ValueError:
         return {"raw": text}
     return parsed if isinstance(parsed, dict) else {"value": parsed}
