@@ -251,3 +251,20 @@ def test_coalesce_false_sends_every_call_alone() -> None:
     with node.client(coalesce=False) as client, ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(lambda n: client.run("sleep", {"n": n}), range(16)))
     assert [o["output"] for o in outs] == list(range(16)) and not node.bulks
+
+
+def test_a_future_not_yet_acknowledged_times_out_and_then_gets_its_id() -> None:
+    node = FakeNode()
+    with node.client() as client:
+        node.hold.clear()
+        node.held.clear()
+        future = client.enqueue("sleep", {"n": 1})  # alone: sent as one plain submit
+        assert node.held.wait(5)
+        with pytest.raises(TimeoutError):
+            future.task(timeout=0.01)
+        with pytest.raises(TimeoutError):
+            future.result(timeout=0.01)
+        assert not future.acknowledged() and not client.flush(timeout=0.01)
+        node.hold.set()
+        assert future.id == "t1" and client.flush(timeout=5)
+        assert future.result(5)["output"] == 1
