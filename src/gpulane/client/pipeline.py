@@ -139,6 +139,8 @@ class Pipeline:
             if unsent:
                 lane.pending.remove(item)
         if unsent:  # never sent: go now, without holding the answer
+            with self._lock:
+                self._unacked.discard(item)
             item.request.params["wait"] = "0"
             item.request.hold_s = 0.0
             try:
@@ -178,6 +180,8 @@ class Pipeline:
                 lane.cond.notify_all()
             for item in left:
                 item.fail(closed_error())
+            with self._lock:
+                self._unacked.difference_update(left)
         self.collector.close()
 
     # --- lanes and senders ----------------------------------------------------------------

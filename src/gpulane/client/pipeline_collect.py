@@ -208,8 +208,7 @@ class Collector:
             for task_id in ids:  # still pending: polled again while somebody waits
                 futures = self._wanted.get(task_id)
                 if futures and any(not f.done() for f in futures):
-                    if task_id not in self._fresh:
-                        self._fresh.append(task_id)
+                    self._fresh.append(task_id)  # an id is polled or fresh, never both
                 elif futures is not None:
                     del self._wanted[task_id]
 
@@ -233,7 +232,7 @@ class Collector:
             if again:
                 self._cond.wait(RETRY_PAUSE_S)  # woken early only by close()
                 if not self._closed:
-                    self._fresh.extend(i for i in again if i not in self._fresh)
+                    self._fresh.extend(again)
 
     def _deliver(self, task_id: str, task: JSON | None, error: BaseException | None) -> None:
         with self._cond:
