@@ -132,3 +132,38 @@ async def test_a_cancelled_gatherer_leaves_the_others_to_be_sent() -> None:
     assert [a["id"] for a in answers] == ["t2", "t3"] and sent == ["POST /v1/tasks/bulk"]
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+async def test_a_results_poll_that_fails_transiently_is_asked_again() -> None:
+    sent: list[str] = []
+    polls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal polls
+        body = json.loads(request.content)
+        if request.url.path == "/v1/tasks/bulk":
+            return httpx.Response(202, json={"tasks": [
+                task(preset_of(i), "queued") for i in body["tasks"]]})
+        polls += 1
+        if polls == 1:
+            raise httpx.ReadError("reset", request=request)
+        return httpx.Response(200, json={"tasks": [task(n) for n in (1, 2)], "pending": [],
+                                         "missing": []})
+
+    async with client(handler, sent) as c:
+        one, two = await asyncio.gather(c.run("p1", None), c.run("p2", None))
+    assert (one["state"], two["state"]) == ("succeeded", "succeeded") and polls == 2
+
+
+async def test_a_bulk_counts_as_its_callers_calls_in_the_retry_budget() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        return httpx.Response(202, json={"tasks": [task(preset_of(i), "queued")
+                                                   for i in body["tasks"]]})
+
+    c = AsyncClient("http://gl.test", transport=httpx.MockTransport(handler), retry=None,
+                    breaker=None)
+    async with c:
+        await asyncio.gather(*(c.submit(f"p{n}", None) for n in range(1, 11)))
+        budget = c.stats()["budget"]
+    assert budget["calls"] == 10

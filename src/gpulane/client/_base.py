@@ -108,6 +108,15 @@ class ClientBase:
             slow_exempt=request.slow_by_design, long_poll=request.long_poll,
             timed=not request.stream, deadline=request.deadline)
 
+    def _count_calls(self, calls: int) -> None:
+        """``calls`` more SDK calls ride on the next request (a coalesced bulk): the retry
+        budget, a share of the calls made, counts them, so one bulk standing for a thousand
+        callers may be retried as one caller's request would be."""
+        budget = self._resilience.budget
+        if budget is not None:
+            for _ in range(calls):
+                budget.record_call()
+
     def _timeout_for(self, request: core.Request) -> httpx.Timeout:
         if request.hold_s is None or self._timeout.read is None:
             return self._timeout

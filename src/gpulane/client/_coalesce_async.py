@@ -42,6 +42,9 @@ RESULTS_IDS = 1000
 """Ids per ``POST /v1/tasks/results`` (the server's most)."""
 MAX_POLLS = 8
 """Results polls in flight at once; each holds a connection for up to its wait."""
+POLL_FAILURES = 3
+"""Results polls in a row that may fail transiently (after their own retries) before their
+callers get the error: a poll stands for many callers, and their tasks are the server's."""
 PEEL_ROUNDS = 3
 """Bad items taken out of a refused bulk one at a time, the rest sent again as a bulk, before
 the remaining items are sent singly."""
@@ -143,6 +146,8 @@ class Coalescer:
     _collect_all: bool = False
     _kicked: bool = False
     _closed: bool = False
+    _poll_failures: int = 0
+    count_calls: Callable[[int], None] | None = None  # a bulk speaks for this many calls
 
     def item(self, request: core.Request) -> Item:
         loop = asyncio.get_running_loop()
@@ -275,6 +280,8 @@ class Coalescer:
             holds = [i.request.hold_s for i in items if i.request.hold_s is not None]
             hold = min([RUN_HOLD_S, *holds]) if holds else None
             try:
+                if self.count_calls is not None:
+                    self.count_calls(len(items) - 1)
                 answer = await self.call(bulk_request([i.request for i in items], hold))
                 tasks = core.task_list(answer)
                 if len(tasks) != len(items):
@@ -344,9 +351,17 @@ class Coalescer:
             answer = await self.call(results_request(ids, core.MAX_POLL_WAIT))
             tasks = core.task_list(answer)
         except ClientError as exc:
-            for task_id in ids:
-                self._deliver(task_id, None, exc)
+            self._poll_failures += 1
+            if exc.transient and self._poll_failures < POLL_FAILURES:
+                # The tasks are the server's already: ask again after a pause, rather than
+                # fail every caller waiting for one of them.
+                await asyncio.sleep(0.1 * 2 ** self._poll_failures)
+                self._fresh.extend(i for i in ids if i in self._wanted)
+            else:
+                for task_id in ids:
+                    self._deliver(task_id, None, exc)
         else:
+            self._poll_failures = 0
             for task in tasks:
                 self._deliver(str(task.get("id")), task, None)
             for task_id in answer.get("missing") or ():

@@ -55,7 +55,7 @@ class AsyncClient(ClientBase):
         # Concurrent run()/submit() callers share bulk requests (coalesce=False: each its own);
         # enqueue() always goes through it.
         self._coalesce = coalesce
-        self._coalescer = Coalescer(self._call)
+        self._coalescer = Coalescer(self._call, count_calls=self._count_calls)
         self._http = httpx.AsyncClient(base_url=self.url, headers=core.base_headers(self._token),
                                        timeout=self._timeout, transport=transport, limits=limits,
                                        http2=core.h2_available() if http2 is None else http2)
