@@ -73,7 +73,7 @@ from bench.dispatch_methods import (
     method_t,
 )
 from bench.dispatch_peers import PEERS, bench_peer
-from bench.dispatch_report import report
+from bench.dispatch_report import median_round, report
 
 READY_TIMEOUT_S = 60.0
 RESULT_WAIT_S = 30.0
@@ -362,6 +362,25 @@ def baseline_child(args: argparse.Namespace) -> int:
 # --- the run -------------------------------------------------------------------------------
 
 
+def run_round(args: argparse.Namespace, order: list[str], procs: Procs, tmp: Path,
+              log_dir: Path) -> dict[str, Any]:
+    """Every system once, one at a time on the machine, each started fresh."""
+    tmp.mkdir()
+    results: dict[str, Any] = {}
+    for system in order:
+        if system == "gpulane":
+            results.update(bench_gpulane(args, procs, tmp, log_dir))
+        elif system == "baseline":
+            results["baseline"] = bench_baseline(args, procs, tmp, log_dir)
+        else:
+            results[system] = res = bench_peer(
+                PEERS[system](), procs, log_dir, tasks=args.tasks, rtt=args.rtt,
+                warmup=args.warmup, threads=args.threads)
+            res["round_trip"] = res["B"]  # the key bench/compare.py reads
+        procs.stop_all()  # one system at a time on the machine
+    return results
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -374,6 +393,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="gpulane long-polls in flight (bulk+longpoll method)")
     p.add_argument("--skip-slow", action="store_true",
                    help="skip gpulane's per-task long-poll method (bulk+longpoll)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="runs of every system, the order flipping each round; each figure is "
+                        "the median round's")
     p.add_argument("--peers", default=",".join(PEERS),
                    help="comma-separated peers to measure, of: " + ", ".join(PEERS))
     p.add_argument("--baseline", default=BASELINE_REV, metavar="REV",
@@ -391,9 +413,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="exit with status 1 when a goal is missed")
     p.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if min(args.tasks, args.rtt, args.chunk, args.concurrency, args.threads) < 1 \
-            or args.warmup < 0:
-        p.error("--tasks, --rtt, --threads, --chunk and --concurrency must be >= 1, "
+    if min(args.tasks, args.rtt, args.chunk, args.concurrency, args.threads,
+           args.rounds) < 1 or args.warmup < 0:
+        p.error("--tasks, --rtt, --threads, --rounds, --chunk and --concurrency must be >= 1, "
                 "--warmup >= 0")
     args.peer_names = [] if args.gpulane_only else [x for x in args.peers.split(",") if x]
     unknown = set(args.peer_names) - set(PEERS)
@@ -418,20 +440,17 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir()
     started = time.time()
     load_start = list(os.getloadavg())
-    results: dict[str, Any] = {}
+    systems = ["gpulane", *([] if args.gpulane_only or args.no_baseline else ["baseline"]),
+               *args.peer_names]
+    rounds: list[dict[str, Any]] = []
     try:
         with Procs() as procs:  # every server is stopped here, however the block ends
-            results.update(bench_gpulane(args, procs, tmp, log_dir))
-            procs.stop_all()  # one system at a time on the machine
-            if not (args.gpulane_only or args.no_baseline):
-                results["baseline"] = bench_baseline(args, procs, tmp, log_dir)
-                procs.stop_all()
-            for name in args.peer_names:
-                results[name] = bench_peer(PEERS[name](), procs, log_dir, tasks=args.tasks,
-                                           rtt=args.rtt, warmup=args.warmup,
-                                           threads=args.threads)
-                results[name]["round_trip"] = results[name]["B"]  # bench/compare.py reads it
-                procs.stop_all()
+            for i in range(args.rounds):
+                # The order flips each round, so a drift of the machine weighs on all alike.
+                order = systems if i % 2 == 0 else systems[::-1]
+                if args.rounds > 1:
+                    print(f"round {i + 1}/{args.rounds}: {', '.join(order)}", flush=True)
+                rounds.append(run_round(args, order, procs, tmp / f"round{i}", log_dir))
     except BaseException as exc:
         traceback.print_exc()
         print(f"\nthe run failed; the servers' logs are in {log_dir}", file=sys.stderr)
@@ -444,10 +463,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"logs: {log_dir}", file=sys.stderr)
     else:
         shutil.rmtree(tmp, ignore_errors=True)
+    results = median_round(rounds)
     summary = report(results, args)
     data = {
         **run_record("dispatch", "bench/dispatch.py", argv, started, load_start),
         "parameters": {"tasks": args.tasks, "rtt": args.rtt, "warmup": args.warmup,
+                       "rounds": args.rounds,
                        "threads": args.threads, "chunk": args.chunk,
                        "concurrency": args.concurrency, "peers": args.peer_names,
                        "baseline": None if args.no_baseline or args.gpulane_only

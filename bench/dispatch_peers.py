@@ -64,9 +64,12 @@ def start_redis(procs: Procs, log_dir: Path, name: str) -> tuple[Proc, str]:
 
 
 def import_app(module: str, redis_url: str) -> ModuleType:
-    """Import a peer's app module with ``BENCH_REDIS_URL`` pointing at its private Redis."""
+    """Import a peer's app module with ``BENCH_REDIS_URL`` pointing at its private Redis
+    (again in a later round: each round's Redis is a new one)."""
     os.environ["BENCH_REDIS_URL"] = redis_url
     mod = importlib.import_module(module)
+    if redis_url != mod.REDIS_URL:
+        mod = importlib.reload(mod)
     if redis_url != mod.REDIS_URL:
         raise RuntimeError(f"{module} was imported before BENCH_REDIS_URL was set")
     return mod

@@ -58,6 +58,47 @@ def _server_cpu(name: str, res: Any) -> float:
     return _cpu(res, "node") if name in GPULANE_ROWS else _cpu(res)
 
 
+def _figure(res: Any) -> float | None:
+    """What ranks one method's rounds: tasks/s, or a round trip's p50."""
+    if not _ok(res):
+        return None
+    if "tasks_per_s" in res:
+        return float(res["tasks_per_s"])
+    return float(res["p50_ms"]) if "p50_ms" in res else None
+
+
+def _median_of(runs: list[Any]) -> Any:
+    """The run whose figure is the median (the lower middle of an even count), with every
+    round's figure beside it; a method that failed in some round keeps the others'."""
+    ranked = sorted((f, i) for i, f in enumerate(map(_figure, runs)) if f is not None)
+    if not ranked:
+        return runs[0]
+    pick = dict(runs[ranked[(len(ranked) - 1) // 2][1]])
+    pick["rounds"] = [_figure(r) for r in runs]
+    return pick
+
+
+def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result per system from several rounds: each method's median round (bulk methods
+    and extras too); the rest (versions, workers) from the first round. One round: itself."""
+    if len(rounds) == 1:
+        return rounds[0]
+    out: dict[str, Any] = {}
+    for system, first in rounds[0].items():
+        every = [r.get(system, {}) for r in rounds]
+        merged = dict(first)
+        for key, value in first.items():
+            if key in ("throughput", "extras") and isinstance(value, dict):
+                merged[key] = {m: _median_of([e.get(key, {}).get(m, {}) for e in every])
+                               for m in value}
+            elif isinstance(value, dict) and _figure(value) is not None:
+                merged[key] = _median_of([e.get(key, {}) for e in every])
+        if "round_trip" in merged:
+            merged["round_trip"] = merged["B"]
+        out[system] = merged
+    return out
+
+
 def rows_of(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for name, res in results.items():
@@ -167,7 +208,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     cpu_rows = [[label, method, _cpu(res, "node"), _per_request(res), _cpu(res, "workers"),
                  _cpu(res, "redis")]
                 for label, r in rows for method, res in r.items()
-                if method.startswith(("A", "B", "T")) and isinstance(res, dict)]
+                if method.startswith(("A", "B", "T")) and isinstance(res, dict)
+                and "skipped" not in res]
     cpu_headers = ["system", "method", "node ms/task", "node ms/request", "workers ms/task",
                    "redis ms/task"]
     print()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from bench import dispatch_methods as methods
 from bench._util import proc_cpu_s, tree_pids
-from bench.dispatch_report import goals_of, report
+from bench.dispatch_report import goals_of, median_round, report
 
 OK = methods.EXPECTED_OUTPUT
 
@@ -143,3 +143,15 @@ def test_the_report_prints_a_row_per_system_and_every_goal(
         assert row in printed and row.strip() in out["markdown"]
     assert printed.count(": met") + printed.count(": MISSED") == len(out["goals"]) == 5
     assert out["all_goals_met"] is False
+
+
+def test_rounds_keep_each_methods_median_round_and_every_rounds_figure() -> None:
+    rounds = [results(huey={"version": "3.5.4", "A": _run(a, 0.9), "B": _rt(p50, 7.0),
+                            "extras": {}})
+              for a, p50 in ((1000, 3.0), (1400, 1.0), (1200, 2.0))]
+    rounds[2]["gpulane"]["T"] = {"error": "boom"}  # a failed round: the others still count
+    merged = median_round(rounds)
+    assert merged["huey"]["A"]["tasks_per_s"] == 1200 and merged["huey"]["B"]["p50_ms"] == 2.0
+    assert merged["huey"]["A"]["rounds"] == [1000, 1400, 1200]
+    assert merged["gpulane"]["T"]["rounds"] == [3000, 3000, None]
+    assert median_round(rounds[:1]) is rounds[0]
