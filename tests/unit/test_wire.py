@@ -27,6 +27,9 @@ class FakeTransport:
     def write(self, data: bytes) -> None:
         self.writes.append(bytes(data))
 
+    def writelines(self, data: list[bytes]) -> None:
+        self.writes.append(b"".join(data))
+
     def close(self) -> None:
         self.closed = True
 

@@ -38,7 +38,7 @@ class HeldHeadTransport:
         head = self._head
         if head is not None:
             self._head = None
-            self._transport.write(head + bytes(data))
+            self._transport.writelines((head, data))  # one send (uvloop: one writev, no copy)
         elif isinstance(data, bytes) and data.startswith(b"HTTP/") and data.endswith(_HEAD_END):
             self._head = data
             self._loop.call_soon(self.flush)
