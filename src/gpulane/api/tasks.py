@@ -70,6 +70,8 @@ def _node(request: Request) -> Node:
 def _one_gpu(request: Request, gpu: bool | None) -> bool | None:
     """``?gpu=`` as FastAPI read it (the last of repeated ones): 422 when it was given more than
     once with values that disagree (?gpu=true&gpu=false), rather than the last one winning."""
+    if not request.scope["query_string"]:
+        return gpu  # the usual submit: no query string to parse again
     said = {v.strip().lower() for v in request.query_params.getlist("gpu")}
     if len(said) > 1:
         raise ValidationError(
