@@ -187,7 +187,7 @@ def _goal(goal: str, value: float, bound: float, *, higher: bool, detail: str,
 def report(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     rows = rows_of(results)
     headers = ["system", "A submit+wait /s", "A enqueue /s", "B p50 ms", "B p99 ms",
-               "B mean ms", f"T {args.threads} thr /s", "server CPU ms/task A", "B", "T"]
+               "B mean ms", f"T {args.threads} thr /s", "server CPU ms/task: A", "CPU B", "CPU T"]
     table_rows = []
     for label, r in rows:
         a_first = r.get("A submit+result", r.get("A"))
