@@ -16,6 +16,11 @@ that the load of a shared machine falls on both alike:
   (100 and 20 a block; a node without the route answers 404, its figure then says nothing);
 * ``get``: ``GET /v1/tasks/{id}`` of a final task (100).
 
+Then, in this process, group commit on its own: ``GROUP_TASKS`` submits to a fresh SQLite
+store (a file, ``synchronous=NORMAL`` as the node runs it), written one at a time (each
+awaited before the next: a write each) and in groups of 64 made together (``asyncio.gather``:
+one write a group), CPU per submit from ``time.process_time``, three rounds alternating.
+
 Node CPU is the on-CPU time of every thread of the ``gpulane serve`` process
 (``/proc/PID/task/*/schedstat``, nanoseconds) around each block, divided by its calls; the
 table shows the median block per kind and node, in ms. Calls go through one keep-alive
@@ -53,6 +58,10 @@ KINDS = {"B": 50, "submit": 50, "results 1": 100, "results 100": 20, "get": 100}
 """Each kind of call and how many make a block."""
 FINAL_TASKS = 200
 """Tasks run to the end before the blocks: what results and get read."""
+GROUP_TASKS = 3_000
+"""Submits per round of the group commit figure."""
+GROUP_SIZE = 64
+"""Submits made together per group (as 64 threads calling run() would)."""
 
 
 def node_cpu_ns(pid: int) -> int:
@@ -124,6 +133,36 @@ class Target:
         self.conn.close()
 
 
+def group_commit_ms() -> dict[str, list[float]]:
+    """Store CPU per submit, written alone and grouped (see the module docstring)."""
+    import asyncio
+
+    from gpulane.model import TaskSpec
+    from gpulane.store.sqlite import SqliteStore
+
+    async def one(grouped: bool) -> float:
+        store = SqliteStore(Path(tempfile.mkdtemp(prefix="gl-group-")) / "gpulane.db")
+        await store.open()
+        specs = [TaskSpec(preset="p", input={"i": i}, priority=50, lane="gpu")
+                 for i in range(GROUP_TASKS)]
+        start = time.process_time()
+        if grouped:
+            for k in range(0, GROUP_TASKS, GROUP_SIZE):
+                await asyncio.gather(*(store.submit(s) for s in specs[k:k + GROUP_SIZE]))
+        else:
+            for spec in specs:
+                await store.submit(spec)
+        used = time.process_time() - start
+        await store.close()
+        return used / GROUP_TASKS * 1000
+
+    out: dict[str, list[float]] = {"alone": [], "grouped": []}
+    for r in range(3):
+        for mode in (("alone", "grouped") if r % 2 == 0 else ("grouped", "alone")):
+            out[mode].append(asyncio.run(one(mode == "grouped")))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-src", type=Path, default=None,
@@ -152,10 +191,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = [[t.name, *(round(statistics.median(t.cpu_ms[k]), 3) for k in KINDS)]
             for t in targets]
     print_table(["node CPU ms / call (median block)", *KINDS], rows)
+    group = group_commit_ms()
+    print_table(["SQLite submit, ms CPU / task (median of 3)", "written alone",
+                 f"in groups of {GROUP_SIZE}"],
+                [["store + group commit", round(statistics.median(group["alone"]), 4),
+                  round(statistics.median(group["grouped"]), 4)]])
     record = {**run_record("hot_path", "bench/hot_path.py", argv, started, load_start),
               "src": str(args.src) if args.src else None,
               "base_src": str(args.base_src) if args.base_src else None,
               "load": meter.stop(), "blocks": args.blocks, "calls_per_block": KINDS,
+              "group_commit_ms_per_task": group,
               "nodes": {t.name: {k: {"median_ms": statistics.median(v),
                                      "min_ms": min(v), "max_ms": max(v), "blocks_ms": v}
                                  for k, v in t.cpu_ms.items()} for t in targets}}
