@@ -67,6 +67,7 @@ class Pipeline:
         self.outcomes = OutcomeWriter(store, listener)
         self.measures = LaneMeasures()  # the supervisor hands in its own
         self.meters = Meters()  # the node's metrics hand in theirs (task ends, batches)
+        self.on_freed: Callable[[], None] = listener.capacity_changed  # a run ended (_settle)
 
     def crash_ceiling(self, preset: str) -> CrashCeiling:
         """The preset's crash ceiling (runtime/poison.py), shared by all its workers."""
@@ -173,7 +174,7 @@ class Pipeline:
     def _open_next(self, worker: Worker) -> None:
         worker.next_timer = None
         worker.next_open = True
-        self.listener.capacity_changed()
+        self.on_freed()
 
     # -- 3. receive ------------------------------------------------------------------------------
 
@@ -312,12 +313,12 @@ class Pipeline:
             worker.proc.state = WorkerState.READY
         if worker.preempted:
             self._stop(worker)  # drained: its batch is done
-        self.listener.capacity_changed()
+        self.on_freed()
         return True
 
     def _batch_ended(self, worker: Worker) -> bool:
-        """Sent batches with nothing left owed are done (True when one was); the batcher
-        learns how long each took from when the worker could start it."""
+        """Sent batches with nothing owed are done (True if one was); the batcher learns each
+        one's latency, from when the worker could start it."""
         sent = worker.sent
         now = self._clock()
         ended = False
@@ -364,8 +365,7 @@ class Pipeline:
         self._spawn(self.outcomes.device_lost(runs, worker.device.name, worker.id))
 
     def _settle_unsent(self, runs: Iterable[TaskRun]) -> list[tuple[str, int]]:
-        """Settle runs the worker was never sent; the attempts (task id, token) that go back
-        to the queue (a cancelled one is final already)."""
+        """Settle runs never sent; the (task id, token) of those that go back (not cancelled)."""
         return [(r.id, r.token) for r in runs if self._settle(r) and not r.cancelled]
 
     async def return_claimed(self, tasks: list[Task]) -> None:

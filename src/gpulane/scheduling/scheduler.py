@@ -41,6 +41,7 @@ from gpulane.runtime.view import WorkerView
 from gpulane.scheduling.capacity_events import CapacityEvents, task_created_at
 from gpulane.scheduling.ledger import Ledger
 from gpulane.scheduling.priorities import follow_all
+from gpulane.scheduling.quiet import Lane, Quiet
 from gpulane.scheduling.router import CPU_LANE, GPU_LANE
 from gpulane.scheduling.scaling import ScaleOut
 from gpulane.scheduling.task_preemption import TaskPreemption
@@ -57,9 +58,6 @@ PASS_ROUNDS_MAX = 256
 rounds so that one pass cannot hold the event loop for long while work keeps arriving."""
 SAFETY_TICK_S = 1.0
 """A pass runs at least this often even with no wake-up, so nothing can be forgotten."""
-
-Lane = tuple[str, str]
-"""A queue: (preset, "gpu" | "cpu")."""
 
 
 def _nowhere(preset: str, lane: str) -> bool:
@@ -80,8 +78,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._tick: asyncio.TimerHandle | None = None  # the safety tick's next wake-up
-        # lanes() of a registry, each queue with its preset: (registry, its size, queues)
-        self._lanes: tuple[object, int, list[tuple[str, str, Preset]]] = (None, 0, [])
+        self._lanes: tuple[object, int, list[tuple[str, str, Preset]]] = (None, 0, [])  # _queues
         self._full: set[Lane] = set()  # queues a claim of this round emptied of all it asked
         self.passes = 0
         self._stopping = False
@@ -100,9 +97,21 @@ class Scheduler:
         self.scaling = ScaleOut(store, supervisor)  # whether a lane's next worker pays
         self.preemption = TaskPreemption(ledger, supervisor,
                                          grace_s=DEFAULT_TASK_PREEMPT_GRACE_S)
+        self.quiet = Quiet()  # skips the passes that cannot place anything (quiet.py)
+        supervisor.pipeline.on_freed = self._worker_freed
 
     def wake(self) -> None:
-        self._wake.set()
+        if self.quiet.woken():
+            self._wake.set()
+
+    def _worker_freed(self) -> None:
+        """A run ended or a next batch opened: a capacity change whose pass is skipped while
+        the queues are drained (scheduling/quiet.py)."""
+        self.quiet.notice = True
+        try:
+            self.supervisor.listener.capacity_changed()
+        finally:
+            self.quiet.notice = False
 
     def start(self) -> None:
         self._stopping = False
@@ -113,7 +122,7 @@ class Scheduler:
         """Wake a pass every SAFETY_TICK_S: one timer for the loop's life, not a timeout armed
         and cancelled around every wait (two of them per task under sequential load)."""
         self._tick = asyncio.get_running_loop().call_later(SAFETY_TICK_S, self._safety_tick)
-        self._wake.set()
+        self.wake()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -126,9 +135,6 @@ class Scheduler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):  # the cancel we just asked for
                 await self._task
-
-    def lanes(self) -> list[Lane]:
-        return [(name, lane) for name, lane, _ in self._queues()]
 
     def _queues(self) -> list[tuple[str, str, Preset]]:
         """Every queue of the registry's presets, with its preset; worked out once per
@@ -178,6 +184,7 @@ class Scheduler:
         """Place everything that fits now; returns how many tasks were dispatched."""
         self.passes += 1
         placed = 0
+        self.quiet.started()
         self.preemption.expire()
         if self.paused:
             return 0
@@ -188,10 +195,11 @@ class Scheduler:
             # usual case under load, when each submit wakes a pass) a pass costs no query.
             states = self.supervisor.lane_states()  # one scan of the workers per round
             lanes = [(name, lane) for name, lane, preset in candidates
-                     if self._maybe(preset, lane, states)]
+                     if self._could_place(preset, lane, states)]
             if not lanes:
                 break
             heads = await self.store.queue_heads(lanes)
+            self.quiet.asked(lanes, heads)
             if not heads:
                 break
             heads.sort(key=lambda h: (-h.priority, h.seq))
@@ -206,25 +214,22 @@ class Scheduler:
             # that got less is empty, and one that placed nothing will not place now either
             # (a round only takes capacity; what frees some wakes another pass).
             candidates = [q for q in candidates if (q[0], q[1]) in self._full]
+        # Queues this node never serves (GPU work without GPUs, or too few) are other nodes'.
+        self.quiet.ended((name, lane) for name, lane, p in self._queues()
+                         if lane != GPU_LANE or (self.ledger.gpus and self._max_workers(p, lane)))
         return placed
 
     def _claimed(self, preset: str, lane: str, asked: int, tasks: list[Task]) -> list[Task]:
-        """Note a claim that got all it asked for (its queue may hold more); ``tasks``."""
+        """Note whether a claim got all it asked for (its queue may hold more); ``tasks``."""
         if len(tasks) >= asked:
             self._full.add((preset, lane))
+        else:
+            self.quiet.emptied((preset, lane))
         return tasks
 
-    def _could_place(self, preset_name: str, lane: str,
-                     states: dict[Lane, LaneState] | None = None) -> bool:
+    def _could_place(self, preset: Preset, lane: str, states: dict[Lane, LaneState]) -> bool:
         """A cheap, in-memory "maybe": False only when placing is sure to fail now.
-        ``states``: the supervisor's lane_states() of this round (asked for when None)."""
-        preset = self.registry.get(preset_name)
-        if preset is None:
-            return False
-        return self._maybe(preset, lane, states or self.supervisor.lane_states())
-
-    def _maybe(self, preset: Preset, lane: str, states: dict[Lane, LaneState]) -> bool:
-        """_could_place for a preset in hand."""
+        ``states``: the supervisor's lane_states() of this round."""
         if lane == GPU_LANE and not self.ledger.gpus:
             return False  # work for another node's GPUs: never claimed here
         if preset.mode is Mode.SESSION:
