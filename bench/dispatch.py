@@ -314,8 +314,7 @@ def bench_gpulane(args: argparse.Namespace, procs: Procs, tmp: Path,
 def bench_baseline(args: argparse.Namespace, procs: Procs, tmp: Path,
                    log_dir: Path) -> dict[str, Any]:
     """A, B and T on ``--baseline``'s own server and SDK, run in a child process."""
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", args.baseline], check=True,
-                            capture_output=True, text=True).stdout.strip()
+    commit = args.baseline_commit
     tree = tmp / "baseline"
     tree.mkdir()
     archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "src", "examples"],
@@ -325,6 +324,7 @@ def bench_baseline(args: argparse.Namespace, procs: Procs, tmp: Path,
     argv = [sys.executable, str(Path(__file__).resolve()), "--baseline-child",
             "--out", str(out_json), "--tasks", str(args.tasks), "--rtt", str(args.rtt),
             "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    # Always its own SQLite: an old node on --store's Redis would meet this run's keys there.
     env = child_env()
     env["PYTHONPATH"] = os.pathsep.join([str(tree / "src"), env["PYTHONPATH"]])
     print(f"gpulane @ {commit[:7]} (today's baseline): its own server and SDK", flush=True)
@@ -355,7 +355,8 @@ def baseline_child(args: argparse.Namespace) -> int:
         warm_gpulane(url, proc, args.warmup)
         res = gpulane_preset(url, proc.pid, "sleep", args)
     shutil.rmtree(tmp, ignore_errors=True)
-    write_json(args.out, {"sdk_module": gpulane.__file__, "results_route_status": probe, **res})
+    write_json(args.out, {"sdk_module": gpulane.__file__, "results_route_status": probe,
+                          "store": "sqlite (the node's own)", **res})
     return 0
 
 
@@ -418,6 +419,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--tasks, --rtt, --threads, --rounds, --chunk and --concurrency must be >= 1, "
                 "--warmup >= 0")
     args.peer_names = [] if args.gpulane_only else [x for x in args.peers.split(",") if x]
+    args.baseline_commit = None
+    if not (args.gpulane_only or args.no_baseline or args.baseline_child):
+        found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet",
+                                f"{args.baseline}^{{commit}}"], capture_output=True, text=True)
+        if found.returncode != 0:
+            p.error(f"--baseline {args.baseline!r}: no such commit in {REPO}; give a commit "
+                    "(e.g. dff7ec6) or --no-baseline")
+        args.baseline_commit = found.stdout.strip()
     unknown = set(args.peer_names) - set(PEERS)
     if unknown:
         p.error(f"--peers: unknown {', '.join(sorted(unknown))}; known: {', '.join(PEERS)}")
