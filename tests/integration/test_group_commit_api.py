@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from gpulane.errors import StoreUnavailableError
+from gpulane.model import Task, TaskSpec
 from gpulane.node import Node
 from tests.integration.conftest import node_with_api, serve_live
 
@@ -54,3 +58,24 @@ async def test_submits_from_many_threads_are_all_acknowledged_and_stored(
         assert all(t is not None for t in stored)
         # 16 threads at once: some submits land in the same turn (45 writes in a run here).
         assert _writes(node) - before < 160
+
+
+async def test_a_failed_group_write_answers_every_submit_of_it_with_the_stores_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with node_with_api(tmp_path, paused=True) as (node, api):
+        store: Any = getattr(node.store, "durable", node.store)
+        sizes: list[int] = []
+
+        async def down(specs: Sequence[TaskSpec]) -> list[tuple[Task, bool]]:
+            sizes.append(len(specs))
+            raise StoreUnavailableError("Redis at redis://db:6379/0 failed (reset)")
+
+        monkeypatch.setattr(store, "_submit_now", down)
+        answers = await asyncio.gather(*(
+            api.post("/v1/tasks", json={"preset": "sleep", "input": {"n": i}})
+            for i in range(12)))
+        assert {r.status_code for r in answers} == {503}
+        assert all("reset" in r.json()["error"]["message"] for r in answers)
+        assert sum(sizes) == 12 and len(sizes) < 12  # grouped, and every one refused
+        monkeypatch.undo()
+        assert (await store.list_tasks())[0] == []
