@@ -267,7 +267,6 @@ def gpulane_preset(url: str, node_pid: int, preset: str, args: argparse.Namespac
 
 def presets_served(url: str) -> set[str]:
     from gpulane.client import Client
-
     with Client(url) as client:
         return {p["name"] for p in client.presets()["presets"]}
 
