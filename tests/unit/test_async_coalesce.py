@@ -13,7 +13,7 @@ import pytest
 from gpulane.client import AsyncClient
 from gpulane.client import _core as core
 from gpulane.client._coalesce_async import bad_item, bulk_request, resend_singly
-from gpulane.errors import APIError, TransportError
+from gpulane.errors import APIError, ClientError, TransportError
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -167,3 +167,20 @@ async def test_a_bulk_counts_as_its_callers_calls_in_the_retry_budget() -> None:
         await asyncio.gather(*(c.submit(f"p{n}", None) for n in range(1, 11)))
         budget = c.stats()["budget"]
     assert budget["calls"] == 10
+
+
+async def test_close_sends_what_was_enqueued_and_ends_what_it_no_longer_collects() -> None:
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if request.url.path == "/v1/tasks/bulk":
+            return httpx.Response(202, json={"tasks": [
+                task(preset_of(i), "queued") for i in body["tasks"]]})
+        return httpx.Response(200, json={"tasks": [], "pending": body["ids"], "missing": []})
+
+    async with client(handler, sent) as c:
+        futures = [c.enqueue(f"p{n}", None) for n in (1, 2)]
+    assert all(f.acknowledged() for f in futures) and sent == ["POST /v1/tasks/bulk"]
+    with pytest.raises(ClientError, match="closed"):
+        await futures[0].result()

@@ -172,6 +172,7 @@ class Coalescer:
         except BaseException:
             items, lane.gathering = lane.gathering, None
             items.remove(item)
+            item.failed(ClientError("cancelled before it was sent"))
             if items:
                 self.spawn(self._send(items))
             raise
@@ -219,6 +220,11 @@ class Coalescer:
 
     def want(self, task_id: str, future: asyncio.Future[JSON]) -> None:
         """Collect ``task_id``'s end into ``future`` (with every other id wanted)."""
+        if self._closed:
+            if not future.done():
+                future.set_exception(_closed_error())
+                future.exception()  # retrieved: the caller awaits it, or has gone
+            return
         futures = self._wanted.setdefault(task_id, [])
         if not futures:
             self._fresh.append(task_id)
@@ -247,12 +253,15 @@ class Coalescer:
             log.debug("AsyncClient background send ended: %r", task.exception())
 
     async def aclose(self) -> None:
+        """Wait until what was enqueued is acknowledged or refused (as the sync Client's close
+        does), then stop collecting: futures still waiting for an end get ClientError."""
+        await self.flush()
         self._closed = True
         tasks = list(self._background)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        closed = ClientError("the client was closed before this task's answer came")
+        closed = _closed_error()
         for futures in self._wanted.values():
             for fut in futures:
                 if not fut.done():
@@ -385,6 +394,10 @@ class Coalescer:
                 fut.exception()
             else:
                 fut.set_result(task or {})
+
+
+def _closed_error() -> ClientError:
+    return ClientError("the client was closed before this task's end was collected")
 
 
 class AsyncTaskFuture:
