@@ -12,7 +12,7 @@ def _drained_pass(q: Quiet) -> None:
     q.started()
     q.asked(QUEUES, [QueueHead("sleep", "gpu", 50, 1, "t1")])
     q.emptied(("sleep", "gpu"))  # its claim got less than it asked
-    q.ended(QUEUES)
+    q.ended(frozenset(QUEUES))
 
 
 def test_a_pass_that_left_every_queue_empty_lets_freed_notices_skip_theirs() -> None:
@@ -32,11 +32,11 @@ def test_a_queue_with_a_head_left_or_never_asked_is_not_empty() -> None:
     q = Quiet()
     q.started()
     q.asked(QUEUES, [QueueHead("sleep", "gpu", 50, 1, "t1")])  # placed nothing: head stays
-    q.ended(QUEUES)
+    q.ended(frozenset(QUEUES))
     assert not q.drained
     q.started()
     q.asked(QUEUES[1:], [])  # ("sleep", "gpu") was not asked (no room for it)
-    q.ended(QUEUES)
+    q.ended(frozenset(QUEUES))
     assert not q.drained
 
 
@@ -45,7 +45,7 @@ def test_a_wake_during_the_pass_keeps_the_queues_not_drained() -> None:
     q.started()
     q.asked(QUEUES, [])
     assert q.woken() is True  # a submit landed while the pass awaited the store
-    q.ended(QUEUES)
+    q.ended(frozenset(QUEUES))
     assert not q.drained
     q.notice = True
     assert q.woken() is True

@@ -130,6 +130,7 @@ class FallbackMover:
         self._stopping = False
         self.moved = 0  # tasks moved since start
         self._scanned: dict[str, float] = {}  # preset -> when its busy scan last ran (monotonic)
+        self._of: tuple[object, int, list[Preset]] = (None, 0, [])  # _candidates of a registry
 
     def wake(self) -> None:
         """Something changed (a submit, a worker's end): a round runs soon."""
@@ -151,8 +152,15 @@ class FallbackMover:
         return min(busy) if busy else IDLE_TICK_S
 
     def _candidates(self) -> list[Preset]:
-        return [p for p in self.registry().values() if p.allows_gpu and (
-            p.falls_back(FallbackKind.BUSY) or p.falls_back(FallbackKind.ERROR))]
+        """The presets whose GPU tasks may move; worked out once per registry (a reload
+        makes a new one), not twice per round: a round runs on every submit and task end."""
+        registry = self.registry()
+        of, size, found = self._of
+        if of is not registry or size != len(registry):
+            found = [p for p in registry.values() if p.allows_gpu and (
+                p.falls_back(FallbackKind.BUSY) or p.falls_back(FallbackKind.ERROR))]
+            self._of = (registry, len(registry), found)
+        return found
 
     async def _loop(self) -> None:
         while not self._stopping:

@@ -58,7 +58,7 @@ class Quiet:
         """A claim on ``lane`` got less than it asked for: the queue is empty now."""
         self._empty.add(lane)
 
-    def ended(self, queues: Iterable[Lane]) -> None:
+    def ended(self, queues: frozenset[Lane]) -> None:
         """The pass ended without a fault; ``queues``: every queue that could hold work this
         node may place."""
-        self.drained = self._wakes == self._since and all(q in self._empty for q in queues)
+        self.drained = self._wakes == self._since and queues <= self._empty

@@ -41,6 +41,7 @@ from gpulane.runtime.view import WorkerView
 from gpulane.scheduling.capacity_events import CapacityEvents, task_created_at
 from gpulane.scheduling.ledger import Ledger
 from gpulane.scheduling.priorities import follow_all
+from gpulane.scheduling.queues import Queues
 from gpulane.scheduling.quiet import Lane, Quiet
 from gpulane.scheduling.router import CPU_LANE, GPU_LANE
 from gpulane.scheduling.scaling import ScaleOut
@@ -78,7 +79,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._tick: asyncio.TimerHandle | None = None  # the safety tick's next wake-up
-        self._lanes: tuple[object, int, list[tuple[str, str, Preset]]] = (None, 0, [])  # _queues
+        self.queues = Queues(lambda: self.registry, ledger)  # worked out once per registry
         self._full: set[Lane] = set()  # queues a claim of this round emptied of all it asked
         self.passes = 0
         self._stopping = False
@@ -136,22 +137,6 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):  # the cancel we just asked for
                 await self._task
 
-    def _queues(self) -> list[tuple[str, str, Preset]]:
-        """Every queue of the registry's presets, with its preset; worked out once per
-        registry (a reload hands the scheduler a new one), not on every pass."""
-        registry = self.registry
-        of, size, out = self._lanes
-        if of is registry and size == len(registry):
-            return out
-        out = []
-        for p in registry.values():
-            if p.allows_gpu:
-                out.append((p.name, GPU_LANE, p))
-            if p.allows_cpu:
-                out.append((p.name, CPU_LANE, p))
-        self._lanes = (registry, len(registry), out)
-        return out
-
     async def _loop(self) -> None:
         while not self._stopping:
             await self._wake.wait()  # a wake-up, or the safety tick's
@@ -189,7 +174,7 @@ class Scheduler:
         if self.paused:
             return 0
         await self.scaling.refresh()
-        candidates = self._queues()
+        candidates = self.queues.all()
         for _ in range(PASS_ROUNDS_MAX):
             # Only queues that could take work now are looked at: with every worker busy (the
             # usual case under load, when each submit wakes a pass) a pass costs no query.
@@ -214,9 +199,7 @@ class Scheduler:
             # that got less is empty, and one that placed nothing will not place now either
             # (a round only takes capacity; what frees some wakes another pass).
             candidates = [q for q in candidates if (q[0], q[1]) in self._full]
-        # Queues this node never serves (GPU work without GPUs, or too few) are other nodes'.
-        self.quiet.ended((name, lane) for name, lane, p in self._queues()
-                         if lane != GPU_LANE or (self.ledger.gpus and self._max_workers(p, lane)))
+        self.quiet.ended(self.queues.served())
         return placed
 
     def _claimed(self, preset: str, lane: str, asked: int, tasks: list[Task]) -> list[Task]:
@@ -241,7 +224,7 @@ class Scheduler:
             if st is not None and st.next_room:
                 return True  # a busy worker's next batch has room (its CPU slot is held)
             live = st.live if st is not None else []
-            if not self.scaling.may_add(preset, lane, live, self._max_workers(preset, lane)):
+            if not self.scaling.may_add(preset, lane, live, self.queues.max_workers(preset, lane)):
                 return False
         if not self.supervisor.may_start(preset.name, lane):
             return False
@@ -288,7 +271,7 @@ class Scheduler:
             live = self.supervisor.session_workers(preset.name, lane)
             reserved = None
             # A preset whose workers keep failing to start gets no new one (its circuit).
-            if (self.scaling.may_add(preset, lane, live, self._max_workers(preset, lane))
+            if (self.scaling.may_add(preset, lane, live, self.queues.max_workers(preset, lane))
                     and self.supervisor.may_start(preset.name, lane)
                     and not self._left_to_warm(preset, head)):
                 reserved = self._reserve(preset, lane, head.priority)
@@ -391,13 +374,6 @@ class Scheduler:
             self.ledger.release(wid)
         else:
             self.ledger.release_cpu()
-
-    def _max_workers(self, preset: Preset, lane: str) -> int:
-        if lane == CPU_LANE:
-            return preset.replicas
-        if preset.gpus > 1:  # each worker holds gpus whole devices: replicas cannot share
-            return len(self.ledger.gpus) // preset.gpus
-        return preset.replicas * max(len(self.ledger.gpus), 1)
 
     def _reserve(self, preset: Preset, lane: str,
                  priority: int = Priority.NORMAL) -> tuple[DeviceAssignment, str] | None:
