@@ -68,6 +68,7 @@ class Pipeline:
         self.measures = LaneMeasures()  # the supervisor hands in its own
         self.meters = Meters()  # the node's metrics hand in theirs (task ends, batches)
         self.on_freed: Callable[[], None] = listener.capacity_changed  # a run ended (_settle)
+        self.on_next_open: Callable[[], None] = listener.capacity_changed  # see _open_next
 
     def crash_ceiling(self, preset: str) -> CrashCeiling:
         """The preset's crash ceiling (runtime/poison.py), shared by all its workers."""
@@ -174,7 +175,7 @@ class Pipeline:
     def _open_next(self, worker: Worker) -> None:
         worker.next_timer = None
         worker.next_open = True
-        self.on_freed()
+        self.on_next_open()
 
     # -- 3. receive ------------------------------------------------------------------------------
 
@@ -369,8 +370,7 @@ class Pipeline:
         return [(r.id, r.token) for r in runs if self._settle(r) and not r.cancelled]
 
     async def return_claimed(self, tasks: list[Task]) -> None:
-        """Tasks claimed for a worker that exited, or began to stop, meanwhile: back to the
-        queue, no attempt spent (no run of them ever started)."""
+        """Tasks claimed for a worker gone or stopping meanwhile: back unspent (never run)."""
         await self.outcomes.requeue_unspent([(t.id, t.token) for t in tasks],
                                   {"kind": ErrorKind.WORKER_DIED.value})
 

@@ -100,10 +100,17 @@ class Scheduler:
                                          grace_s=DEFAULT_TASK_PREEMPT_GRACE_S)
         self.quiet = Quiet()  # skips the passes that cannot place anything (quiet.py)
         supervisor.pipeline.on_freed = self._worker_freed
+        supervisor.pipeline.on_next_open = self._next_opened
 
     def wake(self) -> None:
         if self.quiet.woken():
             self._wake.set()
+
+    def _next_opened(self) -> None:
+        """A busy worker's next batch opened: it frees no room (leases, drains and movers
+        have nothing to hear), so with the queues drained it has nothing to take either."""
+        if not self.quiet.drained:
+            self._worker_freed()
 
     def _worker_freed(self) -> None:
         """A run ended or a next batch opened: a capacity change whose pass is skipped while
