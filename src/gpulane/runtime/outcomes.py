@@ -82,9 +82,10 @@ class OutcomeWriter:
         """Writes kept for an unreachable store now."""
         return len(self._pending)
 
-    async def _through(self, what: str, write: Write) -> None:
+    async def _through(self, what: str | Callable[[], str], write: Write) -> None:
         """Run ``write`` now, or keep it (behind those already kept) for when the store
-        answers again."""
+        answers again. ``what`` names it in the log; a callable is formatted only if kept
+        (the hot path formats no task ids)."""
         if not self._pending:
             try:
                 await write()
@@ -94,7 +95,8 @@ class OutcomeWriter:
                             "again", exc)
         self._keep(what, write)
 
-    def _keep(self, what: str, write: Write) -> None:
+    def _keep(self, what: str | Callable[[], str], write: Write) -> None:
+        what = what if isinstance(what, str) else what()
         if len(self._pending) >= self.pending_max:
             old, _ = self._pending.popleft()
             self.dropped += 1
@@ -154,7 +156,7 @@ class OutcomeWriter:
                     run.store_failed = True
                     log.exception("storing a %s event of task %s failed; later ones may be "
                                   "lost too", event.type, run.id)
-        await self._through(f"a {event.type} event of task {run.id}", write)
+        await self._through(lambda: f"a {event.type} event of task {run.id}", write)
 
     async def finish_many(self, ends: list[Finish]) -> None:
         """Write final states in one transaction; lost ones run again once their claim
@@ -171,7 +173,8 @@ class OutcomeWriter:
             for got in results:
                 if isinstance(got, StaleTokenError):
                     log.info("dropped the outcome of a stale attempt: %s", got)
-        await self._through(f"the outcomes of tasks {ids(e.task_id for e in ends)}", write)
+        await self._through(lambda: f"the outcomes of tasks {ids(e.task_id for e in ends)}",
+                            write)
 
     async def requeue_unspent(self, attempts: list[tuple[str, int]],
                               event: dict[str, object]) -> None:
