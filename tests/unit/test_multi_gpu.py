@@ -169,9 +169,19 @@ class FakeWorker:
 
 
 @dataclass
+class FakePipeline:
+    """What the scheduler hooks into on the supervisor's pipeline (its on_freed and
+    on_next_open notices); these tests never free or open a batch."""
+
+    on_freed: Any = None
+    on_next_open: Any = None
+
+
+@dataclass
 class FakeSupervisor:
     workers: dict[str, FakeWorker] = field(default_factory=dict)
     stopped: list[str] = field(default_factory=list)
+    pipeline: FakePipeline = field(default_factory=FakePipeline)
 
     def next_worker_id(self, preset: Preset, device: DeviceAssignment) -> str:
         return f"{preset.name}-{device.name}"
@@ -238,9 +248,9 @@ async def test_worker_limits_and_replica_counts_for_whole_gpu_presets() -> None:
     sup = FakeSupervisor()
     sup.workers["w"] = FakeWorker("w", DeviceAssignment.gpus([0, 1], ["GPU-0", "GPU-1"]))
     sched = scheduler(ledger(5), sup)
-    assert sched._max_workers(preset(2), GPU_LANE) == 2
-    assert sched._max_workers(preset(2, replicas=3), CPU_LANE) == 3
-    assert sched._max_workers(preset(1, replicas=2), GPU_LANE) == 10
+    assert sched.queues.max_workers(preset(2), GPU_LANE) == 2
+    assert sched.queues.max_workers(preset(2, replicas=3), CPU_LANE) == 3
+    assert sched.queues.max_workers(preset(1, replicas=2), GPU_LANE) == 10
     assert [sched._count_on(preset(2), d) for d in range(3)] == [1, 1, 0]
 
 
