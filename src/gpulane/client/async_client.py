@@ -7,6 +7,7 @@ The shared configuration, error mapping and fallbacks are in :mod:`gpulane.clien
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -264,11 +265,9 @@ class AsyncClient(ClientBase):
         """A coalesced run()'s end; past ``deadline``, the task as it stands."""
         if deadline is None:
             return await item.outcome
-        try:
+        with contextlib.suppress(TimeoutError):  # past it: the task as it stands, below
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 return await asyncio.shield(item.outcome)
-        except TimeoutError:
-            pass
         task_id = str((await item.ack)["id"])
         self._coalescer.drop(task_id, item.outcome)
         return await self.get(task_id)

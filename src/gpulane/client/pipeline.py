@@ -22,6 +22,7 @@ names, or item by item, so one bad item never fails the others. The sans-IO rule
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -128,11 +129,9 @@ class Pipeline:
 
     def outcome(self, item: Item, deadline: float | None, get: Callable[[str], JSON]) -> JSON:
         """A queued caller's answer; past ``deadline`` (run), the task as it stands."""
-        try:
+        with contextlib.suppress(TimeoutError):  # past it: the task as it stands, below
             return item.outcome.result(None if deadline is None
                                        else max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            pass
         lane = self._lane(item.request, False)
         with lane.cond:
             unsent = item in lane.pending
