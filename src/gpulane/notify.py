@@ -15,6 +15,7 @@ before the forget sees a different one after, re-reads, and finds the final stat
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -36,19 +37,22 @@ class Waiters(dict[str, list[asyncio.Future[T]]], Generic[T]):
                 if not fut.done():
                     fut.set_result(value)
 
-    async def park(self, key: str, timeout: float) -> T:
-        """The value of the key's next ``wake``; TimeoutError when ``timeout`` passes first."""
+    async def park(self, keys: Collection[str], timeout: float) -> T:
+        """The value of the next ``wake`` of any of ``keys`` (one future parked under each);
+        TimeoutError when ``timeout`` passes first. The entries go with the wait."""
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self.setdefault(key, []).append(fut)
+        for key in keys:
+            self.setdefault(key, []).append(fut)
         try:
             async with asyncio.timeout(timeout):
                 return await fut
         finally:
-            parked = self.get(key)
-            if parked and fut in parked:  # timed out or cancelled: not woken, so still here
-                parked.remove(fut)
-                if not parked:
-                    del self[key]
+            for key in keys:
+                parked = self.get(key)
+                if parked and fut in parked:  # not the key that woke it (that one popped)
+                    parked.remove(fut)
+                    if not parked:
+                        del self[key]
 
 
 class Notifier:
@@ -93,7 +97,7 @@ class Notifier:
         if self.version(key) != seen_version:
             return True
         try:
-            await self._waiters.park(key, timeout)
+            await self._waiters.park((key,), timeout)
         except TimeoutError:
             return False
         return True

@@ -306,37 +306,20 @@ class TaskNotifier(Notifier):
         """Wait for the task's final state: the final task when a notify carried it, True
         when the caller must re-read (it changed before the wait, or a notify carried no
         task), False when ``timeout`` passed."""
-        if self.version(task_id) != seen_version:
-            return True
-        try:
-            task = await self._final.park(task_id, timeout)
-        except TimeoutError:
-            return False
-        return True if task is None else task
+        return await self.until_any_final({task_id: seen_version}, timeout)
 
     async def until_any_final(self, seen: Mapping[str, int], timeout: float) -> Task | bool:
         """``until_final`` for many tasks at once (``seen``: each id's version as read before
-        the caller read the tasks): one future parked under every id, woken by the first
-        of them to end (or change without a task). The entries go with the wait, so a
-        thousand-id wait holds nothing once it answers."""
+        the caller read the tasks): woken by the first of them to end (or change without a
+        task). The entries go with the wait, so a thousand-id wait holds nothing once it
+        answers."""
         for task_id, version in seen.items():
             if self.version(task_id) != version:
                 return True
-        fut: asyncio.Future[Task | None] = asyncio.get_running_loop().create_future()
-        for task_id in seen:
-            self._final.setdefault(task_id, []).append(fut)
         try:
-            async with asyncio.timeout(timeout):
-                task = await fut
+            task = await self._final.park(seen, timeout)
         except TimeoutError:
             return False
-        finally:
-            for task_id in seen:
-                parked = self._final.get(task_id)
-                if parked and fut in parked:  # not the key that woke it (that one popped)
-                    parked.remove(fut)
-                    if not parked:
-                        del self._final[task_id]
         return True if task is None else task
 
 
