@@ -44,9 +44,21 @@ def lane_states(workers: Iterable[Worker]) -> dict[tuple[str, str], LaneState]:
         st.live.append(w)
         if not w.runs:
             st.idle = True
-        if w.forming is not None and w.batch_size > len(w.runs):
+        if forming_room(w) > 0:
             st.forming = True
-        if (w.next_open and w.state is WorkerState.BUSY and not w.preempted
-                and w.batch_size > len(w.next)):
+        if next_room(w) > 0:
             st.next_room = True
     return out
+
+
+def forming_room(w: Worker) -> int:
+    """How many more tasks the batch ``w`` forms (max_wait_ms) takes; 0 when none forms."""
+    return w.batch_size - len(w.runs) if w.forming is not None else 0
+
+
+def next_room(w: Worker) -> int:
+    """How many more tasks a busy ``w``'s open next batch takes (Pipeline.dispatch); 0 when
+    it has none open."""
+    if w.next_open and w.state is WorkerState.BUSY and not w.preempted:
+        return w.batch_size - len(w.next)
+    return 0

@@ -25,7 +25,7 @@ from gpulane.presets import Preset, Runtime
 from gpulane.protocol import ENV_INPUT, ENV_INPUT_FILE, ENV_TASK_ID, cancel_op
 from gpulane.runtime.circuit import PresetCircuit
 from gpulane.runtime.containers import kill_leftovers
-from gpulane.runtime.lanes import LaneState, lane_states
+from gpulane.runtime.lanes import LaneState, forming_room, lane_states, next_room
 from gpulane.runtime.launchers import (
     LABEL_DATA_DIR,
     LABEL_NODE,
@@ -109,9 +109,8 @@ class Supervisor:
     def forming_worker(self, preset: str, lane: str) -> tuple[WorkerView, int] | None:
         """A worker whose batch waits to fill (max_wait_ms), and how many more it takes."""
         for w in self.workers.values():
-            if (w.forming is not None and w.alive and w.preset_name == preset
-                    and w.device.kind == lane):
-                room = w.batch_size - len(w.runs)
+            if w.alive and w.preset_name == preset and w.device.kind == lane:
+                room = forming_room(w)
                 if room > 0:
                     return w, room
         return None
@@ -120,9 +119,8 @@ class Supervisor:
         """A busy worker whose next batch has room, and how much (see Pipeline.dispatch).
         The scheduler asks last: an idle or new worker starts the tasks sooner."""
         for w in self.workers.values():
-            if (w.next_open and w.state is WorkerState.BUSY and not w.preempted and w.session
-                    and w.preset_name == preset and w.device.kind == lane):
-                room = w.batch_size - len(w.next)
+            if w.session and w.preset_name == preset and w.device.kind == lane:
+                room = next_room(w)
                 if room > 0:
                     return w, room
         return None
