@@ -104,9 +104,9 @@ class Peer(ABC):
     def wait(self, handle: Any) -> Any:
         """The output of a submitted task, waiting for it."""
 
-    @abstractmethod
     def call(self) -> Any:
         """One blocking submit-and-wait (thread-safe); the output."""
+        return self.wait(self.submit())
 
     def extras(self, n: int) -> dict[str, Callable[[], dict[str, Any]]]:
         """Further throughput methods this peer's users have (Celery's group)."""
@@ -119,9 +119,6 @@ class Peer(ABC):
     def cpu(self) -> ServerCpu:
         assert self.workers is not None and self.redis is not None
         return ServerCpu.of_trees({"workers": self.workers.pid, "redis": self.redis.pid})
-
-    def ready(self) -> bool:
-        return bool(self.call() == EXPECTED_OUTPUT)
 
 
 class CeleryPeer(Peer):
@@ -155,9 +152,6 @@ class CeleryPeer(Peer):
 
     def wait(self, handle: Any) -> Any:
         return handle.get(timeout=RESULT_TIMEOUT_S)
-
-    def call(self) -> Any:
-        return self.app.sleep.apply_async((0,)).get(timeout=RESULT_TIMEOUT_S)
 
     def extras(self, n: int) -> dict[str, Callable[[], dict[str, Any]]]:
         def group() -> dict[str, Any]:
@@ -206,9 +200,6 @@ class HueyPeer(Peer):
     def wait(self, handle: Any) -> Any:
         return handle.get(blocking=True, timeout=RESULT_TIMEOUT_S)
 
-    def call(self) -> Any:
-        return self.app.sleep(0).get(blocking=True, timeout=RESULT_TIMEOUT_S)
-
     def close(self) -> None:
         self.app.huey.storage.conn.connection_pool.disconnect()
 
@@ -243,10 +234,6 @@ class DramatiqPeer(Peer):
 
     def wait(self, handle: Any) -> Any:
         return handle.get_result(block=True, timeout=int(RESULT_TIMEOUT_S * 1000))
-
-    def call(self) -> Any:
-        return self.app.sleep.send(0).get_result(block=True,
-                                                 timeout=int(RESULT_TIMEOUT_S * 1000))
 
     def close(self) -> None:
         self.app.broker.close()
