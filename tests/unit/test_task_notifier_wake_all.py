@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from gpulane.model import TaskSpec
-from gpulane.store.base import TaskNotifier
-from gpulane.store.redis_codec import new_task
+from gpulane.store.base import TaskNotifier, new_task
 from tests.conftest import settle
 
 

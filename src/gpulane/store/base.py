@@ -29,6 +29,16 @@ def new_task_id() -> str:
     return f"{int(time.time() * 1000):012x}{os.urandom(6).hex()}"
 
 
+def new_task(task_id: str, spec: TaskSpec, seq: int, created: float) -> Task:
+    """The task a submit just wrote, built from what the caller sent (every store's)."""
+    return Task(id=task_id, preset=spec.preset, state=TaskState.QUEUED, input=spec.input,
+                priority=spec.priority, device_wish=spec.device_wish, created_at=created,
+                seq=seq, timeout_s=None if spec.timeout_s is None else float(spec.timeout_s),
+                content_type=spec.content_type, idempotency_key=spec.idempotency_key,
+                lane=spec.lane, fallback_reason=spec.fallback_reason,
+                submitted_by=spec.submitted_by)
+
+
 def body_hash(body: Any) -> str:
     """Fingerprint of a submit body, to tell a retried submit from a different one."""
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()

@@ -38,6 +38,7 @@ from gpulane.store.base import (
     QueuedTask,
     QueueHead,
     TaskNotifier,
+    new_task,
     new_task_id,
     requeued_event,
 )
@@ -122,12 +123,7 @@ class MemoryStore:
         """A new queued task (the caller checked its key with ``known``)."""
         self._seq += 1
         created = now()
-        task = Task(id=new_task_id(), preset=spec.preset, state=TaskState.QUEUED,
-                    input=spec.input, priority=spec.priority, device_wish=spec.device_wish,
-                    created_at=created, seq=self._seq, timeout_s=spec.timeout_s,
-                    content_type=spec.content_type, idempotency_key=spec.idempotency_key,
-                    lane=spec.lane, fallback_reason=spec.fallback_reason,
-                    submitted_by=spec.submitted_by)
+        task = new_task(new_task_id(), spec, self._seq, created)
         first = Event(task.id, 1, "state", {"state": "queued", "lane": spec.lane,
                                             "fallback_reason": spec.fallback_reason}, created)
         born = self.clock()

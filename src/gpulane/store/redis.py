@@ -50,6 +50,7 @@ from gpulane.store.base import (
     QueueStats,
     TaskNotifier,
     finish_one,
+    new_task,
     new_task_id,
     requeued_event,
 )
@@ -61,7 +62,6 @@ from gpulane.store.redis_codec import (
     decode_queued,
     decode_task,
     event_args,
-    new_task,
     spec_args,
 )
 from gpulane.store.redis_conn import RespConnection

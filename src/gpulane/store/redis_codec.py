@@ -27,16 +27,6 @@ def spec_args(task_id: str, spec: TaskSpec) -> list[str | bytes]:
             spec.content_type or "", spec.fallback_reason or "", spec.submitted_by or ""]
 
 
-def new_task(task_id: str, spec: TaskSpec, seq: int, created: float) -> Task:
-    """The task the submit script just wrote, built from what the caller sent."""
-    return Task(id=task_id, preset=spec.preset, state=TaskState.QUEUED, input=spec.input,
-                priority=spec.priority, device_wish=spec.device_wish, created_at=created,
-                seq=seq, timeout_s=None if spec.timeout_s is None else float(spec.timeout_s),
-                content_type=spec.content_type, idempotency_key=spec.idempotency_key,
-                lane=spec.lane, fallback_reason=spec.fallback_reason,
-                submitted_by=spec.submitted_by)
-
-
 _STATES = {s.value.encode(): s for s in TaskState}
 _WISHES = {w.value.encode(): w for w in DeviceWish}
 

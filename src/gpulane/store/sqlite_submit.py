@@ -14,7 +14,7 @@ import orjson
 
 from gpulane.errors import ConflictError
 from gpulane.model import Task, TaskSpec, TaskState, now
-from gpulane.store.base import new_task_id
+from gpulane.store.base import new_task, new_task_id
 from gpulane.store.sqlite_schema import COLUMNS, INSERT_EVENT, dumps, row_to_task
 
 
@@ -54,12 +54,7 @@ def insert(db: sqlite3.Connection, spec: TaskSpec) -> Task:
     if spec.idempotency_key is not None:
         db.execute("INSERT INTO idempotency (key, body_hash, task_id) VALUES (?,?,?)",
                    (spec.idempotency_key, spec.body_hash, tid))
-    return Task(id=tid, preset=spec.preset, state=TaskState.QUEUED, input=spec.input,
-                priority=spec.priority, device_wish=spec.device_wish, created_at=created,
-                seq=cur.lastrowid or 0, timeout_s=spec.timeout_s,
-                content_type=spec.content_type, idempotency_key=spec.idempotency_key,
-                lane=spec.lane, fallback_reason=spec.fallback_reason,
-                submitted_by=spec.submitted_by)
+    return new_task(tid, spec, cur.lastrowid or 0, created)
 
 
 def get_many(db: sqlite3.Connection, ids: Sequence[str]) -> list[Task | None]:
