@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from gpulane.errors import StaleTokenError
+from gpulane.errors import ConflictError, StaleTokenError
 from gpulane.model import FINAL_STATES, DeviceWish, Event, Task, TaskSpec, TaskState
 from gpulane.notify import Notifier, Waiters
 
@@ -37,6 +37,15 @@ def new_task(task_id: str, spec: TaskSpec, seq: int, created: float) -> Task:
                 content_type=spec.content_type, idempotency_key=spec.idempotency_key,
                 lane=spec.lane, fallback_reason=spec.fallback_reason,
                 submitted_by=spec.submitted_by)
+
+
+def key_reused(key: str, task_id: str) -> ConflictError:
+    """What a submit gets whose idempotency ``key`` made ``task_id`` from another body."""
+    return ConflictError(
+        "idempotency_key_reused",
+        f"Idempotency-Key {key!r} was already used for a different request (task {task_id}): "
+        "send a new key for a new task, or the identical body to get that task back",
+        field="Idempotency-Key", extra={"task_id": task_id})
 
 
 def body_hash(body: Any) -> str:

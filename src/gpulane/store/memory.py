@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gpulane.errors import ConflictError, StaleTokenError, StoreError
+from gpulane.errors import StaleTokenError, StoreError
 from gpulane.model import (
     ErrorKind,
     Event,
@@ -38,6 +38,7 @@ from gpulane.store.base import (
     QueuedTask,
     QueueHead,
     TaskNotifier,
+    key_reused,
     new_task,
     new_task_id,
     requeued_event,
@@ -112,11 +113,7 @@ class MemoryStore:
             return None
         held = self._held[tid]
         if held.body_hash != spec.body_hash:
-            raise ConflictError(
-                "idempotency_key_reused",
-                f"Idempotency-Key {spec.idempotency_key!r} was already used for a different "
-                f"request (task {tid}): send a new key for a new task, or the identical body "
-                "to get that task back", field="Idempotency-Key", extra={"task_id": tid})
+            raise key_reused(spec.idempotency_key, tid)
         return held.task
 
     def add(self, spec: TaskSpec) -> Task:

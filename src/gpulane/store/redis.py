@@ -35,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from gpulane.errors import ConflictError, StaleTokenError, StoreError
+from gpulane.errors import StaleTokenError, StoreError
 from gpulane.model import ErrorKind, Event, Task, TaskSpec, TaskState, task_error
 from gpulane.store import redis_scripts as lua
 from gpulane.store import redis_scripts_lanes as lanes
@@ -50,6 +50,7 @@ from gpulane.store.base import (
     QueueStats,
     TaskNotifier,
     finish_one,
+    key_reused,
     new_task,
     new_task_id,
     requeued_event,
@@ -163,12 +164,7 @@ class RedisStore:
             args += spec_args(tid, spec)
         got = await self._run(lua.SUBMIT, *args, at=now)
         if got[0] == b"conflict":
-            key, owner = got[1].decode(), got[2].decode()
-            raise ConflictError(
-                "idempotency_key_reused",
-                f"Idempotency-Key {key!r} was already used for a different request (task "
-                f"{owner}): send a new key for a new task, or the identical body to get that "
-                "task back", field="Idempotency-Key", extra={"task_id": owner})
+            raise key_reused(got[1].decode(), got[2].decode())
         self._work_here({(spec.preset, spec.lane) for spec in specs})
         out: list[tuple[Task, bool]] = []
         for tid, spec, (created, value) in zip(ids, specs, got[1], strict=True):

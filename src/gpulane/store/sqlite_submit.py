@@ -12,9 +12,8 @@ from collections.abc import Sequence
 
 import orjson
 
-from gpulane.errors import ConflictError
 from gpulane.model import Task, TaskSpec, TaskState, now
-from gpulane.store.base import new_task, new_task_id
+from gpulane.store.base import key_reused, new_task, new_task_id
 from gpulane.store.sqlite_schema import COLUMNS, INSERT_EVENT, dumps, row_to_task
 
 
@@ -28,11 +27,7 @@ def known(db: sqlite3.Connection, spec: TaskSpec) -> Task | None:
     if row is None:
         return None
     if row[0] != spec.body_hash:
-        raise ConflictError(
-            "idempotency_key_reused",
-            f"Idempotency-Key {spec.idempotency_key!r} was already used for a different "
-            f"request (task {row[1]}): send a new key for a new task, or the identical body "
-            "to get that task back", field="Idempotency-Key", extra={"task_id": row[1]})
+        raise key_reused(spec.idempotency_key, row[1])
     got = db.execute(f"SELECT {COLUMNS} FROM tasks WHERE id=?", (row[1],)).fetchone()
     return row_to_task(got) if got else None
 
