@@ -188,6 +188,34 @@ def chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
         yield items[i:i + size]
 
 
+async def bulk_then_longpoll(
+        client: Any, bodies: Sequence[dict[str, Any]], chunk: int, pollers: int,
+        wait: float) -> tuple[list[dict[str, Any]], float, float]:
+    """Method bulk+longpoll through a gpulane AsyncClient: one coroutine submits ``bodies`` in
+    bulks of ``chunk`` (submit_many) while ``pollers`` coroutines await ``result(id, wait=)``
+    for each id as its bulk is acknowledged; (the results, wall seconds, this process's CPU
+    seconds)."""
+    import asyncio
+
+    results: list[dict[str, Any]] = []
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def submitter() -> None:
+        for part in chunks(bodies, chunk):
+            for t in await client.submit_many(list(part)):
+                queue.put_nowait(t["id"])
+        for _ in range(pollers):
+            queue.put_nowait(None)
+
+    async def collector() -> None:
+        while (tid := await queue.get()) is not None:
+            results.append(await client.result(tid, wait=wait))
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    await asyncio.gather(submitter(), *(collector() for _ in range(pollers)))
+    return results, time.perf_counter() - t0, time.process_time() - cpu0
+
+
 # --- noise: CPU used by others ---------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ two session workers warmed up), this process being the only client:
   ``await client.run("sleep", {"ms": 0})``; with the SDK as shipped (plain calls on the lean
   pool) and with httpx (``transport=httpx.AsyncHTTPTransport()``: every call through httpx,
   as before the pool);
-* ``bulk+longpoll``: a copy of bench/dispatch.py's method (one coroutine submits chunks of 500
+* ``bulk+longpoll``: bench/dispatch.py's method (one coroutine submits chunks of 500
   with ``submit_many`` while 8 coroutines await ``result(id, wait=30)`` per id), tasks/s;
 * ``run() x callers``: ``--callers`` coroutines each calling ``run()`` in a loop until
   ``--tasks`` tasks are done, tasks/s: each its own request (``coalesce=False``; httpx, and the
@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._util import (
     REPO,
     Procs,
+    bulk_then_longpoll,
     markdown_table,
     print_table,
     run_record,
@@ -98,24 +99,9 @@ async def cpu_per_call(url: str, variant: str, calls: int, what: str) -> dict[st
 
 async def bulk_longpoll(url: str, variant: str, n: int) -> dict[str, float]:
     bodies = [{"preset": "sleep", "input": {"ms": 0}} for _ in range(n)]
-    results: list[dict[str, Any]] = []
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
     async with make_client(url, variant) as client:
-
-        async def submitter() -> None:
-            for i in range(0, n, CHUNK):
-                for t in await client.submit_many(bodies[i:i + CHUNK]):
-                    queue.put_nowait(t["id"])
-            for _ in range(LONG_POLLS):
-                queue.put_nowait(None)
-
-        async def collector() -> None:
-            while (tid := await queue.get()) is not None:
-                results.append(await client.result(tid, wait=RESULT_WAIT_S))
-
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        await asyncio.gather(submitter(), *(collector() for _ in range(LONG_POLLS)))
-        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        results, elapsed, cpu = await bulk_then_longpoll(client, bodies, CHUNK, LONG_POLLS,
+                                                         RESULT_WAIT_S)
     ok = sum(1 for t in results if t.get("state") == "succeeded")
     return {"tasks_per_s": n / elapsed, "client_cpu_us_per_task": cpu / n * 1e6,
             "succeeded": ok}

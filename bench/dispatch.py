@@ -54,6 +54,7 @@ from bench._util import (
     REPO,
     Proc,
     Procs,
+    bulk_then_longpoll,
     child_env,
     chunks,
     latency_summary,
@@ -185,24 +186,9 @@ def gpulane_bulk_longpoll(url: str, n: int, chunk: int, concurrency: int) -> dic
 
     async def main() -> dict[str, Any]:
         bodies = [{"preset": "sleep", "input": {"ms": 0}} for _ in range(n)]
-        results: list[dict[str, Any]] = []
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
         async with AsyncClient(url) as client:
-
-            async def submitter() -> None:
-                for part in chunks(bodies, chunk):
-                    for t in await client.submit_many(list(part)):
-                        queue.put_nowait(t["id"])
-                for _ in range(concurrency):
-                    queue.put_nowait(None)
-
-            async def collector() -> None:
-                while (tid := await queue.get()) is not None:
-                    results.append(await client.result(tid, wait=RESULT_WAIT_S))
-
-            t0 = time.perf_counter()
-            await asyncio.gather(submitter(), *(collector() for _ in range(concurrency)))
-            elapsed = time.perf_counter() - t0
+            results, elapsed, _ = await bulk_then_longpoll(client, bodies, chunk, concurrency,
+                                                           RESULT_WAIT_S)
         return {"elapsed_s": elapsed, "tasks_per_s": n / elapsed,
                 "check": check_tasks(results, n)}
 
