@@ -57,17 +57,8 @@ class HeldHeadTransport:
         self.flush()
         self._transport.close()
 
-    def is_closing(self) -> bool:
+    def is_closing(self) -> bool:  # asked on every response: no __getattr__ detour
         return self._transport.is_closing()
-
-    def pause_reading(self) -> None:
-        self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._transport.resume_reading()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._transport.get_extra_info(name, default)
 
     def __getattr__(self, name: str) -> Any:  # the rest of the Transport API, as it is
         return getattr(self._transport, name)
