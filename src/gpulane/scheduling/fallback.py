@@ -52,6 +52,7 @@ from gpulane.presets import FallbackKind, Preset, PresetRegistry
 from gpulane.runtime.outcomes import FALLBACK_EVENT
 from gpulane.runtime.supervisor import Supervisor
 from gpulane.scheduling.ledger import Ledger
+from gpulane.scheduling.queues import PerRegistry
 from gpulane.scheduling.router import CPU_LANE, GPU_LANE
 from gpulane.store import NewEvent, QueuedTask, Store
 
@@ -130,7 +131,7 @@ class FallbackMover:
         self._stopping = False
         self.moved = 0  # tasks moved since start
         self._scanned: dict[str, float] = {}  # preset -> when its busy scan last ran (monotonic)
-        self._of: tuple[object, int, list[Preset]] = (None, 0, [])  # _candidates of a registry
+        self._candidates = PerRegistry(registry, _moving_presets)  # not twice per round
 
     def wake(self) -> None:
         """Something changed (a submit, a worker's end): a round runs soon."""
@@ -150,17 +151,6 @@ class FallbackMover:
     def _tick_s(self, presets: Sequence[Preset]) -> float:
         busy = [_busy_tick_s(p) for p in presets if p.falls_back(FallbackKind.BUSY)]
         return min(busy) if busy else IDLE_TICK_S
-
-    def _candidates(self) -> list[Preset]:
-        """The presets whose GPU tasks may move; worked out once per registry (a reload
-        makes a new one), not twice per round: a round runs on every submit and task end."""
-        registry = self.registry()
-        of, size, found = self._of
-        if of is not registry or size != len(registry):
-            found = [p for p in registry.values() if p.allows_gpu and (
-                p.falls_back(FallbackKind.BUSY) or p.falls_back(FallbackKind.ERROR))]
-            self._of = (registry, len(registry), found)
-        return found
 
     async def _loop(self) -> None:
         while not self._stopping:
@@ -290,6 +280,13 @@ class FallbackMover:
             log.info("%d queued task(s) of %s moved to the CPU lane (%s)", len(moved),
                      preset.name, reason)
         return len(moved)
+
+
+def _moving_presets(registry: PresetRegistry) -> list[Preset]:
+    """The presets whose GPU tasks may move (a round runs on every submit and task end: this
+    is worked out once per registry)."""
+    return [p for p in registry.values() if p.allows_gpu and (
+        p.falls_back(FallbackKind.BUSY) or p.falls_back(FallbackKind.ERROR))]
 
 
 def _busy_tick_s(preset: Preset) -> float:

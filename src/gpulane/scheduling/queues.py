@@ -8,6 +8,7 @@ both change only when the presets are reloaded (a new registry) or the GPUs chan
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from gpulane.presets import Preset, PresetRegistry
 from gpulane.scheduling.ledger import Ledger
@@ -16,31 +17,46 @@ from gpulane.scheduling.router import CPU_LANE, GPU_LANE
 
 Queue = tuple[str, str, Preset]
 """A queue with its preset: (preset name, lane, preset)."""
+T = TypeVar("T")
+
+
+class PerRegistry(Generic[T]):
+    """``derive(registry)`` of the registry ``registry()`` returns now, worked out again only
+    when that is another one (a reload makes a new registry) or its size changed."""
+
+    def __init__(self, registry: Callable[[], PresetRegistry],
+                 derive: Callable[[PresetRegistry], T]) -> None:
+        self._registry = registry
+        self._derive = derive
+        self._of: tuple[PresetRegistry, int, T] | None = None
+
+    def __call__(self) -> T:
+        registry = self._registry()
+        of = self._of
+        if of is None or of[0] is not registry or of[1] != len(registry):
+            of = self._of = (registry, len(registry), self._derive(registry))
+        return of[2]
+
+
+def _queues_of(registry: PresetRegistry) -> list[Queue]:
+    """Every queue of the registry's presets (GPU first, then CPU, per preset)."""
+    out = []
+    for p in registry.values():
+        if p.allows_gpu:
+            out.append((p.name, GPU_LANE, p))
+        if p.allows_cpu:
+            out.append((p.name, CPU_LANE, p))
+    return out
 
 
 class Queues:
     """The registry's queues, and those of them this node may serve."""
 
     def __init__(self, registry: Callable[[], PresetRegistry], ledger: Ledger) -> None:
-        self.registry = registry
         self.ledger = ledger
-        self._all: tuple[object, int, list[Queue]] = (None, 0, [])
-        self._served: tuple[object, int, frozenset[Lane]] = (None, -1, frozenset())
-
-    def all(self) -> list[Queue]:
+        self.all = PerRegistry(registry, _queues_of)
         """Every queue of the registry's presets (GPU first, then CPU, per preset)."""
-        registry = self.registry()
-        of, size, out = self._all
-        if of is registry and size == len(registry):
-            return out
-        out = []
-        for p in registry.values():
-            if p.allows_gpu:
-                out.append((p.name, GPU_LANE, p))
-            if p.allows_cpu:
-                out.append((p.name, CPU_LANE, p))
-        self._all = (registry, len(registry), out)
-        return out
+        self._served: tuple[object, int, frozenset[Lane]] = (None, -1, frozenset())
 
     def served(self) -> frozenset[Lane]:
         """The queues this node may serve: GPU work without GPUs, or needing more GPUs than
