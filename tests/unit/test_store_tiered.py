@@ -17,16 +17,7 @@ from gpulane.store.memory import MemoryStore
 from gpulane.store.sqlite import SqliteStore
 from gpulane.store.sqlite_adopt import adopt
 from gpulane.store.tiered import SPILL_BATCH, OnlineLimits, TieredStore
-
-
-class Clock:
-    """A monotonic clock moved by hand."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.unit.conftest import Clock
 
 
 def make(path: str | Path = ":memory:", *, spill_after_s: float = 2.0, keep_s: float = 300.0,
@@ -120,7 +111,7 @@ async def test_a_queued_task_past_the_window_moves_to_disk_and_is_claimed_first(
         tiered: tuple[TieredStore, Clock], ordered_ids: None) -> None:
     store, clock = tiered
     old, _ = await store.submit(online("old"))
-    clock.t += 2.5
+    clock.now += 2.5
     new, _ = await store.submit(online("new"))
     store.upkeep()
     assert old.id not in store.memory and new.id in store.memory
@@ -140,7 +131,7 @@ async def test_priority_across_tiers(tiered: tuple[TieredStore, Clock],
                                      ordered_ids: None) -> None:
     store, clock = tiered
     low, _ = await store.submit(online("low", priority=10))
-    clock.t += 3
+    clock.now += 3
     store.upkeep()  # low now on disk
     high, _ = await store.submit(online("high", priority=90))
     got = await store.claim("p", "gpu", 2, "n1", "gpu:0")
@@ -154,7 +145,7 @@ async def test_a_running_task_past_the_window_finishes_on_disk_fenced_by_its_tok
     await store.claim("p", "gpu", 1, "n1", "gpu:0")
     waiter = asyncio.create_task(wait_final(store, task.id, 10))
     await asyncio.sleep(0)
-    clock.t += 2.5
+    clock.now += 2.5
     store.upkeep()
     assert task.id not in store.memory
     on_disk = await store.durable.get(task.id)
@@ -187,10 +178,10 @@ async def test_results_are_kept_for_keep_s(tiered: tuple[TieredStore, Clock]) ->
     task, _ = await store.submit(online())
     await store.claim("p", "gpu", 1, "n", "cpu")
     await store.finish(task.id, 1, TaskState.SUCCEEDED)
-    clock.t += 299
+    clock.now += 299
     store.upkeep()
     assert await store.get(task.id) is not None
-    clock.t += 2
+    clock.now += 2
     store.upkeep()
     assert await store.get(task.id) is None and len(store.memory) == 0
 
@@ -220,7 +211,7 @@ async def test_keys_across_tiers(tiered: tuple[TieredStore, Clock]) -> None:
                                     online(3, idempotency_key="j", body_hash="x")])
     assert pair[0][0].id == pair[1][0].id and [c for _, c in pair] == [True, False]
     assert (await store.task_for_key("k")) is a
-    clock.t += 3
+    clock.now += 3
     store.upkeep()  # both spill, keys with them
     c, made = await store.submit(online(1, idempotency_key="k", body_hash="h1"))
     assert not made and c.id == a.id and c.id not in store.memory
@@ -304,7 +295,7 @@ async def test_a_spill_that_fails_leaves_the_task_in_memory_for_the_next_round()
     await store.open()
     try:
         task, _ = await store.submit(online())
-        clock.t += 3
+        clock.now += 3
         with pytest.raises(OSError):
             store.upkeep()
         assert task.id in store.memory and await sqlite.get(task.id) is None
@@ -332,7 +323,7 @@ async def test_a_backlog_past_the_window_is_written_in_batches(
     store, clock = tiered
     store.limits = OnlineLimits(2.0, 300.0, 10_000)
     await store.submit_many([online(i) for i in range(SPILL_BATCH + 10)])
-    clock.t += 3
+    clock.now += 3
     assert store.upkeep() is True and len(store.memory) == 10
     assert store.upkeep() is False and len(store.memory) == 0
     assert await store.queued_count() == SPILL_BATCH + 10
