@@ -209,8 +209,10 @@ class Scheduler:
         self.quiet.ended(self.queues.served())
         return placed
 
-    def _claimed(self, preset: str, lane: str, asked: int, tasks: list[Task]) -> list[Task]:
-        """Note whether a claim got all it asked for (its queue may hold more); ``tasks``."""
+    async def _claim(self, preset: str, lane: str, asked: int, device: str) -> list[Task]:
+        """Claim up to ``asked`` tasks of the queue for ``device``, noting whether the claim got
+        all it asked for (its queue may hold more) or less (the queue is empty now)."""
+        tasks = await self.store.claim(preset, lane, asked, self.node, device)
         if len(tasks) >= asked:
             self._full.add((preset, lane))
         else:
@@ -268,8 +270,7 @@ class Scheduler:
         if forming is not None:
             # A batch waiting to fill (max_wait_ms) takes what has come in since.
             waiting, room = forming
-            tasks = self._claimed(preset.name, lane, room, await self.store.claim(
-                preset.name, lane, room, self.node, waiting.device.name))
+            tasks = await self._claim(preset.name, lane, room, waiting.device.name)
             if tasks:
                 self._dispatch(waiting, tasks)
             return len(tasks)
@@ -291,8 +292,7 @@ class Scheduler:
         if lane == CPU_LANE and not self.ledger.acquire_cpu():
             return 0
         try:
-            tasks = self._claimed(preset.name, lane, worker.batch_size, await self.store.claim(
-                preset.name, lane, worker.batch_size, self.node, worker.device.name))
+            tasks = await self._claim(preset.name, lane, worker.batch_size, worker.device.name)
         except BaseException:  # a failing store must not keep the slot taken for good
             if lane == CPU_LANE:
                 self.ledger.release_cpu()
@@ -313,8 +313,7 @@ class Scheduler:
         if nxt is None:
             return 0
         worker, room = nxt
-        tasks = self._claimed(preset.name, lane, room, await self.store.claim(
-            preset.name, lane, room, self.node, worker.device.name))
+        tasks = await self._claim(preset.name, lane, room, worker.device.name)
         if tasks:
             self._dispatch(worker, tasks)
         return len(tasks)
@@ -329,8 +328,7 @@ class Scheduler:
             return 0
         device, wid = reserved
         try:
-            tasks: list[Task] = self._claimed(preset.name, lane, 1, await self.store.claim(
-                preset.name, lane, 1, self.node, device.name))
+            tasks = await self._claim(preset.name, lane, 1, device.name)
         except BaseException:  # a failing store must not keep the room taken for good
             self._unreserve(device, wid)
             raise
