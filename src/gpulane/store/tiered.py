@@ -95,8 +95,12 @@ class TieredStore:
                 await self._upkeep
             self._upkeep = None
         # A clean stop loses nothing: what memory holds goes to disk, results included.
-        with contextlib.suppress(Exception):
-            self._spill(self.memory.ids(), "close")
+        ids = self.memory.ids()
+        try:
+            self._spill(ids, "close")
+        except Exception:  # the store still closes; say what a failed last write lost
+            log.exception("online lane: writing %d in-memory task(s) to the durable store at "
+                          "close failed; they are lost", len(ids))
         await self.durable.close()
 
     async def _upkeep_loop(self) -> None:
